@@ -1,0 +1,29 @@
+"""moe-export: deploy mixture-of-LoRA-experts checkpoints (load, merge, ONNX, TensorRT, validate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+# The public API is imported lazily so `import moe_export` stays cheap (no torch/onnx at import time).
+_API = {
+    "load": ("moe_export.loading", "load"),
+    "LoadedAdapter": ("moe_export.loading", "LoadedAdapter"),
+    "Adapter": ("moe_export.ir", "Adapter"),
+    "export_onnx": ("moe_export.export.onnx", "export_onnx"),
+    "merge": ("moe_export.merge", "merge"),
+    "calibrate": ("moe_export.calibrate", "calibrate"),
+    "validate": ("moe_export.validate", "validate"),
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'moe_export' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _API[name]
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,15 @@
+"""The `moe-export` command line: a thin Typer layer over the library functions.
+
+Each command lives in its own module in this package and registers itself on `app`.
+Errors: a MoeExportError prints one line and exits with its code (2 bad input, 1 failed gate);
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+from moe_export.cli.app import app, main
+
+# Command modules register on `app` when imported. Keep this list sorted.
+from moe_export.cli import inspect_cmd  # noqa: E402,F401  isort: skip
+
+__all__ = ["app", "main"]

@@ -1,0 +1,1 @@
+"""`moe-export inspect` (filled in by the loaders work)."""

@@ -1,0 +1,80 @@
+"""Pieces several loaders share: key parsing, expert stacking, top-k overrides."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import replace
+
+import torch
+
+from moe_export.errors import FormatError
+from moe_export.ir import Adapter, ExpertStack
+
+PEFT_PREFIX = "base_model.model."
+LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def module_path(key: str, prefix: str = PEFT_PREFIX) -> str:
+    """HF module path relative to the CausalLM: strip PEFT's `base_model.model.` wrapper."""
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
+def layer_index(module: str) -> int:
+    """Decoder layer index of a module path (`model.layers.3.mlp.up_proj` -> 3)."""
+    m = LAYER_RX.search(module)
+    if m is None:
+        raise FormatError(f"{module}: cannot find the decoder layer index (expected '.layers.N.')")
+    return int(m.group(1))
+
+
+def group_keys(tensors: dict[str, torch.Tensor], pattern: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Group tensors by module: `pattern` is a regex with named groups `module` and `part` matched in full.
+
+    Returns {module path (PEFT prefix stripped): {part: tensor}}.
+    """
+    rx = re.compile(pattern)
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        m = rx.fullmatch(key)
+        if m:
+            grouped[module_path(m.group("module"))][m.group("part")] = tensor
+    return dict(grouped)
+
+
+def stack_experts(
+    module: str, a_list: list[torch.Tensor], b_list: list[torch.Tensor], scaling: list[float] | float
+) -> ExpertStack:
+    """Stack per-expert A [R, D_in] and B [D_out, R] matrices, checking they agree."""
+    if not b_list:
+        raise FormatError(f"{module}: no experts found")
+    shapes_a = {tuple(a.shape) for a in a_list}
+    shapes_b = {tuple(b.shape) for b in b_list}
+    if len(shapes_a) != 1 or len(shapes_b) != 1:
+        raise FormatError(f"{module}: experts have different shapes (A {sorted(shapes_a)}, B {sorted(shapes_b)})")
+    scalings = [float(scaling)] * len(b_list) if isinstance(scaling, (int, float)) else [float(s) for s in scaling]
+    return ExpertStack(torch.stack(a_list), torch.stack(b_list), torch.tensor(scalings, dtype=torch.float32))
+
+
+def indexed(parts: dict[str, torch.Tensor], prefix: str, module: str) -> list[torch.Tensor]:
+    """Collect `{prefix}{e}` parts in expert order 0..E-1, failing on gaps."""
+    found = {int(k[len(prefix) :]): v for k, v in parts.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()}
+    if sorted(found) != list(range(len(found))):
+        raise FormatError(f"{module}: expert indices {sorted(found)} for '{prefix}N' are not 0..E-1")
+    return [found[e] for e in range(len(found))]
+
+
+def override_top_k(adapter: Adapter, top_k: int | list[int]) -> None:
+    """Set top-k on every top-k-routed unit; a list gives one value per decoder layer."""
+    for unit in adapter.units:
+        router = unit.router
+        if router is None or router.select != "topk":
+            continue
+        if isinstance(top_k, list):
+            layer = layer_index(unit.name)
+            if layer >= len(top_k):
+                raise FormatError(f"--top-k lists {len(top_k)} values, unit {unit.name} is in layer {layer}")
+            k = top_k[layer]
+        else:
+            k = top_k
+        unit.router = replace(router, top_k=k)  # replace() re-runs the Router checks (1 <= k <= E)

@@ -1,0 +1,98 @@
+"""`moe_export.load`: checkpoint directory + base model -> canonical adapter + faithful reference model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_export.base_weights import BaseWeights
+from moe_export.errors import FormatError
+from moe_export.formats import LoadOptions, detect_family, get_family
+from moe_export.formats.checkpoint import open_checkpoint
+from moe_export.ir import Adapter
+from moe_export.reference import apply_adapter
+
+
+@dataclass
+class LoadedAdapter:
+    """A checkpoint loaded into the canonical adapter, and the base model running its faithful forward."""
+
+    adapter: Adapter
+    model: Any  # transformers PreTrainedModel, eval mode, adapter modules applied
+    checkpoint: Path
+    base_model_path: Path
+    task_id: int | None = None
+    options: LoadOptions = field(default_factory=LoadOptions)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+
+def resolve_base_model(ckpt_dir: Path, declared: str | None, override: str | Path | None) -> Path:
+    """The local base-model directory: --base, else the checkpoint's own reference (relative to CKPT)."""
+    if override is not None:
+        path = Path(override)
+        where = "--base"
+    elif declared:
+        path = Path(declared)
+        path = path if path.is_absolute() else ckpt_dir / path
+        where = f"base_model_name_or_path in {ckpt_dir}"
+    else:
+        raise FormatError(f"{ckpt_dir}: the checkpoint names no base model; pass --base PATH")
+    if not path.is_dir():
+        raise FormatError(
+            f"{path}: base model directory not found ({where}); moe-export never downloads: pass --base PATH "
+            "to a local model directory"
+        )
+    if not (path / "config.json").is_file():
+        raise FormatError(f"{path}: no config.json, not a transformers model directory ({where})")
+    return path.resolve()
+
+
+def load_base_model(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers causal LM from a local directory, in eval mode, never touching the network."""
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FormatError(f"{path}: transformers cannot load this base model ({str(exc).splitlines()[0][:200]})") from exc
+    return model.eval()
+
+
+def load_adapter(
+    ckpt_dir: str | Path,
+    base_model: str | Path | None = None,
+    family: str | None = None,
+    options: LoadOptions | None = None,
+) -> tuple[Adapter, Path]:
+    """Read a checkpoint into the canonical adapter; returns it with the resolved base-model directory."""
+    options = options or LoadOptions()
+    ckpt = open_checkpoint(ckpt_dir)
+    fam = get_family(family) if family else detect_family(ckpt)
+    declared = ckpt.config_value("base_model_name_or_path") or ckpt.config_value("base_model")
+    base_path = resolve_base_model(ckpt.path, declared, base_model)
+    base = BaseWeights(base_path) if fam.needs_base_weights else None
+    adapter = fam.load(ckpt, options, base)
+    adapter.base_model = str(base_path)
+    return adapter, base_path
+
+
+def load(
+    ckpt_dir: str | Path,
+    base_model: str | Path | None = None,
+    family: str | None = None,
+    top_k: int | list[int] | None = None,
+    task_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedAdapter:
+    """Load a checkpoint and build the faithful reference model (see DESIGN.md section 3)."""
+    options = LoadOptions(top_k=top_k, task_id=task_id)
+    adapter, base_path = load_adapter(ckpt_dir, base_model, family, options)
+    model = load_base_model(base_path, dtype)
+    apply_adapter(model, adapter, task_id=task_id)
+    return LoadedAdapter(adapter, model.eval(), Path(ckpt_dir), base_path, task_id, options)

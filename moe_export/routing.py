@@ -1,0 +1,69 @@
+"""Router math in one place: logits -> softmax -> selection -> (expert_ids [T, K], gates [T, K]).
+
+Every family routes with a softmax; they differ in the matmul dtype, the selection and the
+renormalisation (reference/formats.md section 7.1). The softmax runs in fp32 in every family.
+Legend: T tokens, E experts, K slots per token, D_in router input size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_export.ir import Router
+
+
+def router_dtype(router: Router, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the original code runs the router matmul in."""
+    return model_dtype if router.compute_dtype == "model" else getattr(torch, router.compute_dtype)
+
+
+def router_probabilities(
+    router: Router, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[T, E] fp32 softmax of the router logits; x is [T, D_in], weight [E, D_in]."""
+    dtype = router_dtype(router, x.dtype)
+    logits = x.to(dtype) @ weight.to(dtype).T  # [T, E]
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def select_experts(router: Router, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert_ids [T, K] int64, gates [T, K] fp32) from fp32 probabilities [T, E]."""
+    num_tokens, num_experts = probs.shape
+    if router.select == "topk":
+        assert router.top_k is not None
+        gates, ids = torch.topk(probs, router.top_k, dim=-1)  # [T, K]
+        if router.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return ids, gates
+    if router.select == "top_p":
+        return _top_p(router, probs)
+    ids = torch.arange(num_experts, device=probs.device).expand(num_tokens, num_experts)  # [T, E]
+    gates = probs / probs.sum(dim=-1, keepdim=True) if router.renormalize else probs
+    return ids, gates
+
+
+def _top_p(router: Router, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixLoRA dynamic routing: keep the experts (sorted by probability) whose cumulative mass is <= p,
+    plus the first one past p; the weights are the kept probabilities, not renormalised. A positive
+    temperature divides the probabilities before the cumulative sum (MoE-PEFT's quirk, kept)."""
+    assert router.top_p is not None
+    if router.temperature > 0:
+        probs = probs / router.temperature
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)  # [T, E]
+    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # [T, E] exclusive cumulative mass
+    keep = mass_before <= router.top_p
+    return order, torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+
+
+def route_tokens(
+    router: Router, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-wise routing of x [T, D_in] -> (expert_ids [T, K], gates [T, K])."""
+    return select_experts(router, router_probabilities(router, x, weight, bias))
+
+
+def route_constant(router: Router, weights: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-independent routing (MOELoRA for a fixed task): every token gets the same [E] weights."""
+    return select_experts(router, weights.float().expand(num_tokens, -1))
