@@ -52,6 +52,15 @@ class BaseWeights:
         with safe_open(str(self.key_to_file[key]), framework="pt") as f:
             return f.get_tensor(key)
 
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """A tensor's shape from the safetensors header (no data read), or None if the model lacks it."""
+        from safetensors import safe_open
+
+        if key not in self.key_to_file:
+            return None
+        with safe_open(str(self.key_to_file[key]), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
     def linear_weight(self, module: str) -> torch.Tensor:
         """The [D_out, D_in] weight of the nn.Linear at HF module path `module`."""
         return self.get(f"{module}.weight")

@@ -12,7 +12,7 @@ from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions, detect_family, get_family
 from moe_export.formats.checkpoint import open_checkpoint
-from moe_export.ir import Adapter
+from moe_export.ir import Adapter, LinearMoE
 from moe_export.reference import apply_adapter
 
 
@@ -78,8 +78,37 @@ def load_adapter(
     base_path = resolve_base_model(ckpt.path, declared, base_model)
     base = BaseWeights(base_path) if fam.needs_base_weights else None
     adapter = fam.load(ckpt, options, base)
+    try:
+        weights = base or BaseWeights(base_path)
+    except FormatError:
+        weights = None  # not safetensors: apply_adapter still checks every module when the model is built
+    if weights is not None:
+        check_fits_base(adapter, weights)
     adapter.base_model = str(base_path)
     return adapter, base_path
+
+
+def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
+    """Every adapted linear exists in the base model with the adapter's shape (read from headers only)."""
+    expected: dict[str, tuple[int, int]] = {}
+    for unit in adapter.units:
+        if isinstance(unit, LinearMoE):
+            expected[f"{unit.name}.weight"] = (unit.out_features, unit.in_features)
+        else:
+            for proj, stack in unit.experts.items():
+                expected[f"{unit.name}.{proj}.weight"] = (stack.B.shape[1], stack.A.shape[2])
+    for key, shape in expected.items():
+        found = base.shape(key)
+        if found is None:
+            raise FormatError(
+                f"{base.directory}: the base model has no weight {key!r} that the adapter modifies; is it the model "
+                "the adapter was trained on (--base)?"
+            )
+        if found != shape:
+            raise FormatError(
+                f"{base.directory}: {key} is {list(found)}, the adapter expects {list(shape)} [out, in]; is it the "
+                "model the adapter was trained on (--base)?"
+            )
 
 
 def load(

@@ -78,3 +78,65 @@ def override_top_k(adapter: Adapter, top_k: int | list[int]) -> None:
         else:
             k = top_k
         unit.router = replace(router, top_k=k)  # replace() re-runs the Router checks (1 <= k <= E)
+
+
+def split_module_keys(
+    tensors: dict[str, torch.Tensor], parts: dict[str, str | None], where: str, family: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a PEFT-style state dict by adapted module, renaming each key's tail through `parts`.
+
+    `parts` maps a regex for the key's tail (after `<module>.`) to a part name; a named group `e` (expert
+    index) is appended to the name (`A` + `3` -> `A3`). A part name of None marks a known duplicate that is
+    dropped. A key matching no entry is an error: silently ignoring weights would change the model.
+    Returns {module path (PEFT prefix stripped): {part: tensor}}.
+    """
+    compiled = [(re.compile(rf"(?P<module>.+?)\.{tail}"), name) for tail, name in parts.items()]
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    unexpected: list[str] = []
+    for key, tensor in tensors.items():
+        for rx, name in compiled:
+            m = rx.fullmatch(key)
+            if m is None:
+                continue
+            if name is not None:
+                grouped[module_path(m.group("module"))][name + (m.groupdict().get("e") or "")] = tensor
+            break
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise FormatError(
+            f"{where}: {len(unexpected)} unexpected tensor(s) for a {family} checkpoint, e.g. {sorted(unexpected)[:3]}; "
+            "the checkpoint holds weights this loader does not understand (pass --family to pick another family)"
+        )
+    if not grouped:
+        raise FormatError(f"{where}: no adapted modules found for a {family} checkpoint")
+    return dict(grouped)
+
+
+def expert_pairs(parts: dict[str, torch.Tensor], module: str, a: str = "A", b: str = "B") -> tuple[list, list]:
+    """The per-expert A and B lists of one module, in expert order, checking both have the same count."""
+    a_list, b_list = indexed(parts, a, module), indexed(parts, b, module)
+    if len(a_list) != len(b_list):
+        raise FormatError(f"{module}: {len(a_list)} expert A matrices but {len(b_list)} expert B matrices")
+    for e, (a_e, b_e) in enumerate(zip(a_list, b_list, strict=True)):
+        if a_e.ndim != 2 or b_e.ndim != 2 or a_e.shape[0] != b_e.shape[1]:
+            raise FormatError(f"{module}: expert {e} A{tuple(a_e.shape)} and B{tuple(b_e.shape)} do not chain")
+    return a_list, b_list
+
+
+def require_int(config: dict, key: str, where: str, minimum: int = 1) -> int:
+    """An integer config value (JSON may hold 8 or 8.0), with a clear error otherwise."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        raise FormatError(f"{where}: '{key}' is {value!r}, expected an integer >= {minimum}")
+    return int(value)
+
+
+def sorted_modules(modules: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Module paths in model order (layer index, then name) so units and tables read top to bottom."""
+
+    def order(name: str) -> tuple[int, str]:
+        m = LAYER_RX.search(name)
+        return (int(m.group(1)) if m else -1, name)
+
+    return sorted(modules, key=order)

@@ -80,6 +80,10 @@ def detect_family(ckpt: Checkpoint) -> type[Family]:
     """The most specific family whose detect() accepts the checkpoint; a clear error if none does."""
     _ensure_loaded()
     matches = [f for f in FAMILIES.values() if f.detect(ckpt)]
+    if not matches and ckpt.config is None:
+        raise FormatError(
+            f"{ckpt.path}: no adapter_config.json, so the family cannot be recognised; restore it, or pass --family NAME"
+        )
     if not matches:
         keys = ckpt.keys() if ckpt.weights_path is not None else []
         shown = sorted({re.sub(r"\d+", "N", k) for k in keys})[:6]

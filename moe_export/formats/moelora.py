@@ -1,0 +1,86 @@
+"""MoELoRA (Luo et al. 2024, arXiv 2402.12851): per-linear top-k MoE-LoRA in a PEFT-style layout.
+
+The authors publish no code or checkpoint format (reference/formats.md section 3a), so moe-export
+defines one, following PEFT's conventions:
+
+    adapter_config.json: {"peft_type": "MOELORA", "num_experts": E, "top_k": K, "r": R (per expert),
+                          "lora_alpha": alpha, "use_rslora": false, "base_model_name_or_path": ...}
+    adapter_model.safetensors (or .bin), for every adapted linear P (e.g. model.layers.0.self_attn.q_proj):
+        base_model.model.P.lora_A.{e}.weight   [R, D_in]    e = 0..E-1
+        base_model.model.P.lora_B.{e}.weight   [D_out, R]
+        base_model.model.P.lora_router.weight  [E, D_in]    (no bias)
+
+Forward (the paper's equations, as in the third-party re-implementation yukiDuan/MoELoRA-CL):
+p = softmax(G x) in fp32, top-k, renormalised; y = W x + sum_j w_j (alpha / R) B_j A_j x. No base change.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from moe_export.base_weights import BaseWeights
+from moe_export.errors import FormatError
+from moe_export.formats.checkpoint import Checkpoint
+from moe_export.formats.common import (
+    expert_pairs,
+    override_top_k,
+    require_int,
+    sorted_modules,
+    split_module_keys,
+    stack_experts,
+)
+from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.ir import Adapter, LinearMoE, Router, rank_scaling
+
+PARTS: dict[str, str | None] = {
+    r"lora_A\.(?P<e>\d+)\.weight": "A",
+    r"lora_B\.(?P<e>\d+)\.weight": "B",
+    r"lora_router\.weight": "router",
+}
+
+
+@register
+class MoELoRA(Family):
+    name: ClassVar[str] = "moelora"
+    title: ClassVar[str] = "MoELoRA (Luo et al.)"
+    source: ClassVar[str] = "no official code; moe-export's PEFT-style layout (see formats/moelora.py)"
+    peft_types: ClassVar[tuple[str, ...]] = ("MOELORA",)
+    key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_router\.weight$", r"\.lora_A\.\d+\.weight$")
+    specificity: ClassVar[int] = 20
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+        config = ckpt.require_config("r", "lora_alpha", "num_experts", "top_k")
+        where = str(ckpt.config_path)
+        rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)
+        top_k = require_int(config, "top_k", where)
+        scaling = rank_scaling(float(config["lora_alpha"]), rank, bool(config.get("use_rslora", False)))
+        modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
+        units = []
+        for module in sorted_modules(modules):
+            parts = modules[module]
+            a_list, b_list = expert_pairs(parts, module)
+            if len(b_list) != num_experts or "router" not in parts:
+                raise FormatError(
+                    f"{ckpt.weights_path}: {module} holds {len(b_list)} experts and "
+                    f"{'a' if 'router' in parts else 'no'} lora_router; adapter_config.json says {num_experts} experts"
+                )
+            if a_list[0].shape[0] != rank:
+                raise FormatError(
+                    f"{ckpt.weights_path}: {module} experts have rank {a_list[0].shape[0]}, config r={rank}"
+                )
+            router = Router(
+                kind="linear",
+                num_experts=num_experts,
+                select="topk",
+                top_k=top_k,
+                renormalize=True,
+                compute_dtype="float32",
+                weight=parts["router"],
+            )
+            d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
+            units.append(LinearMoE(module, d_in, d_out, stack_experts(module, a_list, b_list, scaling), router))
+        adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config})
+        if options.top_k is not None:
+            override_top_k(adapter, options.top_k)
+        return adapter

@@ -1,0 +1,102 @@
+"""MoLA (GCYZSL/MoLA): per-linear top-k MoE-LoRA with a different expert count per decoder layer.
+
+reference/formats.md section 2. MoLA saves neither the expert counts nor top-k: expert counts are
+recovered from the tensors, top-k comes from the user (`--top-k`, one value or one per layer) or
+defaults to 2 (MoLA's README setting), with a notice. The router matmul runs in the model dtype
+(MoLA casts the model to fp16), its softmax in fp32, and the selected weights are renormalised.
+Legend: E_l experts of layer l, R_l rank of layer l.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from moe_export.base_weights import BaseWeights
+from moe_export.errors import FormatError
+from moe_export.formats.checkpoint import Checkpoint
+from moe_export.formats.common import (
+    expert_pairs,
+    layer_index,
+    sorted_modules,
+    split_module_keys,
+    stack_experts,
+)
+from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.ir import Adapter, LinearMoE, Router
+
+# Key tail after the module path -> part name (MoLA's saver strips `.default` from `lora_A.default_3`).
+PARTS: dict[str, str | None] = {
+    r"lora_A_(?P<e>\d+)\.weight": "A",
+    r"lora_B_(?P<e>\d+)\.weight": "B",
+    r"router\.router\.weight": "router",
+}
+DEFAULT_TOP_K = 2
+
+
+def layer_value(value: int | list[int], layer: int, what: str, where: str) -> int:
+    """One per-layer setting: an int for every layer, or the list entry of this layer."""
+    if isinstance(value, list):
+        if layer >= len(value):
+            raise FormatError(f"{where}: {what} lists {len(value)} values, but the checkpoint has layer {layer}")
+        return int(value[layer])
+    return int(value)
+
+
+@register
+class Mola(Family):
+    name: ClassVar[str] = "mola"
+    title: ClassVar[str] = "MoLA"
+    source: ClassVar[str] = "GCYZSL/MoLA (peft 0.4 fork, adapter_model.bin)"
+    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)
+    key_patterns: ClassVar[tuple[str, ...]] = (r"\.router\.router\.weight$", r"\.lora_A_\d+\.weight$")
+    specificity: ClassVar[int] = 20
+    default_top_k: ClassVar[int | None] = DEFAULT_TOP_K
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+        config = ckpt.require_config("r", "lora_alpha")
+        where = str(ckpt.config_path)
+        ranks, alpha = config["r"], float(config["lora_alpha"])
+        if not isinstance(ranks, (int, list)):
+            raise FormatError(f"{where}: 'r' is {ranks!r}, expected an integer or a per-layer list")
+        top_k = options.top_k if options.top_k is not None else DEFAULT_TOP_K
+        modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
+        units = []
+        for module in sorted_modules(modules):
+            parts, layer = modules[module], layer_index(module)
+            a_list, b_list = expert_pairs(parts, module)
+            if "router" not in parts:
+                raise FormatError(f"{ckpt.weights_path}: {module} has experts but no router.router.weight")
+            rank = layer_value(ranks, layer, "r", where)
+            if a_list[0].shape[0] != rank:
+                raise FormatError(
+                    f"{ckpt.weights_path}: {module} experts have rank {a_list[0].shape[0]}, adapter_config.json "
+                    f"says r={rank} for layer {layer}"
+                )
+            num_experts = len(b_list)
+            # The default never asks for more experts than a layer has; a user's value is checked as given.
+            k = (
+                layer_value(top_k, layer, "--top-k", "top-k")
+                if options.top_k is not None
+                else min(DEFAULT_TOP_K, num_experts)
+            )
+            if not 1 <= k <= num_experts:
+                raise FormatError(f"top-k {k} for layer {layer} ({module}): that layer has {num_experts} experts")
+            router = Router(
+                kind="linear",
+                num_experts=num_experts,
+                select="topk",
+                top_k=k,
+                renormalize=True,
+                compute_dtype="model",
+                weight=parts["router"],
+            )
+            d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
+            stack = stack_experts(module, a_list, b_list, alpha / rank)
+            units.append(LinearMoE(module, d_in, d_out, stack, router))
+        adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config, "top_k": top_k})
+        if options.top_k is None:
+            adapter.notices.append(
+                f"MoLA does not save top_k; defaulted to {DEFAULT_TOP_K} in every layer (pass --top-k K or K1,K2,...)"
+            )
+        return adapter

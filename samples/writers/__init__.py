@@ -1,0 +1,64 @@
+"""Sample checkpoint writers: one module per family, each exposing `write(out_dir, base_dir) -> None`.
+
+`samples/make_samples.py` runs every module of this package (sorted by name) with
+`out_dir = samples/<module name>` and `base_dir = samples/tiny-llama`. A writer saves the family's own
+on-disk layout (file names, key names, config fields) with random, non-zero, seeded weights; this
+module holds the pieces they share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BASE_REL = "../tiny-llama"  # base_model_name_or_path, resolved against the checkpoint directory
+PEFT_PREFIX = "base_model.model."
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def linear_shapes(base_dir: Path, projections: tuple[str, ...] = PROJECTIONS) -> dict[str, tuple[int, int]]:
+    """{module path: (D_in, D_out)} for every target projection of every decoder layer of the base model."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, int]] = {}
+    with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
+        for key in sorted(f.keys()):
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and module.split(".layers.")[-1].split(".", 1)[-1] in projections:
+                d_out, d_in = f.get_slice(key).get_shape()
+                shapes[module] = (d_in, d_out)
+    return dict(sorted(shapes.items(), key=lambda kv: (int(kv[0].split(".layers.")[1].split(".")[0]), kv[0])))
+
+
+def randn(generator: torch.Generator, *shape: int, std: float) -> torch.Tensor:
+    """Seeded normal weights (never zero, so every path changes the output)."""
+    return torch.randn(*shape, generator=generator) * std
+
+
+def write_config(out_dir: Path, config: dict[str, Any], name: str = "adapter_config.json") -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_safetensors(out_dir: Path, tensors: dict[str, torch.Tensor], name: str = "adapter_model.safetensors") -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(out_dir / name), metadata={"format": "pt"})
+
+
+def save_bin(out_dir: Path, tensors: dict[str, torch.Tensor], name: str = "adapter_model.bin") -> None:
+    """torch.save of a flat dict of tensors, as the research code bases write adapter_model.bin."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name))

@@ -1,0 +1,47 @@
+"""GOAT sample: peft 0.14 layout (adapter_model.safetensors) as Facico/GOAT-PEFT saves it.
+
+E=4 experts of rank 2 (config r=8 is the total rank), top-2, init_type goat, init_cof 1/E.
+Like peft, the file also carries the `moe_layer.experts.{e}` clones of every expert matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from samples.writers import BASE_REL, PEFT_PREFIX, linear_shapes, randn, save_safetensors, write_config
+
+
+def write(out_dir: Path, base_dir: Path, init_type: str = "goat", num_experts: int = 4, rank: int = 8) -> None:
+    g = torch.Generator().manual_seed(101)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (d_in, d_out) in linear_shapes(base_dir).items():
+        p = PEFT_PREFIX + module
+        for e in range(num_experts):
+            a = randn(g, rank // num_experts, d_in, std=0.2)
+            b = randn(g, d_out, rank // num_experts, std=0.012)
+            tensors[f"{p}.lora_A.{e}.weight"], tensors[f"{p}.lora_B.{e}.weight"] = a, b
+            tensors[f"{p}.moe_layer.experts.{e}.lora_A.weight"] = a.clone()
+            tensors[f"{p}.moe_layer.experts.{e}.lora_B.weight"] = b.clone()
+        tensors[f"{p}.lora_gating.weight"] = randn(g, num_experts, d_in, std=0.5)
+    save_safetensors(out_dir, tensors)
+    write_config(
+        out_dir,
+        {
+            "peft_type": "GOAT",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": BASE_REL,
+            "r": rank,
+            "lora_alpha": 16,
+            "lora_dropout": 0.05,
+            "num_experts": num_experts,
+            "top_k": 2,
+            "init_type": init_type,
+            "init_cof": 1.0 / num_experts,
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in linear_shapes(base_dir)}),
+            "use_rslora": False,
+            "bias": "none",
+            "inference_mode": True,
+        },
+    )
