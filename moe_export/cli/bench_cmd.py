@@ -1,0 +1,86 @@
+"""`moe-export bench ARTIFACT_DIR`: p50/p90/p99 latency and tokens/s per runtime and batch, vs the base-only floor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.validate_cmd import parse_runtimes
+from moe_export.errors import ParityError
+
+
+@command("bench")
+def bench_command(
+    artifact_dir: Path = typer.Argument(..., help="Export directory (model.onnx + export.json)."),
+    runtimes: str = typer.Option("onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, torch, tensorrt."),
+    batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
+    seq: int = typer.Option(128, "--seq", help="Sequence length."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
+    iters: int = typer.Option(10, "--iters", help="Timed runs per runtime and batch."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    base: Path | None = typer.Option(None, "--base", help="A base-only export of the same model: the floor."),
+    max_ratio: float | None = typer.Option(
+        None, "--max-ratio", help="Fail (exit 1) when p50 exceeds this multiple of the floor (needs --base)."
+    ),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG bar chart (needs matplotlib)."),
+    report_path: Path | None = typer.Option(None, "--report", help="Write the results as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Measure latency per runtime and batch size, side by side with the base model exported without adapters."""
+    from moe_export.errors import MoeExportError
+    from moe_export.runtimes.registry import RunnerOptions
+    from moe_export.validate.bench import bench, total_steps
+
+    batches = parse_int_list(batch, "--batch")
+    batches = [batches] if isinstance(batches, int) else batches
+    names = parse_runtimes(runtimes)
+    if max_ratio is not None and base is None:
+        raise MoeExportError("--max-ratio needs --base (a base-only export to compare with)")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401  checked before the slow part
+        except ImportError:
+            raise MoeExportError("--plot needs matplotlib; pip install 'moe-export[plot]'") from None
+    progress = Progress(
+        TextColumn("bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("bench", total=total_steps(names, batches, warmup, iters, base is not None))
+        report = bench(
+            artifact_dir,
+            runtimes=names,
+            batches=batches,
+            seq=seq,
+            warmup=warmup,
+            iters=iters,
+            base_dir=base,
+            options=RunnerOptions(device=device, threads=threads),
+            advance=lambda n: progress.advance(task, n),
+        )
+    if report_path is not None:
+        report.write_json(report_path)
+    if plot is not None:
+        report.plot(plot)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        # A pipe reports 80 columns and would fold every cell; the tables stay readable at 120.
+        report.render(Console(width=max(console.width, 120)))
+    if max_ratio is not None:
+        slow = [r for r in report.rows if r.ratio is not None and r.ratio > max_ratio]
+        if slow:
+            worst = max(slow, key=lambda r: r.ratio or 0.0)
+            raise ParityError(
+                f"latency gate: {worst.runtime} {worst.shape} p50 is {worst.ratio:.2f}x the floor (> {max_ratio}x); "
+                f"{len(slow)} of {len(report.rows)} rows over"
+            )

@@ -1,0 +1,89 @@
+"""`moe-export validate ARTIFACT_DIR`: parity of an export against the PyTorch reference, with CI exit codes.
+
+Exit 0: every output and unit within tolerance; 1: a parity gate failed (the table names the diverging
+output and unit); 2: bad input (missing directory, no export.json, a model that does not load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from moe_export.cli.app import command, console, err_console, print_json
+from moe_export.errors import MoeExportError, ParityError
+
+
+def parse_runtimes(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise MoeExportError("--runtimes: empty value; e.g. --runtimes torch,onnxruntime")
+    return names
+
+
+def input_shapes(batch: int | None, seq: int | None) -> list[tuple[int, int]] | None:
+    """One (batch, seq) shape when either option is given, else None (the default shapes)."""
+    if batch is None and seq is None:
+        return None
+    return [(batch or 1, seq or 32)]
+
+
+@command("validate")
+def validate_command(
+    artifact_dir: Path = typer.Argument(..., help="Export directory (model.onnx + export.json)."),
+    runtimes: str = typer.Option(
+        "torch,onnxruntime",
+        "--runtimes",
+        help="Comma-separated; the first is the reference (torch, onnxruntime, tensorrt).",
+    ),
+    inputs: Path | None = typer.Option(None, "--inputs", help=".npz with input_ids [B,S] (and attention_mask)."),
+    batch: int | None = typer.Option(
+        None, "--batch", help="Random inputs of this batch size (default shapes 1x7, 3x33)."
+    ),
+    seq: int | None = typer.Option(None, "--seq", help="Random inputs of this sequence length."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
+    atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance (default by export dtype)."),
+    rtol: float | None = typer.Option(
+        None,
+        "--rtol",
+        help="Tolerance relative to max|reference| per output (default: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
+    ),
+    min_top1: float | None = typer.Option(None, "--min-top1", help="Also require this top-1 token agreement."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads for every runtime."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    report_path: Path | None = typer.Option(None, "--report", help="Write the full report as JSON."),
+    junit_path: Path | None = typer.Option(None, "--junit", help="Write JUnit XML for CI test reporters."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
+    from moe_export.runtimes.registry import RunnerOptions
+    from moe_export.validate.validation import validate
+
+    if inputs is not None and (batch is not None or seq is not None):
+        raise MoeExportError("--inputs and --batch/--seq are exclusive: the .npz fixes the shape")
+    status = err_console.status("validating", spinner="dots")
+    with status:
+        report = validate(
+            artifact_dir,
+            runtimes=parse_runtimes(runtimes),
+            inputs=inputs,
+            shapes=input_shapes(batch, seq),
+            seed=seed,
+            atol=atol,
+            rtol=rtol,
+            min_top1=min_top1,
+            options=RunnerOptions(device=device, threads=threads),
+            progress=lambda message: status.update(message),
+        )
+    if report_path is not None:
+        report.write_json(report_path)
+    if junit_path is not None:
+        report.write_junit(junit_path)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        # A pipe reports 80 columns and would fold every cell; the tables stay readable at 120.
+        report.render(Console(width=max(console.width, 120)))
+    if not report.passed:
+        raise ParityError(report.summary(), report)

@@ -1,0 +1,156 @@
+"""The ONNX Runtime runner: CPU EP by default, CUDA / TensorRT EPs when installed and asked for.
+
+The session is built by a deferred callable (`session_builder`) inside `activate()`, as in Polygraphy's
+`SessionFromOnnx`, so runners are cheap to construct and a debug variant of the model (extra outputs)
+can reuse the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_export.errors import ExportError, FormatError, RuntimeUnavailableError
+from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.registry import Artifact, RunnerOptions
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+# An ONNX model given as a path or as serialized bytes (an in-memory edited copy).
+ModelSource = str | Path | bytes
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+        raise RuntimeUnavailableError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def resolve_providers(names: Sequence[str]) -> list[str]:
+    """EP names ('cpu', 'cuda', 'tensorrt' or full names) -> installed ORT providers; CPU is always last."""
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    providers = []
+    for name in names:
+        full = PROVIDERS.get(name, name)
+        if full not in available:
+            raise RuntimeUnavailableError(
+                f"onnxruntime: provider {full} is not available (installed: {', '.join(available)}); "
+                "install onnxruntime-gpu for CUDA / TensorRT"
+            )
+        providers.append(full)
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")  # fallback for nodes the GPU EPs do not claim
+    return providers
+
+
+def session_builder(
+    model: ModelSource,
+    providers: Sequence[str] = ("cpu",),
+    threads: int | None = None,
+    optimization: str = "all",
+    external_data_dir: Path | None = None,
+) -> Callable[[], Any]:
+    """A callable that builds the InferenceSession; errors name the model file."""
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise RuntimeUnavailableError(f"onnxruntime: optimization {optimization!r}; choose from {OPTIMIZATION_LEVELS}")
+    where = str(model) if not isinstance(model, bytes) else f"in-memory model (data in {external_data_dir})"
+
+    def build() -> Any:
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        # Errors come back as exceptions with one-line messages; ORT's own log would print them twice.
+        options.log_severity_level = 4
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if external_data_dir is not None:
+            # A model passed as bytes has no directory: tell ORT where model.onnx.data lives.
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(external_data_dir)
+            )
+        source = model if isinstance(model, bytes) else str(model)
+        try:
+            return ort.InferenceSession(source, options, providers=resolve_providers(providers))
+        except RuntimeUnavailableError:
+            raise
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise FormatError(f"{where}: onnxruntime cannot load the model ({first})") from exc
+
+    return build
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX model with ONNX Runtime; feeds and outputs are numpy dicts keyed by graph names."""
+
+    name = "onnxruntime"
+
+    def __init__(self, build_session: Callable[[], Any], device: str = "cpu", name: str | None = None) -> None:
+        super().__init__()
+        self._build_session = build_session
+        self.device = device
+        if name:
+            self.name = name
+        self.session: Any = None
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        optimization: str = "all",
+        providers: Sequence[str] | None = None,
+    ) -> OnnxRuntimeRunner:
+        path = Path(path)
+        if not path.is_file():
+            raise FormatError(f"{path}: ONNX model not found")
+        providers = providers or (("cuda",) if device == "cuda" else ("cpu",))
+        return cls(session_builder(path, providers, threads, optimization), device=device)
+
+    def _activate(self) -> None:
+        self.session = self._build_session()
+
+    def _deactivate(self) -> None:
+        self.session = None
+
+    def input_names(self) -> list[str]:
+        assert self.session is not None
+        return [i.name for i in self.session.get_inputs()]
+
+    def output_names(self) -> list[str]:
+        assert self.session is not None
+        return [o.name for o in self.session.get_outputs()]
+
+    def _infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        assert self.session is not None
+        wanted = {name: feeds[name] for name in self.input_names()}
+        try:
+            values = self.session.run(None, wanted)
+        except Exception as exc:  # ORT's own exception classes: a model that loads but cannot run
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in wanted.items())
+            first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"{self.name}: inference failed on {shapes}: {first}") from exc
+        return dict(zip(self.output_names(), values, strict=True))
+
+
+def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> OnnxRuntimeRunner:
+    return OnnxRuntimeRunner.from_path(
+        artifact.onnx_path, device=options.device, threads=options.threads, optimization=options.optimization
+    )

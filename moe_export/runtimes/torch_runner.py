@@ -1,0 +1,127 @@
+"""The PyTorch reference runner: the faithful MoE-LoRA forward (reference.py) that exports are checked against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_export.errors import FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.manifest import ExportManifest
+from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.registry import Artifact, RunnerOptions
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchRunner(Runner):
+    """Runs a transformers causal LM (usually with MoE-LoRA modules applied) and returns `logits`.
+
+    The model is built by `model_loader` inside `activate()`, so constructing a runner is cheap.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_loader: Callable[[], torch.nn.Module],
+        device: str = "cpu",
+        threads: int | None = None,
+        input_names: tuple[str, ...] = ("input_ids", "attention_mask"),
+    ) -> None:
+        super().__init__()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailableError("torch runner: device cuda requested but torch.cuda.is_available() is False")
+        self.device = device
+        self.threads = threads
+        self._loader = model_loader
+        self._input_names = input_names
+        self.model: torch.nn.Module | None = None
+
+    def input_names(self) -> tuple[str, ...]:
+        return self._input_names[:1]  # attention_mask is optional for the reference
+
+    def _activate(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self.model = self._loader().to(self.device).eval()
+
+    def _deactivate(self) -> None:
+        self.model = None
+
+    @torch.no_grad()
+    def _infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        assert self.model is not None
+        kwargs = {
+            name: torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
+            for name in self._input_names
+            if name in feeds
+        }
+        out = self.model(**kwargs, use_cache=False)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        # numpy has no bfloat16: bf16 results are widened to fp32 (exactly representable).
+        if logits.dtype == torch.bfloat16:
+            logits = logits.float()
+        return {"logits": logits.cpu().numpy()}
+
+
+def reference_model_loader(artifact: Artifact) -> Callable[[], torch.nn.Module]:
+    """A deferred builder of the PyTorch reference for an export, following its manifest."""
+    manifest = artifact.manifest
+    where = artifact.path / "export.json"
+    dtype = TORCH_DTYPES[manifest.dtype]  # ExportManifest checked the name
+
+    def load() -> torch.nn.Module:
+        from moe_export.loading import load_base_model
+        from moe_export.reference import cast_reference_model
+
+        if not Path(manifest.base_model).is_dir():
+            raise FormatError(f"{where}: base model {manifest.base_model} not found; the torch reference needs it")
+        if artifact.base_only:
+            return load_base_model(Path(manifest.base_model), dtype)
+        if not Path(manifest.source_checkpoint).is_dir():
+            raise FormatError(
+                f"{where}: source checkpoint {manifest.source_checkpoint} not found; the torch reference needs "
+                "the original checkpoint (validate where it exists, or leave torch out of --runtimes)"
+            )
+        loaded = _load_with_merge(manifest)
+        return cast_reference_model(loaded.model, dtype)
+
+    return load
+
+
+def _load_with_merge(manifest: ExportManifest) -> Any:
+    """moe_export.load with the export's options, then the export's merge plan (merged units become Linear)."""
+    import moe_export
+
+    options = manifest.load_options or {}
+    loaded = moe_export.load(
+        manifest.source_checkpoint,
+        base_model=manifest.base_model,
+        family=manifest.family,
+        top_k=options.get("top_k"),
+        task_id=options.get("task_id"),
+    )
+    if manifest.merge_plan:
+        try:
+            from moe_export.merge import MergePlan, apply_merge_plan
+        except ImportError as exc:
+            raise MoeExportError(
+                f"export.json records a merge plan but moe_export.merge is unavailable ({exc})"
+            ) from exc
+        loaded = apply_merge_plan(loaded, MergePlan.from_dict(manifest.merge_plan))
+    return loaded
+
+
+def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> TorchRunner:
+    return TorchRunner(
+        reference_model_loader(artifact),
+        device=options.device,
+        threads=options.threads,
+        input_names=tuple(artifact.input_names()),
+    )

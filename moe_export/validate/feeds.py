@@ -1,0 +1,55 @@
+"""Model inputs for validation and benchmarks: random token ids of given shapes, or a user's .npz file."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moe_export.errors import FormatError, MoeExportError
+from moe_export.runtimes.base import Feeds
+
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 7), (3, 33))
+
+
+def random_feeds(batch: int, seq: int, vocab_size: int, seed: int = 0) -> Feeds:
+    """input_ids uniform in [0, vocab) and an all-ones attention_mask, both int64 [batch, seq]."""
+    if batch < 1 or seq < 1:
+        raise MoeExportError(f"input shape {batch}x{seq}: batch and sequence must be >= 1")
+    rng = np.random.default_rng([seed, batch, seq])  # a different draw per shape, reproducible per seed
+    ids = rng.integers(0, vocab_size, size=(batch, seq), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
+
+
+def load_npz_feeds(path: str | Path, input_names: Sequence[str]) -> Feeds:
+    """Feeds from an .npz holding input_ids [B, S] (and optionally attention_mask; ones when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: inputs file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise FormatError(f"{path}: not a readable .npz file ({exc})") from None
+    if "input_ids" not in feeds:
+        raise FormatError(f"{path}: no 'input_ids' array (found {sorted(feeds)}); save with np.savez(f, input_ids=...)")
+    ids = feeds["input_ids"]
+    if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":
+        raise FormatError(
+            f"{path}: input_ids must be a non-empty integer array [batch, seq], got {ids.dtype} {ids.shape}"
+        )
+    feeds.setdefault("attention_mask", np.ones_like(ids))
+    unknown = sorted(set(feeds) - set(input_names))
+    if unknown:
+        raise FormatError(f"{path}: arrays {unknown} are not model inputs ({', '.join(input_names)})")
+    for name, value in feeds.items():
+        if value.shape != ids.shape:
+            raise FormatError(f"{path}: {name} has shape {list(value.shape)}, input_ids {list(ids.shape)}")
+    return {k: v.astype(np.int64) for k, v in feeds.items()}
+
+
+def shape_label(feeds: Feeds) -> str:
+    batch, seq = feeds["input_ids"].shape
+    return f"{batch}x{seq}"

@@ -1,0 +1,209 @@
+"""The validation report: verdict, per-output and per-unit statistics, rendered as a rich table or JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from moe_export.validate.parity import CompareResult, Tolerance
+from moe_export.validate.units import UnitComparison
+
+MAX_UNIT_ROWS = 20
+
+
+@dataclass
+class RunComparison:
+    """One candidate runtime against the reference on one input."""
+
+    runtime: str
+    shape: str
+    result: CompareResult
+    seconds: float | None = None  # the candidate's inference time for this input
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "shape": self.shape, "seconds": self.seconds, **self.result.to_dict()}
+
+
+@dataclass
+class ValidationReport:
+    """Everything `moe-export validate` decides and shows; truthy when it passed."""
+
+    artifact: str
+    dtype: str
+    reference: str
+    runtimes: list[str]
+    tolerance: Tolerance
+    margin_tol: float
+    shapes: list[str]
+    comparisons: list[RunComparison] = field(default_factory=list)
+    units: dict[str, dict[str, UnitComparison]] = field(default_factory=dict)  # runtime -> unit -> stats
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        if not self.comparisons:
+            return False  # an empty validation proves nothing
+        outputs_ok = all(c.result.passed for c in self.comparisons)
+        units_ok = all(u.passed for per_runtime in self.units.values() for u in per_runtime.values())
+        return outputs_ok and units_ok
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def failures(self) -> list[str]:
+        """One line per failing output and per failing unit, naming the runtime and input."""
+        lines = [] if self.comparisons else ["no comparison ran"]
+        for c in self.comparisons:
+            lines += [f"{c.runtime} [{c.shape}] {line}" for line in c.result.failures()]
+        for runtime, per_unit in self.units.items():
+            for unit in per_unit.values():
+                lines += [f"{runtime} unit {unit.name}: {message}" for message in unit.messages]
+        return lines
+
+    def summary(self) -> str:
+        """One line: what passed, or which outputs and units diverged."""
+        if self.passed:
+            return f"parity passed: {', '.join(self.runtimes)} vs {self.reference} on {', '.join(self.shapes)}"
+        bad = [f"{c.runtime} {name}[{c.shape}]" for c in self.comparisons for name, out in c.result.outputs.items()
+               if not out.passed]  # fmt: skip
+        bad += [f"{c.runtime} [{c.shape}]" for c in self.comparisons if c.result.messages]
+        bad += [f"{rt} unit {u.name}" for rt, units in self.units.items() for u in units.values() if not u.passed]
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        return f"parity failed vs {self.reference}: {shown or 'no comparison ran'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "artifact": self.artifact,
+            "dtype": self.dtype,
+            "reference": self.reference,
+            "runtimes": self.runtimes,
+            "tolerance": asdict(self.tolerance),
+            "tolerance_definition": "pass iff max|candidate - reference| <= atol + rtol * max|reference| per output",
+            "margin_tol": self.margin_tol,
+            "shapes": self.shapes,
+            "failures": self.failures(),
+            "comparisons": [c.to_dict() for c in self.comparisons],
+            "units": {rt: {name: u.to_dict() for name, u in units.items()} for rt, units in self.units.items()},
+            "notes": self.notes,
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def write_junit(self, path: str | Path) -> Path:
+        from moe_export.validate.junit import junit_xml
+
+        return write_text_atomic(Path(path), junit_xml(self))
+
+    def render(self, console: Console) -> None:
+        console.print(self._outputs_table())
+        for runtime, per_unit in self.units.items():
+            console.print(_units_summary(runtime, self.reference, per_unit))
+            table = _units_table(runtime, per_unit)
+            if table is not None:
+                console.print(table)
+        for note in self.notes:
+            console.print(f"[dim]note: {note}[/]")
+        if self.passed:
+            console.print(f"[bold green]PASSED[/] {self.summary()}", highlight=False)
+            return
+        console.print("[bold red]Failures:[/]")
+        for line in self.failures():
+            console.print(f"  - {line}", highlight=False)
+
+    def _outputs_table(self) -> Table:
+        tol = self.tolerance
+        table = Table(
+            caption="max rel = max abs / max|ref|; top-1 = fraction of positions with the same argmax",
+            title=f"Parity vs {self.reference} ({self.dtype}; pass: max abs <= {tol.atol:g} + {tol.rtol:g} x max|ref|)",
+        )
+        for column in ("runtime", "input", "output", "max abs", "max rel", "mean abs", "p99 abs", "NaN/Inf", "top-1"):
+            table.add_column(column, justify="left" if column in ("runtime", "input", "output") else "right")
+        table.add_column("result")
+        for c in self.comparisons:
+            for out in c.result.outputs.values():
+                top1 = "" if out.top1_agreement is None else f"{out.top1_agreement:.4f}"
+                verdict = "[green]pass[/]" if out.passed else "[red]FAIL[/]"
+                table.add_row(
+                    c.runtime,
+                    c.shape,
+                    out.name,
+                    _fmt(out.max_abs),
+                    _fmt(out.max_rel),
+                    _fmt(out.mean_abs),
+                    _fmt(out.p99_abs),
+                    f"{out.nan_count}/{out.inf_count}",
+                    top1,
+                    verdict,
+                )
+            for _ in c.result.messages:
+                table.add_row(c.runtime, c.shape, "-", *[""] * 6, "[red]FAIL[/]")
+        return table
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
+def _units_summary(runtime: str, reference: str, per_unit: dict[str, UnitComparison]) -> str:
+    if not per_unit:
+        return f"routing ({runtime} vs {reference}): no routed units captured"
+    agreements = [(u.agreement, name) for name, u in per_unit.items() if u.agreement is not None]
+    failed = sum(not u.passed for u in per_unit.values())
+    flips = sum(u.tokens - u.agreeing for u in per_unit.values())
+    text = f"routing ({runtime} vs {reference}): {len(per_unit)} units"
+    if agreements:
+        worst, name = min(agreements)
+        text += f", lowest agreement {worst:.4f} ({name}), {flips} flipped token-units"
+    margins = [u.max_flip_margin for u in per_unit.values() if u.max_flip_margin is not None]
+    if margins:
+        text += f", largest flip margin {max(margins):.3g}"
+    same_input = [u.router_agreement for u in per_unit.values() if u.router_agreement is not None]
+    if same_input:
+        text += f"; router on the same input: lowest agreement {min(same_input):.4f}"
+    op_errors = [u.op_max_abs for u in per_unit.values() if u.op_max_abs is not None]
+    if op_errors:
+        text += f"; op check max abs {max(op_errors):.3g}"
+    return text + (f"; [red]{failed} unit(s) FAIL[/]" if failed else "; [green]all units pass[/]")
+
+
+def _units_table(runtime: str, per_unit: dict[str, UnitComparison]) -> Table | None:
+    """Failing units, then units with routing flips, at most MAX_UNIT_ROWS rows; None when all agree."""
+    rows = sorted(per_unit.values(), key=lambda u: (u.passed, u.agreement if u.agreement is not None else 1.0))
+    rows = [u for u in rows if not u.passed or (u.agreement is not None and u.agreement < 1.0)][:MAX_UNIT_ROWS]
+    if not rows:
+        return None
+    table = Table(title=f"Units ({runtime})")
+    table.add_column("unit", no_wrap=True)
+    for column in ("agreement", "flip margin min/max", "same-x agreement", "gate err", "op err", "result"):
+        table.add_column(column, justify="left" if column == "result" else "right")
+    for u in rows:
+        margin = "" if u.min_flip_margin is None else f"{u.min_flip_margin:.3g}/{u.max_flip_margin:.3g}"
+        op = _fmt(u.op_max_abs)
+        agreement = "" if u.agreement is None else f"{u.agreement:.4f}"
+        verdict = "[green]pass[/]" if u.passed else "[red]FAIL[/]"
+        same_x = "" if u.router_agreement is None else f"{u.router_agreement:.4f}"
+        table.add_row(u.name, agreement, margin, same_x, _fmt(u.gate_max_abs), op, verdict)
+    return table
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write via a temporary sibling and rename, so a failed run leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

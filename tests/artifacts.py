@@ -1,0 +1,39 @@
+"""Tiny ONNX export directories for the validate / bench / runtime tests, shared by the test modules.
+
+Exports are slow next to everything else (~15 s each on 2 cores), so each kind is made once per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.tiny import random_adapter
+
+
+def save_tiny_checkpoint(directory: Path, base: Path, seed: int = 0) -> Path:
+    """A canonical-layout checkpoint over the tiny Llama at `base`."""
+    adapter = random_adapter(seed=seed)
+    adapter.base_model = str(base)
+    return adapter.save(directory)
+
+
+def export_tiny(ckpt: Path, base: Path, out: Path, base_only: bool = False, dtype: str = "fp32") -> Path:
+    """`moe_export.export_onnx` of the checkpoint (validation off: the tests run it themselves)."""
+    import moe_export
+
+    loaded = moe_export.load(ckpt, base_model=base)
+    moe_export.export_onnx(loaded, out, dtype=dtype, base_only=base_only, validate=False, progress=False)
+    return out
+
+
+_CACHE: dict[tuple[str, str], Path] = {}
+
+
+def shared_export(tmp_path_factory: object, base: Path, kind: str = "adapter") -> Path:
+    """One export per kind ('adapter' or 'base') per test session; callers must not modify it (copy first)."""
+    key = (str(base), kind)
+    if key not in _CACHE:
+        root = tmp_path_factory.mktemp(f"export-{kind}")  # type: ignore[attr-defined]
+        ckpt = save_tiny_checkpoint(root / "ckpt", base)
+        _CACHE[key] = export_tiny(ckpt, base, root / "onnx", base_only=kind == "base")
+    return _CACHE[key]

@@ -1,0 +1,70 @@
+"""`moe-export bench` on a tiny export: JSON + PNG, floor ratios, the latency gate, bad options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_export.cli import app
+from moe_export.validate.bench import Latency
+from tests.artifacts import shared_export
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+    return shared_export(tmp_path_factory, tiny_base)
+
+
+def test_latency_statistics() -> None:
+    lat = Latency.from_seconds([0.001 * i for i in range(1, 101)], tokens=50)
+    assert lat.p50_ms == pytest.approx(50.5) and lat.p90_ms == pytest.approx(90.1) and lat.min_ms == pytest.approx(1)
+    assert lat.tokens_per_s == pytest.approx(50 / 0.0505)
+
+
+def test_bench_writes_json_and_png(export_dir: Path, tmp_path: Path) -> None:
+    report, plot = tmp_path / "bench.json", tmp_path / "plots" / "latency.png"
+    # The export itself stands in for the floor: a second (base-only) export would cost ~20 s of test time.
+    args = ["bench", str(export_dir), "--batch", "1,2", "--seq", "8", "--warmup", "1", "--iters", "3"]
+    args += ["--base", str(export_dir), "--threads", "1", "--report", str(report), "--plot", str(plot)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    rows = data["results"]
+    assert [(r["runtime"], r["batch"], r["seq"]) for r in rows] == [("onnxruntime", 1, 8), ("onnxruntime", 2, 8)]
+    for r in rows:
+        lat = r["latency"]
+        assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+        assert lat["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / (lat["p50_ms"] / 1e3))
+        assert r["ratio_p50_vs_floor"] == pytest.approx(lat["p50_ms"] / r["floor"]["p50_ms"])
+    assert any("not a base-only export" in n for n in data["notes"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert not list(plot.parent.glob(".*"))  # no temporary left behind
+    assert "vs floor" in result.output
+
+
+def test_bench_json_and_latency_gate(export_dir: Path) -> None:
+    args = ["bench", str(export_dir), "--batch", "1", "--seq", "4", "--warmup", "0", "--iters", "2", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["floor"] is None
+    # A ratio of at most 0 is impossible: the gate must fail with exit 1.
+    result = CliRunner().invoke(app, [*args, "--base", str(export_dir), "--max-ratio", "0"])
+    assert result.exit_code == 1 and "latency gate" in result.output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--batch", "0"], ["--batch", "a,b"], ["--iters", "0"], ["--runtimes", "nope"], ["--max-ratio", "2"]],
+)
+def test_bench_bad_options_exit_2(export_dir: Path, extra: list[str]) -> None:
+    result = CliRunner().invoke(app, ["bench", str(export_dir), "--seq", "4", "--iters", "1", *extra])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_missing_artifact_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not found" in result.output

@@ -1,0 +1,151 @@
+"""`moe-export validate` end to end on a tiny export: pass, a corrupted export, reports, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from moe_export.cli import app
+from tests.artifacts import shared_export
+
+CORRUPTED_UNIT = "model.layers.1.self_attn.v_proj"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+    return shared_export(tmp_path_factory, tiny_base)
+
+
+@pytest.fixture(scope="module")
+def corrupted_dir(tmp_path_factory: pytest.TempPathFactory, export_dir: Path) -> Path:
+    """A copy of the export with one weight of one GroupedLoRA node's B initializer changed."""
+    out = tmp_path_factory.mktemp("corrupted") / "onnx"
+    shutil.copytree(export_dir, out)
+    model = onnx.load(str(out / "model.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "GroupedLoRA" and n.name == CORRUPTED_UNIT)
+    init = next(i for i in model.graph.initializer if i.name == node.input[4])  # B [E, D_out, R]
+    b = numpy_helper.to_array(init).copy()
+    b[0, 0, 0] += 5.0 * (np.abs(b).max() + 1.0)
+    init.CopyFrom(numpy_helper.from_array(b, init.name))
+    (out / "model.onnx").unlink()
+    onnx.save_model(model, str(out / "model.onnx"))  # weights inline: the copy's own file
+    return out
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_validate_passes(export_dir: Path, tmp_path: Path) -> None:
+    report, junit = tmp_path / "r" / "report.json", tmp_path / "junit.xml"
+    result = invoke("validate", export_dir, "--report", report, "--junit", junit)
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["failures"] == []
+    assert [c["shape"] for c in data["comparisons"]] == ["1x7", "3x33"]
+    logits = data["comparisons"][1]["outputs"]["logits"]
+    assert logits["candidate_shape"] == [3, 33, 64] and logits["nan_count"] == 0
+    assert logits["max_rel"] < 1e-4 and logits["top1_agreement"] == 1.0
+    units = data["units"]["onnxruntime"]
+    assert len(units) == 14  # 2 layers x 7 projections, every one routed
+    assert all(u["agreement"] == 1.0 and u["op_max_abs"] < 1e-4 for u in units.values())
+    root = ET.parse(junit).getroot()
+    suites = root.findall("testsuite")
+    assert len(suites) == 1
+    suite = suites[0]
+    assert suite.get("tests") == str(2 + 14) and suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == 16 and not suite.findall("testcase/failure")
+
+
+def test_validate_json_and_single_shape(export_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["validate", str(export_dir), "--batch", "2", "--seq", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["shapes"] == ["2x5"] and data["passed"]
+
+
+def test_validate_npz_inputs(export_dir: Path, tmp_path: Path) -> None:
+    ids = np.random.default_rng(1).integers(0, 64, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # left padding is part of the contract
+    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
+    result = invoke("validate", export_dir, "--inputs", tmp_path / "in.npz", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["shapes"] == ["2x9"]
+
+
+def test_corrupted_export_fails_and_names_output_and_unit(corrupted_dir: Path, tmp_path: Path) -> None:
+    report, junit = tmp_path / "report.json", tmp_path / "junit.xml"
+    result = invoke("validate", corrupted_dir, "--report", report, "--junit", junit)
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output and "logits" in result.output and CORRUPTED_UNIT in result.output
+    data = json.loads(report.read_text())
+    assert not data["passed"]
+    assert any("logits" in line for line in data["failures"])
+    failing_units = [n for n, u in data["units"]["onnxruntime"].items() if not u["passed"]]
+    # The op check recomputes each node from its own inputs, so drift downstream does not blame other units.
+    assert failing_units == [CORRUPTED_UNIT]
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None
+    failed = [c for c in suite.findall("testcase") if c.find("failure") is not None]
+    assert suite.get("failures") == str(len(failed))
+    names = {c.get("name") for c in failed}
+    # 99 tokens (3x33) surely route through the changed expert; 7 tokens (1x7) may all miss it.
+    assert CORRUPTED_UNIT in names and "logits[3x33]" in names
+    assert all(c.find("failure").get("message") for c in failed)  # type: ignore[union-attr]
+
+
+def test_loose_output_tolerance_still_flags_the_unit(corrupted_dir: Path) -> None:
+    """--rtol 10 lets the logits pass; the unit checks keep the dtype's tolerance and still fail the unit."""
+    result = invoke("validate", corrupted_dir, "--rtol", "10", "--json")
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert all(c["passed"] for c in data["comparisons"])
+    assert [n for n, u in data["units"]["onnxruntime"].items() if not u["passed"]] == [CORRUPTED_UNIT]
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda tmp, _src: tmp / "missing", "not found"),
+        (lambda tmp, _src: tmp, "export.json"),
+        (lambda tmp, src: _copy_with(tmp, src, "export.json", b"{not json"), "JSON"),
+        (lambda tmp, src: _copy_with(tmp, src, "model.onnx", b"\x00garbage"), "model.onnx"),
+    ],
+    ids=["missing-dir", "no-manifest", "bad-manifest", "broken-model"],
+)
+def test_bad_input_exits_2(export_dir: Path, tmp_path: Path, make: object, needle: str) -> None:
+    target = make(tmp_path, export_dir)  # type: ignore[operator]
+    result = invoke("validate", target)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def _copy_with(tmp: Path, src: Path, name: str, content: bytes) -> Path:
+    out = tmp / "copy"
+    shutil.copytree(src, out)
+    (out / name).write_bytes(content)
+    return out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--runtimes", "torch"],
+        ["--runtimes", "torch,nosuchruntime"],
+        ["--inputs", "x.npz", "--batch", "2"],
+    ],
+)
+def test_bad_options_exit_2(export_dir: Path, args: list[str]) -> None:
+    result = invoke("validate", export_dir, *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
