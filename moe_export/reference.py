@@ -17,6 +17,7 @@ from moe_export.errors import FormatError
 from moe_export.folding import add_to_linear, shared_delta
 from moe_export.ir import Adapter, LinearMoE, Router, Unit
 from moe_export.ops import grouped_lora
+from moe_export.reference_ffn import build_ffn_moe
 from moe_export.routing import route_constant, route_tokens
 
 
@@ -117,7 +118,7 @@ def _build_linear_moe(base: nn.Module, unit: Unit, adapter: Adapter, task_id: in
 
 
 # One builder per unit kind; families with block-level units (MixLoRA) register theirs here.
-UNIT_MODULE_BUILDERS: dict[str, UnitModuleBuilder] = {"linear_moe": _build_linear_moe}
+UNIT_MODULE_BUILDERS: dict[str, UnitModuleBuilder] = {"linear_moe": _build_linear_moe, "ffn_moe": build_ffn_moe}
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter, task_id: int | None = None) -> nn.Module:

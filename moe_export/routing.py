@@ -52,8 +52,10 @@ def _top_p(router: Router, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if router.temperature > 0:
         probs = probs / router.temperature
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)  # [T, E]
-    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # [T, E] exclusive cumulative mass
-    keep = mass_before <= router.top_p
+    over = torch.cumsum(sorted_p, dim=-1) > router.top_p  # [T, E]
+    # Keep slot j unless the mass up to slot j-1 already exceeds p. Shifting `over` (instead of
+    # subtracting sorted_p from the cumsum) compares the very sums moe-peft's `_dynamic_top_p` compares.
+    keep = torch.cat([torch.ones_like(over[:, :1]), ~over[:, :-1]], dim=-1)  # [T, E]
     return order, torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
 
 
