@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moe_export import __version__
 from moe_export.errors import MoeExportError, ParityError
@@ -53,10 +54,11 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
             except MoeExportError as exc:
                 if _state["debug"]:
                     raise
+                message = escape(str(exc))  # a message may hold brackets, e.g. pip extras: 'moe-export[gpu]'
                 if isinstance(exc, ParityError):
-                    err_console.print(f"[bold red]FAILED[/]: {exc}", highlight=False)
+                    err_console.print(f"[bold red]FAILED[/]: {message}", highlight=False)
                 else:
-                    err_console.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+                    err_console.print(f"[bold red]error[/]: {message}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
 
         app.command(name, **kwargs)(wrapper)

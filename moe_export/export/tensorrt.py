@@ -1,0 +1,396 @@
+"""Build a TensorRT engine from a `moe-export onnx` directory: strongly typed, plugin or function-body path.
+
+TensorRT 11 has no precision flags: the network is created STRONGLY_TYPED and every tensor keeps the
+ONNX file's dtype (export with `--dtype fp16` for an fp16 engine). The ONNX parser maps each
+`moe_export::GroupedLoRA` node to the QDP plugin when it is registered (the node carries
+`plugin_namespace`), else imports the node's model-local function body (runtimes.md section 2.2).
+
+    --plugin off   parse with the plugin unregistered: the dense function body, standard layers only
+    --plugin on    register the AOT plugin (Triton PTX inside the engine; no Python needed to run it)
+    --plugin auto  build both, time both at the profile's opt shape, keep the faster and record why
+
+`tensorrt` is imported inside the functions only, so this module imports on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_export import __version__
+from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
+
+MANIFEST_NAME = "export.json"
+ONNX_NAME = "model.onnx"
+ENGINE_NAME = "model.engine"
+ENGINE_INFO_NAME = "engine.json"
+PLUGIN_OP = "GroupedLoRA"
+PLUGIN_CHOICES = ("auto", "on", "off")
+# Default dynamic ranges: axis 0 is the batch, other dynamic axes are sequence-like.
+DEFAULT_BATCH = (1, 1, 8)
+DEFAULT_SEQUENCE = (1, 128, 512)
+
+Shape = tuple[int, ...]
+
+
+def parse_shapes(text: str | None, option: str) -> dict[str, Shape]:
+    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}; a usage error otherwise."""
+    if not text:
+        return {}
+    shapes: dict[str, Shape] = {}
+    for item in text.split(","):
+        name, sep, dims = item.strip().rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 0:
+            raise MoeExportError(f"{option} {item!r}: expected NAME:DxD..., e.g. input_ids:1x128")
+        shapes[name] = shape
+    return shapes
+
+
+@dataclass
+class TrtBuildOptions:
+    """How to build the engine; the CLI options map onto these fields."""
+
+    plugin: str = field(default="auto", metadata={"help": "auto|on|off: GroupedLoRA as plugin or function body"})
+    min_shapes: dict[str, Shape] = field(default_factory=dict, metadata={"help": "profile minimum per input"})
+    opt_shapes: dict[str, Shape] = field(default_factory=dict, metadata={"help": "profile optimum per input"})
+    max_shapes: dict[str, Shape] = field(default_factory=dict, metadata={"help": "profile maximum per input"})
+    workspace_gib: float | None = field(default=None, metadata={"help": "builder workspace limit in GiB"})
+    timing_cache: str | None = field(default=None, metadata={"help": "timing cache file, read and updated"})
+    tf32: bool = field(default=False, metadata={"help": "let fp32 matmuls use TF32 (faster, ~1e-3 relative error)"})
+
+    def __post_init__(self) -> None:
+        if self.plugin not in PLUGIN_CHOICES:
+            raise MoeExportError(f"--plugin {self.plugin!r}: choose one of {', '.join(PLUGIN_CHOICES)}")
+        if self.workspace_gib is not None and self.workspace_gib <= 0:
+            raise MoeExportError(f"--workspace {self.workspace_gib}: expected a positive number of GiB")
+        for attr in ("min_shapes", "opt_shapes", "max_shapes"):
+            setattr(self, attr, {k: tuple(int(d) for d in v) for k, v in getattr(self, attr).items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrtBuildOptions:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import warnings
+
+            warnings.warn(f"TrtBuildOptions: ignoring unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class OnnxInfo:
+    """What the builder needs from an export directory, read without loading the weights."""
+
+    directory: Path
+    onnx_path: Path
+    manifest: dict[str, Any]
+    inputs: dict[str, list[int | str]]  # name -> dims (int fixed, str symbolic)
+    grouped_lora_nodes: int
+    vocab_size: int | None
+    max_positions: int | None  # config.json's max_position_embeddings caps the default sequence range
+
+
+def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
+    """Check ONNX_DIR holds export.json + model.onnx and read the graph interface (no external data)."""
+    import onnx
+
+    directory = Path(onnx_dir)
+    if not directory.is_dir():
+        raise FormatError(f"{directory}: not a directory (expected the output of `moe-export onnx -o DIR`)")
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FormatError(f"{manifest_path}: missing; {directory} is not a `moe-export onnx` output directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{manifest_path}: expected a JSON object")
+    onnx_path = directory / str(manifest.get("model_file", ONNX_NAME))
+    if not onnx_path.is_file():
+        raise FormatError(f"{onnx_path}: missing; export.json names it as the model")
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for a corrupt file
+        raise FormatError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    initializers = {t.name for t in model.graph.initializer}
+    inputs: dict[str, list[int | str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        inputs[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    nodes = sum(1 for n in model.graph.node if n.op_type == PLUGIN_OP)
+    config = _read_config(directory / "config.json")
+    return OnnxInfo(
+        directory, onnx_path, manifest, inputs, nodes, config.get("vocab_size"), config.get("max_position_embeddings")
+    )
+
+
+def _read_config(path: Path) -> dict[str, int]:
+    """The integer fields the builder uses from the copied HF config.json (absent or unreadable: none)."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    keys = ("vocab_size", "max_position_embeddings")
+    return {k: int(data[k]) for k in keys if isinstance(data, dict) and isinstance(data.get(k), int)}
+
+
+def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """One optimization profile: per input (min, opt, max), user shapes over defaults from the graph."""
+    given = {**options.min_shapes, **options.opt_shapes, **options.max_shapes}
+    unknown = sorted(set(given) - set(info.inputs))
+    if unknown:
+        raise MoeExportError(f"shapes given for {unknown}, but {info.onnx_path} has inputs {sorted(info.inputs)}")
+    seq_max = min(DEFAULT_SEQUENCE[2], info.max_positions or DEFAULT_SEQUENCE[2])
+    sequence = (DEFAULT_SEQUENCE[0], min(DEFAULT_SEQUENCE[1], seq_max), seq_max)
+    profiles = {}
+    for name, dims in info.inputs.items():
+        defaults = []
+        for axis, dim in enumerate(dims):
+            if isinstance(dim, int) and dim > 0:
+                defaults.append((dim, dim, dim))
+            else:
+                defaults.append(DEFAULT_BATCH if axis == 0 else sequence)
+        triple = []
+        for index, table in enumerate((options.min_shapes, options.opt_shapes, options.max_shapes)):
+            shape = table.get(name, tuple(d[index] for d in defaults))
+            if len(shape) != len(dims):
+                raise MoeExportError(f"input {name} has rank {len(dims)} in {info.onnx_path}, got shape {shape}")
+            triple.append(shape)
+        lo, opt, hi = triple
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
+            raise MoeExportError(f"input {name}: need min <= opt <= max per axis, got {lo}, {opt}, {hi}")
+        profiles[name] = (lo, opt, hi)
+    return profiles
+
+
+def import_tensorrt() -> Any:
+    """`import tensorrt`, or a one-line RuntimeUnavailableError saying how to install it."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            f"TensorRT is not installed ({exc}); on a CUDA machine: pip install 'moe-export[gpu]' (see benchmarks/GPU.md)"
+        ) from None
+    return tensorrt
+
+
+def require_cuda() -> str:
+    """The CUDA device name, or a one-line RuntimeUnavailableError when there is no usable GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailableError(
+            "TensorRT needs an NVIDIA GPU, and torch sees no CUDA device "
+            f"(torch {torch.__version__}; a +cpu build never has one); run on a GPU machine with a CUDA torch"
+        )
+    return torch.cuda.get_device_name()
+
+
+def _plugin_unavailable_reason(trt: Any) -> str | None:
+    if not hasattr(trt, "QuickPluginCreationRequest"):
+        return f"TensorRT {trt.__version__} has no Python AOT plugins (needs >= 10.9)"
+    try:
+        import tensorrt.plugin  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"the plugin needs tensorrt.plugin and triton ({exc}); pip install triton"
+    return None
+
+
+def _build_one(
+    trt: Any, info: OnnxInfo, profiles: dict[str, tuple[Shape, Shape, Shape]], options: TrtBuildOptions, plugin: bool
+) -> tuple[bytes, float, int]:
+    """Parse + build one engine; returns (engine bytes, build seconds, GroupedLoRA plugin layers)."""
+    if plugin:
+        from moe_export.export import trt_plugin
+
+        trt_plugin.set_plugin_enabled(True)
+    elif "moe_export.export.trt_plugin" in sys.modules:
+        sys.modules["moe_export.export.trt_plugin"].set_plugin_enabled(False)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # From the file path, so TensorRT finds model.onnx.data (external weights) next to it.
+    if not parser.parse_from_file(str(info.onnx_path)):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        first = errors[0].desc() if errors and hasattr(errors[0], "desc") else str(errors[:1])
+        raise ExportError(
+            f"{info.onnx_path}: TensorRT could not parse the model ({len(errors)} errors; first: {first})"
+        )
+    plugin_layers = _grouped_lora_plugin_layers(trt, network)
+    if plugin and plugin_layers < info.grouped_lora_nodes:
+        raise ExportError(
+            f"{info.onnx_path}: {info.grouped_lora_nodes} GroupedLoRA nodes but {plugin_layers} plugin layers; "
+            "the nodes need the attribute plugin_namespace='moe_export' (re-export with this moe-export)"
+        )
+    config = builder.create_builder_config()
+    # TensorRT enables TF32 for fp32 layers by default; an fp32 export asks for fp32 parity unless --tf32.
+    if not options.tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if options.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_path = Path(options.timing_cache) if options.timing_cache else None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise ExportError(f"{info.onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
+    if cache_path:
+        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized), seconds, plugin_layers
+
+
+def _grouped_lora_plugin_layers(trt: Any, network: Any) -> int:
+    """How many layers are our plugin (TensorRT may implement other ops, e.g. TopK, as plugins too)."""
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type != trt.LayerType.PLUGIN_V3:
+            continue
+        try:
+            name = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE).plugin_name
+        except Exception:  # bindings without the capability accessor: count every V3 plugin layer
+            name = PLUGIN_OP
+        count += name == PLUGIN_OP
+    return count
+
+
+def opt_feeds(info: OnnxInfo, profiles: dict[str, tuple[Shape, Shape, Shape]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs at the profile's opt shape: random token ids (varied routing), all-ones masks."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, (_, opt, _) in profiles.items():
+        if "mask" in name:
+            feeds[name] = np.ones(opt, dtype=np.int64)
+        elif "ids" in name:
+            feeds[name] = rng.integers(0, info.vocab_size or 100, size=opt, dtype=np.int64)
+        else:
+            feeds[name] = rng.standard_normal(opt).astype(np.float32)
+    return feeds
+
+
+def _median_ms(trt_engine: bytes, feeds: dict[str, np.ndarray]) -> float:
+    # A later stage on purpose: timing needs the runner's execution core, imported only here.
+    from moe_export.runtimes.tensorrt import EngineSession
+
+    times = EngineSession(trt_engine, "candidate engine").time_execute(feeds, warmup=10, iterations=30)
+    return float(np.median(times) * 1e3)
+
+
+def build_engine(
+    onnx_dir: str | Path, out_dir: str | Path | None = None, options: TrtBuildOptions | None = None
+) -> dict:
+    """Build OUT/model.engine + OUT/engine.json (OUT defaults to ONNX_DIR); returns the engine.json dict."""
+    options = options or TrtBuildOptions()
+    info = inspect_onnx_dir(onnx_dir)
+    profiles = resolve_profiles(info, options)
+    trt = import_tensorrt()
+    gpu = require_cuda()
+    import torch
+
+    report: dict[str, Any] = {
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu,
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "moe_export_version": __version__,
+        "onnx": str(info.onnx_path),
+        "dtype": info.manifest.get("dtype"),
+        "strongly_typed": True,
+        "plugin_requested": options.plugin,
+        "grouped_lora_nodes": info.grouped_lora_nodes,
+        "profiles": {n: {"min": p[0], "opt": p[1], "max": p[2]} for n, p in profiles.items()},
+        "options": options.to_dict(),
+    }
+    unavailable = _plugin_unavailable_reason(trt)
+    if options.plugin == "on" and unavailable:
+        raise RuntimeUnavailableError(f"--plugin on: {unavailable}")
+    if options.plugin == "off":
+        paths, reason = ["off"], "requested --plugin off"
+    elif options.plugin == "on":
+        paths, reason = ["on"], "requested --plugin on"
+    elif info.grouped_lora_nodes == 0:
+        paths, reason = (
+            ["off"],
+            "no GroupedLoRA nodes (base-only, fully merged, or only GroupedLoRASlots, which has no plugin)",
+        )
+    elif unavailable:
+        paths, reason = ["off"], f"plugin unavailable: {unavailable}"
+    else:
+        paths, reason = ["off", "on"], ""
+    built = {path: _build_one(trt, info, profiles, options, plugin=path == "on") for path in paths}
+    report["build_seconds"] = {path: round(b[1], 3) for path, b in built.items()}
+    if len(paths) == 2:
+        feeds = opt_feeds(info, profiles)
+        latency = {path: _median_ms(b[0], feeds) for path, b in built.items()}
+        chosen = min(latency, key=latency.__getitem__)
+        other = "off" if chosen == "on" else "on"
+        report["latency_ms_at_opt"] = {p: round(v, 4) for p, v in latency.items()}
+        reason = (
+            f"auto: plugin {latency['on']:.3f} ms vs function body {latency['off']:.3f} ms (median at opt shapes); "
+            f"kept {chosen} ({latency[other] / latency[chosen]:.2f}x)"
+        )
+    else:
+        chosen = paths[0]
+    report["plugin"] = chosen
+    report["plugin_layers"] = built[chosen][2]
+    report["reason"] = reason
+    report["engine"] = ENGINE_NAME
+    _write_outputs(Path(out_dir) if out_dir else info.directory, built[chosen][0], report)
+    return report
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def _write_outputs(out: Path, engine: bytes, report: dict[str, Any]) -> None:
+    """Into an existing dir: temp files renamed over, engine.json last. New dir: temp sibling renamed."""
+    info_bytes = (json.dumps(report, indent=2, default=list) + "\n").encode()
+    if out.is_dir():
+        _write_atomic(out / ENGINE_NAME, engine)
+        _write_atomic(out / ENGINE_INFO_NAME, info_bytes)
+        return
+    if out.exists():
+        raise MoeExportError(f"{out}: exists and is not a directory; choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / ENGINE_NAME).write_bytes(engine)
+        (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
