@@ -1,0 +1,69 @@
+"""`moe-export onnx CKPT`: export to ONNX with the moe_export::GroupedLoRA custom op, then validate.
+
+Exit 0: exported (and parity passed); 1: parity failed (the export stays, the table says why);
+2: bad input (nothing is written).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.errors import MoeExportError
+
+
+@command("onnx")
+def onnx_command(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical)."),
+    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output directory (default: ./<ckpt name>-onnx)."),
+    family: str | None = typer.Option(None, "--family", help="Family name; overrides detection."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (routers stay fp32)."),
+    opset: int = typer.Option(20, "--opset", help="Standard ONNX opset (>= 18)."),
+    top_k: str | None = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer."),
+    task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
+    base_only: bool = typer.Option(False, "--base-only", help="Export the base model without the adapter (the floor)."),
+    merge_threshold: float | None = typer.Option(
+        None, "--merge-threshold", help="Merge units whose dominant expert's mean gate is >= T."
+    ),
+    merge_budget: float | None = typer.Option(None, "--merge-budget", help="Merge units while predicted error <= B."),
+    data: Path | None = typer.Option(None, "--data", help="Calibration text file (one sample per line) for merging."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the parity check against PyTorch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
+) -> None:
+    """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
+    import moe_export
+    from moe_export.export.onnx import export_onnx
+
+    if data is not None and merge_threshold is None and merge_budget is None:
+        raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")
+    if data is not None and not data.is_file():
+        raise MoeExportError(f"{data}: calibration data file not found (--data)")
+    out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
+    loaded = moe_export.load(
+        ckpt, base_model=base, family=family, top_k=parse_int_list(top_k, "--top-k"), task_id=task_id
+    )
+    result = export_onnx(
+        loaded,
+        out,
+        dtype=dtype,
+        opset=opset,
+        base_only=base_only,
+        merge_threshold=merge_threshold,
+        merge_budget=merge_budget,
+        calibration_data=data,
+        validate=not no_validate,
+        progress=not as_json,
+        console=err_console,
+    )
+    if as_json:
+        print_json(result.to_dict())
+        return
+    routed = len(result.manifest.routed_units)
+    console.print(
+        f"[green]exported[/] {result.model_path} ({result.manifest.dtype}, opset {result.manifest.opset}, "
+        f"{routed} GroupedLoRA units, {len(result.manifest.units) - routed} folded/merged) in {result.seconds:.1f} s",
+        highlight=False,
+    )

@@ -1,0 +1,115 @@
+"""`export.json`: what an ONNX export holds and how it was made (read by validate, trt and bench)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from moe_export.errors import FormatError
+
+MANIFEST_NAME = "export.json"
+MANIFEST_FORMAT = "moe-export-onnx"
+DTYPES = ("fp32", "fp16", "bf16")
+UNIT_STATUSES = ("routed", "folded", "merged")
+
+
+def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Keep the keys `cls` knows; a key from a newer moe-export is a warning, not a crash."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {unknown} (written by a newer moe-export?)", stacklevel=3)
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output: name, element type, dims (ints or named dynamic dims)."""
+
+    name: str = field(metadata={"help": "graph input/output name"})
+    dtype: str = field(metadata={"help": "numpy-style element type, e.g. int64, float32"})
+    shape: list[int | str] = field(metadata={"help": "dims; strings are dynamic (batch, sequence)"})
+
+
+@dataclass
+class UnitRecord:
+    """One adapter unit as exported."""
+
+    name: str = field(metadata={"help": "HF module path, also the GroupedLoRA node name"})
+    kind: str = field(metadata={"help": "linear_moe | ffn_moe"})
+    status: str = field(metadata={"help": "routed (custom op), folded (only always-on LoRAs), merged (plan)"})
+    num_experts: int | None = field(default=None, metadata={"help": "E"})
+    top_k: int | None = field(default=None, metadata={"help": "k slots per token (E for dense)"})
+    rank: int | None = field(default=None, metadata={"help": "R"})
+
+    def __post_init__(self) -> None:
+        if self.status not in UNIT_STATUSES:
+            raise FormatError(f"unit {self.name}: status {self.status!r} is not one of {', '.join(UNIT_STATUSES)}")
+
+
+@dataclass
+class ExportManifest:
+    """The export.json of an ONNX export directory."""
+
+    moe_export_version: str = field(metadata={"help": "version that wrote the export"})
+    source_checkpoint: str = field(metadata={"help": "absolute path of the checkpoint directory"})
+    base_model: str = field(metadata={"help": "absolute path of the base model directory"})
+    family: str = field(metadata={"help": "checkpoint family"})
+    dtype: str = field(metadata={"help": "fp32 | fp16 | bf16 (routers stay fp32)"})
+    opset: int = field(metadata={"help": "standard ONNX opset"})
+    model_file: str = field(default="model.onnx", metadata={"help": "ONNX file name in the export directory"})
+    external_data: str | None = field(default=None, metadata={"help": "external weights file name, or null"})
+    base_only: bool = field(default=False, metadata={"help": "base model without the adapter"})
+    load_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "top_k, task_id given to load"})
+    units: list[UnitRecord] = field(default_factory=list, metadata={"help": "every adapter unit"})
+    merge_plan: dict[str, Any] | None = field(default=None, metadata={"help": "MergePlan.to_dict(), or null"})
+    inputs: list[TensorSpec] = field(default_factory=list, metadata={"help": "graph inputs"})
+    outputs: list[TensorSpec] = field(default_factory=list, metadata={"help": "graph outputs"})
+    custom_ops: list[str] = field(default_factory=list, metadata={"help": "moe_export op types in the graph"})
+    copied_files: list[str] = field(default_factory=list, metadata={"help": "config/tokenizer files copied"})
+    format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise FormatError(f"export manifest: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.format != MANIFEST_FORMAT:
+            raise FormatError(f"export manifest: format {self.format!r}, expected {MANIFEST_FORMAT!r}")
+
+    @property
+    def routed_units(self) -> list[UnitRecord]:
+        return [u for u in self.units if u.status == "routed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> ExportManifest:
+        try:
+            kept = _known(cls, data, where)
+            kept["units"] = [UnitRecord(**_known(UnitRecord, u, where)) for u in kept.get("units", [])]
+            for key in ("inputs", "outputs"):
+                kept[key] = [TensorSpec(**_known(TensorSpec, t, where)) for t in kept.get(key, [])]
+            return cls(**kept)
+        except TypeError as exc:
+            raise FormatError(f"{where}: not a moe-export ONNX manifest ({exc})") from exc
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ExportManifest:
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise FormatError(f"{path}: missing; is {directory} a `moe-export onnx` output directory?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+        if not isinstance(data, dict):
+            raise FormatError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, where=str(path))

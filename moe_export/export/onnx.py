@@ -1,0 +1,364 @@
+"""`export_onnx`: the whole causal LM (no KV cache) to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
+
+Steps: optional merge (merge.py) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
+(routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
+custom node after its unit, attach the model-local function bodies -> save (external data above 2 GB)
+-> onnx.checker full check -> export.json, config and tokenizer files -> rename into place -> validate.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from moe_export import __version__
+from moe_export.errors import ExportError, MoeExportError, ParityError
+from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
+from moe_export.export.onnx_ops import DOMAIN, MIN_OPSET, function_bodies, translation_table
+from moe_export.loading import LoadedAdapter, load_base_model
+from moe_export.reference import MoELoRALinear, cast_reference_model, moe_modules
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
+DEFAULT_OPSET = 20
+# A protobuf cannot exceed 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Example sizes >= 2 on every dynamic dim: torch.export specialises a dim whose example is 1.
+EXAMPLE_SHAPE = (2, 16)
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("logits",)
+DYNAMIC_DIMS = {0: "batch", 1: "sequence"}
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ExportResult:
+    """What `export_onnx` wrote, and the validation report when it ran."""
+
+    out_dir: Path
+    model_path: Path
+    manifest: ExportManifest
+    seconds: float
+    validation: Any | None = None  # validate.ValidationReport
+
+    def to_dict(self) -> dict[str, Any]:
+        report = self.validation.to_dict() if self.validation is not None else None
+        return {
+            "out_dir": str(self.out_dir),
+            "model": str(self.model_path),
+            "seconds": round(self.seconds, 2),
+            "manifest": self.manifest.to_dict(),
+            "validation": report,
+        }
+
+
+class _CausalLMLogits(torch.nn.Module):
+    """(input_ids, attention_mask) -> logits, no KV cache: the graph interface of DESIGN.md section 2."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def export_onnx(
+    loaded: LoadedAdapter,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    base_only: bool = False,
+    merge_threshold: float | None = None,
+    merge_budget: float | None = None,
+    calibration_data: str | Path | None = None,
+    validate: bool = True,
+    progress: bool = True,
+    console: Console | None = None,
+) -> ExportResult:
+    """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
+
+    Folding the shared LoRAs mutates `loaded.model` in place (exact up to fp32 rounding); a fp16/bf16
+    export casts a copy, so `loaded.model` stays fp32.
+    """
+    start = time.perf_counter()
+    console = console or Console(stderr=True)
+    _check_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    out_dir = Path(out_dir).resolve()
+    _check_out_dir(out_dir)
+    merge_plan = None
+    original = loaded
+    if merge_threshold is not None or merge_budget is not None:
+        from moe_export.merge import merge  # lazy: merge pulls in calibration
+
+        result = merge(loaded, threshold=merge_threshold, budget=merge_budget, data=calibration_data, progress=progress)
+        result.report.render(console)
+        loaded, merge_plan = result.loaded, result.plan.to_dict()
+
+    with _status(console, progress, "preparing the model") as status:
+        model = _prepare_model(loaded, dtype, base_only)
+        units = [] if base_only else _unit_records(original, model)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+        try:
+            status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
+            model_path, program = _export(model, tmp, opset, {u.name for u in units if u.status == "routed"})
+            status.update("checking the ONNX model")
+            _check_saved(model_path, units)
+            manifest = ExportManifest(
+                moe_export_version=__version__,
+                source_checkpoint=str(Path(loaded.checkpoint).resolve()),
+                base_model=str(Path(loaded.base_model_path).resolve()),
+                family=loaded.family,
+                dtype=dtype,
+                opset=opset,
+                model_file=MODEL_FILE,
+                external_data=EXTERNAL_DATA_FILE if (tmp / EXTERNAL_DATA_FILE).exists() else None,
+                base_only=base_only,
+                load_options={"top_k": loaded.options.top_k, "task_id": loaded.options.task_id},
+                units=units,
+                merge_plan=merge_plan,
+                inputs=_specs(program.model.graph.inputs),
+                outputs=_specs(program.model.graph.outputs),
+                custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
+                copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
+            )
+            manifest.save(tmp)
+            _move_into_place(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    result = ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
+    if validate:
+        result.validation = _validate(out_dir, console)
+    return result
+
+
+def _check_options(dtype: str, opset: int, threshold: float | None, budget: float | None, base_only: bool) -> None:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: the GroupedLoRA function body needs opset >= {MIN_OPSET}")
+    if threshold is not None and budget is not None:
+        raise ExportError("--merge-threshold and --merge-budget are exclusive: pass one")
+    if base_only and (threshold is not None or budget is not None):
+        raise ExportError("--base-only exports no adapter: it cannot be combined with a merge option")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output that is a file, or a directory we did not write (we replace only our exports)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory; choose another -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ExportError(f"{out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to replace it")
+    if not out_dir.parent.is_dir():
+        raise ExportError(f"{out_dir.parent}: parent directory of the output does not exist")
+
+
+def _prepare_model(loaded: LoadedAdapter, dtype: str, base_only: bool) -> torch.nn.Module:
+    torch_dtype = TORCH_DTYPES[dtype]
+    if base_only:
+        return load_base_model(Path(loaded.base_model_path), torch_dtype)
+    model = loaded.model
+    for name, module in moe_modules(model):
+        if isinstance(module, MoELoRALinear) and module.shared_scalings:
+            unit = loaded.adapter.unit(name)
+            module.fold_shared_into_base(unit)  # type: ignore[arg-type]
+    if torch_dtype != torch.float32:
+        model = cast_reference_model(copy.deepcopy(model), torch_dtype)
+    return model.eval()
+
+
+def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRecord]:
+    """One record per adapter unit; its status comes from the module that will be exported."""
+    records = []
+    for unit in loaded.adapter.units:
+        module = model.get_submodule(unit.name)
+        routed_module = getattr(module, "unit_name", None) is not None and getattr(module, "routed", True)
+        status = "routed" if routed_module else ("merged" if unit.routed else "folded")
+        router = unit.router if unit.routed else None
+        stack = unit.experts if unit.kind == "linear_moe" else next(iter(unit.experts.values()), None)  # type: ignore[union-attr]
+        records.append(
+            UnitRecord(
+                name=unit.name,
+                kind=unit.kind,
+                status=status,
+                num_experts=router.num_experts if router is not None else None,
+                top_k=router.slots if router is not None else None,
+                rank=stack.rank if stack is not None else None,  # type: ignore[union-attr]
+            )
+        )
+    return records
+
+
+def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str]) -> tuple[Path, Any]:
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+    example_ids = torch.randint(0, vocab, EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
+    example_mask = torch.ones_like(example_ids)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                _CausalLMLogits(model).eval(),
+                (example_ids, example_mask),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={name: dict(DYNAMIC_DIMS) for name in INPUT_NAMES},
+                custom_translation_table=translation_table(),
+                optimize=True,
+                verbose=False,
+            )
+    except MoeExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    _name_custom_nodes(program.model, routed)
+    _attach_function_bodies(program.model, opset)
+    model_path = tmp / MODEL_FILE
+    size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    program.save(str(model_path), external_data=size > EXTERNAL_DATA_THRESHOLD)
+    return model_path, program
+
+
+def _unit_scope(node: Any, units: set[str], prefix: str = "model.") -> str | None:
+    """The unit whose module emitted `node`, from the exporter's name-scope metadata (deepest match)."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return None
+    for scope in reversed(scopes):
+        name = scope[len(prefix) :] if scope.startswith(prefix) else scope
+        if name in units:
+            return name
+    return None
+
+
+def _name_custom_nodes(model: Any, routed: set[str]) -> None:
+    """Name every moe_export node after its unit so validate/trt can map nodes to units."""
+    seen: dict[str, int] = {}
+    for node in model.graph:
+        if node.domain != DOMAIN:
+            continue
+        unit = _unit_scope(node, routed)
+        if unit is None:
+            raise ExportError(f"custom node {node.name} ({node.op_type}) cannot be mapped to an adapter unit")
+        seen[unit] = seen.get(unit, 0) + 1
+        node.name = unit if seen[unit] == 1 else f"{unit}#{seen[unit]}"
+
+
+def _attach_function_bodies(model: Any, opset: int) -> None:
+    """Model-local functions for the custom ops used: plain ONNX Runtime refuses a node without one."""
+    import onnx_ir
+
+    used = {node.op_type for node in model.graph if node.domain == DOMAIN}
+    for proto in function_bodies(used, opset):
+        function = onnx_ir.serde.deserialize_function(proto)
+        model.functions[function.identifier()] = function
+    if used:
+        model.opset_imports[DOMAIN] = 1
+
+
+def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
+    """Full ONNX check, and exactly one GroupedLoRA node per routed linear unit."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{model_path}: onnx.checker rejects the export: {str(exc).splitlines()[0][:300]}") from exc
+    proto = onnx.load(str(model_path), load_external_data=False)
+    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type == "GroupedLoRA"]
+    want = sorted(u.name for u in units if u.status == "routed" and u.kind == "linear_moe")
+    if sorted(names) != want:
+        missing = sorted(set(want) - set(names))[:3]
+        raise ExportError(
+            f"{model_path}: {len(names)} GroupedLoRA nodes for {len(want)} routed units (missing {missing})"
+        )
+
+
+def _specs(values: Any) -> list[TensorSpec]:
+    import onnx
+
+    specs = []
+    for v in values:
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(int(v.dtype))
+        dims = [d if isinstance(d, int) else str(d) for d in v.shape.dims]
+        specs.append(TensorSpec(name=v.name, dtype=getattr(np_type, "name", str(np_type)), shape=dims))
+    return specs
+
+
+def _copy_base_files(base: Path, tmp: Path) -> list[str]:
+    copied = []
+    for name in COPIED_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, tmp / name)
+            copied.append(name)
+    return copied
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished export onto OUT; a previous export there is removed only after the swap."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _validate(out_dir: Path, console: Console) -> Any | None:
+    """Parity against the PyTorch reference (validate/); exit 1 through ParityError when it fails."""
+    try:
+        from moe_export.validate import validate
+    except ImportError:
+        console.print("[yellow]validation skipped[/]: moe_export.validate is not available in this build")
+        return None
+    report = validate(out_dir)
+    report.render(console)
+    if not report.passed:
+        raise ParityError(f"{out_dir}: ONNX parity check against the PyTorch reference failed", report)
+    return report
+
+
+@contextlib.contextmanager
+def _status(console: Console, enabled: bool, message: str) -> Iterator[Any]:
+    """A rich spinner with a changing message, or a no-op when progress is off."""
+    if not enabled:
+
+        class _Quiet:
+            def update(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        yield _Quiet()
+        return
+    with console.status(message) as status:
+        yield status

@@ -1,0 +1,167 @@
+"""Torch custom ops -> bare `moe_export::*` ONNX nodes, plus their model-local function bodies.
+
+torch 2.13's dynamo exporter inlines every onnxscript function (reference/torch-onnx.md), so each
+custom op is translated to a bare node over a hand-built `OpSchema`, and the body (standard ops only,
+so any ONNX Runtime can run it; TensorRT prefers a plugin of the same name and namespace) is attached
+to the saved model afterwards. One row of `CUSTOM_OPS` per op: MixLoRA's `GroupedLoRASlots` is a row.
+
+Legend: T tokens, K slots per token, E experts, E_A experts owning an A (E or 1), R rank,
+D_in / D_out feature sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+from onnx import FunctionProto, helper
+
+DOMAIN = "moe_export"
+DOMAIN_VERSION = 1
+PLUGIN_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": "1"}
+# Oldest standard opset the bodies need (Shape start/end, ScatterElements reduction="add").
+MIN_OPSET = 18
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+_FP = onnx.defs.OpSchema.FormalParameter
+
+
+def _make_schema(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]) -> onnx.defs.OpSchema:
+    return onnx.defs.OpSchema(
+        name,
+        DOMAIN,
+        DOMAIN_VERSION,
+        inputs=[_FP(n, t) for n, t in inputs],
+        outputs=[_FP(n, t) for n, t in outputs],
+        type_constraints=[("T", FLOAT_TYPES, "activations and weights"), ("TG", FLOAT_TYPES, "gates")],
+        attributes=[
+            onnx.defs.OpSchema.Attribute(attr, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin lookup")
+            for attr in PLUGIN_ATTRIBUTES
+        ],
+    )
+
+
+def _node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, outputs, **attrs)
+
+
+def _const_ints(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value_ints=values)
+
+
+def _dense_gate_nodes() -> list[onnx.NodeProto]:
+    """g [T, E] in x's type: the K (expert, gate) pairs scattered into a dense row (repeats add up).
+
+    The scatter runs in fp32 and is cast afterwards: ORT's CPU ScatterElements has no fp16 kernel for
+    reduction="add", and the gates come from an fp32 router anyway (fp16 -> fp32 -> fp16 is lossless).
+    """
+    return [
+        _node("Cast", ["gates"], ["gates_f32"], to=onnx.TensorProto.FLOAT),  # [T, K]
+        _node("Shape", ["x"], ["num_tokens"], end=1),  # [1] = T
+        _node("Shape", ["B"], ["num_experts"], end=1),  # [1] = E
+        _node("Concat", ["num_tokens", "num_experts"], ["gate_shape"], axis=0),
+        helper.make_node("Constant", [], ["zero"], value_float=0.0),
+        _node("Expand", ["zero", "gate_shape"], ["gate_zeros"]),  # [T, E]
+        _node("ScatterElements", ["gate_zeros", "expert_ids", "gates_f32"], ["g_f32"], axis=1, reduction="add"),
+        _node("CastLike", ["g_f32", "x"], ["g"]),  # [T, E]
+    ]
+
+
+def grouped_lora_dense_body(opset: int) -> FunctionProto:
+    """The exact dense decomposition ((x A_cat^T) * expand(g)) B_cat, as `ops.grouped_lora_dense`.
+
+    E_A == 1 (one A shared by every expert) needs no branch: h is [T, 1, R] and broadcasts against
+    g [T, E, 1]. The Reshape/Transpose of A and B act on initializers, so ONNX Runtime constant-folds
+    them at session start; what runs per call is two MatMuls, a Mul and the gate scatter.
+    """
+    nodes = [
+        *_dense_gate_nodes(),
+        _const_ints("minus1_1", [-1]),
+        _const_ints("keep_minus1", [0, -1]),  # Reshape: 0 keeps T, so these shapes fold to constants
+        _const_ints("axis_last", [-1]),
+        _node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
+        _node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
+        _node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
+        _node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
+        _node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
+        _node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
+        _node("Concat", ["keep_minus1", "rank"], ["h_shape"], axis=0),
+        _node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, E_A, R]
+        _node("Unsqueeze", ["g", "axis_last"], ["g3"]),  # [T, E, 1]
+        _node("Mul", ["h", "g3"], ["hg"]),  # [T, E, R]
+        _node("Reshape", ["hg", "keep_minus1"], ["hg_flat"]),  # [T, E*R]
+        _node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
+        _node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
+        _node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
+        _node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
+        _node("MatMul", ["hg_flat", "b_cat"], ["y"]),  # [T, D_out]
+    ]
+    return helper.make_function(
+        DOMAIN,
+        "GroupedLoRA",
+        ["x", "expert_ids", "gates", "A", "B"],
+        ["y"],
+        nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=list(PLUGIN_ATTRIBUTES),
+    )
+
+
+@dataclass(frozen=True)
+class CustomOnnxOp:
+    """One torch custom op and its ONNX form: bare node name, schema, function body."""
+
+    name: str  # ONNX op_type in domain moe_export (also the TensorRT plugin name)
+    schema: onnx.defs.OpSchema
+    body: Callable[[int], FunctionProto]  # standard opset -> FunctionProto
+
+    def translation(self) -> Callable[..., Any]:
+        """The exporter's translation: one bare node carrying the plugin attributes."""
+        import onnxscript
+
+        op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), self.name, self.schema)
+
+        def translate(*inputs: Any) -> Any:
+            return op(*inputs, **PLUGIN_ATTRIBUTES)
+
+        return translate
+
+
+def _grouped_lora_row() -> tuple[Any, CustomOnnxOp]:
+    import torch
+
+    import moe_export.ops  # noqa: F401  registers torch.ops.moe_export.grouped_lora
+
+    schema = _make_schema(
+        "GroupedLoRA",
+        [("x", "T"), ("expert_ids", "tensor(int64)"), ("gates", "TG"), ("A", "T"), ("B", "T")],
+        [("y", "T")],
+    )
+    return torch.ops.moe_export.grouped_lora.default, CustomOnnxOp("GroupedLoRA", schema, grouped_lora_dense_body)
+
+
+def _grouped_lora_slots_row() -> tuple[Any, CustomOnnxOp]:
+    from moe_export.export.onnx_slots import grouped_lora_slots_row  # MixLoRA's per-slot op (its own module)
+
+    return grouped_lora_slots_row()
+
+
+# Rows are built lazily (no torch/onnxscript work at import); add a builder here for a new op.
+_ROW_BUILDERS: list[Callable[[], tuple[Any, CustomOnnxOp]]] = [_grouped_lora_row, _grouped_lora_slots_row]
+
+
+def custom_ops() -> dict[Any, CustomOnnxOp]:
+    """The table {torch op overload: CustomOnnxOp}."""
+    return dict(builder() for builder in _ROW_BUILDERS)
+
+
+def translation_table() -> dict[Any, Callable[..., Any]]:
+    """`custom_translation_table` for `torch.onnx.export`."""
+    return {torch_op: row.translation() for torch_op, row in custom_ops().items()}
+
+
+def function_bodies(op_types: set[str], opset: int) -> list[FunctionProto]:
+    """The bodies (written in the model's standard opset) of the custom ops named in `op_types`."""
+    return [row.body(opset) for row in custom_ops().values() if row.name in op_types]
