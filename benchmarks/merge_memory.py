@@ -1,0 +1,192 @@
+"""Peak memory of `moe-export merge` on a 7B-shaped model (few layers), streamed shard by shard.
+
+Generates in a scratch directory (default /tmp/moe-export-merge-bench, never committed):
+  base/   Llama, hidden 4096, intermediate 11008, 4 layers, vocab 8000, bf16, one ~400 MB shard per layer
+  ckpt/   canonical adapter: E=8, r=16, top-2 routers on all 7 projections of every layer, + a shared LoRA
+  stats.json  synthetic calibration statistics (mean gates; a few units dominated by one expert)
+then runs, each in its own subprocess, with peak RSS from getrusage(RUSAGE_CHILDREN):
+  1. the import floor (python + torch + transformers + moe_export.merge),
+  2. `moe-export merge --stats stats.json --no-eval` (the streaming writer alone, no reference model),
+  3. optionally (--calibrate) `moe-export calibrate`, which builds the fp32 reference model.
+
+    python benchmarks/merge_memory.py [--dir D] [--calibrate] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS, KV_HEADS = 4096, 11008, 4, 8000, 32, 32
+EXPERTS, RANK, TOP_K = 8, 16, 2
+PROJECTIONS = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
+    "mlp.up_proj": (HIDDEN, INTERMEDIATE),
+    "mlp.down_proj": (INTERMEDIATE, HIDDEN),
+}
+
+
+def make_base(directory: Path) -> None:
+    """Write random bf16 weights shard by shard (one decoder layer per shard) without building the model."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    directory.mkdir(parents=True)
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    config.save_pretrained(str(directory))
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    def group(i: int) -> dict[str, torch.Tensor]:
+        """Shard i: the embeddings, then one decoder layer each (the last one also holds norm + head)."""
+        if i == 0:
+            return {"model.embed_tokens.weight": rand(VOCAB, HIDDEN)}
+        prefix = f"model.layers.{i - 1}"
+        tensors = {f"{prefix}.{p}.weight": rand(d_out, d_in) for p, (d_in, d_out) in PROJECTIONS.items()}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{prefix}.{norm}.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        if i == LAYERS:
+            tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+            tensors["lm_head.weight"] = rand(VOCAB, HIDDEN)
+        return tensors
+
+    weight_map, total, count = {}, 0, LAYERS + 1
+    for i in range(count):  # one shard in memory at a time
+        tensors = group(i)
+        name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_adapter_and_stats(ckpt: Path, base: Path, stats_path: Path) -> None:
+    import torch
+
+    from moe_export.calibrate import CalibrationStats, UnitStats
+    from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, SharedLoRA
+
+    g = torch.Generator().manual_seed(1)
+    units, stats = [], {}
+    for layer in range(LAYERS):
+        for proj, (d_in, d_out) in PROJECTIONS.items():
+            name = f"model.layers.{layer}.{proj}"
+            stack = ExpertStack(
+                torch.randn(EXPERTS, RANK, d_in, generator=g) * 0.01,
+                torch.randn(EXPERTS, d_out, RANK, generator=g) * 0.01,
+                torch.full((EXPERTS,), 2.0),
+            )
+            router = Router(
+                "linear", EXPERTS, "topk", TOP_K, renormalize=True, weight=torch.randn(EXPERTS, d_in, generator=g)
+            )
+            shared = [
+                SharedLoRA(torch.randn(8, d_in, generator=g) * 0.01, torch.randn(d_out, 8, generator=g) * 0.01, 1.0)
+            ]
+            units.append(LinearMoE(name, d_in, d_out, stack, router, shared))
+            # Synthetic statistics: every third unit dominated by one expert, so a threshold merges a third.
+            dominant = 0.98 if len(units) % 3 == 0 else 0.3
+            gate = torch.full((EXPERTS,), (1.0 - dominant) / (EXPERTS - 1))
+            gate[0] = dominant
+            zeros = [[0.0] * EXPERTS for _ in range(EXPERTS)]
+            moments = {"p": zeros, "q": [0.0] * EXPERTS, "r": zeros, "base_sq": 1.0}
+            stats[name] = UnitStats(name, EXPERTS, TOP_K, 1, gate.tolist(), [1.0] * EXPERTS, 0.1, moments)
+    adapter = Adapter("canonical", units, base_model=str(base))
+    adapter.save(ckpt)
+    calib = CalibrationStats(str(ckpt), "canonical", "synthetic", 0, 0, 0, 0, stats)
+    calib.save(stats_path)
+
+
+def peak_rss(command: list[str]) -> tuple[float, float, int]:
+    """(peak RSS in MiB, wall seconds, exit code) of `command`, measured in a fresh wrapper process."""
+    wrapper = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t, rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True)
+    kib, seconds, rc = out.stdout.split()
+    return int(kib) / 1024, float(seconds), int(rc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/moe-export-merge-bench"))
+    parser.add_argument("--calibrate", action="store_true", help="also measure `moe-export calibrate` (fp32 reference)")
+    parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    args = parser.parse_args()
+    root: Path = args.dir
+    base, ckpt, stats = root / "base", root / "ckpt", root / "stats.json"
+    if not (base / "model.safetensors.index.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.perf_counter()
+        make_base(base)
+        make_adapter_and_stats(ckpt, base, stats)
+        print(f"generated {root} in {time.perf_counter() - t:.0f} s")
+    shards = sorted(base.glob("*.safetensors"))
+    shard_mib = [p.stat().st_size / 2**20 for p in shards]
+    total = sum(shard_mib)
+    cli = [shutil.which("moe-export") or "moe-export"]
+    figures: dict[str, object] = {"shards": len(shards), "largest_shard_mib": max(shard_mib), "total_mib": total}
+    floor = [sys.executable, "-c", "import torch, transformers, moe_export.merge, moe_export.cli"]
+    figures["import_floor_mib"], _, _ = peak_rss(floor)
+    out = root / "merged"
+    shutil.rmtree(out, ignore_errors=True)
+    merge_cmd = [
+        *cli,
+        "merge",
+        str(ckpt),
+        "--merge-threshold",
+        "0.9",
+        "--stats",
+        str(stats),
+        "--no-eval",
+        "-o",
+        str(out),
+    ]
+    rss, seconds, rc = peak_rss(merge_cmd)
+    assert rc == 0, "moe-export merge failed"
+    merged = json.loads((out / "moe_export_merge.json").read_text())["plan"]
+    figures.update(
+        merge_peak_rss_mib=rss,
+        merge_seconds=seconds,
+        merged_units=sum(1 for u in merged["units"] if u["expert_weights"]),
+        shared_folds=sum(1 for u in merged["units"] if u["fold_shared"]),
+    )
+    if args.calibrate:
+        cal = [*cli, "calibrate", str(ckpt), "-o", str(root / "calib.json"), "--samples", "2", "--seq-len", "32"]
+        figures["calibrate_peak_rss_mib"], figures["calibrate_seconds"], _ = peak_rss(cal)
+    for key, value in figures.items():
+        print(f"{key:>24}: {value:.1f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    print(
+        f"merge peak RSS = {figures['merge_peak_rss_mib'] / max(shard_mib):.2f} x largest shard, "
+        f"{figures['merge_peak_rss_mib'] / total:.2f} x model size"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

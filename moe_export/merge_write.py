@@ -1,0 +1,150 @@
+"""Write a merged model as a standard transformers directory, streaming the base model shard by shard.
+
+Each base shard is copied by the kernel (no bytes through Python), then the byte ranges of the merged
+weights are rewritten in place: a merged tensor keeps its name, dtype and shape, so the safetensors
+header and the index stay valid as they are. Peak memory is the adapter plus one merged weight and a
+block of its fp32 delta: not a shard, never the model. The units that stay routed go to OUT/adapter in the canonical layout,
+with base_model ".." (OUT itself), so `moe-export onnx OUT/adapter` consumes the pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moe_export.base_weights import INDEX_FILE, SINGLE_FILE
+from moe_export.errors import FormatError, MergeError
+from moe_export.ir import LinearMoE
+from moe_export.merge_plan import UnitMerge, fold_into_weight
+
+if TYPE_CHECKING:
+    from moe_export.merge import MergeResult
+
+ADAPTER_DIR = "adapter"
+MERGE_MANIFEST = "moe_export_merge.json"
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Other weight formats of the base model would hold stale, unmerged weights: never copied.
+_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|data)$|\.index\.json$")
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(safetensors header, offset of the data section) without reading any tensor."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise FormatError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise FormatError(f"{path}: not a safetensors file (header claims {size} bytes)")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path}: corrupt safetensors header ({exc})") from exc
+    return header, 8 + size
+
+
+def base_shards(base_dir: Path) -> list[Path]:
+    """The base model's safetensors files (every shard of the index, or the single file)."""
+    index = base_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise FormatError(f"{index}: not a safetensors index (no 'weight_map')") from exc
+        shards = [base_dir / f for f in files]
+    elif (base_dir / SINGLE_FILE).is_file():
+        shards = [base_dir / SINGLE_FILE]
+    else:
+        raise MergeError(f"{base_dir}: no {SINGLE_FILE} or {INDEX_FILE}; merging streams safetensors base models only")
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise FormatError(f"{missing[0]}: shard listed in {INDEX_FILE} is missing")
+    return shards
+
+
+def _locate(result: MergeResult, shards: list[Path]) -> dict[Path, list[tuple[str, LinearMoE, UnitMerge]]]:
+    """Which merged weight lives in which shard; every check happens here, before anything is written."""
+    where: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for shard in shards:
+        header, _ = read_header(shard)
+        for key, info in header.items():
+            if key != "__metadata__":
+                where[key] = (shard, info)
+    units = {u.name: u for u in result.source_adapter.units if isinstance(u, LinearMoE)}
+    todo: dict[Path, list[tuple[str, LinearMoE, UnitMerge]]] = {}
+    for entry in result.plan.units:
+        unit = units[entry.name]
+        key = f"{entry.name}.weight"
+        if key not in where:
+            raise MergeError(f"{result.loaded.base_model_path}: no tensor {key!r} to merge unit {entry.name} into")
+        shard, info = where[key]
+        if info["dtype"] not in FLOAT_DTYPES or list(info["shape"]) != [unit.out_features, unit.in_features]:
+            raise MergeError(f"{shard}: {key} is {info['dtype']}{info['shape']}, not a float [out, in] weight to merge")
+        todo.setdefault(shard, []).append((key, unit, entry))
+    return todo
+
+
+def _patch_shard(path: Path, merges: list[tuple[str, LinearMoE, UnitMerge]]) -> None:
+    """Rewrite the merged tensors of a copied shard in place, with the same fold as the in-memory merge."""
+    header, data_start = read_header(path)
+    with open(path, "r+b") as f:
+        for key, unit, entry in merges:
+            info = header[key]
+            start, end = info["data_offsets"]
+            f.seek(data_start + start)
+            raw = bytearray(end - start)
+            if f.readinto(raw) != len(raw):
+                raise FormatError(f"{path}: truncated safetensors data for {key}")
+            weight = torch.frombuffer(raw, dtype=FLOAT_DTYPES[info["dtype"]]).view(*info["shape"])  # shares `raw`
+            fold_into_weight(weight, unit, entry)
+            f.seek(data_start + start)
+            f.write(raw)
+
+
+def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True) -> Path:
+    """Write OUT: the base model with every fold of the plan merged into its weights (safetensors shards,
+    index, config, generation config, tokenizer), plus OUT/adapter with the units that stay routed."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    out = Path(out_dir)
+    if out.exists():
+        raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
+    base_dir = Path(result.loaded.base_model_path)
+    shards = base_shards(base_dir)
+    todo = _locate(result, shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+            task = bar.add_task("writing merged shards", total=len(shards))
+            for shard in shards:
+                shutil.copyfile(shard, tmp / shard.name)  # copy_file_range/sendfile: no user-space buffer
+                _patch_shard(tmp / shard.name, todo.get(shard, []))
+                bar.advance(task)
+        for item in sorted(base_dir.iterdir()):
+            if item.is_file() and not item.name.startswith(".") and not _WEIGHT_FILE.search(item.name):
+                shutil.copy2(item, tmp / item.name)
+        if (base_dir / INDEX_FILE).is_file():
+            shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
+        remaining = result.loaded.adapter
+        if remaining.units:
+            dataclasses.replace(remaining, base_model="..").save(tmp / ADAPTER_DIR)
+        manifest = {"source": str(result.loaded.checkpoint), "base_model": str(base_dir)}
+        manifest.update(plan=result.plan.to_dict(), report=result.report.to_dict())
+        (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
