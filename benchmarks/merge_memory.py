@@ -5,7 +5,7 @@ Generates in a scratch directory (default /tmp/moe-export-merge-bench, never com
   ckpt/   canonical adapter: E=8, r=16, top-2 routers on all 7 projections of every layer, + a shared LoRA
   stats.json  synthetic calibration statistics (mean gates; a few units dominated by one expert)
 then runs, each in its own subprocess, with peak RSS from getrusage(RUSAGE_CHILDREN):
-  1. the import floor (python + torch + transformers + moe_export.merge),
+  1. the import floor (python + torch + transformers + moe_export.merging),
   2. `moe-export merge --stats stats.json --no-eval` (the streaming writer alone, no reference model),
   3. optionally (--calibrate) `moe-export calibrate`, which builds the fp32 reference model.
 
@@ -86,7 +86,7 @@ def make_base(directory: Path) -> None:
 def make_adapter_and_stats(ckpt: Path, base: Path, stats_path: Path) -> None:
     import torch
 
-    from moe_export.calibrate import CalibrationStats, UnitStats
+    from moe_export.calibration import CalibrationStats, UnitStats
     from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, SharedLoRA
 
     g = torch.Generator().manual_seed(1)
@@ -150,7 +150,7 @@ def main() -> None:
     total = sum(shard_mib)
     cli = [shutil.which("moe-export") or "moe-export"]
     figures: dict[str, object] = {"shards": len(shards), "largest_shard_mib": max(shard_mib), "total_mib": total}
-    floor = [sys.executable, "-c", "import torch, transformers, moe_export.merge, moe_export.cli"]
+    floor = [sys.executable, "-c", "import torch, transformers, moe_export.merging, moe_export.cli"]
     figures["import_floor_mib"], _, _ = peak_rss(floor)
     out = root / "merged"
     shutil.rmtree(out, ignore_errors=True)

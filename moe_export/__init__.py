@@ -6,15 +6,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The public API is imported lazily; the modules behind `merge`, `calibrate` and `validate` are named
+# merging / calibration / validation so these names stay functions (an imported submodule would shadow them).
 # The public API is imported lazily so `import moe_export` stays cheap (no torch/onnx at import time).
 _API = {
     "load": ("moe_export.loading", "load"),
     "LoadedAdapter": ("moe_export.loading", "LoadedAdapter"),
     "Adapter": ("moe_export.ir", "Adapter"),
     "export_onnx": ("moe_export.export.onnx", "export_onnx"),
-    "merge": ("moe_export.merge", "merge"),
-    "calibrate": ("moe_export.calibrate", "calibrate"),
-    "validate": ("moe_export.validate", "validate"),
+    "merge": ("moe_export.merging", "merge"),
+    "apply_merge_plan": ("moe_export.merging", "apply_merge_plan"),
+    "save_merged": ("moe_export.merging", "save_merged"),
+    "calibrate": ("moe_export.calibration", "calibrate"),
+    "validate": ("moe_export.validation", "validate"),
+    "bench": ("moe_export.validation", "bench"),
 }
 
 __all__ = ["__version__", *_API]

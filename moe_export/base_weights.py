@@ -29,7 +29,7 @@ class BaseWeights:
             from safetensors import safe_open
 
             with safe_open(str(single_path), framework="pt") as f:
-                self.key_to_file = {k: single_path for k in f.keys()}
+                self.key_to_file = {k: single_path for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         else:
             raise FormatError(
                 f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}; moe-export reads base models in safetensors format"

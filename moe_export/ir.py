@@ -168,7 +168,9 @@ class LinearMoE:
                     f"{where}: router has {self.router.num_experts} experts, stack has {self.experts.num_experts}"
                 )
             if self.router.weight is not None and self.router.weight.shape[1] != self.in_features:
-                raise FormatError(f"{where}: router weight {tuple(self.router.weight.shape)} does not take {self.in_features}")
+                raise FormatError(
+                    f"{where}: router weight {tuple(self.router.weight.shape)} does not take {self.in_features}"
+                )
         for s in self.shared:
             if s.A.shape[1] != self.in_features or s.B.shape[0] != self.out_features:
                 raise FormatError(f"{where}: shared LoRA A{tuple(s.A.shape)} B{tuple(s.B.shape)} does not fit")
@@ -309,7 +311,9 @@ class Adapter:
         return cls.from_manifest(manifest, tensors, where=str(manifest_path))
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "manifest") -> Adapter:
+    def from_manifest(
+        cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "manifest"
+    ) -> Adapter:
         if manifest.get("format") != "moe-export-canonical":
             raise FormatError(f"{where}: 'format' is {manifest.get('format')!r}, expected 'moe-export-canonical'")
         if int(manifest.get("ir_version", 0)) > IR_VERSION:
@@ -383,7 +387,9 @@ def _unit_header(unit: Unit) -> dict[str, Any]:
     header: dict[str, Any] = {"kind": unit.kind, "name": unit.name}
     header["router"] = _router_header(unit.router) if unit.router is not None else None
     if isinstance(unit, LinearMoE):
-        header.update(in_features=unit.in_features, out_features=unit.out_features, has_experts=unit.experts is not None)
+        header.update(
+            in_features=unit.in_features, out_features=unit.out_features, has_experts=unit.experts is not None
+        )
         header["shared"] = [{"scaling": s.scaling, "origin": s.origin} for s in unit.shared]
     else:
         header.update(arch=unit.arch, act_fn=unit.act_fn, projections=sorted(unit.experts))
@@ -412,7 +418,9 @@ def _unit_from_header(header: dict[str, Any], take: Any, where: str) -> Unit:
     router = _router_from_header(header.get("router"), name, take, where)
     if kind == "linear_moe":
         shared = [
-            SharedLoRA(take(f"{name}.shared.{j}.A"), take(f"{name}.shared.{j}.B"), float(s["scaling"]), s.get("origin", "lora"))
+            SharedLoRA(
+                take(f"{name}.shared.{j}.A"), take(f"{name}.shared.{j}.B"), float(s["scaling"]), s.get("origin", "lora")
+            )
             for j, s in enumerate(header.get("shared", []))
         ]
         experts = _stack_from(name, take) if header.get("has_experts") else None
@@ -431,6 +439,13 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise FormatError(f"{where}: tensor {key!r} holds {bad} NaN/Inf values; the checkpoint is corrupt")
+
+
+def short_unit_name(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `L3.self_attn.q_proj`, for tables that must fit 80 columns."""
+    import re
+
+    return re.sub(r"^model\.layers\.(\d+)\.", r"L\1.", name)
 
 
 def rank_scaling(alpha: float, rank: int, rslora: bool = False) -> float:

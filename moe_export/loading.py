@@ -60,7 +60,9 @@ def load_base_model(path: Path, dtype: torch.dtype = torch.float32) -> Any:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise FormatError(f"{path}: transformers cannot load this base model ({str(exc).splitlines()[0][:200]})") from exc
+        raise FormatError(
+            f"{path}: transformers cannot load this base model ({str(exc).splitlines()[0][:200]})"
+        ) from exc
     return model.eval()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moe_export.calibrate import CalibrationStats
+from moe_export.calibration import CalibrationStats
 from moe_export.errors import MergeError
 from moe_export.folding import shared_delta, static_expert_delta
 from moe_export.ir import Adapter, LinearMoE

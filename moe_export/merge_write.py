@@ -26,7 +26,7 @@ from moe_export.ir import LinearMoE
 from moe_export.merge_plan import UnitMerge, fold_into_weight
 
 if TYPE_CHECKING:
-    from moe_export.merge import MergeResult
+    from moe_export.merging import MergeResult
 
 ADAPTER_DIR = "adapter"
 MERGE_MANIFEST = "moe_export_merge.json"

@@ -136,7 +136,9 @@ def apply_adapter(model: nn.Module, adapter: Adapter, task_id: int | None = None
         if builder is None:
             raise FormatError(f"unit {unit.name}: unit kind {unit.kind!r} is not supported by this moe-export")
         parent_name, _, child = unit.name.rpartition(".")
-        plan.append((model.get_submodule(parent_name) if parent_name else model, child, builder(base, unit, adapter, task_id)))
+        plan.append(
+            (model.get_submodule(parent_name) if parent_name else model, child, builder(base, unit, adapter, task_id))
+        )
     for parent, child, module in plan:
         setattr(parent, child, module)
     return model

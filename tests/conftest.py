@@ -13,6 +13,10 @@ SAMPLES = REPO / "samples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET once, when its kernels are defined; torch.export and the TensorRT
+    # plugin tests import triton early, so the choice must be made here, before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_export.cli import app
-from moe_export.validate.bench import Latency
+from moe_export.validation.bench import Latency
 from tests.artifacts import shared_export
 
 

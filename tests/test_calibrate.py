@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import moe_export
-from moe_export.calibrate import CalibrationStats, UnitAccumulator, calibrate, calibration_inputs
+from moe_export.calibration import CalibrationStats, UnitAccumulator, calibrate, calibration_inputs
 from moe_export.cli import app
 from moe_export.errors import FormatError
 from tests.conftest import SAMPLES

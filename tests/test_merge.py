@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import moe_export
-from moe_export.calibrate import calibrate
+from moe_export.calibration import calibrate
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE, Router, TaskGate
 from moe_export.loading import load_adapter
-from moe_export.merge import MergePlan, apply_merge_plan, merge, plan_merge
+from moe_export.merging import MergePlan, apply_merge_plan, merge, plan_merge
 from moe_export.reference import moe_modules
 from tests.conftest import SAMPLES
 from tests.tiny import random_adapter

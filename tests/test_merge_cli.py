@@ -11,9 +11,9 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import moe_export
-from moe_export.calibrate import calibrate
+from moe_export.calibration import calibrate
 from moe_export.cli import app
-from moe_export.merge import merge
+from moe_export.merging import merge
 from tests.conftest import SAMPLES
 from tests.tiny import random_adapter, tiny_llama_config
 

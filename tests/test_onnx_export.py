@@ -273,7 +273,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
     """The export ends with validate(): a passing report is returned, a failing one raises ParityError (exit 1)."""
     from rich.console import Console
 
-    import moe_export.validate as validate_pkg
+    import moe_export.validation as validate_pkg
 
     report = onnx_export._validate(fp32_export.out_dir, Console(quiet=True))
     assert report is not None and report.passed

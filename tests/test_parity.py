@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from moe_export.validate.parity import Tolerance, compare_func
-from moe_export.validate.routing_capture import UnitCapture, match_unit
-from moe_export.validate.units import UnitComparison, selection_mask, topk_margins
+from moe_export.validation.parity import Tolerance, compare_func
+from moe_export.validation.routing_capture import UnitCapture, match_unit
+from moe_export.validation.units import UnitComparison, selection_mask, topk_margins
 
 
 @pytest.fixture

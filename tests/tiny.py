@@ -19,7 +19,7 @@ PROJECTIONS = {
 }
 
 
-def tiny_llama_config():  # noqa: ANN201 - transformers type
+def tiny_llama_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(

@@ -7,15 +7,14 @@ Errors: a MoeExportError prints one line and exits with its code (2 bad input, 1
 
 from __future__ import annotations
 
+# Command modules register on `app` when imported, in the order `--help` lists them (the data flow).
+from moe_export.cli import inspect_cmd  # noqa: F401  isort: skip
+from moe_export.cli import calibrate_cmd  # noqa: F401  isort: skip
+from moe_export.cli import merge_cmd  # noqa: F401  isort: skip
+from moe_export.cli import onnx_cmd  # noqa: F401  isort: skip
+from moe_export.cli import trt_cmd  # noqa: F401  isort: skip
+from moe_export.cli import validate_cmd  # noqa: F401  isort: skip
+from moe_export.cli import bench_cmd  # noqa: F401  isort: skip
 from moe_export.cli.app import app, main
-
-# Command modules register on `app` when imported. Keep this list sorted.
-from moe_export.cli import calibrate_cmd  # noqa: E402,F401  isort: skip
-from moe_export.cli import bench_cmd  # noqa: E402,F401  isort: skip
-from moe_export.cli import inspect_cmd  # noqa: E402,F401  isort: skip
-from moe_export.cli import validate_cmd  # noqa: E402,F401  isort: skip
-from moe_export.cli import merge_cmd  # noqa: E402,F401  isort: skip
-from moe_export.cli import onnx_cmd  # noqa: E402,F401  isort: skip
-from moe_export.cli import trt_cmd  # noqa: E402,F401  isort: skip
 
 __all__ = ["app", "main"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,12 +36,34 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _quiet_third_party() -> None:
+    """Silence known-harmless noise from the libraries we drive; a CLI user should see our output only.
+
+    torch's ONNX exporter logs a warning per missing torchvision op and a LeafSpec deprecation, and
+    transformers draws a weight-loading bar for every model load. Library users keep their own settings:
+    this runs only for the command line.
+    """
+    import logging
+    import warnings
+
+    # A filter, not a level: torch's logging setup resets levels of its loggers when torch is imported.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addFilter(lambda record: "torchvision" not in record.getMessage())
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+    warnings.filterwarnings("ignore", message=".*training mode.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     _state["debug"] = debug
+    if not debug:
+        _quiet_third_party()
 
 
 def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:

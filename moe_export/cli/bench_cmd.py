@@ -34,7 +34,7 @@ def bench_command(
     """Measure latency per runtime and batch size, side by side with the base model exported without adapters."""
     from moe_export.errors import MoeExportError
     from moe_export.runtimes.registry import RunnerOptions
-    from moe_export.validate.bench import bench, total_steps
+    from moe_export.validation.bench import bench, total_steps
 
     batches = parse_int_list(batch, "--batch")
     batches = [batches] if isinstance(batches, int) else batches

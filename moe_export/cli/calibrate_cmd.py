@@ -52,7 +52,7 @@ def calibrate_cmd(
 ) -> None:
     """Run the reference over calibration text; record per unit and expert the mean gate, selection
     frequency, gate entropy and the error of a static (mean-gate) merge."""
-    from moe_export.calibrate import calibrate
+    from moe_export.calibration import calibrate
     from moe_export.loading import load
 
     loaded = load(ckpt, base, family, parse_int_list(top_k, "--top-k"), task_id)

@@ -48,12 +48,12 @@ def merge_cmd(
 ) -> None:
     """Write OUT: a standard transformers model with the exact folds (shared LoRAs, E=1, fixed task id,
     constant routers) and the selected units merged into the weights, plus OUT/adapter with the rest."""
-    from moe_export.calibrate import CalibrationStats
+    from moe_export.calibration import CalibrationStats
     from moe_export.errors import MergeError
     from moe_export.formats import LoadOptions
     from moe_export.loading import LoadedAdapter, load, load_adapter
-    from moe_export.merge import merge, save_merged
     from moe_export.merge_plan import check_options
+    from moe_export.merging import merge, save_merged
 
     check_options(threshold, budget)
     _unmap_large_frees()

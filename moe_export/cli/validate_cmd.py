@@ -58,7 +58,7 @@ def validate_command(
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
     from moe_export.runtimes.registry import RunnerOptions
-    from moe_export.validate.validation import validate
+    from moe_export.validation.validate_artifact import validate
 
     if inputs is not None and (batch is not None or seq is not None):
         raise MoeExportError("--inputs and --batch/--seq are exclusive: the .npz fixes the shape")

@@ -113,7 +113,7 @@ def export_onnx(
     merge_plan = None
     original = loaded
     if merge_threshold is not None or merge_budget is not None:
-        from moe_export.merge import merge  # lazy: merge pulls in calibration
+        from moe_export.merging import merge  # lazy: merge pulls in calibration
 
         result = merge(loaded, threshold=merge_threshold, budget=merge_budget, data=calibration_data, progress=progress)
         result.report.render(console)
@@ -175,8 +175,12 @@ def _check_out_dir(out_dir: Path) -> None:
         raise ExportError(f"{out_dir}: exists and is not a directory; choose another -o")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise ExportError(f"{out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to replace it")
-    if not out_dir.parent.is_dir():
-        raise ExportError(f"{out_dir.parent}: parent directory of the output does not exist")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: `-o out/x` works in a fresh checkout
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ExportError(
+            f"{out_dir.parent}: cannot create the output's parent directory (a file is in the way)"
+        ) from exc
 
 
 def _prepare_model(loaded: LoadedAdapter, dtype: str, base_only: bool) -> torch.nn.Module:
@@ -336,12 +340,9 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _validate(out_dir: Path, console: Console) -> Any | None:
-    """Parity against the PyTorch reference (validate/); exit 1 through ParityError when it fails."""
-    try:
-        from moe_export.validate import validate
-    except ImportError:
-        console.print("[yellow]validation skipped[/]: moe_export.validate is not available in this build")
-        return None
+    """Parity against the PyTorch reference (validation/); exit 1 through ParityError when it fails."""
+    from moe_export.validation import validate  # lazy: the gate runs after export, and pulls in onnxruntime
+
     report = validate(out_dir)
     report.render(console)
     if not report.passed:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_export.errors import FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.errors import FormatError, RuntimeUnavailableError
 from moe_export.export.manifest import ExportManifest
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import Artifact, RunnerOptions
@@ -108,12 +108,8 @@ def _load_with_merge(manifest: ExportManifest) -> Any:
         task_id=options.get("task_id"),
     )
     if manifest.merge_plan:
-        try:
-            from moe_export.merge import MergePlan, apply_merge_plan
-        except ImportError as exc:
-            raise MoeExportError(
-                f"export.json records a merge plan but moe_export.merge is unavailable ({exc})"
-            ) from exc
+        from moe_export.merging import MergePlan, apply_merge_plan
+
         loaded = apply_merge_plan(loaded, MergePlan.from_dict(manifest.merge_plan))
     return loaded
 

@@ -12,8 +12,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from moe_export.validate.parity import CompareResult, Tolerance
-from moe_export.validate.units import UnitComparison
+from moe_export.ir import short_unit_name
+from moe_export.validation.parity import CompareResult, Tolerance
+from moe_export.validation.units import UnitComparison
 
 MAX_UNIT_ROWS = 20
 
@@ -99,7 +100,7 @@ class ValidationReport:
         return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def write_junit(self, path: str | Path) -> Path:
-        from moe_export.validate.junit import junit_xml
+        from moe_export.validation.junit import junit_xml
 
         return write_text_atomic(Path(path), junit_xml(self))
 
@@ -191,7 +192,7 @@ def _units_table(runtime: str, per_unit: dict[str, UnitComparison]) -> Table | N
         agreement = "" if u.agreement is None else f"{u.agreement:.4f}"
         verdict = "[green]pass[/]" if u.passed else "[red]FAIL[/]"
         same_x = "" if u.router_agreement is None else f"{u.router_agreement:.4f}"
-        table.add_row(u.name, agreement, margin, same_x, _fmt(u.gate_max_abs), op, verdict)
+        table.add_row(short_unit_name(u.name), agreement, margin, same_x, _fmt(u.gate_max_abs), op, verdict)
     return table
 
 

@@ -1,4 +1,4 @@
-"""`moe_export.validate`: run an export on several runtimes, compare each with the reference, build the report.
+"""`moe_export.validate()`: run an export on several runtimes, compare each with the reference, build the report.
 
 The first runtime is the reference (normally `torch`, the faithful PyTorch forward); every other runtime
 is compared with it on every input. When the reference is torch and a candidate is onnxruntime, routing
@@ -18,11 +18,11 @@ import numpy as np
 from moe_export.errors import MoeExportError
 from moe_export.runtimes.base import Feeds
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
-from moe_export.validate.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
-from moe_export.validate.parity import Tolerance, compare_func
-from moe_export.validate.report import RunComparison, ValidationReport
-from moe_export.validate.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
-from moe_export.validate.units import UnitComparison
+from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
+from moe_export.validation.parity import Tolerance, compare_func
+from moe_export.validation.report import RunComparison, ValidationReport
+from moe_export.validation.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
+from moe_export.validation.units import UnitComparison
 
 # Default tolerances per export dtype, as (atol, rtol) with rtol relative to max|reference| (parity.py).
 # fp32: both sides compute in fp32 and differ only in summation order; 1e-4 of the logit scale leaves

@@ -1,4 +1,4 @@
-"""`moe_export.validate.bench`: latency per runtime and shape, side by side with the base-only export (the floor).
+"""`moe_export.validation.bench`: latency per runtime and shape, side by side with the base-only export (the floor).
 
 Each (runtime, batch) runs `warmup` untimed inferences, then `iters` timed ones (the runner's own
 `last_inference_time`, which excludes feed preparation). We report p50/p90/p99 and mean latency and
@@ -21,8 +21,8 @@ from rich.table import Table
 from moe_export.errors import MoeExportError
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
-from moe_export.validate.feeds import random_feeds
-from moe_export.validate.report import write_text_atomic
+from moe_export.validation.feeds import random_feeds
+from moe_export.validation.report import write_text_atomic
 
 Advance = Callable[[int], None]
 
@@ -92,7 +92,7 @@ class BenchReport:
         return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def plot(self, path: str | Path) -> Path:
-        from moe_export.validate.bench_plot import plot_bench
+        from moe_export.validation.bench_plot import plot_bench
 
         return plot_bench(self, Path(path))
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_export.calibrate import (
+from moe_export.calibration import (
     CalibrationStats,
     UnitAccumulator,
     calibrate,
@@ -26,7 +26,7 @@ from moe_export.calibrate import (
     run_samples,
 )
 from moe_export.errors import MergeError
-from moe_export.ir import Adapter, LinearMoE
+from moe_export.ir import Adapter, LinearMoE, short_unit_name
 from moe_export.merge_plan import (
     MergePlan,
     UnitMerge,
@@ -160,13 +160,13 @@ class MergeReport:
         def num(v: float | None, fmt: str = ".3g") -> str:
             return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-        table = Table(title="moe-export merge", title_justify="left")
+        table = Table(title="moe-export merge (L = decoder layer)", title_justify="left")
         for col in ("unit", "E", "action", "dominance", "entropy", "ε predicted", "ε measured"):
-            table.add_column(col, justify="left" if col in ("unit", "action") else "right")
+            table.add_column(col, justify="left" if col in ("unit", "action") else "right", no_wrap=col == "unit")
         for u in self.units:
-            action = u.action + (" +shared" if u.shared_folded and u.num_experts else "")
+            action = u.action + ("+shared" if u.shared_folded and u.num_experts else "")
             table.add_row(
-                u.name,
+                short_unit_name(u.name),
                 str(u.num_experts),
                 action,
                 num(u.dominance, ".3f"),

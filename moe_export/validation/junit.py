@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moe_export.validate.report import ValidationReport
+    from moe_export.validation.report import ValidationReport
 
 SUITE_NAME = "moe-export validate"
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from moe_export.errors import MoeExportError
 
 if TYPE_CHECKING:
-    from moe_export.validate.bench import BenchReport
+    from moe_export.validation.bench import BenchReport
 
 ADAPTER_COLOR = "#1f77b4"
 FLOOR_COLOR = "#c8c8c8"

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from moe_export.validate.parity import Tolerance
-from moe_export.validate.routing_capture import UnitCapture
+from moe_export.validation.parity import Tolerance
+from moe_export.validation.routing_capture import UnitCapture
 
 
 def selection_mask(ids: np.ndarray, gates: np.ndarray | None, num_experts: int) -> np.ndarray:
