@@ -30,7 +30,7 @@ RouterKind = Literal["linear", "task", "none"]
 RouterSelect = Literal["dense", "topk", "top_p"]
 
 
-def _known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+def known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     """Keep the keys `cls` knows; warn (not fail) on keys from a newer moe-export."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
@@ -401,7 +401,7 @@ def _router_from_header(header: dict[str, Any] | None, prefix: str, take: Any, w
         return None
     header = dict(header)
     has_bias = header.pop("has_bias", False)
-    kwargs = _known_fields(Router, header, f"{where}: {prefix}.router")
+    kwargs = known_fields(Router, header, f"{where}: {prefix}.router")
     kwargs["weight"] = take(f"{prefix}.router.weight", required=kwargs.get("kind") == "linear")
     kwargs["bias"] = take(f"{prefix}.router.bias") if has_bias else None
     return Router(**kwargs)

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError
+from moe_export.ir import known_fields
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "moe-export-onnx"
 DTYPES = ("fp32", "fp16", "bf16")
 UNIT_STATUSES = ("routed", "folded", "merged")
-
-
-def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Keep the keys `cls` knows; a key from a newer moe-export is a warning, not a crash."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown} (written by a newer moe-export?)", stacklevel=3)
-    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass
@@ -88,10 +79,10 @@ class ExportManifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> ExportManifest:
         try:
-            kept = _known(cls, data, where)
-            kept["units"] = [UnitRecord(**_known(UnitRecord, u, where)) for u in kept.get("units", [])]
+            kept = known_fields(cls, data, where)
+            kept["units"] = [UnitRecord(**known_fields(UnitRecord, u, where)) for u in kept.get("units", [])]
             for key in ("inputs", "outputs"):
-                kept[key] = [TensorSpec(**_known(TensorSpec, t, where)) for t in kept.get(key, [])]
+                kept[key] = [TensorSpec(**known_fields(TensorSpec, t, where)) for t in kept.get(key, [])]
             return cls(**kept)
         except TypeError as exc:
             raise FormatError(f"{where}: not a moe-export ONNX manifest ({exc})") from exc
