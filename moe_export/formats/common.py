@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.ir import Adapter, ExpertStack
+from moe_export.ir import Adapter, ExpertStack, Router
 
 PEFT_PREFIX = "base_model.model."
 LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -140,3 +140,31 @@ def sorted_modules(modules: dict[str, dict[str, torch.Tensor]]) -> list[str]:
         return (int(m.group(1)) if m else -1, name)
 
     return sorted(modules, key=order)
+
+
+def checked_experts(
+    where: str, module: str, parts: dict[str, torch.Tensor], num_experts: int, rank: int, router_key: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A per-linear MoE module's expert A/B lists, checked against the config's expert count and rank."""
+    a_list, b_list = expert_pairs(parts, module)
+    if len(b_list) != num_experts or "router" not in parts:
+        raise FormatError(
+            f"{where}: {module} holds {len(b_list)} experts and {'a' if 'router' in parts else 'no'} {router_key}; "
+            f"adapter_config.json says {num_experts} experts"
+        )
+    if a_list[0].shape[0] != rank:
+        raise FormatError(f"{where}: {module} experts have rank {a_list[0].shape[0]}, adapter_config.json gives {rank}")
+    return a_list, b_list
+
+
+def softmax_topk_router(weight: torch.Tensor, top_k: int, compute_dtype: str = "float32") -> Router:
+    """The per-linear router of GOAT, MoLA and MoELoRA: softmax, top-k, renormalised over the k."""
+    return Router(
+        kind="linear",
+        num_experts=weight.shape[0],
+        select="topk",
+        top_k=top_k,
+        renormalize=True,
+        compute_dtype=compute_dtype,
+        weight=weight,
+    )

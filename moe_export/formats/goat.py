@@ -16,9 +16,16 @@ import torch
 from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import expert_pairs, require_int, sorted_modules, split_module_keys, stack_experts
+from moe_export.formats.common import (
+    checked_experts,
+    require_int,
+    softmax_topk_router,
+    sorted_modules,
+    split_module_keys,
+    stack_experts,
+)
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE, Router, SharedLoRA
+from moe_export.ir import Adapter, LinearMoE, SharedLoRA
 
 # Key tail after the module path -> part name. `moe_layer.experts.*` are peft's clones of lora_A/B.
 PARTS: dict[str, str | None] = {
@@ -104,28 +111,13 @@ class Goat(Family):
         units = []
         for module in sorted_modules(modules):
             parts = modules[module]
-            a_list, b_list = expert_pairs(parts, module)
-            if len(b_list) != num_experts or "router" not in parts:
-                raise FormatError(
-                    f"{ckpt.weights_path}: {module} holds {len(b_list)} experts and "
-                    f"{'a' if 'router' in parts else 'no'} lora_gating; adapter_config.json says {num_experts} experts"
-                )
-            if a_list[0].shape[0] != rank // num_experts:
-                raise FormatError(
-                    f"{ckpt.weights_path}: {module} experts have rank {a_list[0].shape[0]}, adapter_config.json "
-                    f"r={rank} / num_experts={num_experts} gives {rank // num_experts}"
-                )
+            a_list, b_list = checked_experts(
+                str(ckpt.weights_path), module, parts, num_experts, rank // num_experts, "lora_gating"
+            )
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             scaling = goat_scaling(init_type, alpha, rank, num_experts, d_in)
-            router = Router(
-                kind="linear",
-                num_experts=num_experts,
-                select="topk",
-                top_k=top_k,
-                renormalize=True,
-                compute_dtype="float32",  # GOAT casts x to the fp32 LoRA dtype before routing
-                weight=parts["router"],
-            )
+            # GOAT casts x to the fp32 LoRA dtype before routing.
+            router = softmax_topk_router(parts["router"], top_k, compute_dtype="float32")
             shared = [_correction(base, module, d_in, d_out, init_type, rank, num_experts, coef)] if correct else []
             stack = stack_experts(module, a_list, b_list, scaling)
             units.append(LinearMoE(module, d_in, d_out, stack, router, shared))

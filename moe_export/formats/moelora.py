@@ -19,18 +19,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 from moe_export.base_weights import BaseWeights
-from moe_export.errors import FormatError
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
-    expert_pairs,
+    checked_experts,
     override_top_k,
     require_int,
+    softmax_topk_router,
     sorted_modules,
     split_module_keys,
     stack_experts,
 )
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE, Router, rank_scaling
+from moe_export.ir import Adapter, LinearMoE, rank_scaling
 
 PARTS: dict[str, str | None] = {
     r"lora_A\.(?P<e>\d+)\.weight": "A",
@@ -59,25 +59,8 @@ class MoELoRA(Family):
         units = []
         for module in sorted_modules(modules):
             parts = modules[module]
-            a_list, b_list = expert_pairs(parts, module)
-            if len(b_list) != num_experts or "router" not in parts:
-                raise FormatError(
-                    f"{ckpt.weights_path}: {module} holds {len(b_list)} experts and "
-                    f"{'a' if 'router' in parts else 'no'} lora_router; adapter_config.json says {num_experts} experts"
-                )
-            if a_list[0].shape[0] != rank:
-                raise FormatError(
-                    f"{ckpt.weights_path}: {module} experts have rank {a_list[0].shape[0]}, config r={rank}"
-                )
-            router = Router(
-                kind="linear",
-                num_experts=num_experts,
-                select="topk",
-                top_k=top_k,
-                renormalize=True,
-                compute_dtype="float32",
-                weight=parts["router"],
-            )
+            a_list, b_list = checked_experts(str(ckpt.weights_path), module, parts, num_experts, rank, "lora_router")
+            router = softmax_topk_router(parts["router"], top_k)
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             units.append(LinearMoE(module, d_in, d_out, stack_experts(module, a_list, b_list, scaling), router))
         adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config})

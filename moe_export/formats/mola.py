@@ -17,12 +17,13 @@ from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     expert_pairs,
     layer_index,
+    softmax_topk_router,
     sorted_modules,
     split_module_keys,
     stack_experts,
 )
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE, Router
+from moe_export.ir import Adapter, LinearMoE
 
 # Key tail after the module path -> part name (MoLA's saver strips `.default` from `lora_A.default_3`).
 PARTS: dict[str, str | None] = {
@@ -82,15 +83,7 @@ class Mola(Family):
             )
             if not 1 <= k <= num_experts:
                 raise FormatError(f"top-k {k} for layer {layer} ({module}): that layer has {num_experts} experts")
-            router = Router(
-                kind="linear",
-                num_experts=num_experts,
-                select="topk",
-                top_k=k,
-                renormalize=True,
-                compute_dtype="model",
-                weight=parts["router"],
-            )
+            router = softmax_topk_router(parts["router"], k, compute_dtype="model")  # MoLA routes in the model dtype
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             stack = stack_experts(module, a_list, b_list, alpha / rank)
             units.append(LinearMoE(module, d_in, d_out, stack, router))
