@@ -250,15 +250,21 @@ SAMPLE_DIRS = (
 @pytest.mark.slow
 @pytest.mark.parametrize("sample", SAMPLE_DIRS, ids=lambda p: p.name)
 def test_sample_export_parity(sample: Path, tmp_path: Path) -> None:
-    """Every family sample exports, passes the checker, and matches its reference in ORT."""
+    """Every family sample exports with the headline `--merge-threshold 0.9`, passes the checker, and matches
+    the merged reference (rebuilt from the plan in export.json, as `validate` does) in ORT."""
+    from moe_export.merging import MergePlan, apply_merge_plan
+
     try:
         loaded, task_id = moe_export.load(sample), None
     except MoeExportError as exc:  # task-routed families (MOELoRA) need a task id
         if "task" not in str(exc):
             raise
         loaded, task_id = moe_export.load(sample, task_id=0), 0
-    reference = moe_export.load(sample, task_id=task_id).model
-    result = moe_export.export_onnx(loaded, tmp_path / "out", validate=False, progress=False)
+    result = moe_export.export_onnx(loaded, tmp_path / "out", merge_threshold=0.9, validate=False, progress=False)
+    assert result.manifest.merge_plan is not None
+    reference = apply_merge_plan(
+        moe_export.load(sample, task_id=task_id), MergePlan.from_dict(result.manifest.merge_plan)
+    ).model
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
