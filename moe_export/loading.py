@@ -26,6 +26,9 @@ class LoadedAdapter:
     base_model_path: Path
     task_id: int | None = None
     options: LoadOptions = field(default_factory=LoadOptions)
+    # The family whose loader read `checkpoint`: `canonical` for a converted adapter whose `adapter.family`
+    # still names the family it came from. Reloading needs this one.
+    loader_family: str | None = None
 
     @property
     def family(self) -> str:
@@ -73,7 +76,14 @@ def load_adapter(
     options: LoadOptions | None = None,
 ) -> tuple[Adapter, Path]:
     """Read a checkpoint into the canonical adapter; returns it with the resolved base-model directory."""
-    options = options or LoadOptions()
+    adapter, base_path, _ = _read_checkpoint(ckpt_dir, base_model, family, options or LoadOptions())
+    return adapter, base_path
+
+
+def _read_checkpoint(
+    ckpt_dir: str | Path, base_model: str | Path | None, family: str | None, options: LoadOptions
+) -> tuple[Adapter, Path, str]:
+    """(adapter, base-model directory, name of the family whose loader read the checkpoint)."""
     ckpt = open_checkpoint(ckpt_dir)
     fam = get_family(family) if family else detect_family(ckpt)
     declared = ckpt.config_value("base_model_name_or_path") or ckpt.config_value("base_model")
@@ -87,7 +97,7 @@ def load_adapter(
     if weights is not None:
         check_fits_base(adapter, weights)
     adapter.base_model = str(base_path)
-    return adapter, base_path
+    return adapter, base_path, fam.name
 
 
 def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
@@ -123,7 +133,7 @@ def load(
 ) -> LoadedAdapter:
     """Load a checkpoint and build the faithful reference model (see DESIGN.md section 3)."""
     options = LoadOptions(top_k=top_k, task_id=task_id)
-    adapter, base_path = load_adapter(ckpt_dir, base_model, family, options)
+    adapter, base_path, loader_family = _read_checkpoint(ckpt_dir, base_model, family, options)
     model = load_base_model(base_path, dtype)
     apply_adapter(model, adapter, task_id=task_id)
-    return LoadedAdapter(adapter, model.eval(), Path(ckpt_dir), base_path, task_id, options)
+    return LoadedAdapter(adapter, model.eval(), Path(ckpt_dir), base_path, task_id, options, loader_family)

@@ -262,9 +262,9 @@ def test_sample_export_parity(sample: Path, tmp_path: Path) -> None:
         loaded, task_id = moe_export.load(sample, task_id=0), 0
     result = moe_export.export_onnx(loaded, tmp_path / "out", merge_threshold=0.9, validate=False, progress=False)
     assert result.manifest.merge_plan is not None
-    reference = apply_merge_plan(
-        moe_export.load(sample, task_id=task_id), MergePlan.from_dict(result.manifest.merge_plan)
-    ).model
+    # Rebuilt from export.json alone (family, plan), exactly as `moe-export validate` does.
+    reloaded = moe_export.load(sample, family=result.manifest.family, task_id=task_id)
+    reference = apply_merge_plan(reloaded, MergePlan.from_dict(result.manifest.merge_plan)).model
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
@@ -273,6 +273,9 @@ def test_sample_export_parity(sample: Path, tmp_path: Path) -> None:
     for shape in ((1, 1), (3, 33)):
         feeds = feeds_for(shape, vocab=vocab, seed=shape[1])
         assert_parity(ort_logits(result.model_path, feeds), torch_logits(reference, feeds), FP32_RTOL)
+    # The validate gate (outputs + per-unit routing) passes on every sample export, top-p MixLoRA included.
+    report = moe_export.validate(result.out_dir)
+    assert report.passed, report.to_dict()
 
 
 def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkeypatch: pytest.MonkeyPatch) -> None:

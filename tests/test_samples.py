@@ -70,3 +70,12 @@ def test_base_model_has_a_working_tokenizer() -> None:
     assert tok.decode(ids, skip_special_tokens=True).strip() == "the router picks experts"
     config = json.loads((SAMPLES / "tiny-llama" / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (64, 2, 256)
+
+
+def test_converted_adapter_reloads_with_its_own_loader() -> None:
+    """samples/canonical was converted from MoLA: the IR keeps its origin, reloading needs the canonical loader."""
+    import moe_export
+
+    loaded = moe_export.load(SAMPLES / "canonical")
+    assert loaded.adapter.family == "mola"
+    assert loaded.loader_family == "canonical"

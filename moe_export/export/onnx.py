@@ -133,7 +133,7 @@ def export_onnx(
                 moe_export_version=__version__,
                 source_checkpoint=str(Path(loaded.checkpoint).resolve()),
                 base_model=str(Path(loaded.base_model_path).resolve()),
-                family=loaded.family,
+                family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
                 dtype=dtype,
                 opset=opset,
                 model_file=MODEL_FILE,

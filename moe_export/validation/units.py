@@ -60,7 +60,14 @@ def routing_diff(reference: UnitCapture, candidate: UnitCapture, keep: np.ndarra
     if reference.probs is not None:
         num_experts = max(num_experts, reference.probs.shape[1])
     ref_sel = selection_mask(reference.expert_ids, reference.gates, num_experts)  # [T, E]
-    cand_sel = selection_mask(candidate.expert_ids, candidate.gates, num_experts)  # [T, E]
+    cand_gates = candidate.gates
+    if cand_gates is None and reference.gates is not None and candidate.expert_ids.shape == reference.expert_ids.shape:
+        # The slots op (MixLoRA) carries no gates. Its ids are the ranked experts, so take the candidate's first
+        # m slots, m = the reference's kept count per token: exact for top-k, and for top-p it compares the kept
+        # prefix instead of the full ranking (which is not a selection).
+        kept = (reference.gates != 0).sum(-1, keepdims=True)  # [T, 1]
+        cand_gates = np.arange(reference.gates.shape[1])[None, :] < kept  # [T, K] bool, the first m slots
+    cand_sel = selection_mask(candidate.expert_ids, cand_gates, num_experts)  # [T, E]
     if keep is None or keep.shape != (ref_sel.shape[0],):
         keep = np.ones(ref_sel.shape[0], dtype=bool)  # [T]
     agree = (ref_sel == cand_sel).all(-1)[keep]  # [T_kept]
