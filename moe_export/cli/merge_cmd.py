@@ -46,8 +46,10 @@ def merge_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON on stdout."),
 ) -> None:
-    """Write OUT: a standard transformers model with the exact folds (shared LoRAs, E=1, fixed task id,
-    constant routers) and the selected units merged into the weights, plus OUT/adapter with the rest."""
+    """Write OUT: a transformers model with exact folds and selected units merged, plus OUT/adapter (the rest).
+
+    Exact folds: shared LoRAs, E=1, a fixed task id, constant routers.
+    """
     from moe_export.calibration import CalibrationStats
     from moe_export.errors import MergeError
     from moe_export.formats import LoadOptions
