@@ -43,12 +43,9 @@ class HydraLoRA(Family):
     source: ClassVar[str] = "Clin0212/HydraLoRA @ afb693b (peft/tuners/lora.py Linear)"
     key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_route\.weight$", r"\.lora_A\.weight$", r"\.lora_B\d+\.weight$")
     forbidden_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_A\d+\.weight$",)
+    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)  # its vendored old peft writes LORA, or nothing
+    peft_type_required: ClassVar[bool] = False
     specificity: ClassVar[int] = 20  # above plain LoRA, which also sees lora_A.weight keys
-
-    @classmethod
-    def detect(cls, ckpt: Checkpoint) -> bool:
-        peft_type = ckpt.config_value("peft_type")
-        return (peft_type is None or str(peft_type).upper() == "LORA") and super().detect(ckpt)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:

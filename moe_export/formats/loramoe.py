@@ -72,12 +72,9 @@ class LoRAMoE(Family):
     title: ClassVar[str] = "LoRAMoE"
     source: ClassVar[str] = "Ablustrund/LoRAMoE @ 1177288 (peft/tuners/lora.py Linear)"
     key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_route\.weight$", r"\.lora_A\d+\.weight$")
+    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)  # its vendored old peft writes LORA, or nothing
+    peft_type_required: ClassVar[bool] = False
     specificity: ClassVar[int] = 20  # above plain LoRA (which forbids lora_route anyway)
-
-    @classmethod
-    def detect(cls, ckpt: Checkpoint) -> bool:
-        peft_type = ckpt.config_value("peft_type")
-        return (peft_type is None or str(peft_type).upper() == "LORA") and super().detect(ckpt)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:

@@ -74,16 +74,11 @@ class MixLoRA(Family):
     title: ClassVar[str] = "MixLoRA"
     source: ClassVar[str] = "TUDB-Labs/MoE-PEFT 2.0.2 adapters/mixlora (read by mixlora 0.2.3)"
     peft_types: ClassVar[tuple[str, ...]] = ("MIXLORA",)
+    peft_type_required: ClassVar[bool] = False
+    key_patterns: ClassVar[tuple[str, ...]] = (r"^mixlora\.layers\.\d+\.",)
     specificity: ClassVar[int] = 20
     default_top_k: ClassVar[int | None] = 2
     needs_base_weights: ClassVar[bool] = True  # only its config.json: hidden_act when act_fn is not saved
-
-    @classmethod
-    def detect(cls, ckpt: Checkpoint) -> bool:
-        peft_type = ckpt.config_value("peft_type")
-        if peft_type is not None and str(peft_type).upper() not in cls.peft_types:
-            return False
-        return ckpt.weights_path is not None and ckpt.has_key(r"^mixlora\.layers\.\d+\.")
 
     @classmethod
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:

@@ -183,18 +183,12 @@ def _module_order(module: str) -> tuple[int, str]:
 
 
 class _MoePeftFamily(Family):
-    """Shared detection: a `{prefix}.layers.` key, and a matching peft_type when the config names one."""
+    """Shared facts: a `{prefix}.layers.` key (key_patterns), and a matching peft_type when the config names one."""
 
     prefix: ClassVar[str]
     source: ClassVar[str] = "TUDB-Labs/MoE-PEFT 2.0.2 (moe_peft/model.py get_lora_layer_weight)"
     specificity: ClassVar[int] = 20
-
-    @classmethod
-    def detect(cls, ckpt: Checkpoint) -> bool:
-        peft_type = ckpt.config_value("peft_type")
-        if peft_type is not None and str(peft_type).upper() not in cls.peft_types:
-            return False
-        return ckpt.weights_path is not None and ckpt.has_key(rf"^{cls.prefix}\.layers\.\d+\.")
+    peft_type_required: ClassVar[bool] = False
 
 
 @register
@@ -202,6 +196,7 @@ class MoePeftMola(_MoePeftFamily):
     name: ClassVar[str] = "moe_peft_mola"
     title: ClassVar[str] = "MoE-PEFT MoLA"
     prefix: ClassVar[str] = "mola"
+    key_patterns: ClassVar[tuple[str, ...]] = (r"^mola\.layers\.\d+\.",)
     peft_types: ClassVar[tuple[str, ...]] = ("MOLA",)
     default_top_k: ClassVar[int | None] = 2  # MolaConfig.from_config default
 
@@ -229,6 +224,7 @@ class MoePeftLoraMoE(_MoePeftFamily):
     name: ClassVar[str] = "moe_peft_loramoe"
     title: ClassVar[str] = "MoE-PEFT LoRAMoE"
     prefix: ClassVar[str] = "loramoe"
+    key_patterns: ClassVar[tuple[str, ...]] = (r"^loramoe\.layers\.\d+\.",)
     peft_types: ClassVar[tuple[str, ...]] = ("LORAMOE",)
 
     @classmethod

@@ -31,6 +31,7 @@ class Family:
     title: ClassVar[str]  # how people call it, for tables and messages
     source: ClassVar[str] = ""  # the code base whose layout this reads
     peft_types: ClassVar[tuple[str, ...]] = ()  # adapter_config.json peft_type values that may mean this family
+    peft_type_required: ClassVar[bool] = True  # False: a config without peft_type is decided by the keys alone
     key_patterns: ClassVar[tuple[str, ...]] = ()  # regexes; every one must match some tensor key
     forbidden_patterns: ClassVar[tuple[str, ...]] = ()  # regexes that must match no key
     specificity: ClassVar[int] = 10  # among several matches, the highest wins
@@ -40,8 +41,9 @@ class Family:
 
     @classmethod
     def detect(cls, ckpt: Checkpoint) -> bool:
-        peft_type = str(ckpt.config_value("peft_type", "")).upper()
-        if cls.peft_types and peft_type not in cls.peft_types:
+        peft_type = ckpt.config_value("peft_type")
+        type_matters = peft_type is not None or cls.peft_type_required
+        if cls.peft_types and type_matters and str(peft_type or "").upper() not in cls.peft_types:
             return False
         if ckpt.weights_path is None:
             return False
