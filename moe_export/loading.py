@@ -13,6 +13,7 @@ from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions, detect_family, get_family
 from moe_export.formats.checkpoint import open_checkpoint
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.ir_tensors import finish_adapter
 from moe_export.reference import apply_adapter
 
 
@@ -89,7 +90,8 @@ def _read_checkpoint(
     declared = ckpt.config_value("base_model_name_or_path") or ckpt.config_value("base_model")
     base_path = resolve_base_model(ckpt.path, declared, base_model)
     base = BaseWeights(base_path) if fam.needs_base_weights else None
-    adapter = fam.load(ckpt, options, base)
+    with torch.no_grad():  # loaders compute on saved parameters that may still require grad
+        adapter = finish_adapter(fam.load(ckpt, options, base))
     try:
         weights = base or BaseWeights(base_path)
     except FormatError:
