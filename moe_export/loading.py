@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from moe_export.architectures import check_architecture
 from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions, detect_family, get_family
@@ -54,6 +55,7 @@ def resolve_base_model(ckpt_dir: Path, declared: str | None, override: str | Pat
         )
     if not (path / "config.json").is_file():
         raise FormatError(f"{path}: no config.json, not a transformers model directory ({where})")
+    check_architecture(path)
     return path.resolve()
 
 

@@ -240,7 +240,7 @@ SAMPLE_DIRS = (
     sorted(
         p
         for p in SAMPLES.iterdir()
-        if p.is_dir() and p.name not in {"tiny-llama", "writers"} and not p.name.startswith(".")
+        if p.is_dir() and p.name != "writers" and not p.name.startswith((".", "tiny-"))
     )
     if SAMPLES.is_dir()
     else []
