@@ -40,9 +40,12 @@ def test_sample_bases_are_what_they_claim() -> None:
     assert type(qwen2).__name__ == "Qwen2ForCausalLM"
     attn = qwen2.model.layers[0].self_attn
     assert all(getattr(attn, p).bias is not None for p in ("q_proj", "k_proj", "v_proj")) and attn.o_proj.bias is None
-    assert qwen2.config.tie_word_embeddings and qwen2.lm_head.weight.data_ptr() == qwen2.model.embed_tokens.weight.data_ptr()
+    assert (
+        qwen2.config.tie_word_embeddings
+        and qwen2.lm_head.weight.data_ptr() == qwen2.model.embed_tokens.weight.data_ptr()
+    )
     with safe_open(str(SAMPLES / "tiny-qwen2" / "model.safetensors"), framework="pt") as f:
-        assert "lm_head.weight" not in set(f.keys())  # noqa: SIM118 - tied: stored once, as the embedding
+        assert "lm_head.weight" not in set(f.keys())  # tied: stored once, as the embedding
 
 
 def test_unsupported_architecture_is_refused_at_load(tmp_path: Path) -> None:

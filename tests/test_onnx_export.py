@@ -237,11 +237,7 @@ def test_cli_missing_checkpoint_exit_2(tmp_path: Path) -> None:
 
 
 SAMPLE_DIRS = (
-    sorted(
-        p
-        for p in SAMPLES.iterdir()
-        if p.is_dir() and p.name != "writers" and not p.name.startswith((".", "tiny-"))
-    )
+    sorted(p for p in SAMPLES.iterdir() if p.is_dir() and p.name != "writers" and not p.name.startswith((".", "tiny-")))
     if SAMPLES.is_dir()
     else []
 )
