@@ -2,7 +2,9 @@
 
 Their code builds each adapter on the tiny base model (LoRA B randomised: they initialise it to zero),
 takes reference logits from their own forward, saves with MoE-PEFT's `save_adapter_weight`; we load
-the saved directory with our loader and our reference must reproduce their logits.
+the saved directory with our loader and our reference must reproduce their logits. The same saves then
+go through every command (inspect, onnx plain and merged, validate, merge): ONNX Runtime must reproduce
+their logits too (issue 11: these saves hold grad-flagged parameters, which once broke the export).
 Install the packages with `.ci/compat-install` (test-only, --no-deps); without them this file is skipped.
 
 Workarounds for their code on transformers 5 / torch 2.13 (each the smallest that works):
