@@ -170,3 +170,13 @@ def test_merge_into_bf16_base_folds_in_fp32_and_casts_once(tmp_path: Path, bf16_
     want = (base[f"{key}.weight"].float() + scaling * b @ a).to(torch.bfloat16)
     assert merged[f"{key}.weight"].dtype == torch.bfloat16
     assert torch.equal(merged[f"{key}.weight"], want)
+
+
+def test_shipped_samples_carry_what_training_code_saves() -> None:
+    """The quick start (samples/goat) is a bf16 adapter; MoE-PEFT-style .bin samples hold live parameters."""
+    goat = read_tensor_file(SAMPLES / "goat" / "adapter_model.safetensors")
+    assert {t.dtype for t in goat.values()} == {torch.bfloat16}
+    for name in ("mixlora", "mixlora_dynamic", "mixlora_qwen2", "moe_peft_mola", "moe_peft_loramoe"):
+        raw = read_tensor_file(SAMPLES / name / "adapter_model.bin")
+        assert all(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in raw.values()), name
+        _assert_inference_ready(moe_export.load(SAMPLES / name))
