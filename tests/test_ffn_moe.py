@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moe_export.ir import Adapter, ExpertStack, FFNMoE, Router
-from moe_export.loading import load_base_model
 from moe_export.ops import grouped_lora_slots
-from moe_export.reference import apply_adapter
-from moe_export.reference_ffn import MoEFFN
+from moe_export.reference.ffn import MoEFFN
+from moe_export.reference.loading import load_base_model
+from moe_export.reference.model import apply_adapter
 
 # --------------------------------------------------------------------------- the slots op
 

@@ -16,7 +16,7 @@ from moe_export.errors import FormatError, MoeExportError
 from moe_export.formats import FAMILIES, LoadOptions, detect_family
 from moe_export.formats.checkpoint import open_checkpoint
 from moe_export.ir import FFNMoE
-from moe_export.loading import load_adapter, load_base_model
+from moe_export.reference.loading import load_adapter, load_base_model
 from tests.conftest import SAMPLES
 from tests.loop_reference import apply_loop_reference
 

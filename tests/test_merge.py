@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import moe_export
-from moe_export.calibration import calibrate
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE, Router, TaskGate
-from moe_export.loading import load_adapter
 from moe_export.merging import MergePlan, apply_merge_plan, merge, plan_merge
-from moe_export.reference import moe_modules
+from moe_export.merging.statistics import calibrate
+from moe_export.reference.loading import load_adapter
+from moe_export.reference.model import moe_modules
 from tests.conftest import SAMPLES
 from tests.tiny import random_adapter
 
@@ -218,9 +218,9 @@ def test_ffn_units_are_skipped_with_a_notice() -> None:
 
 def test_blocked_fold_equals_add_to_linear() -> None:
     """fold_into_weight works by row blocks (bounded memory); it must give add_to_linear's bits."""
-    from moe_export.folding import add_to_linear, shared_delta, static_expert_delta
     from moe_export.ir import ExpertStack, SharedLoRA
-    from moe_export.merge_plan import ROW_BLOCK, UnitMerge, fold_into_weight
+    from moe_export.ir.fold import add_to_linear, shared_delta, static_expert_delta
+    from moe_export.merging.plan import ROW_BLOCK, UnitMerge, fold_into_weight
 
     g = torch.Generator().manual_seed(0)
     d_in, d_out = 96, 2 * ROW_BLOCK + 37  # three blocks, the last one partial

@@ -20,7 +20,7 @@ from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions
 from moe_export.formats.checkpoint import read_tensor_file
 from moe_export.ir import FFNMoE, LinearMoE
-from moe_export.loading import load_adapter, load_base_model
+from moe_export.reference.loading import load_adapter, load_base_model
 from tests.conftest import SAMPLES
 from tests.test_ffn_moe import apply_loop_ffn
 

@@ -52,8 +52,8 @@ def calibrate_cmd(
 ) -> None:
     """Run the reference over calibration text; record per unit and expert the mean gate, selection
     frequency, gate entropy and the error of a static (mean-gate) merge."""
-    from moe_export.calibration import calibrate
-    from moe_export.loading import load
+    from moe_export.merging.statistics import calibrate
+    from moe_export.reference.loading import load
 
     loaded = load(ckpt, base, family, parse_int_list(top_k, "--top-k"), task_id)
     stats = calibrate(loaded, data, samples, seq_len, seed, progress=not as_json)

@@ -80,8 +80,8 @@ def inspect(
     """Describe a checkpoint: family, base model, E/k/r and router per unit, parameter counts, notices."""
     from moe_export.formats import FAMILIES, LoadOptions
     from moe_export.ir import MANIFEST_NAME
-    from moe_export.loading import load_adapter
-    from moe_export.summary import describe_adapter
+    from moe_export.ir.summary import describe_adapter
+    from moe_export.reference.loading import load_adapter
 
     options = LoadOptions(top_k=parse_int_list(top_k, "--top-k"), task_id=task_id)
     with warnings.catch_warnings(record=True) as caught:

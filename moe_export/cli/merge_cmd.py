@@ -50,12 +50,12 @@ def merge_cmd(
 
     Exact folds: shared LoRAs, E=1, a fixed task id, constant routers.
     """
-    from moe_export.calibration import CalibrationStats
     from moe_export.errors import MergeError
     from moe_export.formats import LoadOptions
-    from moe_export.loading import LoadedAdapter, load, load_adapter
-    from moe_export.merge_plan import check_options
-    from moe_export.merging import merge, save_merged
+    from moe_export.merging.apply import merge, save_merged
+    from moe_export.merging.plan import check_options
+    from moe_export.merging.statistics import CalibrationStats
+    from moe_export.reference.loading import LoadedAdapter, load, load_adapter
 
     check_options(threshold, budget)
     _unmap_large_frees()

@@ -26,8 +26,8 @@ from moe_export import __version__
 from moe_export.errors import ExportError, MoeExportError, ParityError
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
 from moe_export.export.onnx_ops import DOMAIN, MIN_OPSET, function_bodies, translation_table
-from moe_export.loading import LoadedAdapter, load_base_model
-from moe_export.reference import MoELoRALinear, cast_reference_model, moe_modules
+from moe_export.reference.loading import LoadedAdapter, load_base_model
+from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
@@ -113,7 +113,7 @@ def export_onnx(
     merge_plan = None
     original = loaded
     if merge_threshold is not None or merge_budget is not None:
-        from moe_export.merging import merge  # lazy: merge pulls in calibration
+        from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
 
         result = merge(loaded, threshold=merge_threshold, budget=merge_budget, data=calibration_data, progress=progress)
         result.report.render(console)

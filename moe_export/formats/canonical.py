@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import MANIFEST_NAME, TENSORS_NAME, Adapter, check_finite

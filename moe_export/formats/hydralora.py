@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import indexed, stack_experts
 from moe_export.formats.loramoe import routed_units

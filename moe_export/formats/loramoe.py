@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import expert_pairs, require_int, sorted_modules, split_module_keys, stack_experts
 from moe_export.formats.registry import Family, LoadOptions, register

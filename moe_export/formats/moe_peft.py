@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import stack_experts
 from moe_export.formats.registry import Family, LoadOptions, register

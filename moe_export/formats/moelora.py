@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     checked_experts,

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.ir import Adapter
 

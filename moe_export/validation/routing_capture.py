@@ -51,8 +51,8 @@ def record_torch_routing(model: Any) -> Iterator[dict[str, UnitCapture]]:
     """Inside the block, every routed module of `model` records its routing into the yielded dict."""
     import torch
 
-    from moe_export.reference import moe_modules
-    from moe_export.routing import router_probabilities
+    from moe_export.reference.model import moe_modules
+    from moe_export.reference.routing import router_probabilities
 
     captures: dict[str, UnitCapture] = {}
     modules = [(n, m) for n, m in moe_modules(model) if hasattr(m, "record_routing")]

@@ -188,7 +188,7 @@ class UnitReference:
 
 def unit_references(model: Any) -> dict[str, UnitReference]:
     """unit name -> reference weights and router of every adapter module of the torch reference."""
-    from moe_export.reference import moe_modules
+    from moe_export.reference.model import moe_modules
 
     return {
         name: UnitReference(getattr(m, "expert_A", None), getattr(m, "expert_B", None), _router_fn(m))
@@ -205,7 +205,7 @@ def _router_fn(module: Any) -> RouteFn | None:
     def route(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import torch
 
-        from moe_export.routing import router_probabilities, select_experts
+        from moe_export.reference.routing import router_probabilities, select_experts
 
         if x.dtype not in (np.float16, np.float32, np.float64):
             x = x.astype(np.float32)  # e.g. ml_dtypes bfloat16, which torch cannot read

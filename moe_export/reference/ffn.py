@@ -21,7 +21,7 @@ from torch import nn
 from moe_export.errors import FormatError
 from moe_export.ir import Adapter, FFNMoE, Unit
 from moe_export.ops.grouped_lora_slots import grouped_lora_slots
-from moe_export.routing import route_tokens
+from moe_export.reference.routing import route_tokens
 
 # Projections of each supported MLP layout, in the order the block applies them.
 ARCH_PROJECTIONS: dict[str, tuple[str, ...]] = {"llama_gated": ("gate_proj", "up_proj", "down_proj")}

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_export.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.errors import FormatError, MergeError
+from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.ir import LinearMoE
-from moe_export.merge_plan import UnitMerge, fold_into_weight
+from moe_export.merging.plan import UnitMerge, fold_into_weight
 
 if TYPE_CHECKING:
-    from moe_export.merging import MergeResult
+    from moe_export.merging.apply import MergeResult
 
 ADAPTER_DIR = "adapter"
 MERGE_MANIFEST = "moe_export_merge.json"

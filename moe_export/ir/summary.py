@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from moe_export.ir import Adapter, ExpertStack, FFNMoE, LinearMoE, Router, Unit
+from moe_export.ir.units import Adapter, ExpertStack, FFNMoE, LinearMoE, Router, Unit
 
 
 def describe_router(router: Router | None) -> dict[str, Any] | None:

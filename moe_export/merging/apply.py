@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_export.calibration import (
+from moe_export.errors import MergeError
+from moe_export.ir import Adapter, LinearMoE, short_unit_name
+from moe_export.merging.plan import (
+    MergePlan,
+    UnitMerge,
+    check_options,
+    exact_expert_weights,
+    fold_into_weight,
+    plan_merge,
+)
+from moe_export.merging.statistics import (
     CalibrationStats,
     UnitAccumulator,
     calibrate,
@@ -25,23 +35,13 @@ from moe_export.calibration import (
     routed_linear_units,
     run_samples,
 )
-from moe_export.errors import MergeError
-from moe_export.ir import Adapter, LinearMoE, short_unit_name
-from moe_export.merge_plan import (
-    MergePlan,
-    UnitMerge,
-    check_options,
-    exact_expert_weights,
-    fold_into_weight,
-    plan_merge,
-)
-from moe_export.merge_write import save_merged
-from moe_export.reference import MoELoRALinear
+from moe_export.merging.write import save_merged
+from moe_export.reference.model import MoELoRALinear
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from moe_export.loading import LoadedAdapter
+    from moe_export.reference.loading import LoadedAdapter
 
 __all__ = ["MergePlan", "MergeReport", "MergeResult", "apply_merge_plan", "merge", "plan_merge", "save_merged"]
 

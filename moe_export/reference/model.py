@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from moe_export.errors import FormatError
-from moe_export.folding import add_to_linear, shared_delta
 from moe_export.ir import Adapter, LinearMoE, Router, Unit
+from moe_export.ir.fold import add_to_linear, shared_delta
 from moe_export.ops import grouped_lora
-from moe_export.reference_ffn import build_ffn_moe
-from moe_export.routing import route_constant, route_tokens
+from moe_export.reference.ffn import build_ffn_moe
+from moe_export.reference.routing import route_constant, route_tokens
 
 
 class MoELoRALinear(nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.ir import (
+from moe_export.ir.units import (
     IR_VERSION,
     MANIFEST_NAME,
     TENSORS_NAME,

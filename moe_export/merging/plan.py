@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from moe_export.calibration import CalibrationStats
 from moe_export.errors import MergeError
-from moe_export.folding import shared_delta, static_expert_delta
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.ir.fold import shared_delta, static_expert_delta
+from moe_export.merging.statistics import CalibrationStats
 from moe_export.ops.grouped_lora import dense_gates
-from moe_export.routing import route_constant, router_probabilities, select_experts
+from moe_export.reference.routing import route_constant, router_probabilities, select_experts
 
 PLAN_VERSION = 1
 EXACT_REASONS = ("exact-shared", "exact-single-expert", "exact-task", "exact-constant")

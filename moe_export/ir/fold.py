@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_export.ir import ExpertStack, LinearMoE
+from moe_export.ir.units import ExpertStack, LinearMoE
 
 
 def shared_delta(unit: LinearMoE) -> torch.Tensor | None:

@@ -29,10 +29,10 @@ import torch
 from moe_export.errors import FormatError, MergeError
 from moe_export.ir import Adapter, ExpertStack, LinearMoE
 from moe_export.ops.grouped_lora import dense_gates
-from moe_export.reference import MoELoRALinear, moe_modules
+from moe_export.reference.model import MoELoRALinear, moe_modules
 
 if TYPE_CHECKING:
-    from moe_export.loading import LoadedAdapter
+    from moe_export.reference.loading import LoadedAdapter
 
 STATS_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -274,7 +274,7 @@ def calibration_inputs(
 
 
 def _builtin() -> list[str]:
-    from moe_export.calibration_text import builtin_lines
+    from moe_export.merging.calibration_text import builtin_lines
 
     return builtin_lines()
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions, detect_family, get_family
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import open_checkpoint
 from moe_export.ir import Adapter, LinearMoE
-from moe_export.reference import apply_adapter
+from moe_export.reference.model import apply_adapter
 
 
 @dataclass

@@ -254,7 +254,7 @@ class Adapter:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under its canonical key (formats.md section 7.2)."""
-        from moe_export.ir_serde import adapter_tensors
+        from moe_export.ir.adapter import adapter_tensors
 
         return adapter_tensors(self)
 
@@ -262,20 +262,20 @@ class Adapter:
         return sum(t.numel() for t in self.tensors().values())
 
     def to_manifest(self) -> dict[str, Any]:
-        from moe_export.ir_serde import adapter_manifest
+        from moe_export.ir.adapter import adapter_manifest
 
         return adapter_manifest(self)
 
     def save(self, directory: str | Path) -> Path:
         """Write manifest.json + tensors.safetensors into `directory` (created)."""
-        from moe_export.ir_serde import save_adapter
+        from moe_export.ir.adapter import save_adapter
 
         return save_adapter(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> Adapter:
         """Read a canonical adapter written by `save` (or by hand, following the same layout)."""
-        from moe_export.ir_serde import load_adapter_dir
+        from moe_export.ir.adapter import load_adapter_dir
 
         return load_adapter_dir(directory)
 
@@ -283,7 +283,7 @@ class Adapter:
     def from_manifest(
         cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "manifest"
     ) -> Adapter:
-        from moe_export.ir_serde import adapter_from_manifest
+        from moe_export.ir.adapter import adapter_from_manifest
 
         return adapter_from_manifest(manifest, tensors, where)
 

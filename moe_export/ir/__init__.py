@@ -1,0 +1,37 @@
+"""The canonical adapter (DESIGN.md section 4): units in `units.py`, the on-disk layout in `adapter.py`."""
+
+from moe_export.ir.units import (
+    IR_VERSION,
+    MANIFEST_NAME,
+    TENSORS_NAME,
+    Adapter,
+    ExpertStack,
+    FFNMoE,
+    LinearMoE,
+    Router,
+    SharedLoRA,
+    TaskGate,
+    Unit,
+    check_finite,
+    known_fields,
+    rank_scaling,
+    short_unit_name,
+)
+
+__all__ = [
+    "IR_VERSION",
+    "MANIFEST_NAME",
+    "TENSORS_NAME",
+    "Adapter",
+    "ExpertStack",
+    "FFNMoE",
+    "LinearMoE",
+    "Router",
+    "SharedLoRA",
+    "TaskGate",
+    "Unit",
+    "check_finite",
+    "known_fields",
+    "rank_scaling",
+    "short_unit_name",
+]
