@@ -13,7 +13,7 @@ _API = {
     "load": ("moe_export.reference.loading", "load"),
     "LoadedAdapter": ("moe_export.reference.loading", "LoadedAdapter"),
     "Adapter": ("moe_export.ir", "Adapter"),
-    "export_onnx": ("moe_export.export.onnx", "export_onnx"),
+    "export_onnx": ("moe_export.api", "export_onnx"),
     "merge": ("moe_export.merging", "merge"),
     "apply_merge_plan": ("moe_export.merging", "apply_merge_plan"),
     "save_merged": ("moe_export.merging", "save_merged"),

@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import moe_export
+from moe_export import api
 from moe_export.cli import app
 from moe_export.errors import ExportError, MoeExportError, ParityError
 from moe_export.export import onnx as onnx_export
@@ -284,7 +285,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
 
     import moe_export.validation as validate_pkg
 
-    report = onnx_export._validate(fp32_export.out_dir, Console(quiet=True))
+    report = api.validate_export(fp32_export.out_dir, Console(quiet=True))
     assert report is not None and report.passed
 
     class Failing:
@@ -295,7 +296,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
 
     monkeypatch.setattr(validate_pkg, "validate", lambda out_dir: Failing(), raising=False)
     with pytest.raises(ParityError) as info:
-        onnx_export._validate(fp32_export.out_dir, Console(quiet=True))
+        api.validate_export(fp32_export.out_dir, Console(quiet=True))
     assert info.value.exit_code == 1 and isinstance(info.value.report, Failing)
 
 

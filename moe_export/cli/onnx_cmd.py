@@ -35,7 +35,7 @@ def onnx_command(
 ) -> None:
     """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
     import moe_export
-    from moe_export.export.onnx import export_onnx
+    from moe_export.api import export_onnx
 
     if data is not None and merge_threshold is None and merge_budget is None:
         raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")

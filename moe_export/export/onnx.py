@@ -1,9 +1,10 @@
 """`export_onnx`: the whole causal LM (no KV cache) to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
 
-Steps: optional merge (merge.py) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
+Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
 (routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
 custom node after its unit, attach the model-local function bodies -> save (external data above 2 GB)
--> onnx.checker full check -> export.json, config and tokenizer files -> rename into place -> validate.
+-> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
+next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_onnx`) runs it afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from rich.console import Console
 
 from moe_export import __version__
-from moe_export.errors import ExportError, MoeExportError, ParityError
+from moe_export.errors import ExportError, MoeExportError
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
 from moe_export.export.onnx_ops import DOMAIN, MIN_OPSET, function_bodies, translation_table
 from moe_export.reference.loading import LoadedAdapter, load_base_model
@@ -96,7 +97,6 @@ def export_onnx(
     merge_threshold: float | None = None,
     merge_budget: float | None = None,
     calibration_data: str | Path | None = None,
-    validate: bool = True,
     progress: bool = True,
     console: Console | None = None,
 ) -> ExportResult:
@@ -152,10 +152,7 @@ def export_onnx(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    result = ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
-    if validate:
-        result.validation = _validate(out_dir, console)
-    return result
+    return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
 def _check_options(dtype: str, opset: int, threshold: float | None, budget: float | None, base_only: bool) -> None:
@@ -337,17 +334,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _validate(out_dir: Path, console: Console) -> Any | None:
-    """Parity against the PyTorch reference (validation/); exit 1 through ParityError when it fails."""
-    from moe_export.validation import validate  # lazy: the gate runs after export, and pulls in onnxruntime
-
-    report = validate(out_dir)
-    report.render(console)
-    if not report.passed:
-        raise ParityError(f"{out_dir}: ONNX parity check against the PyTorch reference failed", report)
-    return report
 
 
 @contextlib.contextmanager

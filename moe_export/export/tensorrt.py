@@ -28,6 +28,7 @@ import numpy as np
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
 
 MANIFEST_NAME = "export.json"
 ONNX_NAME = "model.onnx"
@@ -182,29 +183,6 @@ def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tupl
     return profiles
 
 
-def import_tensorrt() -> Any:
-    """`import tensorrt`, or a one-line RuntimeUnavailableError saying how to install it."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise RuntimeUnavailableError(
-            f"TensorRT is not installed ({exc}); on a CUDA machine: pip install 'moe-export[gpu]' (see benchmarks/GPU.md)"
-        ) from None
-    return tensorrt
-
-
-def require_cuda() -> str:
-    """The CUDA device name, or a one-line RuntimeUnavailableError when there is no usable GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeUnavailableError(
-            "TensorRT needs an NVIDIA GPU, and torch sees no CUDA device "
-            f"(torch {torch.__version__}; a +cpu build never has one); run on a GPU machine with a CUDA torch"
-        )
-    return torch.cuda.get_device_name()
-
-
 def _plugin_unavailable_reason(trt: Any) -> str | None:
     if not hasattr(trt, "QuickPluginCreationRequest"):
         return f"TensorRT {trt.__version__} has no Python AOT plugins (needs >= 10.9)"
@@ -299,9 +277,6 @@ def opt_feeds(info: OnnxInfo, profiles: dict[str, tuple[Shape, Shape, Shape]], s
 
 
 def _median_ms(trt_engine: bytes, feeds: dict[str, np.ndarray]) -> float:
-    # A later stage on purpose: timing needs the runner's execution core, imported only here.
-    from moe_export.runtimes.tensorrt import EngineSession
-
     times = EngineSession(trt_engine, "candidate engine").time_execute(feeds, warmup=10, iterations=30)
     return float(np.median(times) * 1e3)
 

@@ -1,12 +1,15 @@
-"""Input-independent weight deltas: the exact folds shared by export and merge.
+"""Input-independent weight deltas and the one fold W <- W + Δ (reference, export and merge share it).
 
-Everything is computed in fp32 and cast once when written into a weight.
+It lives below the reference and merge stages because both fold. Everything is computed in fp32 and
+cast once when written into a weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Protocol
+
 import torch
-from torch import nn
 
 from moe_export.ir.units import ExpertStack, LinearMoE
 
@@ -27,7 +30,50 @@ def static_expert_delta(stack: ExpertStack, weights: torch.Tensor) -> torch.Tens
     return torch.einsum("eor,eri->oi", b, stack.A.float())
 
 
+class FoldSpec(Protocol):
+    """What to fold into one unit's weight (merging.plan.UnitMerge is one)."""
+
+    fold_shared: bool  # the always-on shared LoRAs (exact)
+    expert_weights: list[float] | None  # [E] static expert weights; None or []: the experts are not folded
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedOnly:
+    """Fold only the shared LoRAs (what export does before tracing)."""
+
+    fold_shared: bool = True
+    expert_weights: list[float] | None = None
+
+
+ROW_BLOCK = 1024  # output rows of a weight folded at a time: bounds the fp32 delta in memory
+
+
+def unit_delta(unit: LinearMoE, entry: FoldSpec, rows: slice = slice(None)) -> torch.Tensor | None:
+    """[rows of D_out, D_in] fp32 weight delta of a fold (shared LoRAs + static experts), or None if empty.
+
+    Row slices only cut B's output dimension, so a block of the delta costs a block of memory."""
+    delta = None
+    if entry.fold_shared:
+        shared = [dataclasses.replace(s, B=s.B[rows]) for s in unit.shared]
+        out = shared[0].B.shape[0] if shared else unit.out_features
+        delta = shared_delta(dataclasses.replace(unit, out_features=out, experts=None, router=None, shared=shared))
+    if entry.expert_weights:  # [] marks a unit without experts
+        assert unit.experts is not None
+        stack = dataclasses.replace(unit.experts, B=unit.experts.B[:, rows])
+        experts = static_expert_delta(stack, torch.tensor(entry.expert_weights, dtype=torch.float64))
+        delta = experts if delta is None else delta.add_(experts)  # in place: one block fewer
+    return delta
+
+
 @torch.no_grad()
-def add_to_linear(linear: nn.Linear, delta: torch.Tensor) -> None:
-    """W <- W + delta, summed in fp32 and stored back in W's dtype."""
-    linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
+def fold_into_weight(weight: torch.Tensor, unit: LinearMoE, entry: FoldSpec) -> None:
+    """W <- cast(float(W) + Δ) in place, summed in fp32, one block of rows at a time.
+
+    The one fold: the reference (shared LoRAs before export), the in-memory merge (apply_merge_plan)
+    and the streaming writer all call it, so they produce the same bits."""
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        delta = unit_delta(unit, entry, rows)  # [block, D_in]
+        if delta is None:
+            return
+        weight[rows] = (weight[rows].float() + delta.to(weight.device)).to(weight.dtype)

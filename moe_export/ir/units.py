@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -219,73 +218,6 @@ class TaskGate:
 
 
 Unit = LinearMoE | FFNMoE
-
-
-@dataclass
-class Adapter:
-    """Base-model reference + units + global task gates + provenance."""
-
-    family: str
-    units: list[Unit]
-    base_model: str | None = None
-    task_gates: dict[str, TaskGate] = field(default_factory=dict)
-    source_config: dict[str, Any] = field(default_factory=dict)
-    notices: list[str] = field(default_factory=list)  # e.g. "top_k not saved, defaulted to 2"
-
-    def __post_init__(self) -> None:
-        seen: set[str] = set()
-        for unit in self.units:
-            if unit.name in seen:
-                raise FormatError(f"unit {unit.name} appears twice in the adapter")
-            seen.add(unit.name)
-            router = unit.router
-            if router is not None and router.kind == "task" and router.task_gate not in self.task_gates:
-                raise FormatError(f"unit {unit.name} names task gate {router.task_gate!r}, which is not in the adapter")
-
-    def unit(self, name: str) -> Unit:
-        for u in self.units:
-            if u.name == name:
-                return u
-        raise KeyError(name)
-
-    @property
-    def routed_units(self) -> list[Unit]:
-        return [u for u in self.units if u.routed]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor under its canonical key (formats.md section 7.2)."""
-        from moe_export.ir.adapter import adapter_tensors
-
-        return adapter_tensors(self)
-
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors().values())
-
-    def to_manifest(self) -> dict[str, Any]:
-        from moe_export.ir.adapter import adapter_manifest
-
-        return adapter_manifest(self)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write manifest.json + tensors.safetensors into `directory` (created)."""
-        from moe_export.ir.adapter import save_adapter
-
-        return save_adapter(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Adapter:
-        """Read a canonical adapter written by `save` (or by hand, following the same layout)."""
-        from moe_export.ir.adapter import load_adapter_dir
-
-        return load_adapter_dir(directory)
-
-    @classmethod
-    def from_manifest(
-        cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "manifest"
-    ) -> Adapter:
-        from moe_export.ir.adapter import adapter_from_manifest
-
-        return adapter_from_manifest(manifest, tensors, where)
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:

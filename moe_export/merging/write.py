@@ -23,10 +23,11 @@ import torch
 from moe_export.errors import FormatError, MergeError
 from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.ir import LinearMoE
-from moe_export.merging.plan import UnitMerge, fold_into_weight
+from moe_export.ir.fold import fold_into_weight
+from moe_export.merging.plan import UnitMerge
 
 if TYPE_CHECKING:
-    from moe_export.merging.apply import MergeResult
+    from moe_export.merging.report import MergeResult
 
 ADAPTER_DIR = "adapter"
 MERGE_MANIFEST = "moe_export_merge.json"
