@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moe_export.ir import Adapter, ExpertStack, FFNMoE, Router
-from moe_export.ops import grouped_lora_slots
+from moe_export.ops.grouped_lora_slots import grouped_lora_slots
 from moe_export.reference.ffn import MoEFFN
 from moe_export.reference.loading import load_base_model
 from moe_export.reference.model import apply_adapter
@@ -249,7 +249,8 @@ def _slots_node_session() -> object:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, function_bodies
+    from moe_export.export.onnx_ops import function_bodies
+    from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 
     f32 = TensorProto.FLOAT
     inputs = [

@@ -21,8 +21,8 @@ from moe_export.cli import app
 from moe_export.errors import ExportError, MoeExportError, ParityError
 from moe_export.export import onnx as onnx_export
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.ir import Adapter
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.reference.loading import load_base_model
 from moe_export.reference.model import cast_reference_model
 from tests.conftest import SAMPLES

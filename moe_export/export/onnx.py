@@ -26,7 +26,8 @@ from rich.console import Console
 from moe_export import __version__
 from moe_export.errors import ExportError, MoeExportError
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
-from moe_export.export.onnx_ops import DOMAIN, MIN_OPSET, function_bodies, translation_table
+from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
+from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, load_base_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
 
@@ -284,7 +285,7 @@ def _attach_function_bodies(model: Any, opset: int) -> None:
         function = onnx_ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
     if used:
-        model.opset_imports[DOMAIN] = 1
+        model.opset_imports[DOMAIN] = DOMAIN_VERSION
 
 
 def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
@@ -296,7 +297,7 @@ def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{model_path}: onnx.checker rejects the export: {str(exc).splitlines()[0][:300]}") from exc
     proto = onnx.load(str(model_path), load_external_data=False)
-    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type == "GroupedLoRA"]
+    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type == GROUPED_LORA]
     want = sorted(u.name for u in units if u.status == "routed" and u.kind == "linear_moe")
     if sorted(names) != want:
         missing = sorted(set(want) - set(names))[:3]

@@ -29,12 +29,13 @@ import numpy as np
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
 from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
+from moe_export.ops.names import GROUPED_LORA, PLUGIN_ATTRIBUTES
 
 MANIFEST_NAME = "export.json"
 ONNX_NAME = "model.onnx"
 ENGINE_NAME = "model.engine"
 ENGINE_INFO_NAME = "engine.json"
-PLUGIN_OP = "GroupedLoRA"
+PLUGIN_OP = GROUPED_LORA
 PLUGIN_CHOICES = ("auto", "on", "off")
 # Default dynamic ranges: axis 0 is the batch, other dynamic axes are sequence-like.
 DEFAULT_BATCH = (1, 1, 8)
@@ -222,7 +223,7 @@ def _build_one(
     if plugin and plugin_layers < info.grouped_lora_nodes:
         raise ExportError(
             f"{info.onnx_path}: {info.grouped_lora_nodes} GroupedLoRA nodes but {plugin_layers} plugin layers; "
-            "the nodes need the attribute plugin_namespace='moe_export' (re-export with this moe-export)"
+            f"the nodes need the attributes {PLUGIN_ATTRIBUTES} (re-export with this moe-export)"
         )
     config = builder.create_builder_config()
     # TensorRT enables TF32 for fp32 layers by default; an fp32 export asks for fp32 parity unless --tf32.

@@ -16,7 +16,7 @@ from torch import nn
 from moe_export.errors import FormatError
 from moe_export.ir import Adapter, LinearMoE, Router, Unit
 from moe_export.ir.fold import SharedOnly, fold_into_weight
-from moe_export.ops import grouped_lora
+from moe_export.ops.grouped_lora import grouped_lora
 from moe_export.reference.ffn import build_ffn_moe
 from moe_export.reference.routing import route_constant, route_tokens
 
