@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from moe_export import __version__
-from moe_export.errors import ExportError, MoeExportError
+from moe_export.errors import ExportError, InternalError, MoeExportError
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
@@ -238,7 +238,8 @@ def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str]) -> 
     except MoeExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise InternalError(f"torch.onnx.export crashed: {type(exc).__name__}: {first}") from exc
     _name_custom_nodes(program.model, routed)
     _attach_function_bodies(program.model, opset)
     model_path = tmp / MODEL_FILE

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_export.errors import FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.errors import FormatError, InternalError, MoeExportError, RuntimeUnavailableError
 
 
 def import_tensorrt() -> Any:
@@ -51,7 +51,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
         trt.DataType.BOOL: torch.bool,
     }
     if dtype not in table:
-        raise MoeExportError(f"tensorrt: engine I/O dtype {dtype} is not supported by the runner")
+        raise InternalError(f"tensorrt: engine I/O dtype {dtype} is not supported by the runner")
     return table[dtype]
 
 
@@ -124,7 +124,7 @@ class EngineSession:
 
     def execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise MoeExportError(f"{self.source}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            raise InternalError(f"{self.source}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
 
     def fetch(self) -> dict[str, np.ndarray]:
         import torch
