@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError
-from moe_export.ir import known_fields
+from moe_export.files import known_fields, read_json_object
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "moe-export-onnx"
@@ -95,12 +95,5 @@ class ExportManifest:
     @classmethod
     def load(cls, directory: str | Path) -> ExportManifest:
         path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise FormatError(f"{path}: missing; is {directory} a `moe-export onnx` output directory?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
-        if not isinstance(data, dict):
-            raise FormatError(f"{path}: expected a JSON object")
+        data = read_json_object(path, f"is {directory} a `moe-export onnx` output directory?")
         return cls.from_dict(data, where=str(path))

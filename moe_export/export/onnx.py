@@ -13,7 +13,6 @@ import ast
 import contextlib
 import copy
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from moe_export import __version__
 from moe_export.errors import ExportError, InternalError, MoeExportError
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
+from moe_export.files import make_staging_dir, replace_directory
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, load_base_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -123,8 +123,7 @@ def export_onnx(
     with _status(console, progress, "preparing the model") as status:
         model = _prepare_model(loaded, dtype, base_only)
         units = [] if base_only else _unit_records(original, model)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+        tmp = make_staging_dir(out_dir)
         try:
             status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
             model_path, program = _export(model, tmp, opset, {u.name for u in units if u.status == "routed"})
@@ -149,7 +148,7 @@ def export_onnx(
                 copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
             )
             manifest.save(tmp)
-            _move_into_place(tmp, out_dir)
+            replace_directory(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -325,17 +324,6 @@ def _copy_base_files(base: Path, tmp: Path) -> list[str]:
             shutil.copy2(base / name, tmp / name)
             copied.append(name)
     return copied
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished export onto OUT; a previous export there is removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

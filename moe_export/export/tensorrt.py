@@ -15,10 +15,8 @@ ONNX file's dtype (export with `--dtype fp16` for an fp16 engine). The ONNX pars
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
 from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
+from moe_export.files import known_fields, make_staging_dir, replace_directory, write_bytes_atomic
 from moe_export.ops.names import GROUPED_LORA, PLUGIN_ATTRIBUTES
 
 MANIFEST_NAME = "export.json"
@@ -86,13 +85,7 @@ class TrtBuildOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrtBuildOptions:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            import warnings
-
-            warnings.warn(f"TrtBuildOptions: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data, "TrtBuildOptions"))
 
 
 @dataclass
@@ -244,7 +237,7 @@ def _build_one(
     if serialized is None:
         raise ExportError(f"{info.onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
     if cache_path:
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized), seconds, plugin_layers
 
 
@@ -344,29 +337,20 @@ def build_engine(
     return report
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def _write_outputs(out: Path, engine: bytes, report: dict[str, Any]) -> None:
     """Into an existing dir: temp files renamed over, engine.json last. New dir: temp sibling renamed."""
     info_bytes = (json.dumps(report, indent=2, default=list) + "\n").encode()
     if out.is_dir():
-        _write_atomic(out / ENGINE_NAME, engine)
-        _write_atomic(out / ENGINE_INFO_NAME, info_bytes)
+        write_bytes_atomic(out / ENGINE_NAME, engine)
+        write_bytes_atomic(out / ENGINE_INFO_NAME, info_bytes)
         return
     if out.exists():
         raise MoeExportError(f"{out}: exists and is not a directory; choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = make_staging_dir(out)
     try:
         (staging / ENGINE_NAME).write_bytes(engine)
         (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
-        os.replace(staging, out)
+        replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,7 +13,6 @@ from moe_export.ir.units import (
     TaskGate,
     Unit,
     check_finite,
-    known_fields,
     rank_scaling,
     short_unit_name,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "TaskGate",
     "Unit",
     "check_finite",
-    "known_fields",
     "rank_scaling",
     "short_unit_name",
 ]

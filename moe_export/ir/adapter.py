@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moe_export.errors import FormatError
+from moe_export.files import known_fields, known_keys, read_json_object
 from moe_export.ir.units import (
     IR_VERSION,
     MANIFEST_NAME,
@@ -26,7 +27,6 @@ from moe_export.ir.units import (
     SharedLoRA,
     TaskGate,
     Unit,
-    known_fields,
 )
 
 
@@ -133,10 +133,7 @@ def load_adapter_dir(directory: str | Path) -> Adapter:
     for p in (manifest_path, tensors_path):
         if not p.is_file():
             raise FormatError(f"{p}: missing (a canonical adapter is {MANIFEST_NAME} + {TENSORS_NAME})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{manifest_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    manifest = read_json_object(manifest_path, f"a canonical adapter is {MANIFEST_NAME} + {TENSORS_NAME}")
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError) as exc:
@@ -170,9 +167,7 @@ def adapter_from_manifest(
     if extra:
         raise FormatError(f"{where}: tensors {extra[:5]} are not referenced by any unit in the manifest")
     known = {"format", "ir_version", "family", "base_model", "units", "task_gates", "source_config", "notices"}
-    unknown = sorted(set(manifest) - known)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown}", stacklevel=2)
+    known_keys(known, manifest, where)
     return Adapter(
         family=manifest.get("family", "canonical"),
         units=units,

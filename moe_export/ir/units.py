@@ -12,9 +12,8 @@ Semantics of an `FFNMoE` (MixLoRA, one router per MLP block):
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -26,15 +25,6 @@ TENSORS_NAME = "tensors.safetensors"
 
 RouterKind = Literal["linear", "task", "none"]
 RouterSelect = Literal["dense", "topk", "top_p"]
-
-
-def known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Keep the keys `cls` knows; warn (not fail) on keys from a newer moe-export."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown} (written by a newer moe-export?)", stacklevel=3)
-    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass

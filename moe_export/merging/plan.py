@@ -8,13 +8,13 @@ Legend: E experts, D_in / D_out linear sizes.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from moe_export.errors import MergeError
+from moe_export.files import known_fields
 from moe_export.ir import Adapter, LinearMoE
 from moe_export.merging.statistics import CalibrationStats
 from moe_export.ops.grouped_lora import dense_gates
@@ -84,14 +84,10 @@ class MergePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "merge plan") -> MergePlan:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(f"{where}: ignoring unknown keys {unknown} (newer moe-export?)", stacklevel=2)
-        unit_names = {f.name for f in fields(UnitMerge)}
+        kept = known_fields(cls, data, where)
         try:
-            units = [UnitMerge(**{k: v for k, v in u.items() if k in unit_names}) for u in data.get("units", [])]
-            return cls(**{k: v for k, v in data.items() if k in names and k != "units"}, units=units)
+            units = [UnitMerge(**known_fields(UnitMerge, u, where)) for u in kept.pop("units", [])]
+            return cls(**kept, units=units)
         except (TypeError, AttributeError) as exc:
             raise MergeError(f"{where}: not a merge plan ({exc})") from exc
 

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_export.errors import MoeExportError
+from moe_export.files import write_text_atomic
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
 from moe_export.validation.feeds import random_feeds
-from moe_export.validation.report import write_text_atomic
 
 Advance = Callable[[int], None]
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance
 from moe_export.validation.units import UnitComparison
@@ -193,20 +192,6 @@ def _units_table(runtime: str, per_unit: dict[str, UnitComparison]) -> Table | N
         same_x = "" if u.router_agreement is None else f"{u.router_agreement:.4f}"
         table.add_row(short_unit_name(u.name), agreement, margin, same_x, _fmt(u.gate_max_abs), op, verdict)
     return table
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary sibling and rename, so a failed run leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # JUnit XML for CI (GitHub Actions test reporters, GitLab `artifacts:reports:junit`): one <testsuite>, a
