@@ -7,6 +7,7 @@ cast once when written into a weight.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import torch
@@ -71,9 +72,22 @@ def fold_into_weight(weight: torch.Tensor, unit: LinearMoE, entry: FoldSpec) -> 
 
     The one fold: the reference (shared LoRAs before export), the in-memory merge (apply_merge_plan)
     and the streaming writer all call it, so they produce the same bits."""
+    unmap_large_frees()
     for start in range(0, weight.shape[0], ROW_BLOCK):
         rows = slice(start, start + ROW_BLOCK)
         delta = unit_delta(unit, entry, rows)  # [block, D_in]
         if delta is None:
             return
         weight[rows] = (weight[rows].float() + delta.to(weight.device)).to(weight.dtype)
+
+
+@functools.cache
+def unmap_large_frees() -> None:
+    """Pin glibc's mmap threshold at 1 MiB: by default it adapts upward to 32 MiB after the first large free,
+    so the fold's block-sized temporaries land on the heap and stay in RSS (measured: +190 MB on one
+    11008x4096 weight). Mapped blocks go back to the OS when freed. No-op off glibc."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD

@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from moe_export.errors import MoeExportError
+from moe_export.errors import MoeExportError, ParityError
 from moe_export.files import write_text_atomic
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
@@ -88,6 +88,26 @@ class BenchReport:
             "notes": self.notes,
         }
 
+    def over_gate(self) -> list[BenchRow]:
+        """Rows whose p50 exceeds the latency gate (settings["max_ratio"] times the floor); [] without a gate."""
+        limit = self.settings.get("max_ratio")
+        return [] if limit is None else [r for r in self.rows if r.ratio is not None and r.ratio > limit]
+
+    @property
+    def passed(self) -> bool:
+        return not self.over_gate()
+
+    def check(self) -> None:
+        """Raise ParityError (exit 1) when the latency gate failed."""
+        slow = self.over_gate()
+        if slow:
+            worst = max(slow, key=lambda r: r.ratio or 0.0)
+            raise ParityError(
+                f"latency gate: {worst.runtime} {worst.shape} p50 is {worst.ratio:.2f}x the floor "
+                f"(> {self.settings['max_ratio']}x); {len(slow)} of {len(self.rows)} rows over",
+                self,
+            )
+
     def write_json(self, path: str | Path) -> Path:
         return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -139,8 +159,14 @@ def bench(
     options: RunnerOptions | None = None,
     seed: int = 0,
     advance: Advance | None = None,
+    max_ratio: float | None = None,
 ) -> BenchReport:
-    """Benchmark an export (and optionally its base-only floor) on each runtime and batch size."""
+    """Benchmark an export (and optionally its base-only floor) on each runtime and batch size.
+
+    `max_ratio`: the latency gate, p50 at most this multiple of the floor (needs `base_dir`); the report's
+    `passed` says whether it held and `check()` raises ParityError (exit 1) when it did not."""
+    if max_ratio is not None and base_dir is None:
+        raise MoeExportError("--max-ratio needs --base (a base-only export to compare with)")
     if warmup < 0 or iters < 1:
         raise MoeExportError(f"--warmup {warmup} --iters {iters}: need warmup >= 0 and iters >= 1")
     if not batches or min(batches) < 1 or seq < 1:
@@ -153,7 +179,7 @@ def bench(
         None if base is None else str(base.path),
         artifact.dtype,
         {"runtimes": list(runtimes), "batches": list(batches), "seq": seq, "warmup": warmup, "iters": iters,
-         "threads": options.threads, "device": options.device},
+         "threads": options.threads, "device": options.device, "max_ratio": max_ratio},
     )  # fmt: skip
     if base is not None and not base.base_only:
         report.notes.append(f"{base.path} is not a base-only export (export.json base_only is false)")
