@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from moe_export.errors import FormatError, InternalError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner, resolve_providers
-from moe_export.runtimes.registry import Artifact, RunnerOptions, get_factory, make_runner, register_runtime
+from moe_export.runtimes.registry import RunnerOptions, get_factory, make_runner, register_runtime
 from tests.artifacts import shared_export
 
 

@@ -26,12 +26,11 @@ import numpy as np
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
 from moe_export.files import known_fields, make_staging_dir, replace_directory, write_bytes_atomic
 from moe_export.ops.names import GROUPED_LORA, PLUGIN_ATTRIBUTES
 
-MANIFEST_NAME = "export.json"
-ONNX_NAME = "model.onnx"
 ENGINE_NAME = "model.engine"
 ENGINE_INFO_NAME = "engine.json"
 PLUGIN_OP = GROUPED_LORA
@@ -94,7 +93,7 @@ class OnnxInfo:
 
     directory: Path
     onnx_path: Path
-    manifest: dict[str, Any]
+    manifest: ExportManifest
     inputs: dict[str, list[int | str]]  # name -> dims (int fixed, str symbolic)
     grouped_lora_nodes: int
     vocab_size: int | None
@@ -105,19 +104,8 @@ def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
     """Check ONNX_DIR holds export.json + model.onnx and read the graph interface (no external data)."""
     import onnx
 
-    directory = Path(onnx_dir)
-    if not directory.is_dir():
-        raise FormatError(f"{directory}: not a directory (expected the output of `moe-export onnx -o DIR`)")
-    manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise FormatError(f"{manifest_path}: missing; {directory} is not a `moe-export onnx` output directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{manifest_path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{manifest_path}: expected a JSON object")
-    onnx_path = directory / str(manifest.get("model_file", ONNX_NAME))
+    artifact = Artifact.open(onnx_dir)
+    onnx_path = artifact.onnx_path
     if not onnx_path.is_file():
         raise FormatError(f"{onnx_path}: missing; export.json names it as the model")
     try:
@@ -132,20 +120,15 @@ def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
         dims = value.type.tensor_type.shape.dim
         inputs[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
     nodes = sum(1 for n in model.graph.node if n.op_type == PLUGIN_OP)
-    config = _read_config(directory / "config.json")
     return OnnxInfo(
-        directory, onnx_path, manifest, inputs, nodes, config.get("vocab_size"), config.get("max_position_embeddings")
+        artifact.path,
+        onnx_path,
+        artifact.manifest,
+        inputs,
+        nodes,
+        artifact.model_config("vocab_size"),
+        artifact.model_config("max_position_embeddings"),
     )
-
-
-def _read_config(path: Path) -> dict[str, int]:
-    """The integer fields the builder uses from the copied HF config.json (absent or unreadable: none)."""
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    keys = ("vocab_size", "max_position_embeddings")
-    return {k: int(data[k]) for k in keys if isinstance(data, dict) and isinstance(data.get(k), int)}
 
 
 def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
@@ -292,7 +275,7 @@ def build_engine(
         "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
         "moe_export_version": __version__,
         "onnx": str(info.onnx_path),
-        "dtype": info.manifest.get("dtype"),
+        "dtype": info.manifest.dtype,
         "strongly_typed": True,
         "plugin_requested": options.plugin,
         "grouped_lora_nodes": info.grouped_lora_nodes,

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import FormatError, InternalError, RuntimeUnavailableError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.registry import Artifact, RunnerOptions
+from moe_export.runtimes.registry import RunnerOptions
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from moe_export.errors import FormatError, RuntimeUnavailableError
-from moe_export.export.manifest import ExportManifest
+from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.registry import Artifact, RunnerOptions
+from moe_export.runtimes.registry import RunnerOptions
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -19,9 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_export.errors import MoeExportError, ParityError
+from moe_export.export.manifest import Artifact
 from moe_export.files import write_text_atomic
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
+from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import random_feeds
 
 Advance = Callable[[int], None]

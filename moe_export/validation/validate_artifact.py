@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import MoeExportError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds
-from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
+from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.validation.report import RunComparison, ValidationReport
