@@ -16,8 +16,7 @@ import torch
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import indexed, stack_experts
-from moe_export.formats.loramoe import routed_units
+from moe_export.formats.common import indexed, routed_units, stack_experts
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import Adapter, ExpertStack
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.moe_peft import (
+from moe_export.formats.moe_peft_layout import (
     ModuleWeights,
     check_config,
     check_num_experts,
