@@ -105,13 +105,14 @@ def test_mixlora_top_k_override() -> None:
     assert {u.router.select for u in adapter.routed_units} == {"top_p"}
 
 
-def test_mixlora_onnx_runtime_parity(tmp_path: Path) -> None:
+def test_mixlora_onnx_runtime_parity(tmp_path_factory: pytest.TempPathFactory) -> None:
     """export_onnx gives one GroupedLoRASlots node per adapted projection; ORT matches the reference."""
     import onnx
     import onnxruntime as ort
 
-    loaded = moe_export.load(SAMPLES / "mixlora")
-    result = moe_export.export_onnx(loaded, tmp_path / "onnx", validate=False, progress=False)
+    from tests.artifacts import sample_export
+
+    result = sample_export(tmp_path_factory, SAMPLES / "mixlora")  # the session's export, shared with test_onnx_export
     nodes = [n for n in onnx.load(str(result.model_path)).graph.node if n.domain == "moe_export"]
     assert sorted({n.op_type for n in nodes}) == ["GroupedLoRASlots"] and len(nodes) == 2 * 3
     reference = moe_export.load(SAMPLES / "mixlora").model
