@@ -100,9 +100,9 @@ def test_mixlora_sample_matches_loop(name: str) -> None:
 def test_mixlora_top_k_override() -> None:
     adapter, _ = load_adapter(SAMPLES / "mixlora", options=LoadOptions(top_k=1))
     assert {u.router.top_k for u in adapter.routed_units} == {1}
-    # top-p routers have no k to override
-    adapter, _ = load_adapter(SAMPLES / "mixlora_dynamic", options=LoadOptions(top_k=1))
-    assert {u.router.select for u in adapter.routed_units} == {"top_p"}
+    # top-p routers have no k to override: the option is refused, not silently ignored
+    with pytest.raises(FormatError, match="no top-k router"):
+        load_adapter(SAMPLES / "mixlora_dynamic", options=LoadOptions(top_k=1))
 
 
 def test_mixlora_onnx_runtime_parity(tmp_path_factory: pytest.TempPathFactory) -> None:

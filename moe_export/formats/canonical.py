@@ -33,8 +33,4 @@ class Canonical(Family):
         assert ckpt.config is not None
         check_finite(ckpt.tensors, str(ckpt.weights_path))
         adapter = Adapter.from_manifest(ckpt.config, dict(ckpt.tensors), where=str(ckpt.config_path))
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter

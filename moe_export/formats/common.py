@@ -79,7 +79,12 @@ def override_top_k(adapter: Adapter, top_k: int | list[int]) -> None:
             k = top_k[layer]
         else:
             k = top_k
-        unit.router = replace(router, top_k=k)  # replace() re-runs the Router checks (1 <= k <= E)
+        if not 1 <= k <= router.num_experts:
+            layer = layer_index(unit.name)
+            raise FormatError(
+                f"--top-k {k} for layer {layer} ({unit.name}): that layer has {router.num_experts} experts"
+            )
+        unit.router = replace(router, top_k=k)
 
 
 def split_module_keys(

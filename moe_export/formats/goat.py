@@ -130,10 +130,6 @@ class Goat(Family):
                 f"base-weight correction recomputed by SVD of the original base weights (init_type={init_type}, "
                 f"coef=init_cof/{RHO:g}={coef / RHO:g}); kept as shared LoRA 'goat_base_correction'"
             )
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter
 
 

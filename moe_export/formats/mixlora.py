@@ -38,7 +38,7 @@ def routing(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Router fields for `routing_strategy` (MixLoraConfig.from_config defaults for absent keys)."""
     strategy = cfg.get("routing_strategy")
     if strategy == "mixlora":
-        top_k = cfg.get("top_k", 2)
+        top_k = cfg.get("top_k", MixLoRA.default_top_k)
         if not isinstance(top_k, int) or isinstance(top_k, bool):
             raise FormatError(f"{where}: top_k must be an integer, got {top_k!r}")
         return {"select": "topk", "top_k": top_k, "renormalize": True}
@@ -133,10 +133,6 @@ class MixLoRA(Family):
         if cfg.get("jitter_noise"):
             notices.append("jitter_noise is training-only in MoE-PEFT; inference routes without noise")
         adapter = Adapter(cls.name, sorted(units, key=_unit_order), source_config=cfg, notices=notices)
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter
 
 

@@ -60,8 +60,6 @@ class MMoELoRA(Family):
         if missing:
             raise FormatError(f"{weights_where}: the global task gate {missing} is missing (top-level keys)")
         gate = TaskGate(GATE_NAME, embedding=tensors.pop(EMBEDDING_KEY), gate=tensors.pop(GATE_KEY))
-        if options.task_id is not None:
-            gate.weights(options.task_id)  # range check with a clear message, before any model is built
         modules = split_module_keys(tensors, PARTS, weights_where, cls.title)
         units = []
         for module in sorted_modules(modules):

@@ -53,10 +53,6 @@ class MoePeftMola(_MoePeftFamily):
 
         units = linear_units(ckpt, parse_state_dict(ckpt, cls.prefix), cfg, router)
         adapter = Adapter(cls.name, units, source_config=cfg, notices=dora_notice(cfg))
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter
 
 

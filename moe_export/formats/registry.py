@@ -1,6 +1,6 @@
 """Family registry: each family is one class in formats/<family>.py, registered with `@register`.
 
-Facts are class attributes (how the family is recognised, its default top-k, its parity tolerance);
+Facts are class attributes (how the family is recognised, its default top-k, whether it saves top-k);
 code is `load()`. Lookup and detection over every registered family: `detection.py`.
 """
 
@@ -18,8 +18,12 @@ from moe_export.ir import Adapter
 class LoadOptions:
     """User choices a loader may need (CLI flags map onto these fields)."""
 
-    top_k: int | list[int] | None = field(default=None, metadata={"help": "override / supply top-k (MoLA)"})
-    task_id: int | None = field(default=None, metadata={"help": "MOELoRA task id"})
+    top_k: int | list[int] | None = field(
+        default=None, metadata={"help": "top-k of every top-k router, or one per decoder layer; refused without one"}
+    )
+    task_id: int | None = field(
+        default=None, metadata={"help": "task id for a task gate (MOELoRA); refused without one"}
+    )
 
 
 class Family:
@@ -33,8 +37,8 @@ class Family:
     key_patterns: ClassVar[tuple[str, ...]] = ()  # regexes; every one must match some tensor key
     forbidden_patterns: ClassVar[tuple[str, ...]] = ()  # regexes that must match no key
     specificity: ClassVar[int] = 10  # among several matches, the highest wins
-    default_top_k: ClassVar[int | None] = None
-    tolerance: ClassVar[float] = 1e-5  # fp32 reference-vs-independent-loop relative tolerance
+    default_top_k: ClassVar[int | None] = None  # top-k when the checkpoint does not say
+    top_k_saved: ClassVar[bool] = True  # False: the checkpoint never records top-k (MoLA); a notice says so
     needs_base_weights: ClassVar[bool] = False  # load() reads base weights (GOAT's SVD correction)
 
     @classmethod

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.formats import LoadOptions, detect_family, get_family
+from moe_export.formats import Family, LoadOptions, detect_family, get_family
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import open_checkpoint
+from moe_export.formats.common import override_top_k
 from moe_export.ir import Adapter, LinearMoE
 from moe_export.reference.model import apply_adapter
 
@@ -90,6 +91,7 @@ def _read_checkpoint(
     base_path = resolve_base_model(ckpt.path, declared, base_model)
     base = BaseWeights(base_path) if fam.needs_base_weights else None
     adapter = fam.load(ckpt, options, base)
+    apply_load_options(fam, adapter, options)
     try:
         weights = base or BaseWeights(base_path)
     except FormatError:
@@ -98,6 +100,31 @@ def _read_checkpoint(
         check_fits_base(adapter, weights)
     adapter.base_model = str(base_path)
     return adapter, base_path, fam.name
+
+
+def apply_load_options(family: type[Family], adapter: Adapter, options: LoadOptions) -> None:
+    """--top-k and --task-id, the same for every family: applied where the adapter has what they set, refused
+    (one line, exit 2) where it has not, so no option is silently ignored."""
+    if options.top_k is not None:
+        selects = sorted({u.router.select for u in adapter.units if u.router is not None})
+        if "topk" not in selects:
+            raise FormatError(
+                f"--top-k: the {family.title} checkpoint has no top-k router (routing: {', '.join(selects) or 'none'}); "
+                "drop --top-k"
+            )
+        override_top_k(adapter, options.top_k)
+    elif not family.top_k_saved:
+        adapter.notices.append(
+            f"{family.title} does not save top_k; defaulted to {family.default_top_k} in every layer "
+            "(pass --top-k K or K1,K2,...)"
+        )
+    if options.task_id is not None:
+        if not adapter.task_gates:
+            raise FormatError(
+                f"--task-id {options.task_id}: the {family.title} checkpoint has no task gate; drop --task-id"
+            )
+        for gate in adapter.task_gates.values():
+            gate.weights(options.task_id)  # range check with a clear message, before any model is built
 
 
 def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
