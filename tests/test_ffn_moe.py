@@ -1,7 +1,7 @@
 """MixLoRA's block-level unit: the slots op, the FFNMoE reference vs a per-token loop, torch.export.
 
 `LoopFFN` is the independent oracle for `FFNMoE` units (other tests import it): per token, in fp64,
-written from formats.md section 4 and sharing no routing or op code with moe_export.
+written from docs/formats.md ("mixlora") and sharing no routing or op code with moe_export.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_slots_op_registration() -> None:
 
 
 def _loop_select(router: Router, probs: torch.Tensor) -> dict[int, float]:
-    """{expert: weight} for one token from fp64 probabilities, spelled out per formats.md section 4."""
+    """{expert: weight} for one token from fp64 probabilities, spelled out per docs/formats.md ("mixlora")."""
     order = sorted(range(probs.shape[0]), key=lambda e: -float(probs[e]))
     if router.select == "topk":
         chosen = order[: router.top_k]
@@ -190,7 +190,7 @@ def test_ffn_partial_projections_and_config_activation(tiny_base) -> None:
 
 
 def test_top_p_without_experts_scales_base_mlp_by_kept_mass(tiny_base) -> None:
-    """formats.md section 8: with all B = 0 the dynamic block is the base MLP times the kept probability mass."""
+    """docs/formats.md ("mixlora"): with all B = 0 the dynamic block is the base MLP times the kept probability mass."""
     adapter = ffn_adapter(ROUTERS["top_p"])
     for unit in adapter.units:
         for stack in unit.experts.values():

@@ -124,7 +124,7 @@ def test_mixlora_onnx_runtime_parity(tmp_path_factory: pytest.TempPathFactory) -
             want = reference(input_ids=ids, attention_mask=mask).logits.numpy()
         (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         # rtol 1e-4 per element, plus 1e-4 of the largest logit: logits near zero have no meaningful
-        # relative error (the same "relative to the max reference" definition as validate/parity.py).
+        # relative error (the same "relative to the max reference" definition as validation/parity.py).
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all(), "top-1 tokens must agree everywhere"
 

@@ -3,7 +3,7 @@
 TensorRT 11 has no precision flags: the network is created STRONGLY_TYPED and every tensor keeps the
 ONNX file's dtype (export with `--dtype fp16` for an fp16 engine). The ONNX parser maps each
 `moe_export::GroupedLoRA` node to the QDP plugin when it is registered (the node carries
-`plugin_namespace`), else imports the node's model-local function body (runtimes.md section 2.2).
+`plugin_namespace`), else imports the node's model-local function body (docs/op-contract.md, "TensorRT").
 
     --plugin off   parse with the plugin unregistered: the dense function body, standard layers only
     --plugin on    register the AOT plugin (Triton PTX inside the engine; no Python needed to run it)

@@ -3,7 +3,7 @@
 Legend: T tokens, K slots per token, E experts, E_A experts owning an A (E or 1), R rank, D_in / D_out.
 
 The ONNX parser binds our `GroupedLoRA` node to this plugin by op_type + the node's `plugin_namespace`
-attribute (runtimes.md section 2.2); the node's other attributes are ignored because the plugin declares
+attribute (docs/op-contract.md, "TensorRT"); the node's other attributes are ignored because the plugin declares
 none. Only `@trtp.aot_impl` is defined (no `@trtp.impl`), so TensorRT needs no network flag to choose
 and the built engine runs without Python or Triton (trtexec can run it).
 

@@ -203,7 +203,7 @@ def routed_units(
             raise FormatError(f"{ckpt.weights_path}: {module} has rank {stack.rank}, {where} says r={rank}")
         if declared is not None and declared != stack.num_experts:
             raise FormatError(f"{where}: lora_nums={declared}, but {module} holds {stack.num_experts} experts")
-        # Routed in the model dtype: softmax(G x, dtype=float32).to(y.dtype) (formats.md sections 5, 6).
+        # Routed in the model dtype: softmax(G x, dtype=float32).to(y.dtype) (docs/formats.md, "loramoe", "hydralora").
         router = Router(
             "linear", stack.num_experts, "dense", renormalize=False, compute_dtype="model", weight=found["route"]
         )

@@ -1,6 +1,6 @@
 """GOAT (Facico/GOAT-PEFT): per-linear top-k MoE-LoRA whose SVD init also modified the base weight.
 
-reference/formats.md section 1. The checkpoint holds only the LoRA experts and routers; GOAT's init
+docs/formats.md ("goat"). The checkpoint holds only the LoRA experts and routers; GOAT's init
 subtracted `init_cof * s * B0 A0` from W, and GOAT's own loader re-does that on the original W. We
 recompute the same term by SVD of the original base weight and keep it as an always-on shared LoRA.
 Legend: E experts, R total rank (config `r`), R_e = R // E expert rank, D_in / D_out linear sizes.

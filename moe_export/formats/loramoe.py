@@ -1,6 +1,6 @@
 """LoRAMoE (Ablustrund/LoRAMoE): E LoRA experts per MLP linear, mixed densely by a per-linear router.
 
-Layout (reference/formats.md section 6): vendored-peft `adapter_model.bin` + `adapter_config.json`
+Layout (docs/formats.md, "loramoe"): vendored-peft `adapter_model.bin` + `adapter_config.json`
 (`peft_type: LORA`, `lora_nums` = E), keys under `base_model.model.` with no adapter-name component:
     {module}.lora_A{e}.weight [R, D_in], {module}.lora_B{e}.weight [D_out, R], {module}.lora_route.weight [E, D_in]
 Forward: `y = W x + b + sum_e p_e (alpha / r) B_e A_e x`, `p = softmax(G x, dtype=fp32).to(y.dtype)` with

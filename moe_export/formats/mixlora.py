@@ -1,6 +1,6 @@
 """MixLoRA (TUDB-Labs/MixLoRA, checkpoints written by MoE-PEFT): one router per MLP block.
 
-Layout (reference/formats.md section 4): `adapter_model.bin` + `adapter_config.json` with
+Layout (docs/formats.md, "mixlora"): `adapter_model.bin` + `adapter_config.json` with
 `peft_type: MIXLORA`, keys
     mixlora.layers.{i}.mlp.moe_gate.weight                                  [E, D] block router
     mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_A|lora_B.weight          per-expert LoRA of gate/up/down
@@ -46,7 +46,7 @@ def routing(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         top_p, temperature = cfg.get("top_p", 0.8), cfg.get("temperature", 0.0)
         if not isinstance(top_p, (int, float)) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise FormatError(f"{where}: top_p ({top_p!r}) and temperature ({temperature!r}) must be numbers >= 0")
-        # The kept probabilities are NOT renormalised (formats.md section 4); keep that quirk.
+        # The kept probabilities are NOT renormalised (docs/formats.md, "mixlora"); keep that quirk.
         return {"select": "top_p", "top_p": float(top_p), "temperature": float(temperature), "renormalize": False}
     if strategy == "mixlora-switch":
         raise FormatError(

@@ -1,6 +1,6 @@
 """MOELoRA (liuqidong07/MOELoRA-peft, medical multi-task): dense experts weighted by a global task gate.
 
-reference/formats.md section 3b. One gate for the whole model, `softmax(GateL @ Emb[task_id])`, weighs
+docs/formats.md ("mmoelora"). One gate for the whole model, `softmax(GateL @ Emb[task_id])`, weighs
 the E experts of every adapted linear; routing never looks at hidden states, so a task id must be given
 (`--task-id`) and, for that task, each linear is an ordinary LoRA. Scaling is alpha / R with R the TOTAL
 rank (each expert has rank R / E), as in `MMOELoraLinearS`.

@@ -1,6 +1,6 @@
 """MoE-PEFT (TUDB-Labs/MoE-PEFT) checkpoints: MoLA and LoRAMoE with per-linear routers.
 
-Layout (reference/formats.md section 4, `moe_peft/model.py get_lora_layer_weight`): `adapter_model.bin`
+Layout (docs/formats.md, "MoE-PEFT layout"): `adapter_model.bin`
 (torch.save of a flat fp32 dict) + `adapter_config.json` (`LoraConfig.export()`), keys
     {prefix}.layers.{i}.{self_attn|mlp}.{proj}.moe_gate.weight                 [E, D_in]
     {prefix}.layers.{i}.{self_attn|mlp}.{proj}.experts.{e}.lora_A|lora_B.weight [R, D_in] / [D_out, R]

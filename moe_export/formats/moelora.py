@@ -1,6 +1,6 @@
 """MoELoRA (Luo et al. 2024, arXiv 2402.12851): per-linear top-k MoE-LoRA in a PEFT-style layout.
 
-The authors publish no code or checkpoint format (reference/formats.md section 3a), so moe-export
+The authors publish no code or checkpoint format (docs/formats.md, "moelora"), so moe-export
 defines one, following PEFT's conventions:
 
     adapter_config.json: {"peft_type": "MOELORA", "num_experts": E, "top_k": K, "r": R (per expert),

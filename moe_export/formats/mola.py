@@ -1,6 +1,6 @@
 """MoLA (GCYZSL/MoLA): per-linear top-k MoE-LoRA with a different expert count per decoder layer.
 
-reference/formats.md section 2. MoLA saves neither the expert counts nor top-k: expert counts are
+docs/formats.md ("mola"). MoLA saves neither the expert counts nor top-k: expert counts are
 recovered from the tensors, top-k comes from the user (`--top-k`, one value or one per layer) or
 defaults to 2 (MoLA's README setting), with a notice. The router matmul runs in the model dtype
 (MoLA casts the model to fp16), its softmax in fp32, and the selected weights are renormalised.

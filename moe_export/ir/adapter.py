@@ -62,7 +62,7 @@ class Adapter:
         return [u for u in self.units if u.routed]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor under its canonical key (formats.md section 7.2)."""
+        """Every tensor under its canonical key (docs/formats.md, "canonical")."""
         return adapter_tensors(self)
 
     def num_parameters(self) -> int:
@@ -88,7 +88,7 @@ class Adapter:
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Every tensor under its canonical key (formats.md section 7.2)."""
+    """Every tensor under its canonical key (docs/formats.md, "canonical")."""
     out: dict[str, torch.Tensor] = {}
     for unit in adapter.units:
         out.update(_unit_tensors(unit))

@@ -1,7 +1,7 @@
 """The faithful PyTorch forward of an `FFNMoE` unit (MixLoRA): one router per MLP block.
 
 Every expert is the whole gated FFN with LoRA deltas on its adapted projections
-(reference/formats.md section 4, `MixtralSparseMoe.forward` + `LlamaMLP._mixlora_forward`):
+(docs/formats.md, "mixlora"; MoE-PEFT `MixtralSparseMoe.forward` + `LlamaMLP._mixlora_forward`):
 
     out = sum_{e in sel(h)} w_e * down_e(act(gate_e(h)) * up_e(h)),   proj_e(z) = W z + b + s_e B_e A_e z
 

@@ -1,6 +1,6 @@
 """The faithful PyTorch forward: adapted modules of a transformers model replaced by MoE-LoRA modules.
 
-This is the parity oracle. It follows the original code's formulas (reference/formats.md): router
+This is the parity oracle. It follows the original code's formulas (docs/formats.md): router
 matmul in the family's dtype, fp32 softmax, top-k / dense / top-p selection, renormalisation, scaling,
 always-on shared LoRAs. The routed experts run through the opaque custom op `moe_export::grouped_lora`.
 Legend: T tokens, E experts, K slots, R rank, D_in / D_out feature sizes.

@@ -1,4 +1,4 @@
-"""The runner interface: a runner only runs (comparison lives in validate/).
+"""The runner interface: a runner only runs (comparison lives in validation/).
 
     with SomeRunner(...) as runner:
         outputs = runner.infer({"input_ids": ids, "attention_mask": mask})

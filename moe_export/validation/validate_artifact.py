@@ -2,7 +2,7 @@
 
 The first runtime is the reference (normally `torch`, the faithful PyTorch forward); every other runtime
 is compared with it on every input. When the reference is torch and a candidate is onnxruntime, routing
-is also captured on both sides and compared per unit (validate/units.py).
+is also captured on both sides and compared per unit (validation/units.py).
 """
 
 from __future__ import annotations
