@@ -113,6 +113,15 @@ def _show_traceback_if_debug() -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def show_report(report: Any, as_json: bool) -> None:
+    """A report as JSON on stdout, or as rich tables (at least 120 columns: a pipe reports 80 and would fold
+    every cell)."""
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        report.render(Console(width=max(console.width, 120)))
+
+
 def print_json(data: Any) -> None:
     """Machine output on stdout: plain JSON, nothing else."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.app import command, err_console, parse_int_list, show_report
 from moe_export.cli.validate_cmd import parse_runtimes
 
 
@@ -69,9 +68,5 @@ def bench_command(
         report.write_json(report_path)
     if plot is not None:
         report.plot(plot)
-    if as_json:
-        print_json(report.to_dict())
-    else:
-        # A pipe reports 80 columns and would fold every cell; the tables stay readable at 120.
-        report.render(Console(width=max(console.width, 120)))
+    show_report(report, as_json)
     report.check()

@@ -7,15 +7,16 @@ from pathlib import Path
 import typer
 
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 
 
 @command("merge")
 def merge_cmd(
-    ckpt: Path = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical)."),
+    ckpt: Path = CKPT_ARGUMENT,
     out: Path = typer.Option(..., "-o", "--output", help="New directory for the merged transformers model."),
-    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint)."),
-    family: str | None = typer.Option(None, "--family", help="Family name; overrides detection."),
-    top_k: str | None = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer."),
+    base: Path | None = BASE_OPTION,
+    family: str | None = FAMILY_OPTION,
+    top_k: str | None = TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA): folds exactly."),
     threshold: float | None = typer.Option(
         None, "--merge-threshold", help="Merge units whose dominance max_e mean-gate >= T (0 < T <= 1)."
