@@ -1,10 +1,7 @@
 """The canonical adapter (DESIGN.md section 4): units in `units.py`, the on-disk layout in `adapter.py`."""
 
-from moe_export.ir.adapter import Adapter
+from moe_export.ir.adapter import IR_VERSION, MANIFEST_NAME, TENSORS_NAME, Adapter
 from moe_export.ir.units import (
-    IR_VERSION,
-    MANIFEST_NAME,
-    TENSORS_NAME,
     ExpertStack,
     FFNMoE,
     LinearMoE,

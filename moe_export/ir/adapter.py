@@ -16,18 +16,11 @@ import torch
 
 from moe_export.errors import FormatError
 from moe_export.files import known_fields, known_keys, read_json_object
-from moe_export.ir.units import (
-    IR_VERSION,
-    MANIFEST_NAME,
-    TENSORS_NAME,
-    ExpertStack,
-    FFNMoE,
-    LinearMoE,
-    Router,
-    SharedLoRA,
-    TaskGate,
-    Unit,
-)
+from moe_export.ir.units import ExpertStack, FFNMoE, LinearMoE, Router, SharedLoRA, TaskGate, Unit
+
+IR_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSORS_NAME = "tensors.safetensors"
 
 
 @dataclass

@@ -19,10 +19,6 @@ import torch
 
 from moe_export.errors import FormatError
 
-IR_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-TENSORS_NAME = "tensors.safetensors"
-
 RouterKind = Literal["linear", "task", "none"]
 RouterSelect = Literal["dense", "topk", "top_p"]
 
