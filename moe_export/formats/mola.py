@@ -81,5 +81,7 @@ class Mola(Family):
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             stack = stack_experts(module, a_list, b_list, alpha / rank)
             units.append(LinearMoE(module, d_in, d_out, stack, router))
-        adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config})
+        adapter = Adapter(
+            family=cls.name, units=units, source_config={"adapter_config": config, "top_k": cls.default_top_k}
+        )  # the loader's default; --top-k, applied after loading, changes the routers, not this record
         return adapter
