@@ -19,7 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, function_bodies
+from moe_export.export.onnx_ops import function_bodies
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 
 OPSET = 20
 D, E, R, K = 1024, 8, 8, 2

@@ -86,8 +86,8 @@ def make_base(directory: Path) -> None:
 def make_adapter_and_stats(ckpt: Path, base: Path, stats_path: Path) -> None:
     import torch
 
-    from moe_export.calibration import CalibrationStats, UnitStats
     from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, SharedLoRA
+    from moe_export.merging.statistics import CalibrationStats, UnitStats
 
     g = torch.Generator().manual_seed(1)
     units, stats = [], {}

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 import moe_export
-from moe_export.reference import MoELoRALinear, moe_modules
-from moe_export.routing import route_tokens
+from moe_export.reference.model import MoELoRALinear, moe_modules
+from moe_export.reference.routing import route_tokens
 
 
 class SeedsStyleLinear(torch.nn.Module):

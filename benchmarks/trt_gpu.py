@@ -25,7 +25,7 @@ from bench_model import VOCAB, write_bench_checkpoint
 
 import moe_export
 from moe_export.export.tensorrt import TrtBuildOptions, build_engine
-from moe_export.reference import cast_reference_model
+from moe_export.reference.model import cast_reference_model
 from moe_export.runtimes.tensorrt import TensorRTRunner
 
 # Plugin last: the body engines are then built before the plugin is ever registered in this process.

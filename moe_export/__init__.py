@@ -10,14 +10,14 @@ __version__ = "0.1.0"
 # merging / calibration / validation so these names stay functions (an imported submodule would shadow them).
 # The public API is imported lazily so `import moe_export` stays cheap (no torch/onnx at import time).
 _API = {
-    "load": ("moe_export.loading", "load"),
-    "LoadedAdapter": ("moe_export.loading", "LoadedAdapter"),
+    "load": ("moe_export.reference.loading", "load"),
+    "LoadedAdapter": ("moe_export.reference.loading", "LoadedAdapter"),
     "Adapter": ("moe_export.ir", "Adapter"),
-    "export_onnx": ("moe_export.export.onnx", "export_onnx"),
+    "export_onnx": ("moe_export.api", "export_onnx"),
     "merge": ("moe_export.merging", "merge"),
     "apply_merge_plan": ("moe_export.merging", "apply_merge_plan"),
     "save_merged": ("moe_export.merging", "save_merged"),
-    "calibrate": ("moe_export.calibration", "calibrate"),
+    "calibrate": ("moe_export.merging", "calibrate"),
     "validate": ("moe_export.validation", "validate"),
     "bench": ("moe_export.validation", "bench"),
 }

@@ -1,4 +1,9 @@
-"""One exception hierarchy: the CLI turns every MoeExportError into a one-line message and exit 2."""
+"""Whose fault it is decides the exit code (DESIGN.md section 2).
+
+MoeExportError: the input is wrong -> one line naming the file/option, exit 2 (ParityError: a gate failed, exit 1).
+InternalError: our bug, or a library we drive crashed on input we accepted -> exit 3, a line saying so.
+Any other exception reaching the CLI is treated like an InternalError.
+"""
 
 from __future__ import annotations
 
@@ -33,3 +38,10 @@ class ParityError(MoeExportError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class InternalError(Exception):
+    """Not the user's fault: a bug in moe-export, or a third-party crash (torch.onnx.export, ORT at run time)
+    on input we accepted. Deliberately not a MoeExportError, so no handler of bad input swallows it."""
+
+    exit_code = 3

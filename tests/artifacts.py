@@ -37,3 +37,19 @@ def shared_export(tmp_path_factory: object, base: Path, kind: str = "adapter") -
         ckpt = save_tiny_checkpoint(root / "ckpt", base)
         _CACHE[key] = export_tiny(ckpt, base, root / "onnx", base_only=kind == "base")
     return _CACHE[key]
+
+
+# Task-routed samples (MOELoRA) need a task id to load; the others take none.
+SAMPLE_TASK_IDS = {"mmoelora": 0}
+_SAMPLE_CACHE: dict[str, object] = {}
+
+
+def sample_export(tmp_path_factory: object, sample: Path) -> object:
+    """`moe_export.export_onnx` of a shipped sample, no merge, once per session (an ExportResult); read only."""
+    import moe_export
+
+    if sample.name not in _SAMPLE_CACHE:
+        out = tmp_path_factory.mktemp(f"sample-{sample.name}") / "onnx"  # type: ignore[attr-defined]
+        loaded = moe_export.load(sample, task_id=SAMPLE_TASK_IDS.get(sample.name))
+        _SAMPLE_CACHE[sample.name] = moe_export.export_onnx(loaded, out, validate=False, progress=False)
+    return _SAMPLE_CACHE[sample.name]

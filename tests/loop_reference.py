@@ -18,7 +18,7 @@ class LoopLinear(nn.Module):
         self.base, self.unit, self.task_weights = base, unit, task_weights
 
     def expert_weights(self, x: torch.Tensor) -> dict[int, float]:
-        """{expert: weight} for one token, from the formulas in reference/formats.md."""
+        """{expert: weight} for one token, from the formulas in docs/formats.md."""
         router = self.unit.router
         assert router is not None
         if router.kind == "task":

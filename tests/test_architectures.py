@@ -14,10 +14,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import moe_export
-from moe_export.architectures import SUPPORTED
 from moe_export.cli import app
 from moe_export.formats.checkpoint import read_tensor_file
 from moe_export.merging import merge
+from moe_export.reference.architectures import SUPPORTED
 from tests.conftest import SAMPLES
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from moe_export.cli import app
 from moe_export.errors import MoeExportError
 from moe_export.formats.checkpoint import read_tensor_file
-from moe_export.loading import load_adapter
+from moe_export.reference.loading import load_adapter
 from tests.conftest import SAMPLES
 
 BASE = (SAMPLES / "tiny-llama").resolve()

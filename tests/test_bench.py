@@ -68,3 +68,21 @@ def test_bench_bad_options_exit_2(export_dir: Path, extra: list[str]) -> None:
 def test_bench_missing_artifact_exit_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_latency_gate_is_in_the_library(export_dir: Path) -> None:
+    """The Python API gets the gate the CLI has: `passed` and `check()` on the report."""
+    from moe_export.errors import MoeExportError, ParityError
+    from moe_export.validation.bench import bench
+
+    common = {"batches": [1], "seq": 4, "warmup": 0, "iters": 1}
+    with pytest.raises(MoeExportError, match="needs --base"):
+        bench(export_dir, max_ratio=2.0, **common)
+    report = bench(export_dir, base_dir=export_dir, max_ratio=0.0, **common)
+    assert not report.passed and report.over_gate() == report.rows
+    with pytest.raises(ParityError, match="latency gate") as info:
+        report.check()
+    assert info.value.report is report
+    ungated = bench(export_dir, base_dir=export_dir, **common)
+    assert ungated.passed and ungated.over_gate() == []
+    ungated.check()

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 import moe_export
-from moe_export.calibration import CalibrationStats, UnitAccumulator, calibrate, calibration_inputs
 from moe_export.cli import app
 from moe_export.errors import FormatError
+from moe_export.merging.statistics import CalibrationStats, UnitAccumulator, calibrate, calibration_inputs
 from tests.conftest import SAMPLES
 from tests.loop_reference import LoopLinear
 from tests.tiny import random_adapter

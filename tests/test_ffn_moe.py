@@ -1,7 +1,7 @@
 """MixLoRA's block-level unit: the slots op, the FFNMoE reference vs a per-token loop, torch.export.
 
 `LoopFFN` is the independent oracle for `FFNMoE` units (other tests import it): per token, in fp64,
-written from formats.md section 4 and sharing no routing or op code with moe_export.
+written from docs/formats.md ("mixlora") and sharing no routing or op code with moe_export.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moe_export.ir import Adapter, ExpertStack, FFNMoE, Router
-from moe_export.loading import load_base_model
-from moe_export.ops import grouped_lora_slots
-from moe_export.reference import apply_adapter
-from moe_export.reference_ffn import MoEFFN
+from moe_export.ops.grouped_lora_slots import grouped_lora_slots
+from moe_export.reference.ffn import MoEFFN
+from moe_export.reference.loading import load_base_model
+from moe_export.reference.model import apply_adapter
 
 # --------------------------------------------------------------------------- the slots op
 
@@ -67,7 +67,7 @@ def test_slots_op_registration() -> None:
 
 
 def _loop_select(router: Router, probs: torch.Tensor) -> dict[int, float]:
-    """{expert: weight} for one token from fp64 probabilities, spelled out per formats.md section 4."""
+    """{expert: weight} for one token from fp64 probabilities, spelled out per docs/formats.md ("mixlora")."""
     order = sorted(range(probs.shape[0]), key=lambda e: -float(probs[e]))
     if router.select == "topk":
         chosen = order[: router.top_k]
@@ -190,7 +190,7 @@ def test_ffn_partial_projections_and_config_activation(tiny_base) -> None:
 
 
 def test_top_p_without_experts_scales_base_mlp_by_kept_mass(tiny_base) -> None:
-    """formats.md section 8: with all B = 0 the dynamic block is the base MLP times the kept probability mass."""
+    """docs/formats.md ("mixlora"): with all B = 0 the dynamic block is the base MLP times the kept probability mass."""
     adapter = ffn_adapter(ROUTERS["top_p"])
     for unit in adapter.units:
         for stack in unit.experts.values():
@@ -249,7 +249,8 @@ def _slots_node_session() -> object:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, function_bodies
+    from moe_export.export.onnx_ops import function_bodies
+    from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 
     f32 = TensorProto.FLOAT
     inputs = [

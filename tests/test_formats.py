@@ -16,7 +16,7 @@ from moe_export.errors import FormatError, MoeExportError
 from moe_export.formats import FAMILIES, LoadOptions, detect_family
 from moe_export.formats.checkpoint import open_checkpoint
 from moe_export.ir import FFNMoE
-from moe_export.loading import load_adapter, load_base_model
+from moe_export.reference.loading import load_adapter, load_base_model
 from tests.conftest import SAMPLES
 from tests.loop_reference import apply_loop_reference
 
@@ -191,3 +191,22 @@ def test_moelora_rslora(tmp_path: Path) -> None:
 def test_goat_config_rank_must_match_tensors(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="rank 2"):
         load_adapter(_copy_with_config(tmp_path, "goat", r=16))
+
+
+@pytest.mark.parametrize("name", sample_dirs())
+def test_load_options_apply_or_are_refused(name: str) -> None:
+    """--top-k / --task-id are applied by the loading layer for every family the same way: where the
+    checkpoint has top-k routers / a task gate they take effect, elsewhere they are refused (never ignored)."""
+    sample = SAMPLES / name
+    task = {"task_id": 0} if family_of_sample(name) == "mmoelora" else {}
+    adapter, _ = load_adapter(sample, options=LoadOptions(**task))
+    topk_units = [u for u in adapter.units if u.router is not None and u.router.select == "topk"]
+    if topk_units:
+        changed, _ = load_adapter(sample, options=LoadOptions(top_k=1, **task))
+        assert {u.router.top_k for u in changed.units if u.router is not None and u.router.select == "topk"} == {1}
+    else:
+        with pytest.raises(FormatError, match=r"--top-k.*no top-k router"):
+            load_adapter(sample, options=LoadOptions(top_k=1, **task))
+    if not adapter.task_gates:
+        with pytest.raises(FormatError, match=r"--task-id 0.*no task gate"):
+            load_adapter(sample, options=LoadOptions(task_id=0))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_export.base_weights import BaseWeights
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.goat import goat_scaling
-from moe_export.loading import load_adapter
+from moe_export.reference.loading import load_adapter
 from samples.writers import goat as goat_writer
 from tests.conftest import SAMPLES
 

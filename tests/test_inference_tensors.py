@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import moe_export
 from moe_export.cli import app
 from moe_export.formats.checkpoint import read_tensor_file
-from moe_export.ir_tensors import adapter_tensors_are_inference_ready
+from moe_export.ir.tensors import adapter_tensors_are_inference_ready
 from tests.conftest import SAMPLES
 
 Tensors = dict[str, torch.Tensor]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import moe_export
-from moe_export.calibration import calibrate
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE, Router, TaskGate
-from moe_export.loading import load_adapter
 from moe_export.merging import MergePlan, apply_merge_plan, merge, plan_merge
-from moe_export.reference import moe_modules
+from moe_export.merging.statistics import calibrate
+from moe_export.reference.loading import load_adapter
+from moe_export.reference.model import moe_modules
 from tests.conftest import SAMPLES
 from tests.tiny import random_adapter
 
@@ -216,11 +216,13 @@ def test_ffn_units_are_skipped_with_a_notice() -> None:
     assert not any(e.name in ffn for e in plan.units)
 
 
-def test_blocked_fold_equals_add_to_linear() -> None:
-    """fold_into_weight works by row blocks (bounded memory); it must give add_to_linear's bits."""
-    from moe_export.folding import add_to_linear, shared_delta, static_expert_delta
+def test_blocked_fold_equals_the_whole_matrix_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fold_into_weight works by row blocks (bounded memory); it must give the bits of one whole-matrix fold:
+    cast(float(W) + sum_shared s B A + sum_e w_e s_e B_e A_e), written out here with plain matmuls."""
+    import moe_export.ir.fold as fold_module
     from moe_export.ir import ExpertStack, SharedLoRA
-    from moe_export.merge_plan import ROW_BLOCK, UnitMerge, fold_into_weight
+    from moe_export.ir.fold import ROW_BLOCK, fold_into_weight
+    from moe_export.merging.plan import UnitMerge
 
     g = torch.Generator().manual_seed(0)
     d_in, d_out = 96, 2 * ROW_BLOCK + 37  # three blocks, the last one partial
@@ -230,8 +232,18 @@ def test_blocked_fold_equals_add_to_linear() -> None:
     unit = LinearMoE("u", d_in, d_out, stack, router, shared)
     weights = [0.55, 0.25, 0.15, 0.05]
     for dtype in (torch.float32, torch.bfloat16):
-        linear = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
-        blocked = linear.weight.detach().clone()
-        add_to_linear(linear, shared_delta(unit) + static_expert_delta(stack, torch.tensor(weights)))
+        weight = torch.nn.Linear(d_in, d_out, bias=False).to(dtype).weight.detach()
+        blocked = weight.clone()
+        shared_term = shared[0].scaling * (shared[0].B @ shared[0].A)  # [D_out, D_in]
+        expert_terms = sum(
+            w * float(s) * (b @ a) for w, s, b, a in zip(weights, stack.scaling, stack.B, stack.A, strict=True)
+        )
+        whole = (weight.float() + (shared_term + expert_terms)).to(dtype)
         fold_into_weight(blocked, unit, UnitMerge("u", "threshold", True, weights))
-        assert torch.equal(blocked, linear.weight)
+        assert torch.allclose(blocked.float(), whole.float(), rtol=0, atol=1e-4 if dtype == torch.float32 else 0.07)
+        # Block by block equals the same code on the whole matrix at once, to the bit.
+        unblocked = weight.clone()
+        with monkeypatch.context() as patch:
+            patch.setattr(fold_module, "ROW_BLOCK", d_out)
+            fold_into_weight(unblocked, unit, UnitMerge("u", "threshold", True, weights))
+        assert torch.equal(blocked, unblocked)

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 import moe_export
-from moe_export.calibration import calibrate
-from moe_export.merging import merge
+from moe_export.merging import calibrate, merge
 from tests.conftest import SAMPLES
 from tests.test_onnx_export import feeds_for, ort_logits, torch_logits
 

@@ -16,14 +16,16 @@ import torch
 from typer.testing import CliRunner
 
 import moe_export
+from moe_export import api
 from moe_export.cli import app
-from moe_export.errors import ExportError, MoeExportError, ParityError
+from moe_export.errors import ExportError, ParityError
 from moe_export.export import onnx as onnx_export
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.ir import Adapter
-from moe_export.loading import load_base_model
-from moe_export.reference import cast_reference_model
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
+from moe_export.reference.loading import load_base_model
+from moe_export.reference.model import cast_reference_model
+from tests.artifacts import SAMPLE_TASK_IDS, sample_export
 from tests.conftest import SAMPLES
 from tests.tiny import random_adapter
 
@@ -243,35 +245,45 @@ SAMPLE_DIRS = (
 )
 
 
+# The full merge path (calibrate, plan, fold, export, merged reference) on two families that exercise
+# different folds: GOAT (calibrated top-k routers + the shared base correction) and MOELoRA (the exact
+# per-task fold). Every other sample exports unmerged; the merge math has its own tests (test_merge.py).
+MERGE_PATH_SAMPLES = {"goat", "mmoelora"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sample", SAMPLE_DIRS, ids=lambda p: p.name)
-def test_sample_export_parity(sample: Path, tmp_path: Path) -> None:
-    """Every family sample exports with the headline `--merge-threshold 0.9`, passes the checker, and matches
-    the merged reference (rebuilt from the plan in export.json, as `validate` does) in ORT."""
-    from moe_export.merging import MergePlan, apply_merge_plan
-
-    try:
-        loaded, task_id = moe_export.load(sample), None
-    except MoeExportError as exc:  # task-routed families (MOELoRA) need a task id
-        if "task" not in str(exc):
-            raise
-        loaded, task_id = moe_export.load(sample, task_id=0), 0
-    result = moe_export.export_onnx(loaded, tmp_path / "out", merge_threshold=0.9, validate=False, progress=False)
-    assert result.manifest.merge_plan is not None
-    # Rebuilt from export.json alone (family, plan), exactly as `moe-export validate` does.
-    reloaded = moe_export.load(sample, family=result.manifest.family, task_id=task_id)
-    reference = apply_merge_plan(reloaded, MergePlan.from_dict(result.manifest.merge_plan)).model
+def test_sample_export_validates(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every family sample exports, passes the full ONNX checker with one GroupedLoRA node per routed linear, and
+    passes the `validate` gate (outputs + per-unit routing, top-p MixLoRA included)."""
+    if sample.name in MERGE_PATH_SAMPLES:
+        result = _merged_sample_export(sample, tmp_path_factory.mktemp(sample.name) / "out")
+    else:
+        result = sample_export(tmp_path_factory, sample)
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
     assert sorted(n.name for n in model.graph.node if n.op_type == "GroupedLoRA") == routed
+    report = moe_export.validate(result.out_dir)
+    assert report.passed, report.to_dict()
+
+
+def _merged_sample_export(sample: Path, out: Path) -> onnx_export.ExportResult:
+    """The headline `--merge-threshold 0.9` export, checked in ORT against the merged reference rebuilt from the
+    plan in export.json (as `validate` does), independently of validate's own comparison."""
+    from moe_export.merging import MergePlan, apply_merge_plan
+
+    task_id = SAMPLE_TASK_IDS.get(sample.name)
+    loaded = moe_export.load(sample, task_id=task_id)
+    result = moe_export.export_onnx(loaded, out, merge_threshold=0.9, validate=False, progress=False)
+    assert result.manifest.merge_plan is not None
+    reloaded = moe_export.load(sample, family=result.manifest.family, task_id=task_id)
+    reference = apply_merge_plan(reloaded, MergePlan.from_dict(result.manifest.merge_plan)).model
     vocab = int(json.loads((result.out_dir / "config.json").read_text())["vocab_size"])
     for shape in ((1, 1), (3, 33)):
         feeds = feeds_for(shape, vocab=vocab, seed=shape[1])
         assert_parity(ort_logits(result.model_path, feeds), torch_logits(reference, feeds), FP32_RTOL)
-    # The validate gate (outputs + per-unit routing) passes on every sample export, top-p MixLoRA included.
-    report = moe_export.validate(result.out_dir)
-    assert report.passed, report.to_dict()
+    return result
 
 
 def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +292,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
 
     import moe_export.validation as validate_pkg
 
-    report = onnx_export._validate(fp32_export.out_dir, Console(quiet=True))
+    report = api.validate_export(fp32_export.out_dir, Console(quiet=True))
     assert report is not None and report.passed
 
     class Failing:
@@ -291,7 +303,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
 
     monkeypatch.setattr(validate_pkg, "validate", lambda out_dir: Failing(), raising=False)
     with pytest.raises(ParityError) as info:
-        onnx_export._validate(fp32_export.out_dir, Console(quiet=True))
+        api.validate_export(fp32_export.out_dir, Console(quiet=True))
     assert info.value.exit_code == 1 and isinstance(info.value.report, Failing)
 
 

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, custom_ops, function_bodies
-from moe_export.ops import grouped_lora
+from moe_export.export.onnx_ops import custom_ops, function_bodies
+from moe_export.ops.grouped_lora import grouped_lora
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 
 OPSET = 20
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}

@@ -1,4 +1,4 @@
-"""The comparator (validate/parity.py) and the per-unit routing statistics (validate/units.py) on synthetic arrays."""
+"""The comparator (validation/parity.py) and the per-unit routing statistics (validation/units.py) on synthetic arrays."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_export.loading import load_base_model
-from moe_export.reference import apply_adapter
+from moe_export.reference.loading import load_base_model
+from moe_export.reference.model import apply_adapter
 from tests.loop_reference import apply_loop_reference
 from tests.tiny import random_adapter
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_export.errors import FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.errors import FormatError, InternalError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner, resolve_providers
-from moe_export.runtimes.registry import Artifact, RunnerOptions, get_factory, make_runner, register_runtime
+from moe_export.runtimes.registry import RunnerOptions, get_factory, make_runner, register_runtime
 from tests.artifacts import shared_export
 
 
@@ -36,16 +37,16 @@ class EchoRunner(Runner):
 
 def test_runner_lifecycle_and_errors() -> None:
     runner = EchoRunner()
-    with pytest.raises(MoeExportError, match="activate"):
+    with pytest.raises(InternalError, match="activate"):
         runner.infer({"x": np.ones(2)})
-    with pytest.raises(MoeExportError, match="no inference"):
+    with pytest.raises(InternalError, match="no inference"):
         runner.last_inference_time()
     with runner:
         assert runner.infer({"x": np.ones(2)})["y"].tolist() == [2, 2]
         assert runner.last_inference_time() >= 0
         with pytest.raises(MoeExportError, match="missing inputs"):
             runner.infer({"z": np.ones(2)})
-        with pytest.raises(MoeExportError, match="already active"):
+        with pytest.raises(InternalError, match="already active"):
             runner.activate()
     assert runner.calls == ["activate", "deactivate"] and not runner.is_active
 
@@ -100,5 +101,5 @@ def test_torch_and_onnxruntime_runners_agree(tmp_path_factory: pytest.TempPathFa
             assert runner.last_inference_time() > 0
     assert outputs["torch"].shape == outputs["onnxruntime"].shape == (2, 5, 64)
     np.testing.assert_allclose(outputs["onnxruntime"], outputs["torch"], rtol=0, atol=1e-4)
-    with make_runner("onnxruntime", artifact) as runner, pytest.raises(MoeExportError, match="inference failed"):
+    with make_runner("onnxruntime", artifact) as runner, pytest.raises(InternalError, match="inference failed"):
         runner.infer({"input_ids": ids.astype(np.int32), "attention_mask": feeds["attention_mask"]})

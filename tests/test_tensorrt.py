@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from moe_export.cli import app
 from moe_export.errors import MoeExportError
+from moe_export.export.manifest import ExportManifest
 from moe_export.export.tensorrt import (
     TrtBuildOptions,
     inspect_onnx_dir,
@@ -47,7 +48,8 @@ def _fake_export(directory: Path, max_positions: int = 64) -> Path:
     )
     graph = helper.make_graph([node], "g", inputs, [output])
     onnx.save(helper.make_model(graph), str(directory / "model.onnx"))
-    (directory / "export.json").write_text(json.dumps({"model_file": "model.onnx", "dtype": "fp32"}))
+    manifest = ExportManifest("test", str(directory), str(directory), "canonical", "fp32", 20, model_file="model.onnx")
+    manifest.save(directory)
     (directory / "config.json").write_text(json.dumps({"vocab_size": 10, "max_position_embeddings": max_positions}))
     return directory
 
@@ -111,7 +113,7 @@ def _assert_one_line_error(result: object, code: int, *needles: str) -> None:
 def test_cli_bad_input_is_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     export = _fake_export(tmp_path / "onnx")
     out = tmp_path / "engine"
-    _assert_one_line_error(_invoke(str(tmp_path / "nope"), "-o", str(out)), 2, "not a directory")
+    _assert_one_line_error(_invoke(str(tmp_path / "nope"), "-o", str(out)), 2, "nope", "not found")
     (tmp_path / "empty").mkdir()
     _assert_one_line_error(_invoke(str(tmp_path / "empty"), "-o", str(out)), 2, "export.json")
     _assert_one_line_error(_invoke(str(export), "--plugin", "sometimes", "-o", str(out)), 2, "--plugin")
@@ -143,7 +145,7 @@ def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
     command = [str(exe)] if exe.exists() else [sys.executable, "-c", "from moe_export.cli import main; main()"]
     proc = subprocess.run([*command, "trt", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "not a directory" in proc.stderr
+    assert "missing: artifact directory not found" in proc.stderr
 
 
 def test_runner_needs_an_engine_and_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

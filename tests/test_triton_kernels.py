@@ -25,7 +25,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from moe_export.ops import grouped_lora  # noqa: E402
+from moe_export.ops.grouped_lora import grouped_lora  # noqa: E402
 from moe_export.ops.triton_grouped_lora import TACTICS, choose_config, grouped_lora_triton, is_interpreted  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"

@@ -20,7 +20,7 @@ from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions
 from moe_export.formats.checkpoint import read_tensor_file
 from moe_export.ir import FFNMoE, LinearMoE
-from moe_export.loading import load_adapter, load_base_model
+from moe_export.reference.loading import load_adapter, load_base_model
 from tests.conftest import SAMPLES
 from tests.test_ffn_moe import apply_loop_ffn
 
@@ -100,18 +100,19 @@ def test_mixlora_sample_matches_loop(name: str) -> None:
 def test_mixlora_top_k_override() -> None:
     adapter, _ = load_adapter(SAMPLES / "mixlora", options=LoadOptions(top_k=1))
     assert {u.router.top_k for u in adapter.routed_units} == {1}
-    # top-p routers have no k to override
-    adapter, _ = load_adapter(SAMPLES / "mixlora_dynamic", options=LoadOptions(top_k=1))
-    assert {u.router.select for u in adapter.routed_units} == {"top_p"}
+    # top-p routers have no k to override: the option is refused, not silently ignored
+    with pytest.raises(FormatError, match="no top-k router"):
+        load_adapter(SAMPLES / "mixlora_dynamic", options=LoadOptions(top_k=1))
 
 
-def test_mixlora_onnx_runtime_parity(tmp_path: Path) -> None:
+def test_mixlora_onnx_runtime_parity(tmp_path_factory: pytest.TempPathFactory) -> None:
     """export_onnx gives one GroupedLoRASlots node per adapted projection; ORT matches the reference."""
     import onnx
     import onnxruntime as ort
 
-    loaded = moe_export.load(SAMPLES / "mixlora")
-    result = moe_export.export_onnx(loaded, tmp_path / "onnx", validate=False, progress=False)
+    from tests.artifacts import sample_export
+
+    result = sample_export(tmp_path_factory, SAMPLES / "mixlora")  # the session's export, shared with test_onnx_export
     nodes = [n for n in onnx.load(str(result.model_path)).graph.node if n.domain == "moe_export"]
     assert sorted({n.op_type for n in nodes}) == ["GroupedLoRASlots"] and len(nodes) == 2 * 3
     reference = moe_export.load(SAMPLES / "mixlora").model
@@ -123,7 +124,7 @@ def test_mixlora_onnx_runtime_parity(tmp_path: Path) -> None:
             want = reference(input_ids=ids, attention_mask=mask).logits.numpy()
         (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         # rtol 1e-4 per element, plus 1e-4 of the largest logit: logits near zero have no meaningful
-        # relative error (the same "relative to the max reference" definition as validate/parity.py).
+        # relative error (the same "relative to the max reference" definition as validation/parity.py).
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all(), "top-1 tokens must agree everywhere"
 

@@ -6,15 +6,17 @@ import functools
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from moe_export import __version__
-from moe_export.errors import MoeExportError, ParityError
+from moe_export.errors import InternalError, MoeExportError, ParityError
 
 app = typer.Typer(
     name="moe-export",
@@ -67,27 +69,57 @@ def _global_options(
 
 
 def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
-    """Register a command whose MoeExportErrors become one-line messages and exit codes."""
+    """Register a command behind the error boundary: whose fault an exception is decides the exit code.
+
+    MoeExportError (bad input) -> its one line, exit 2; ParityError -> FAILED line, exit 1; anything else
+    (InternalError, a library crash) -> a line saying it is a bug, exit 3. `--debug` adds the traceback and
+    never changes the exit code."""
 
     def decorate(func: F) -> F:
         @functools.wraps(func)
         def wrapper(*args: Any, **kw: Any) -> Any:
             try:
                 return func(*args, **kw)
+            except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+                raise
             except MoeExportError as exc:
-                if _state["debug"]:
-                    raise
+                _show_traceback_if_debug()
                 message = escape(str(exc))  # a message may hold brackets, e.g. pip extras: 'moe-export[gpu]'
                 if isinstance(exc, ParityError):
                     err_console.print(f"[bold red]FAILED[/]: {message}", highlight=False)
                 else:
                     err_console.print(f"[bold red]error[/]: {message}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
+            except Exception as exc:
+                _show_traceback_if_debug()
+                first = (str(exc).splitlines() or [""])[0][:300]
+                hint = "" if _state["debug"] else "; rerun with --debug for the traceback"
+                err_console.print(
+                    f"[bold red]internal error[/] (a bug in moe-export or a library it drives, not your input): "
+                    f"{escape(type(exc).__name__)}: {escape(first)}{hint}; please report it",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(InternalError.exit_code) from None
 
         app.command(name, **kwargs)(wrapper)
         return func
 
     return decorate
+
+
+def _show_traceback_if_debug() -> None:
+    if _state["debug"]:
+        traceback.print_exc(file=sys.stderr)
+
+
+def show_report(report: Any, as_json: bool) -> None:
+    """A report as JSON on stdout, or as rich tables (at least 120 columns: a pipe reports 80 and would fold
+    every cell)."""
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        report.render(Console(width=max(console.width, 120)))
 
 
 def print_json(data: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from moe_export.cli.app import command, console, parse_int_list, print_json
+from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 
 
 def render_stats(stats: Any) -> None:
@@ -38,11 +39,11 @@ def render_stats(stats: Any) -> None:
 
 @command("calibrate")
 def calibrate_cmd(
-    ckpt: Path = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical)."),
+    ckpt: Path = CKPT_ARGUMENT,
     out: Path = typer.Option(..., "-o", "--output", help="Where to write the statistics (JSON)."),
-    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint)."),
-    family: str | None = typer.Option(None, "--family", help="Family name; overrides detection."),
-    top_k: str | None = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer."),
+    base: Path | None = BASE_OPTION,
+    family: str | None = FAMILY_OPTION,
+    top_k: str | None = TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
     data: Path | None = typer.Option(None, "--data", help="Text file, one sample per line (default: built-in text)."),
     samples: int = typer.Option(32, "--samples", help="Number of calibration samples."),
@@ -52,8 +53,8 @@ def calibrate_cmd(
 ) -> None:
     """Run the reference over calibration text; record per unit and expert the mean gate, selection
     frequency, gate entropy and the error of a static (mean-gate) merge."""
-    from moe_export.calibration import calibrate
-    from moe_export.loading import load
+    from moe_export.merging.statistics import calibrate
+    from moe_export.reference.loading import load
 
     loaded = load(ckpt, base, family, parse_int_list(top_k, "--top-k"), task_id)
     stats = calibrate(loaded, data, samples, seq_len, seed, progress=not as_json)

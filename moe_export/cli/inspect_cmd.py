@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_export.cli.app import command, console, parse_int_list, print_json
+from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 
 
 def _router_cell(row: dict[str, Any]) -> str:
@@ -70,18 +71,18 @@ def _render(info: dict[str, Any]) -> None:
 
 @command("inspect")
 def inspect(
-    ckpt: Path = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical)."),
-    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint)."),
-    family: str | None = typer.Option(None, "--family", help="Family name; overrides detection."),
-    top_k: str | None = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer."),
+    ckpt: Path = CKPT_ARGUMENT,
+    base: Path | None = BASE_OPTION,
+    family: str | None = FAMILY_OPTION,
+    top_k: str | None = TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA): show its weights."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (on stdout)."),
 ) -> None:
     """Describe a checkpoint: family, base model, E/k/r and router per unit, parameter counts, notices."""
     from moe_export.formats import FAMILIES, LoadOptions
     from moe_export.ir import MANIFEST_NAME
-    from moe_export.loading import load_adapter
-    from moe_export.summary import describe_adapter
+    from moe_export.ir.summary import describe_adapter
+    from moe_export.reference.loading import load_adapter
 
     options = LoadOptions(top_k=parse_int_list(top_k, "--top-k"), task_id=task_id)
     with warnings.catch_warnings(record=True) as caught:

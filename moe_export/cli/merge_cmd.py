@@ -7,26 +7,16 @@ from pathlib import Path
 import typer
 
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
-
-
-def _unmap_large_frees() -> None:
-    """Pin glibc's mmap threshold at 1 MiB: by default it adapts upward to 32 MiB after the first large free,
-    so the fold's block-sized temporaries land on the heap and stay in RSS (measured: +190 MB on one
-    11008x4096 weight). Mapped blocks go back to the OS when freed. No-op off glibc."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 
 
 @command("merge")
 def merge_cmd(
-    ckpt: Path = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical)."),
+    ckpt: Path = CKPT_ARGUMENT,
     out: Path = typer.Option(..., "-o", "--output", help="New directory for the merged transformers model."),
-    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint)."),
-    family: str | None = typer.Option(None, "--family", help="Family name; overrides detection."),
-    top_k: str | None = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer."),
+    base: Path | None = BASE_OPTION,
+    family: str | None = FAMILY_OPTION,
+    top_k: str | None = TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA): folds exactly."),
     threshold: float | None = typer.Option(
         None, "--merge-threshold", help="Merge units whose dominance max_e mean-gate >= T (0 < T <= 1)."
@@ -50,15 +40,14 @@ def merge_cmd(
 
     Exact folds: shared LoRAs, E=1, a fixed task id, constant routers.
     """
-    from moe_export.calibration import CalibrationStats
     from moe_export.errors import MergeError
     from moe_export.formats import LoadOptions
-    from moe_export.loading import LoadedAdapter, load, load_adapter
-    from moe_export.merge_plan import check_options
-    from moe_export.merging import merge, save_merged
+    from moe_export.merging.apply import merge, save_merged
+    from moe_export.merging.plan import check_options
+    from moe_export.merging.statistics import CalibrationStats
+    from moe_export.reference.loading import LoadedAdapter, load, load_adapter
 
     check_options(threshold, budget)
-    _unmap_large_frees()
     if out.exists():
         raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
     stats = CalibrationStats.load(stats_path) if stats_path is not None else None

@@ -11,18 +11,19 @@ from pathlib import Path
 import typer
 
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 from moe_export.errors import MoeExportError
 
 
 @command("onnx")
 def onnx_command(
-    ckpt: Path = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical)."),
-    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint)."),
+    ckpt: Path = CKPT_ARGUMENT,
+    base: Path | None = BASE_OPTION,
     out: Path | None = typer.Option(None, "-o", "--out", help="Output directory (default: ./<ckpt name>-onnx)."),
-    family: str | None = typer.Option(None, "--family", help="Family name; overrides detection."),
+    family: str | None = FAMILY_OPTION,
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (routers stay fp32)."),
     opset: int = typer.Option(20, "--opset", help="Standard ONNX opset (>= 18)."),
-    top_k: str | None = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer."),
+    top_k: str | None = TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
     base_only: bool = typer.Option(False, "--base-only", help="Export the base model without the adapter (the floor)."),
     merge_threshold: float | None = typer.Option(
@@ -35,7 +36,7 @@ def onnx_command(
 ) -> None:
     """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
     import moe_export
-    from moe_export.export.onnx import export_onnx
+    from moe_export.api import export_onnx
 
     if data is not None and merge_threshold is None and merge_budget is None:
         raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from moe_export.cli.app import command, console, err_console, print_json
+from moe_export.cli.app import command, err_console, show_report
 from moe_export.errors import MoeExportError, ParityError
 
 
@@ -80,10 +79,6 @@ def validate_command(
         report.write_json(report_path)
     if junit_path is not None:
         report.write_junit(junit_path)
-    if as_json:
-        print_json(report.to_dict())
-    else:
-        # A pipe reports 80 columns and would fold every cell; the tables stay readable at 120.
-        report.render(Console(width=max(console.width, 120)))
+    show_report(report, as_json)
     if not report.passed:
         raise ParityError(report.summary(), report)

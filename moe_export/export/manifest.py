@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError
-from moe_export.ir import known_fields
+from moe_export.files import known_fields, read_json_object
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "moe-export-onnx"
@@ -95,12 +95,58 @@ class ExportManifest:
     @classmethod
     def load(cls, directory: str | Path) -> ExportManifest:
         path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise FormatError(f"{path}: missing; is {directory} a `moe-export onnx` output directory?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
-        if not isinstance(data, dict):
-            raise FormatError(f"{path}: expected a JSON object")
+        data = read_json_object(path, f"is {directory} a `moe-export onnx` output directory?")
         return cls.from_dict(data, where=str(path))
+
+
+@dataclass
+class Artifact:
+    """An export directory and its manifest: the one reader of a `moe-export onnx` output (validate, bench, trt)."""
+
+    path: Path
+    manifest: ExportManifest
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Artifact:
+        path = Path(directory)
+        if not path.is_dir():
+            raise FormatError(f"{path}: artifact directory not found (expected the output of `moe-export onnx`)")
+        return cls(path.resolve(), ExportManifest.load(path))
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest.dtype
+
+    @property
+    def base_only(self) -> bool:
+        return self.manifest.base_only
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.manifest.inputs] or ["input_ids", "attention_mask"]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.manifest.outputs] or ["logits"]
+
+    def model_config(self, key: str) -> int | None:
+        """An integer field of the copied config.json, else of the base model's (absent or unreadable: None)."""
+        for candidate in (self.path / "config.json", Path(self.manifest.base_model) / "config.json"):
+            try:
+                value = json.loads(candidate.read_text()).get(key) if candidate.is_file() else None
+            except (OSError, UnicodeDecodeError, AttributeError, json.JSONDecodeError):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+    def vocab_size(self) -> int:
+        """Random token ids need it: from config.json (see `model_config`)."""
+        vocab = self.model_config("vocab_size")
+        if vocab is not None:
+            return vocab
+        raise FormatError(
+            f"{self.path}: no config.json with vocab_size here or in the base model; pass --inputs FILE.npz"
+        )

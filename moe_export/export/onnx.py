@@ -1,9 +1,10 @@
 """`export_onnx`: the whole causal LM (no KV cache) to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
 
-Steps: optional merge (merge.py) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
+Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
 (routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
 custom node after its unit, attach the model-local function bodies -> save (external data above 2 GB)
--> onnx.checker full check -> export.json, config and tokenizer files -> rename into place -> validate.
+-> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
+next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_onnx`) runs it afterwards.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import ast
 import contextlib
 import copy
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,12 +23,14 @@ import torch
 from rich.console import Console
 
 from moe_export import __version__
-from moe_export.errors import ExportError, MoeExportError, ParityError
+from moe_export.errors import ExportError, InternalError, MoeExportError
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
-from moe_export.export.onnx_ops import DOMAIN, MIN_OPSET, function_bodies, translation_table
-from moe_export.loading import LoadedAdapter, load_base_model
-from moe_export.model_copy import copy_for_edit
-from moe_export.reference import MoELoRALinear, cast_reference_model, moe_modules
+from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
+from moe_export.files import make_staging_dir, replace_directory
+from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
+from moe_export.reference.loading import LoadedAdapter, load_base_model
+from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
+from moe_export.reference.model_copy import copy_for_edit
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
@@ -97,7 +99,6 @@ def export_onnx(
     merge_threshold: float | None = None,
     merge_budget: float | None = None,
     calibration_data: str | Path | None = None,
-    validate: bool = True,
     progress: bool = True,
     console: Console | None = None,
 ) -> ExportResult:
@@ -114,7 +115,7 @@ def export_onnx(
     merge_plan = None
     original = loaded
     if merge_threshold is not None or merge_budget is not None:
-        from moe_export.merging import merge  # lazy: merge pulls in calibration
+        from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
 
         result = merge(loaded, threshold=merge_threshold, budget=merge_budget, data=calibration_data, progress=progress)
         result.report.render(console)
@@ -123,8 +124,7 @@ def export_onnx(
     with _status(console, progress, "preparing the model") as status:
         model = _prepare_model(loaded, dtype, base_only)
         units = [] if base_only else _unit_records(original, model)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+        tmp = make_staging_dir(out_dir)
         try:
             status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
             model_path, program = _export(model, tmp, opset, {u.name for u in units if u.status == "routed"})
@@ -149,14 +149,11 @@ def export_onnx(
                 copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
             )
             manifest.save(tmp)
-            _move_into_place(tmp, out_dir)
+            replace_directory(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    result = ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
-    if validate:
-        result.validation = _validate(out_dir, console)
-    return result
+    return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
 def _check_options(dtype: str, opset: int, threshold: float | None, budget: float | None, base_only: bool) -> None:
@@ -246,7 +243,8 @@ def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str]) -> 
     except MoeExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise InternalError(f"torch.onnx.export crashed: {type(exc).__name__}: {first}") from exc
     _name_custom_nodes(program.model, routed)
     _attach_function_bodies(program.model, opset)
     model_path = tmp / MODEL_FILE
@@ -293,7 +291,7 @@ def _attach_function_bodies(model: Any, opset: int) -> None:
         function = onnx_ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
     if used:
-        model.opset_imports[DOMAIN] = 1
+        model.opset_imports[DOMAIN] = DOMAIN_VERSION
 
 
 def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
@@ -305,7 +303,7 @@ def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{model_path}: onnx.checker rejects the export: {str(exc).splitlines()[0][:300]}") from exc
     proto = onnx.load(str(model_path), load_external_data=False)
-    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type == "GroupedLoRA"]
+    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type == GROUPED_LORA]
     want = sorted(u.name for u in units if u.status == "routed" and u.kind == "linear_moe")
     if sorted(names) != want:
         missing = sorted(set(want) - set(names))[:3]
@@ -332,28 +330,6 @@ def _copy_base_files(base: Path, tmp: Path) -> list[str]:
             shutil.copy2(base / name, tmp / name)
             copied.append(name)
     return copied
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished export onto OUT; a previous export there is removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _validate(out_dir: Path, console: Console) -> Any | None:
-    """Parity against the PyTorch reference (validation/); exit 1 through ParityError when it fails."""
-    from moe_export.validation import validate  # lazy: the gate runs after export, and pulls in onnxruntime
-
-    report = validate(out_dir)
-    report.render(console)
-    if not report.passed:
-        raise ParityError(f"{out_dir}: ONNX parity check against the PyTorch reference failed", report)
-    return report
 
 
 @contextlib.contextmanager

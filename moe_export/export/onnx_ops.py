@@ -1,9 +1,9 @@
 """Torch custom ops -> bare `moe_export::*` ONNX nodes, plus their model-local function bodies.
 
-torch 2.13's dynamo exporter inlines every onnxscript function (reference/torch-onnx.md), so each
+torch 2.13's dynamo exporter inlines every onnxscript function (docs/op-contract.md), so each
 custom op is translated to a bare node over a hand-built `OpSchema`, and the body (standard ops only,
 so any ONNX Runtime can run it; TensorRT prefers a plugin of the same name and namespace) is attached
-to the saved model afterwards. One row of `CUSTOM_OPS` per op: MixLoRA's `GroupedLoRASlots` is a row.
+to the saved model afterwards. One row of `custom_ops()` per op: MixLoRA's `GroupedLoRASlots` (onnx_slots.py) is a row.
 
 Legend: T tokens, K slots per token, E experts, E_A experts owning an A (E or 1), R rank,
 D_in / D_out feature sizes.
@@ -12,43 +12,20 @@ D_in / D_out feature sizes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import onnx
 from onnx import FunctionProto, helper
 
-DOMAIN = "moe_export"
-DOMAIN_VERSION = 1
-PLUGIN_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": "1"}
-# Oldest standard opset the bodies need (Shape start/end, ScatterElements reduction="add").
-MIN_OPSET = 18
-FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-
-_FP = onnx.defs.OpSchema.FormalParameter
-
-
-def _make_schema(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]) -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
-        name,
-        DOMAIN,
-        DOMAIN_VERSION,
-        inputs=[_FP(n, t) for n, t in inputs],
-        outputs=[_FP(n, t) for n, t in outputs],
-        type_constraints=[("T", FLOAT_TYPES, "activations and weights"), ("TG", FLOAT_TYPES, "gates")],
-        attributes=[
-            onnx.defs.OpSchema.Attribute(attr, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin lookup")
-            for attr in PLUGIN_ATTRIBUTES
-        ],
-    )
-
-
-def _node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> onnx.NodeProto:
-    return helper.make_node(op, inputs, outputs, **attrs)
-
-
-def _const_ints(name: str, values: list[int]) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value_ints=values)
+from moe_export.export.onnx_nodes import (
+    MIN_OPSET,
+    CustomOnnxOp,
+    const_ints,
+    make_schema,
+    node,
+)
+from moe_export.export.onnx_slots import grouped_lora_slots_row
+from moe_export.ops.names import DOMAIN, GROUPED_LORA, PLUGIN_ATTRIBUTES
 
 
 def _dense_gate_nodes() -> list[onnx.NodeProto]:
@@ -58,14 +35,14 @@ def _dense_gate_nodes() -> list[onnx.NodeProto]:
     reduction="add", and the gates come from an fp32 router anyway (fp16 -> fp32 -> fp16 is lossless).
     """
     return [
-        _node("Cast", ["gates"], ["gates_f32"], to=onnx.TensorProto.FLOAT),  # [T, K]
-        _node("Shape", ["x"], ["num_tokens"], end=1),  # [1] = T
-        _node("Shape", ["B"], ["num_experts"], end=1),  # [1] = E
-        _node("Concat", ["num_tokens", "num_experts"], ["gate_shape"], axis=0),
+        node("Cast", ["gates"], ["gates_f32"], to=onnx.TensorProto.FLOAT),  # [T, K]
+        node("Shape", ["x"], ["num_tokens"], end=1),  # [1] = T
+        node("Shape", ["B"], ["num_experts"], end=1),  # [1] = E
+        node("Concat", ["num_tokens", "num_experts"], ["gate_shape"], axis=0),
         helper.make_node("Constant", [], ["zero"], value_float=0.0),
-        _node("Expand", ["zero", "gate_shape"], ["gate_zeros"]),  # [T, E]
-        _node("ScatterElements", ["gate_zeros", "expert_ids", "gates_f32"], ["g_f32"], axis=1, reduction="add"),
-        _node("CastLike", ["g_f32", "x"], ["g"]),  # [T, E]
+        node("Expand", ["zero", "gate_shape"], ["gate_zeros"]),  # [T, E]
+        node("ScatterElements", ["gate_zeros", "expert_ids", "gates_f32"], ["g_f32"], axis=1, reduction="add"),
+        node("CastLike", ["g_f32", "x"], ["g"]),  # [T, E]
     ]
 
 
@@ -78,29 +55,29 @@ def grouped_lora_dense_body(opset: int) -> FunctionProto:
     """
     nodes = [
         *_dense_gate_nodes(),
-        _const_ints("minus1_1", [-1]),
-        _const_ints("keep_minus1", [0, -1]),  # Reshape: 0 keeps T, so these shapes fold to constants
-        _const_ints("axis_last", [-1]),
-        _node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
-        _node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
-        _node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
-        _node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
-        _node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
-        _node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
-        _node("Concat", ["keep_minus1", "rank"], ["h_shape"], axis=0),
-        _node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, E_A, R]
-        _node("Unsqueeze", ["g", "axis_last"], ["g3"]),  # [T, E, 1]
-        _node("Mul", ["h", "g3"], ["hg"]),  # [T, E, R]
-        _node("Reshape", ["hg", "keep_minus1"], ["hg_flat"]),  # [T, E*R]
-        _node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
-        _node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
-        _node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
-        _node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
-        _node("MatMul", ["hg_flat", "b_cat"], ["y"]),  # [T, D_out]
+        const_ints("minus1_1", [-1]),
+        const_ints("keep_minus1", [0, -1]),  # Reshape: 0 keeps T, so these shapes fold to constants
+        const_ints("axis_last", [-1]),
+        node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
+        node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
+        node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
+        node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
+        node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
+        node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
+        node("Concat", ["keep_minus1", "rank"], ["h_shape"], axis=0),
+        node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, E_A, R]
+        node("Unsqueeze", ["g", "axis_last"], ["g3"]),  # [T, E, 1]
+        node("Mul", ["h", "g3"], ["hg"]),  # [T, E, R]
+        node("Reshape", ["hg", "keep_minus1"], ["hg_flat"]),  # [T, E*R]
+        node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
+        node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
+        node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
+        node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
+        node("MatMul", ["hg_flat", "b_cat"], ["y"]),  # [T, D_out]
     ]
     return helper.make_function(
         DOMAIN,
-        "GroupedLoRA",
+        GROUPED_LORA,
         ["x", "expert_ids", "gates", "A", "B"],
         ["y"],
         nodes,
@@ -109,47 +86,21 @@ def grouped_lora_dense_body(opset: int) -> FunctionProto:
     )
 
 
-@dataclass(frozen=True)
-class CustomOnnxOp:
-    """One torch custom op and its ONNX form: bare node name, schema, function body."""
-
-    name: str  # ONNX op_type in domain moe_export (also the TensorRT plugin name)
-    schema: onnx.defs.OpSchema
-    body: Callable[[int], FunctionProto]  # standard opset -> FunctionProto
-
-    def translation(self) -> Callable[..., Any]:
-        """The exporter's translation: one bare node carrying the plugin attributes."""
-        import onnxscript
-
-        op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), self.name, self.schema)
-
-        def translate(*inputs: Any) -> Any:
-            return op(*inputs, **PLUGIN_ATTRIBUTES)
-
-        return translate
-
-
 def _grouped_lora_row() -> tuple[Any, CustomOnnxOp]:
     import torch
 
-    import moe_export.ops  # noqa: F401  registers torch.ops.moe_export.grouped_lora
+    import moe_export.ops.grouped_lora  # noqa: F401  registers torch.ops.moe_export.grouped_lora
 
-    schema = _make_schema(
-        "GroupedLoRA",
+    schema = make_schema(
+        GROUPED_LORA,
         [("x", "T"), ("expert_ids", "tensor(int64)"), ("gates", "TG"), ("A", "T"), ("B", "T")],
         [("y", "T")],
     )
-    return torch.ops.moe_export.grouped_lora.default, CustomOnnxOp("GroupedLoRA", schema, grouped_lora_dense_body)
-
-
-def _grouped_lora_slots_row() -> tuple[Any, CustomOnnxOp]:
-    from moe_export.export.onnx_slots import grouped_lora_slots_row  # MixLoRA's per-slot op (its own module)
-
-    return grouped_lora_slots_row()
+    return torch.ops.moe_export.grouped_lora.default, CustomOnnxOp(GROUPED_LORA, schema, grouped_lora_dense_body)
 
 
 # Rows are built lazily (no torch/onnxscript work at import); add a builder here for a new op.
-_ROW_BUILDERS: list[Callable[[], tuple[Any, CustomOnnxOp]]] = [_grouped_lora_row, _grouped_lora_slots_row]
+_ROW_BUILDERS: list[Callable[[], tuple[Any, CustomOnnxOp]]] = [_grouped_lora_row, grouped_lora_slots_row]
 
 
 def custom_ops() -> dict[Any, CustomOnnxOp]:
@@ -165,3 +116,6 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
 def function_bodies(op_types: set[str], opset: int) -> list[FunctionProto]:
     """The bodies (written in the model's standard opset) of the custom ops named in `op_types`."""
     return [row.body(opset) for row in custom_ops().values() if row.name in op_types]
+
+
+__all__ = ["DOMAIN", "MIN_OPSET", "PLUGIN_ATTRIBUTES", "custom_ops", "function_bodies", "translation_table"]

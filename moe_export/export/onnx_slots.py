@@ -5,7 +5,7 @@
 
 The body is the exact dense decomposition of `ops.grouped_lora_slots_dense`: every expert's rank-R
 projection of x, selected per slot by a one-hot mask, then one MatMul with the stacked B:
-((x A_cat^T) * onehot(expert_ids)) B_cat. A row of `onnx_ops.CUSTOM_OPS`, like `GroupedLoRA`.
+((x A_cat^T) * onehot(expert_ids)) B_cat. A row of `onnx_ops.custom_ops()`, like `GroupedLoRA`.
 Legend: T tokens, K slots, E experts, E_A experts owning an A (E or 1), R rank.
 """
 
@@ -15,46 +15,47 @@ from typing import Any
 
 from onnx import FunctionProto, helper
 
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, CustomOnnxOp, _const_ints, _make_schema, _node
+from moe_export.export.onnx_nodes import CustomOnnxOp, const_ints, make_schema, node
+from moe_export.ops.names import DOMAIN, GROUPED_LORA_SLOTS, PLUGIN_ATTRIBUTES
 
-OP_NAME = "GroupedLoRASlots"
+OP_NAME = GROUPED_LORA_SLOTS
 
 
 def grouped_lora_slots_body(opset: int) -> FunctionProto:
     """Standard-op body; E_A = 1 needs no branch (h is [T, 1, 1, R] and broadcasts over K and E)."""
     nodes = [
-        _const_ints("minus1_1", [-1]),
-        _const_ints("axis_last", [-1]),
-        _node("Shape", ["x"], ["num_tokens"], end=1),  # [1] = T
-        _node("Shape", ["expert_ids"], ["num_slots"], start=1, end=2),  # [1] = K
-        _node("Shape", ["B"], ["num_experts"], end=1),  # [1] = E
-        _node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
-        _node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
-        _node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
+        const_ints("minus1_1", [-1]),
+        const_ints("axis_last", [-1]),
+        node("Shape", ["x"], ["num_tokens"], end=1),  # [1] = T
+        node("Shape", ["expert_ids"], ["num_slots"], start=1, end=2),  # [1] = K
+        node("Shape", ["B"], ["num_experts"], end=1),  # [1] = E
+        node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
+        node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
+        node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
         # h = x A_cat^T, viewed per expert: [T, 1, E_A, R]
-        _node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
-        _node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
-        _node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
-        _node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
-        _const_ints("one_1", [1]),
-        _node("Concat", ["num_tokens", "one_1", "minus1_1", "rank"], ["h_shape"], axis=0),
-        _node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, 1, E_A, R]
+        node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
+        node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
+        node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
+        node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
+        const_ints("one_1", [1]),
+        node("Concat", ["num_tokens", "one_1", "minus1_1", "rank"], ["h_shape"], axis=0),
+        node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, 1, E_A, R]
         # one-hot of each slot's expert: [T, K, E, 1] in x's type
         helper.make_node("Constant", [], ["zero_i"], value_int=0),
         helper.make_node("Constant", [], ["one_i"], value_int=1),
-        _node("Squeeze", ["num_experts"], ["num_experts_scalar"]),  # E
-        _node("Range", ["zero_i", "num_experts_scalar", "one_i"], ["experts"]),  # [E]
-        _node("Unsqueeze", ["expert_ids", "axis_last"], ["ids3"]),  # [T, K, 1]
-        _node("Equal", ["ids3", "experts"], ["onehot_bool"]),  # [T, K, E]
-        _node("CastLike", ["onehot_bool", "x"], ["onehot"]),  # [T, K, E]
-        _node("Unsqueeze", ["onehot", "axis_last"], ["onehot4"]),  # [T, K, E, 1]
-        _node("Mul", ["h", "onehot4"], ["hk"]),  # [T, K, E, R]
-        _node("Concat", ["num_tokens", "num_slots", "minus1_1"], ["hk_flat_shape"], axis=0),
-        _node("Reshape", ["hk", "hk_flat_shape"], ["hk_flat"]),  # [T, K, E*R]
-        _node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
-        _node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
-        _node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
-        _node("MatMul", ["hk_flat", "b_cat"], ["y"]),  # [T, K, D_out]
+        node("Squeeze", ["num_experts"], ["num_experts_scalar"]),  # E
+        node("Range", ["zero_i", "num_experts_scalar", "one_i"], ["experts"]),  # [E]
+        node("Unsqueeze", ["expert_ids", "axis_last"], ["ids3"]),  # [T, K, 1]
+        node("Equal", ["ids3", "experts"], ["onehot_bool"]),  # [T, K, E]
+        node("CastLike", ["onehot_bool", "x"], ["onehot"]),  # [T, K, E]
+        node("Unsqueeze", ["onehot", "axis_last"], ["onehot4"]),  # [T, K, E, 1]
+        node("Mul", ["h", "onehot4"], ["hk"]),  # [T, K, E, R]
+        node("Concat", ["num_tokens", "num_slots", "minus1_1"], ["hk_flat_shape"], axis=0),
+        node("Reshape", ["hk", "hk_flat_shape"], ["hk_flat"]),  # [T, K, E*R]
+        node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
+        node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
+        node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
+        node("MatMul", ["hk_flat", "b_cat"], ["y"]),  # [T, K, D_out]
     ]
     return helper.make_function(
         DOMAIN,
@@ -71,7 +72,7 @@ def grouped_lora_slots_row() -> tuple[Any, CustomOnnxOp]:
     """{torch op: CustomOnnxOp} row for `onnx_ops.custom_ops()`."""
     import torch
 
-    import moe_export.ops  # noqa: F401  registers torch.ops.moe_export.grouped_lora_slots
+    import moe_export.ops.grouped_lora_slots  # noqa: F401  registers torch.ops.moe_export.grouped_lora_slots
 
-    schema = _make_schema(OP_NAME, [("x", "T"), ("expert_ids", "tensor(int64)"), ("A", "T"), ("B", "T")], [("y", "T")])
+    schema = make_schema(OP_NAME, [("x", "T"), ("expert_ids", "tensor(int64)"), ("A", "T"), ("B", "T")], [("y", "T")])
     return torch.ops.moe_export.grouped_lora_slots.default, CustomOnnxOp(OP_NAME, schema, grouped_lora_slots_body)

@@ -3,7 +3,7 @@
 TensorRT 11 has no precision flags: the network is created STRONGLY_TYPED and every tensor keeps the
 ONNX file's dtype (export with `--dtype fp16` for an fp16 engine). The ONNX parser maps each
 `moe_export::GroupedLoRA` node to the QDP plugin when it is registered (the node carries
-`plugin_namespace`), else imports the node's model-local function body (runtimes.md section 2.2).
+`plugin_namespace`), else imports the node's model-local function body (docs/op-contract.md, "TensorRT").
 
     --plugin off   parse with the plugin unregistered: the dense function body, standard layers only
     --plugin on    register the AOT plugin (Triton PTX inside the engine; no Python needed to run it)
@@ -15,10 +15,8 @@ ONNX file's dtype (export with `--dtype fp16` for an fp16 engine). The ONNX pars
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +26,14 @@ import numpy as np
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.manifest import Artifact, ExportManifest
+from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
+from moe_export.files import known_fields, make_staging_dir, replace_directory, write_bytes_atomic
+from moe_export.ops.names import GROUPED_LORA, PLUGIN_ATTRIBUTES
 
-MANIFEST_NAME = "export.json"
-ONNX_NAME = "model.onnx"
 ENGINE_NAME = "model.engine"
 ENGINE_INFO_NAME = "engine.json"
-PLUGIN_OP = "GroupedLoRA"
+PLUGIN_OP = GROUPED_LORA
 PLUGIN_CHOICES = ("auto", "on", "off")
 # Default dynamic ranges: axis 0 is the batch, other dynamic axes are sequence-like.
 DEFAULT_BATCH = (1, 1, 8)
@@ -84,13 +84,7 @@ class TrtBuildOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrtBuildOptions:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            import warnings
-
-            warnings.warn(f"TrtBuildOptions: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data, "TrtBuildOptions"))
 
 
 @dataclass
@@ -99,7 +93,7 @@ class OnnxInfo:
 
     directory: Path
     onnx_path: Path
-    manifest: dict[str, Any]
+    manifest: ExportManifest
     inputs: dict[str, list[int | str]]  # name -> dims (int fixed, str symbolic)
     grouped_lora_nodes: int
     vocab_size: int | None
@@ -110,19 +104,8 @@ def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
     """Check ONNX_DIR holds export.json + model.onnx and read the graph interface (no external data)."""
     import onnx
 
-    directory = Path(onnx_dir)
-    if not directory.is_dir():
-        raise FormatError(f"{directory}: not a directory (expected the output of `moe-export onnx -o DIR`)")
-    manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise FormatError(f"{manifest_path}: missing; {directory} is not a `moe-export onnx` output directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{manifest_path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{manifest_path}: expected a JSON object")
-    onnx_path = directory / str(manifest.get("model_file", ONNX_NAME))
+    artifact = Artifact.open(onnx_dir)
+    onnx_path = artifact.onnx_path
     if not onnx_path.is_file():
         raise FormatError(f"{onnx_path}: missing; export.json names it as the model")
     try:
@@ -137,20 +120,15 @@ def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
         dims = value.type.tensor_type.shape.dim
         inputs[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
     nodes = sum(1 for n in model.graph.node if n.op_type == PLUGIN_OP)
-    config = _read_config(directory / "config.json")
     return OnnxInfo(
-        directory, onnx_path, manifest, inputs, nodes, config.get("vocab_size"), config.get("max_position_embeddings")
+        artifact.path,
+        onnx_path,
+        artifact.manifest,
+        inputs,
+        nodes,
+        artifact.model_config("vocab_size"),
+        artifact.model_config("max_position_embeddings"),
     )
-
-
-def _read_config(path: Path) -> dict[str, int]:
-    """The integer fields the builder uses from the copied HF config.json (absent or unreadable: none)."""
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    keys = ("vocab_size", "max_position_embeddings")
-    return {k: int(data[k]) for k in keys if isinstance(data, dict) and isinstance(data.get(k), int)}
 
 
 def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
@@ -180,29 +158,6 @@ def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tupl
             raise MoeExportError(f"input {name}: need min <= opt <= max per axis, got {lo}, {opt}, {hi}")
         profiles[name] = (lo, opt, hi)
     return profiles
-
-
-def import_tensorrt() -> Any:
-    """`import tensorrt`, or a one-line RuntimeUnavailableError saying how to install it."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise RuntimeUnavailableError(
-            f"TensorRT is not installed ({exc}); on a CUDA machine: pip install 'moe-export[gpu]' (see benchmarks/GPU.md)"
-        ) from None
-    return tensorrt
-
-
-def require_cuda() -> str:
-    """The CUDA device name, or a one-line RuntimeUnavailableError when there is no usable GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeUnavailableError(
-            "TensorRT needs an NVIDIA GPU, and torch sees no CUDA device "
-            f"(torch {torch.__version__}; a +cpu build never has one); run on a GPU machine with a CUDA torch"
-        )
-    return torch.cuda.get_device_name()
 
 
 def _plugin_unavailable_reason(trt: Any) -> str | None:
@@ -244,7 +199,7 @@ def _build_one(
     if plugin and plugin_layers < info.grouped_lora_nodes:
         raise ExportError(
             f"{info.onnx_path}: {info.grouped_lora_nodes} GroupedLoRA nodes but {plugin_layers} plugin layers; "
-            "the nodes need the attribute plugin_namespace='moe_export' (re-export with this moe-export)"
+            f"the nodes need the attributes {PLUGIN_ATTRIBUTES} (re-export with this moe-export)"
         )
     config = builder.create_builder_config()
     # TensorRT enables TF32 for fp32 layers by default; an fp32 export asks for fp32 parity unless --tf32.
@@ -265,7 +220,7 @@ def _build_one(
     if serialized is None:
         raise ExportError(f"{info.onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
     if cache_path:
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized), seconds, plugin_layers
 
 
@@ -299,9 +254,6 @@ def opt_feeds(info: OnnxInfo, profiles: dict[str, tuple[Shape, Shape, Shape]], s
 
 
 def _median_ms(trt_engine: bytes, feeds: dict[str, np.ndarray]) -> float:
-    # A later stage on purpose: timing needs the runner's execution core, imported only here.
-    from moe_export.runtimes.tensorrt import EngineSession
-
     times = EngineSession(trt_engine, "candidate engine").time_execute(feeds, warmup=10, iterations=30)
     return float(np.median(times) * 1e3)
 
@@ -323,7 +275,7 @@ def build_engine(
         "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
         "moe_export_version": __version__,
         "onnx": str(info.onnx_path),
-        "dtype": info.manifest.get("dtype"),
+        "dtype": info.manifest.dtype,
         "strongly_typed": True,
         "plugin_requested": options.plugin,
         "grouped_lora_nodes": info.grouped_lora_nodes,
@@ -368,29 +320,20 @@ def build_engine(
     return report
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def _write_outputs(out: Path, engine: bytes, report: dict[str, Any]) -> None:
     """Into an existing dir: temp files renamed over, engine.json last. New dir: temp sibling renamed."""
     info_bytes = (json.dumps(report, indent=2, default=list) + "\n").encode()
     if out.is_dir():
-        _write_atomic(out / ENGINE_NAME, engine)
-        _write_atomic(out / ENGINE_INFO_NAME, info_bytes)
+        write_bytes_atomic(out / ENGINE_NAME, engine)
+        write_bytes_atomic(out / ENGINE_INFO_NAME, info_bytes)
         return
     if out.exists():
         raise MoeExportError(f"{out}: exists and is not a directory; choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = make_staging_dir(out)
     try:
         (staging / ENGINE_NAME).write_bytes(engine)
         (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
-        os.replace(staging, out)
+        replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

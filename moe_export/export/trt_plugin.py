@@ -3,7 +3,7 @@
 Legend: T tokens, K slots per token, E experts, E_A experts owning an A (E or 1), R rank, D_in / D_out.
 
 The ONNX parser binds our `GroupedLoRA` node to this plugin by op_type + the node's `plugin_namespace`
-attribute (runtimes.md section 2.2); the node's other attributes are ignored because the plugin declares
+attribute (docs/op-contract.md, "TensorRT"); the node's other attributes are ignored because the plugin declares
 none. Only `@trtp.aot_impl` is defined (no `@trtp.impl`), so TensorRT needs no network flag to choose
 and the built engine runs without Python or Triton (trtexec can run it).
 
@@ -20,10 +20,11 @@ from typing import List, Tuple, Union  # noqa: UP035 - tensorrt.plugin checks ty
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
+from moe_export.ops.names import DOMAIN, GROUPED_LORA, PLUGIN_VERSION
 from moe_export.ops.triton_grouped_lora import SCALAR_ARGS, TACTICS, KernelConfig, choose_config, compile_ptx
 
-PLUGIN_NAMESPACE = "moe_export"
-PLUGIN_NAME = "GroupedLoRA"
+PLUGIN_NAMESPACE = DOMAIN
+PLUGIN_NAME = GROUPED_LORA
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
 _TRITON_TYPES = {
@@ -148,7 +149,7 @@ def set_plugin_enabled(enabled: bool) -> None:
     registry = trt.get_plugin_registry()
     if enabled:
         register_plugin()
-    current = registry.get_creator(PLUGIN_NAME, "1", PLUGIN_NAMESPACE)
+    current = registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
     if current is not None:
         _creator = current
     if enabled and current is None and _creator is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import MANIFEST_NAME, TENSORS_NAME, Adapter, check_finite
@@ -33,8 +33,4 @@ class Canonical(Family):
         assert ckpt.config is not None
         check_finite(ckpt.tensors, str(ckpt.weights_path))
         adapter = Adapter.from_manifest(ckpt.config, dict(ckpt.tensors), where=str(ckpt.config_path))
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter

@@ -1,15 +1,17 @@
-"""Pieces several loaders share: key parsing, expert stacking, top-k overrides."""
+"""Pieces several loaders share: key parsing, expert stacking, the dense per-linear layout, top-k overrides."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.ir import Adapter, ExpertStack, Router
+from moe_export.formats.checkpoint import Checkpoint
+from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, rank_scaling
 
 PEFT_PREFIX = "base_model.model."
 LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -77,7 +79,12 @@ def override_top_k(adapter: Adapter, top_k: int | list[int]) -> None:
             k = top_k[layer]
         else:
             k = top_k
-        unit.router = replace(router, top_k=k)  # replace() re-runs the Router checks (1 <= k <= E)
+        if not 1 <= k <= router.num_experts:
+            layer = layer_index(unit.name)
+            raise FormatError(
+                f"--top-k {k} for layer {layer} ({unit.name}): that layer has {router.num_experts} experts"
+            )
+        unit.router = replace(router, top_k=k)
 
 
 def split_module_keys(
@@ -168,3 +175,37 @@ def softmax_topk_router(weight: torch.Tensor, top_k: int, compute_dtype: str = "
         compute_dtype=compute_dtype,
         weight=weight,
     )
+
+
+StackBuilder = Callable[[str, dict[str, torch.Tensor], float], ExpertStack]
+
+
+def routed_units(
+    ckpt: Checkpoint, family: str, parts: dict[str, str | None], build_stack: StackBuilder
+) -> list[LinearMoE]:
+    """One dense, model-dtype-routed LinearMoE per module; `build_stack` turns its parts into experts."""
+    cfg = ckpt.require_config("r", "lora_alpha")
+    where = str(ckpt.config_path)
+    rank = require_int(cfg, "r", where)
+    alpha = cfg["lora_alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise FormatError(f"{where}: 'lora_alpha' is {alpha!r}, expected a positive number")
+    scaling = rank_scaling(float(alpha), rank)
+    declared = require_int(cfg, "lora_nums", where) if "lora_nums" in cfg else None
+    modules = split_module_keys(ckpt.tensors, parts, str(ckpt.weights_path), family)
+    units = []
+    for module in sorted_modules(modules):
+        found = modules[module]
+        if "route" not in found:
+            raise FormatError(f"{ckpt.weights_path}: {module} has LoRA experts but no lora_route.weight")
+        stack = build_stack(module, found, scaling)
+        if stack.rank != rank:
+            raise FormatError(f"{ckpt.weights_path}: {module} has rank {stack.rank}, {where} says r={rank}")
+        if declared is not None and declared != stack.num_experts:
+            raise FormatError(f"{where}: lora_nums={declared}, but {module} holds {stack.num_experts} experts")
+        # Routed in the model dtype: softmax(G x, dtype=float32).to(y.dtype) (docs/formats.md, "loramoe", "hydralora").
+        router = Router(
+            "linear", stack.num_experts, "dense", renormalize=False, compute_dtype="model", weight=found["route"]
+        )
+        units.append(LinearMoE(module, stack.A.shape[2], stack.B.shape[1], stack, router))
+    return units

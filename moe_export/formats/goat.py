@@ -1,6 +1,6 @@
 """GOAT (Facico/GOAT-PEFT): per-linear top-k MoE-LoRA whose SVD init also modified the base weight.
 
-reference/formats.md section 1. The checkpoint holds only the LoRA experts and routers; GOAT's init
+docs/formats.md ("goat"). The checkpoint holds only the LoRA experts and routers; GOAT's init
 subtracted `init_cof * s * B0 A0` from W, and GOAT's own loader re-does that on the original W. We
 recompute the same term by SVD of the original base weight and keep it as an always-on shared LoRA.
 Legend: E experts, R total rank (config `r`), R_e = R // E expert rank, D_in / D_out linear sizes.
@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     checked_experts,
@@ -130,10 +130,6 @@ class Goat(Family):
                 f"base-weight correction recomputed by SVD of the original base weights (init_type={init_type}, "
                 f"coef=init_cof/{RHO:g}={coef / RHO:g}); kept as shared LoRA 'goat_base_correction'"
             )
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter
 
 

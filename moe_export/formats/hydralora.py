@@ -1,6 +1,6 @@
 """HydraLoRA (Clin0212/HydraLoRA): one shared A and E B heads per linear, mixed densely by a router.
 
-Layout (reference/formats.md section 5): vendored-peft `adapter_model.bin` + `adapter_config.json`
+Layout (docs/formats.md, "hydralora"): vendored-peft `adapter_model.bin` + `adapter_config.json`
 (`peft_type: LORA`, `lora_nums` = E), keys under `base_model.model.`:
     {module}.lora_A.weight [R, D_in] (shared), {module}.lora_B{e}.weight [D_out, R], {module}.lora_route.weight [E, D_in]
 Forward: `y = W x + b + sum_e p_e (alpha / r) B_e A x`, `p = softmax(G x, dtype=fp32).to(y.dtype)`.
@@ -13,11 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import indexed, stack_experts
-from moe_export.formats.loramoe import routed_units
+from moe_export.formats.common import indexed, routed_units, stack_experts
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import Adapter, ExpertStack
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import sorted_modules, split_module_keys
 from moe_export.formats.registry import Family, LoadOptions, register

@@ -1,6 +1,6 @@
 """MixLoRA (TUDB-Labs/MixLoRA, checkpoints written by MoE-PEFT): one router per MLP block.
 
-Layout (reference/formats.md section 4): `adapter_model.bin` + `adapter_config.json` with
+Layout (docs/formats.md, "mixlora"): `adapter_model.bin` + `adapter_config.json` with
 `peft_type: MIXLORA`, keys
     mixlora.layers.{i}.mlp.moe_gate.weight                                  [E, D] block router
     mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_A|lora_B.weight          per-expert LoRA of gate/up/down
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.moe_peft import (
+from moe_export.formats.moe_peft_layout import (
     ModuleWeights,
     check_config,
     check_num_experts,
@@ -38,7 +38,7 @@ def routing(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Router fields for `routing_strategy` (MixLoraConfig.from_config defaults for absent keys)."""
     strategy = cfg.get("routing_strategy")
     if strategy == "mixlora":
-        top_k = cfg.get("top_k", 2)
+        top_k = cfg.get("top_k", MixLoRA.default_top_k)
         if not isinstance(top_k, int) or isinstance(top_k, bool):
             raise FormatError(f"{where}: top_k must be an integer, got {top_k!r}")
         return {"select": "topk", "top_k": top_k, "renormalize": True}
@@ -46,7 +46,7 @@ def routing(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         top_p, temperature = cfg.get("top_p", 0.8), cfg.get("temperature", 0.0)
         if not isinstance(top_p, (int, float)) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise FormatError(f"{where}: top_p ({top_p!r}) and temperature ({temperature!r}) must be numbers >= 0")
-        # The kept probabilities are NOT renormalised (formats.md section 4); keep that quirk.
+        # The kept probabilities are NOT renormalised (docs/formats.md, "mixlora"); keep that quirk.
         return {"select": "top_p", "top_p": float(top_p), "temperature": float(temperature), "renormalize": False}
     if strategy == "mixlora-switch":
         raise FormatError(
@@ -133,10 +133,6 @@ class MixLoRA(Family):
         if cfg.get("jitter_noise"):
             notices.append("jitter_noise is training-only in MoE-PEFT; inference routes without noise")
         adapter = Adapter(cls.name, sorted(units, key=_unit_order), source_config=cfg, notices=notices)
-        if options.top_k is not None:
-            from moe_export.formats.common import override_top_k
-
-            override_top_k(adapter, options.top_k)
         return adapter
 
 

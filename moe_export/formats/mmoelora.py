@@ -1,6 +1,6 @@
 """MOELoRA (liuqidong07/MOELoRA-peft, medical multi-task): dense experts weighted by a global task gate.
 
-reference/formats.md section 3b. One gate for the whole model, `softmax(GateL @ Emb[task_id])`, weighs
+docs/formats.md ("mmoelora"). One gate for the whole model, `softmax(GateL @ Emb[task_id])`, weighs
 the E experts of every adapted linear; routing never looks at hidden states, so a task id must be given
 (`--task-id`) and, for that task, each linear is an ordinary LoRA. Scaling is alpha / R with R the TOTAL
 rank (each expert has rank R / E), as in `MMOELoraLinearS`.
@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import expert_pairs, require_int, sorted_modules, split_module_keys, stack_experts
 from moe_export.formats.registry import Family, LoadOptions, register
@@ -60,8 +60,6 @@ class MMoELoRA(Family):
         if missing:
             raise FormatError(f"{weights_where}: the global task gate {missing} is missing (top-level keys)")
         gate = TaskGate(GATE_NAME, embedding=tensors.pop(EMBEDDING_KEY), gate=tensors.pop(GATE_KEY))
-        if options.task_id is not None:
-            gate.weights(options.task_id)  # range check with a clear message, before any model is built
         modules = split_module_keys(tensors, PARTS, weights_where, cls.title)
         units = []
         for module in sorted_modules(modules):

@@ -1,6 +1,6 @@
 """MoELoRA (Luo et al. 2024, arXiv 2402.12851): per-linear top-k MoE-LoRA in a PEFT-style layout.
 
-The authors publish no code or checkpoint format (reference/formats.md section 3a), so moe-export
+The authors publish no code or checkpoint format (docs/formats.md, "moelora"), so moe-export
 defines one, following PEFT's conventions:
 
     adapter_config.json: {"peft_type": "MOELORA", "num_experts": E, "top_k": K, "r": R (per expert),
@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     checked_experts,
-    override_top_k,
     require_int,
     softmax_topk_router,
     sorted_modules,
@@ -64,6 +63,4 @@ class MoELoRA(Family):
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             units.append(LinearMoE(module, d_in, d_out, stack_experts(module, a_list, b_list, scaling), router))
         adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config})
-        if options.top_k is not None:
-            override_top_k(adapter, options.top_k)
         return adapter

@@ -1,6 +1,6 @@
 """MoLA (GCYZSL/MoLA): per-linear top-k MoE-LoRA with a different expert count per decoder layer.
 
-reference/formats.md section 2. MoLA saves neither the expert counts nor top-k: expert counts are
+docs/formats.md ("mola"). MoLA saves neither the expert counts nor top-k: expert counts are
 recovered from the tensors, top-k comes from the user (`--top-k`, one value or one per layer) or
 defaults to 2 (MoLA's README setting), with a notice. The router matmul runs in the model dtype
 (MoLA casts the model to fp16), its softmax in fp32, and the selected weights are renormalised.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     expert_pairs,
@@ -52,6 +52,7 @@ class Mola(Family):
     key_patterns: ClassVar[tuple[str, ...]] = (r"\.router\.router\.weight$", r"\.lora_A_\d+\.weight$")
     specificity: ClassVar[int] = 20
     default_top_k: ClassVar[int | None] = DEFAULT_TOP_K
+    top_k_saved: ClassVar[bool] = False
 
     @classmethod
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
@@ -60,7 +61,6 @@ class Mola(Family):
         ranks, alpha = config["r"], float(config["lora_alpha"])
         if not isinstance(ranks, (int, list)):
             raise FormatError(f"{where}: 'r' is {ranks!r}, expected an integer or a per-layer list")
-        top_k = options.top_k if options.top_k is not None else DEFAULT_TOP_K
         modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
         units = []
         for module in sorted_modules(modules):
@@ -75,21 +75,13 @@ class Mola(Family):
                     f"says r={rank} for layer {layer}"
                 )
             num_experts = len(b_list)
-            # The default never asks for more experts than a layer has; a user's value is checked as given.
-            k = (
-                layer_value(top_k, layer, "--top-k", "top-k")
-                if options.top_k is not None
-                else min(DEFAULT_TOP_K, num_experts)
-            )
-            if not 1 <= k <= num_experts:
-                raise FormatError(f"top-k {k} for layer {layer} ({module}): that layer has {num_experts} experts")
+            # The default never asks for more experts than a layer has; --top-k is applied by the loading layer.
+            k = min(cls.default_top_k or DEFAULT_TOP_K, num_experts)
             router = softmax_topk_router(parts["router"], k, compute_dtype="model")  # MoLA routes in the model dtype
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             stack = stack_experts(module, a_list, b_list, alpha / rank)
             units.append(LinearMoE(module, d_in, d_out, stack, router))
-        adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config, "top_k": top_k})
-        if options.top_k is None:
-            adapter.notices.append(
-                f"MoLA does not save top_k; defaulted to {DEFAULT_TOP_K} in every layer (pass --top-k K or K1,K2,...)"
-            )
+        adapter = Adapter(
+            family=cls.name, units=units, source_config={"adapter_config": config, "top_k": cls.default_top_k}
+        )  # the loader's default; --top-k, applied after loading, changes the routers, not this record
         return adapter

@@ -1,17 +1,15 @@
 """Family registry: each family is one class in formats/<family>.py, registered with `@register`.
 
-Facts are class attributes (how the family is recognised, its default top-k, its parity tolerance);
-code is `load()`. Detection runs every family's `detect()` and keeps the most specific match.
+Facts are class attributes (how the family is recognised, its default top-k, whether it saves top-k);
+code is `load()`. Lookup and detection over every registered family: `detection.py`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from moe_export.base_weights import BaseWeights
-from moe_export.errors import FormatError
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.ir import Adapter
 
@@ -20,8 +18,12 @@ from moe_export.ir import Adapter
 class LoadOptions:
     """User choices a loader may need (CLI flags map onto these fields)."""
 
-    top_k: int | list[int] | None = field(default=None, metadata={"help": "override / supply top-k (MoLA)"})
-    task_id: int | None = field(default=None, metadata={"help": "MOELoRA task id"})
+    top_k: int | list[int] | None = field(
+        default=None, metadata={"help": "top-k of every top-k router, or one per decoder layer; refused without one"}
+    )
+    task_id: int | None = field(
+        default=None, metadata={"help": "task id for a task gate (MOELoRA); refused without one"}
+    )
 
 
 class Family:
@@ -35,8 +37,8 @@ class Family:
     key_patterns: ClassVar[tuple[str, ...]] = ()  # regexes; every one must match some tensor key
     forbidden_patterns: ClassVar[tuple[str, ...]] = ()  # regexes that must match no key
     specificity: ClassVar[int] = 10  # among several matches, the highest wins
-    default_top_k: ClassVar[int | None] = None
-    tolerance: ClassVar[float] = 1e-5  # fp32 reference-vs-independent-loop relative tolerance
+    default_top_k: ClassVar[int | None] = None  # top-k when the checkpoint does not say
+    top_k_saved: ClassVar[bool] = True  # False: the checkpoint never records top-k (MoLA); a notice says so
     needs_base_weights: ClassVar[bool] = False  # load() reads base weights (GOAT's SVD correction)
 
     @classmethod
@@ -64,38 +66,3 @@ def register(cls: type[Family]) -> type[Family]:
         raise ValueError(f"family {cls.name} registered twice")
     FAMILIES[cls.name] = cls
     return cls
-
-
-def _ensure_loaded() -> None:
-    # Importing the package registers every family module (decorators run at import).
-    import moe_export.formats  # noqa: F401
-
-
-def get_family(name: str) -> type[Family]:
-    _ensure_loaded()
-    if name not in FAMILIES:
-        raise FormatError(f"unknown family {name!r}; known families: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
-
-
-def detect_family(ckpt: Checkpoint) -> type[Family]:
-    """The most specific family whose detect() accepts the checkpoint; a clear error if none does."""
-    _ensure_loaded()
-    matches = [f for f in FAMILIES.values() if f.detect(ckpt)]
-    if not matches and ckpt.config is None:
-        raise FormatError(
-            f"{ckpt.path}: no adapter_config.json, so the family cannot be recognised; restore it, or pass --family NAME"
-        )
-    if not matches:
-        keys = ckpt.keys() if ckpt.weights_path is not None else []
-        shown = sorted({re.sub(r"\d+", "N", k) for k in keys})[:6]
-        raise FormatError(
-            f"{ckpt.path}: no known family matches (peft_type={ckpt.config_value('peft_type')!r}, "
-            f"keys like {shown}); known families: {', '.join(sorted(FAMILIES))}; pass --family NAME or convert "
-            "to the canonical layout"
-        )
-    matches.sort(key=lambda f: f.specificity, reverse=True)
-    if len(matches) > 1 and matches[0].specificity == matches[1].specificity:
-        names = ", ".join(f.name for f in matches)
-        raise FormatError(f"{ckpt.path}: ambiguous layout, matches families {names}; pass --family NAME")
-    return matches[0]

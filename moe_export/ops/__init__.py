@@ -1,6 +1,5 @@
-"""Custom ops shared by the PyTorch reference, the ONNX exporter and the TensorRT plugin."""
+"""The op contract (docs/op-contract.md): names, torch custom ops, the Triton kernel.
 
-from moe_export.ops.grouped_lora import dense_gates, grouped_lora, grouped_lora_dense
-from moe_export.ops.grouped_lora_slots import grouped_lora_slots, grouped_lora_slots_dense
-
-__all__ = ["dense_gates", "grouped_lora", "grouped_lora_dense", "grouped_lora_slots", "grouped_lora_slots_dense"]
+Import the submodule you need: `ops.names` is plain strings; `ops.grouped_lora` / `ops.grouped_lora_slots`
+register the torch ops on import.
+"""

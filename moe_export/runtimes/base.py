@@ -1,4 +1,4 @@
-"""The runner interface: a runner only runs (comparison lives in validate/).
+"""The runner interface: a runner only runs (comparison lives in validation/).
 
     with SomeRunner(...) as runner:
         outputs = runner.infer({"input_ids": ids, "attention_mask": mask})
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moe_export.errors import MoeExportError
+from moe_export.errors import InternalError, MoeExportError
 
 Feeds = dict[str, np.ndarray]
 
@@ -40,7 +40,7 @@ class Runner(ABC):
 
     def activate(self) -> None:
         if self.is_active:
-            raise MoeExportError(f"{self.name}: already active")
+            raise InternalError(f"{self.name}: already active")
         self._activate()
         self.is_active = True
 
@@ -55,7 +55,7 @@ class Runner(ABC):
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
         if not self.is_active:
-            raise MoeExportError(f"{self.name}: call activate() (or use `with`) before infer()")
+            raise InternalError(f"{self.name}: call activate() (or use `with`) before infer()")
         expected = self.input_names()
         if expected is not None:
             missing = [n for n in expected if n not in feeds]
@@ -70,7 +70,7 @@ class Runner(ABC):
 
     def last_inference_time(self) -> float:
         if self._last_time is None:
-            raise MoeExportError(f"{self.name}: no inference has run yet")
+            raise InternalError(f"{self.name}: no inference has run yet")
         return self._last_time
 
     @abstractmethod

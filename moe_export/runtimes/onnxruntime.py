@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from moe_export.errors import ExportError, FormatError, RuntimeUnavailableError
+from moe_export.errors import FormatError, InternalError, RuntimeUnavailableError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.registry import Artifact, RunnerOptions
+from moe_export.runtimes.registry import RunnerOptions
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -146,7 +147,7 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:  # ORT's own exception classes: a model that loads but cannot run
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in wanted.items())
             first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"{self.name}: inference failed on {shapes}: {first}") from exc
+            raise InternalError(f"{self.name}: inference failed on {shapes}: {first}") from exc
         return dict(zip(self.output_names(), values, strict=True))
 
 

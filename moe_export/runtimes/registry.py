@@ -8,13 +8,11 @@ A factory has the signature `factory(artifact: Artifact, options: RunnerOptions)
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from moe_export.errors import FormatError, MoeExportError
-from moe_export.export.manifest import ExportManifest
+from moe_export.errors import MoeExportError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Runner
 
 
@@ -31,52 +29,6 @@ class RunnerOptions:
             raise MoeExportError(f"device {self.device!r}: expected cpu or cuda")
         if self.threads is not None and self.threads < 1:
             raise MoeExportError(f"threads {self.threads}: expected a positive integer")
-
-
-@dataclass
-class Artifact:
-    """An export directory and its manifest (export.json, written by `moe-export onnx`)."""
-
-    path: Path
-    manifest: ExportManifest
-
-    @classmethod
-    def open(cls, directory: str | Path) -> Artifact:
-        path = Path(directory)
-        if not path.is_dir():
-            raise FormatError(f"{path}: artifact directory not found (expected the output of `moe-export onnx`)")
-        return cls(path.resolve(), ExportManifest.load(path))
-
-    @property
-    def onnx_path(self) -> Path:
-        return self.path / self.manifest.model_file
-
-    @property
-    def dtype(self) -> str:
-        return self.manifest.dtype
-
-    @property
-    def base_only(self) -> bool:
-        return self.manifest.base_only
-
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.manifest.inputs] or ["input_ids", "attention_mask"]
-
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.manifest.outputs] or ["logits"]
-
-    def vocab_size(self) -> int:
-        """From the copied config.json, else the base model's; random token ids need it."""
-        candidates = [self.path / "config.json", Path(self.manifest.base_model) / "config.json"]
-        for candidate in candidates:
-            if candidate.is_file():
-                try:
-                    return int(json.loads(candidate.read_text())["vocab_size"])
-                except (KeyError, ValueError, TypeError, json.JSONDecodeError):
-                    continue
-        raise FormatError(
-            f"{self.path}: no config.json with vocab_size here or in the base model; pass --inputs FILE.npz"
-        )
 
 
 RunnerFactory = Callable[[Artifact, RunnerOptions], Runner]

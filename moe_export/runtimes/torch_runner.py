@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from moe_export.errors import FormatError, RuntimeUnavailableError
-from moe_export.export.manifest import ExportManifest
+from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.registry import Artifact, RunnerOptions
+from moe_export.runtimes.registry import RunnerOptions
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,8 +77,8 @@ def reference_model_loader(artifact: Artifact) -> Callable[[], torch.nn.Module]:
     dtype = TORCH_DTYPES[manifest.dtype]  # ExportManifest checked the name
 
     def load() -> torch.nn.Module:
-        from moe_export.loading import load_base_model
-        from moe_export.reference import cast_reference_model
+        from moe_export.reference.loading import load_base_model
+        from moe_export.reference.model import cast_reference_model
 
         if not Path(manifest.base_model).is_dir():
             raise FormatError(f"{where}: base model {manifest.base_model} not found; the torch reference needs it")
@@ -108,7 +108,7 @@ def _load_with_merge(manifest: ExportManifest) -> Any:
         task_id=options.get("task_id"),
     )
     if manifest.merge_plan:
-        from moe_export.merging import MergePlan, apply_merge_plan
+        from moe_export.merging.apply import MergePlan, apply_merge_plan
 
         loaded = apply_merge_plan(loaded, MergePlan.from_dict(manifest.merge_plan))
     return loaded

@@ -18,11 +18,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from moe_export.errors import MoeExportError
+from moe_export.errors import MoeExportError, ParityError
+from moe_export.export.manifest import Artifact
+from moe_export.files import write_text_atomic
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
+from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import random_feeds
-from moe_export.validation.report import write_text_atomic
 
 Advance = Callable[[int], None]
 
@@ -88,12 +89,30 @@ class BenchReport:
             "notes": self.notes,
         }
 
+    def over_gate(self) -> list[BenchRow]:
+        """Rows whose p50 exceeds the latency gate (settings["max_ratio"] times the floor); [] without a gate."""
+        limit = self.settings.get("max_ratio")
+        return [] if limit is None else [r for r in self.rows if r.ratio is not None and r.ratio > limit]
+
+    @property
+    def passed(self) -> bool:
+        return not self.over_gate()
+
+    def check(self) -> None:
+        """Raise ParityError (exit 1) when the latency gate failed."""
+        slow = self.over_gate()
+        if slow:
+            worst = max(slow, key=lambda r: r.ratio or 0.0)
+            raise ParityError(
+                f"latency gate: {worst.runtime} {worst.shape} p50 is {worst.ratio:.2f}x the floor "
+                f"(> {self.settings['max_ratio']}x); {len(slow)} of {len(self.rows)} rows over",
+                self,
+            )
+
     def write_json(self, path: str | Path) -> Path:
         return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def plot(self, path: str | Path) -> Path:
-        from moe_export.validation.bench_plot import plot_bench
-
         return plot_bench(self, Path(path))
 
     def render(self, console: Console) -> None:
@@ -141,8 +160,14 @@ def bench(
     options: RunnerOptions | None = None,
     seed: int = 0,
     advance: Advance | None = None,
+    max_ratio: float | None = None,
 ) -> BenchReport:
-    """Benchmark an export (and optionally its base-only floor) on each runtime and batch size."""
+    """Benchmark an export (and optionally its base-only floor) on each runtime and batch size.
+
+    `max_ratio`: the latency gate, p50 at most this multiple of the floor (needs `base_dir`); the report's
+    `passed` says whether it held and `check()` raises ParityError (exit 1) when it did not."""
+    if max_ratio is not None and base_dir is None:
+        raise MoeExportError("--max-ratio needs --base (a base-only export to compare with)")
     if warmup < 0 or iters < 1:
         raise MoeExportError(f"--warmup {warmup} --iters {iters}: need warmup >= 0 and iters >= 1")
     if not batches or min(batches) < 1 or seq < 1:
@@ -155,7 +180,7 @@ def bench(
         None if base is None else str(base.path),
         artifact.dtype,
         {"runtimes": list(runtimes), "batches": list(batches), "seq": seq, "warmup": warmup, "iters": iters,
-         "threads": options.threads, "device": options.device},
+         "threads": options.threads, "device": options.device, "max_ratio": max_ratio},
     )  # fmt: skip
     if base is not None and not base.base_only:
         report.notes.append(f"{base.path} is not a base-only export (export.json base_only is false)")
@@ -181,3 +206,79 @@ def bench(
 def total_steps(runtimes: Sequence[str], batches: Sequence[int], warmup: int, iters: int, with_floor: bool) -> int:
     """Inferences `bench` will run (for a progress bar)."""
     return len(runtimes) * len(batches) * (warmup + iters) * (2 if with_floor else 1)
+
+
+# A PNG of a bench report: a panel per (runtime, input shape), the adapter's p50 bar beside the floor's.
+#
+# Each panel has its own y scale so a 0.5 ms bar stays readable next to a 400 ms one; the ratio to the
+# floor is the panel's headline. Whiskers reach p90.
+ADAPTER_COLOR = "#1f77b4"
+FLOOR_COLOR = "#c8c8c8"
+
+
+def plot_bench(report: BenchReport, path: Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MoeExportError(f"--plot needs matplotlib ({exc}); pip install 'moe-export[plot]'") from None
+    if not report.rows:
+        raise MoeExportError("bench report has no results to plot")
+
+    shapes = list(dict.fromkeys(r.shape for r in report.rows))
+    runtimes = list(dict.fromkeys(r.runtime for r in report.rows))
+    fig, axes = plt.subplots(
+        len(runtimes), len(shapes), figsize=(1.2 + 3.0 * len(shapes), 0.8 + 2.9 * len(runtimes)), squeeze=False
+    )
+    for r_index, runtime in enumerate(runtimes):
+        for s_index, shape in enumerate(shapes):
+            ax = axes[r_index][s_index]
+            row = next((r for r in report.rows if r.runtime == runtime and r.shape == shape), None)
+            if row is None:
+                ax.set_axis_off()
+                continue
+            bars = [("adapter", row.latency, ADAPTER_COLOR, None)]
+            if row.floor is not None:
+                bars.append(("base floor", row.floor, FLOOR_COLOR, "//"))
+            top = 0.0
+            for x, (_label, lat, color, hatch) in enumerate(bars):
+                ax.bar(x, lat.p50_ms, 0.6, color=color, hatch=hatch, edgecolor="#505050")
+                ax.errorbar(x, lat.p50_ms, yerr=[[0], [lat.p90_ms - lat.p50_ms]], color="#404040", capsize=3, lw=1)
+                ax.annotate(_ms(lat.p50_ms), (x, lat.p50_ms), xytext=(0, 3), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=9)  # fmt: skip
+                top = max(top, lat.p50_ms)
+            ax.set_xticks(range(len(bars)), [b[0] for b in bars])
+            ax.set_xlim(-0.6, len(bars) - 0.4)
+            # Scale to the bars, not the whiskers: one p90 outlier on a busy machine would flatten them.
+            ax.set_ylim(0, top * 1.35 if top > 0 else 1.0)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_axisbelow(True)
+            headline = f"{runtime} · {shape.replace('x', ' × ')}"
+            if row.ratio is not None:
+                headline += f"\n{row.ratio:.2f}× floor"
+            ax.set_title(headline, fontsize=10, fontweight="bold" if row.ratio is not None else "normal")
+            if s_index == 0:
+                ax.set_ylabel("p50 latency, ms\n(whisker: p90)", fontsize=9)
+    threads = report.settings.get("threads")
+    fig.suptitle(
+        f"moe-export bench: {Path(report.artifact).name} ({report.dtype}, {report.settings['iters']} iters"
+        + (f", {threads} threads" if threads else "")
+        + ", batch × seq)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f} ms" if value >= 100 else f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance
 from moe_export.validation.units import UnitComparison
@@ -100,8 +100,6 @@ class ValidationReport:
         return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def write_junit(self, path: str | Path) -> Path:
-        from moe_export.validation.junit import junit_xml
-
         return write_text_atomic(Path(path), junit_xml(self))
 
     def render(self, console: Console) -> None:
@@ -196,15 +194,45 @@ def _units_table(runtime: str, per_unit: dict[str, UnitComparison]) -> Table | N
     return table
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary sibling and rename, so a failed run leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+# JUnit XML for CI (GitHub Actions test reporters, GitLab `artifacts:reports:junit`): one <testsuite>, a
+# <testcase> per (runtime, input, output) and per (runtime, unit); failures carry a one-line message.
+SUITE_NAME = "moe-export validate"
+
+
+def junit_xml(report: ValidationReport) -> str:
+    suite = ET.Element("testsuite", name=SUITE_NAME)
+    cases: list[tuple[ET.Element, bool]] = []
+
+    def add_case(classname: str, name: str, failures: list[str], seconds: float | None = None) -> None:
+        case = ET.SubElement(suite, "testcase", classname=classname, name=name, time=f"{seconds or 0.0:.6f}")
+        if failures:
+            failure = ET.SubElement(case, "failure", message=failures[0][:500], type="ParityFailure")
+            failure.text = "\n".join(failures)
+        cases.append((case, bool(failures)))
+
+    for c in report.comparisons:
+        classname = f"parity.{c.runtime}"
+        for out in c.result.outputs.values():
+            add_case(classname, f"{out.name}[{c.shape}]", out.messages, c.seconds)
+        if c.result.messages:
+            add_case(classname, f"outputs[{c.shape}]", c.result.messages, c.seconds)
+    for runtime, per_unit in report.units.items():
+        for unit in per_unit.values():
+            add_case(f"units.{runtime}", unit.name, unit.messages)
+    if not cases:
+        add_case("parity", "validation", ["no comparison ran"])
+    failures = sum(failed for _, failed in cases)
+    total_time = sum(c.seconds or 0.0 for c in report.comparisons)
+    suite.set("tests", str(len(cases)))
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    suite.set("skipped", "0")
+    suite.set("time", f"{total_time:.6f}")
+    props = ET.Element("properties")
+    for key, value in (("artifact", report.artifact), ("dtype", report.dtype), ("reference", report.reference)):
+        ET.SubElement(props, "property", name=key, value=str(value))
+    suite.insert(0, props)
+    root = ET.Element("testsuites", name=SUITE_NAME, tests=str(len(cases)), failures=str(failures), errors="0")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

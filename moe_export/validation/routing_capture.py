@@ -19,10 +19,8 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import FormatError
+from moe_export.ops.names import DOMAIN, GROUPED_LORA, OP_TYPES
 from moe_export.runtimes.base import Feeds
-
-OP_DOMAIN = "moe_export"
-OP_TYPES = ("GroupedLoRA", "GroupedLoRASlots")
 
 
 @dataclass
@@ -34,7 +32,7 @@ class UnitCapture:
     gates: np.ndarray | None  # [T, K]; None when the op takes no gates (GroupedLoRASlots)
     probs: np.ndarray | None = None  # [T, E] fp32 router probabilities (torch reference only)
     output: np.ndarray | None = None  # [T, D_out] routed delta (ONNX Runtime GroupedLoRA node output)
-    op_type: str = "GroupedLoRA"
+    op_type: str = GROUPED_LORA
 
 
 def _numpy(t: Any) -> np.ndarray:
@@ -51,8 +49,8 @@ def record_torch_routing(model: Any) -> Iterator[dict[str, UnitCapture]]:
     """Inside the block, every routed module of `model` records its routing into the yielded dict."""
     import torch
 
-    from moe_export.reference import moe_modules
-    from moe_export.routing import router_probabilities
+    from moe_export.reference.model import moe_modules
+    from moe_export.reference.routing import router_probabilities
 
     captures: dict[str, UnitCapture] = {}
     modules = [(n, m) for n, m in moe_modules(model) if hasattr(m, "record_routing")]
@@ -99,10 +97,10 @@ def grouped_lora_taps(model_proto: Any) -> list[NodeTaps]:
     """
     taps = []
     for i, node in enumerate(model_proto.graph.node):
-        if node.domain != OP_DOMAIN or node.op_type not in OP_TYPES or len(node.input) < 4:
+        if node.domain != DOMAIN or node.op_type not in OP_TYPES or len(node.input) < 4:
             continue
         unit = node.name or f"{node.op_type}_{i}"
-        gates = node.input[2] if node.op_type == "GroupedLoRA" else None
+        gates = node.input[2] if node.op_type == GROUPED_LORA else None
         taps.append(NodeTaps(unit, node.op_type, node.input[0], node.input[1], gates, node.output[0]))
     return taps
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_export.ops.names import GROUPED_LORA
 from moe_export.validation.parity import Tolerance
 from moe_export.validation.routing_capture import UnitCapture
 
@@ -166,7 +167,7 @@ class UnitComparison:
             candidate.x is None
             or candidate.output is None
             or candidate.gates is None
-            or candidate.op_type != "GroupedLoRA"
+            or candidate.op_type != GROUPED_LORA
         ):
             return
         import torch

@@ -2,7 +2,7 @@
 
 The first runtime is the reference (normally `torch`, the faithful PyTorch forward); every other runtime
 is compared with it on every input. When the reference is torch and a candidate is onnxruntime, routing
-is also captured on both sides and compared per unit (validate/units.py).
+is also captured on both sides and compared per unit (validation/units.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import MoeExportError
+from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds
-from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
+from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.validation.report import RunComparison, ValidationReport
@@ -188,7 +189,7 @@ class UnitReference:
 
 def unit_references(model: Any) -> dict[str, UnitReference]:
     """unit name -> reference weights and router of every adapter module of the torch reference."""
-    from moe_export.reference import moe_modules
+    from moe_export.reference.model import moe_modules
 
     return {
         name: UnitReference(getattr(m, "expert_A", None), getattr(m, "expert_B", None), _router_fn(m))
@@ -205,7 +206,7 @@ def _router_fn(module: Any) -> RouteFn | None:
     def route(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import torch
 
-        from moe_export.routing import router_probabilities, select_experts
+        from moe_export.reference.routing import router_probabilities, select_experts
 
         if x.dtype not in (np.float16, np.float32, np.float64):
             x = x.astype(np.float32)  # e.g. ml_dtypes bfloat16, which torch cannot read

@@ -10,7 +10,7 @@ from samples.writers import mola as mola_writer
 
 
 def write(out_dir: Path, base_dir: Path) -> None:
-    from moe_export.loading import load_adapter
+    from moe_export.reference.loading import load_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "mola"

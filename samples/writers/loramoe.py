@@ -1,6 +1,6 @@
 """LoRAMoE sample (Ablustrund/LoRAMoE): `lora_A{e}` / `lora_B{e}` / `lora_route` on the MLP, E = 4.
 
-Saved in bf16 as DeepSpeed bf16 training leaves it (formats.md section 6); no adapter-name component.
+Saved in bf16 as DeepSpeed bf16 training leaves it (docs/formats.md, "loramoe"); no adapter-name component.
 """
 
 from __future__ import annotations

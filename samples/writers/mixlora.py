@@ -1,7 +1,7 @@
 """MixLoRA sample (top-k): MoE-PEFT's adapter_model.bin + adapter_config.json, E = 4, top-2.
 
 Every MLP block has one router `mixlora.layers.{i}.mlp.moe_gate.weight` and per-expert LoRAs on
-gate/up/down; the attention projections carry a plain always-on LoRA (formats.md section 4).
+gate/up/down; the attention projections carry a plain always-on LoRA (docs/formats.md, "mixlora").
 `write_mixlora` is shared with the dynamic (top-p) sample and the Qwen2 one. Saved the way MoE-PEFT's
 `save_adapter_weight` saves it: live parameters, which come back from `torch.load` with requires_grad.
 """

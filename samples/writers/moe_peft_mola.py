@@ -1,7 +1,7 @@
 """MoE-PEFT MoLA sample: per-linear `moe_gate` + `experts.{e}` on all 7 projections, E = 4, top-2.
 
 `write_moe_peft` is shared with the MoE-PEFT LoRAMoE sample: projections in `routed` get a router
-and experts, the other targets a plain LoRA (formats.md section 4, `get_lora_layer_weight`).
+and experts, the other targets a plain LoRA (docs/formats.md, "MoE-PEFT layout").
 """
 
 from __future__ import annotations

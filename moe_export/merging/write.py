@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import struct
@@ -20,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_export.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.errors import FormatError, MergeError
+from moe_export.files import make_staging_dir, replace_directory
+from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.ir import LinearMoE
-from moe_export.merge_plan import UnitMerge, fold_into_weight
+from moe_export.ir.fold import fold_into_weight
+from moe_export.merging.plan import UnitMerge
 
 if TYPE_CHECKING:
-    from moe_export.merging import MergeResult
+    from moe_export.merging.report import MergeResult
 
 ADAPTER_DIR = "adapter"
 MERGE_MANIFEST = "moe_export_merge.json"
@@ -121,11 +122,8 @@ def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True)
     base_dir = Path(result.loaded.base_model_path)
     shards = base_shards(base_dir)
     todo = _locate(result, shards)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = make_staging_dir(out)
     try:
-        tmp.mkdir()
         with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
             task = bar.add_task("writing merged shards", total=len(shards))
             for shard in shards:
@@ -143,7 +141,7 @@ def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True)
         manifest = {"source": str(result.loaded.checkpoint), "base_model": str(base_dir)}
         manifest.update(plan=result.plan.to_dict(), report=result.report.to_dict())
         (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-        tmp.rename(out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,20 +7,18 @@ Legend: E experts, D_in / D_out linear sizes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from moe_export.calibration import CalibrationStats
 from moe_export.errors import MergeError
-from moe_export.folding import shared_delta, static_expert_delta
+from moe_export.files import known_fields
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.merging.statistics import CalibrationStats
 from moe_export.ops.grouped_lora import dense_gates
-from moe_export.routing import route_constant, router_probabilities, select_experts
+from moe_export.reference.routing import route_constant, router_probabilities, select_experts
 
 PLAN_VERSION = 1
 EXACT_REASONS = ("exact-shared", "exact-single-expert", "exact-task", "exact-constant")
@@ -86,14 +84,10 @@ class MergePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "merge plan") -> MergePlan:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(f"{where}: ignoring unknown keys {unknown} (newer moe-export?)", stacklevel=2)
-        unit_names = {f.name for f in fields(UnitMerge)}
+        kept = known_fields(cls, data, where)
         try:
-            units = [UnitMerge(**{k: v for k, v in u.items() if k in unit_names}) for u in data.get("units", [])]
-            return cls(**{k: v for k, v in data.items() if k in names and k != "units"}, units=units)
+            units = [UnitMerge(**known_fields(UnitMerge, u, where)) for u in kept.pop("units", [])]
+            return cls(**kept, units=units)
         except (TypeError, AttributeError) as exc:
             raise MergeError(f"{where}: not a merge plan ({exc})") from exc
 
@@ -211,37 +205,3 @@ def _choose(
 def _error_or_inf(stats: CalibrationStats, name: str) -> float:
     error = stats.units[name].error
     return float("inf") if error is None or math.isnan(error) else error  # never merge an unmeasured unit
-
-
-ROW_BLOCK = 1024  # output rows of a weight folded at a time: bounds the fp32 delta in memory
-
-
-def unit_delta(unit: LinearMoE, entry: UnitMerge, rows: slice = slice(None)) -> torch.Tensor | None:
-    """[rows of D_out, D_in] fp32 weight delta of a fold (shared LoRAs + static experts), or None if empty.
-
-    Row slices only cut B's output dimension, so a block of the delta costs a block of memory."""
-    delta = None
-    if entry.fold_shared:
-        shared = [dataclasses.replace(s, B=s.B[rows]) for s in unit.shared]
-        out = shared[0].B.shape[0] if shared else unit.out_features
-        delta = shared_delta(dataclasses.replace(unit, out_features=out, experts=None, router=None, shared=shared))
-    if entry.expert_weights:  # [] marks a unit without experts
-        assert unit.experts is not None
-        stack = dataclasses.replace(unit.experts, B=unit.experts.B[:, rows])
-        experts = static_expert_delta(stack, torch.tensor(entry.expert_weights, dtype=torch.float64))
-        delta = experts if delta is None else delta.add_(experts)  # in place: one block fewer
-    return delta
-
-
-@torch.no_grad()
-def fold_into_weight(weight: torch.Tensor, unit: LinearMoE, entry: UnitMerge) -> None:
-    """W <- cast(float(W) + Δ) in place, as add_to_linear does, one block of rows at a time.
-
-    The single source of merged weights: the in-memory merge (apply_merge_plan) and the streaming
-    writer both call it, so they produce the same bits."""
-    for start in range(0, weight.shape[0], ROW_BLOCK):
-        rows = slice(start, start + ROW_BLOCK)
-        delta = unit_delta(unit, entry, rows)  # [block, D_in]
-        if delta is None:
-            return
-        weight[rows] = (weight[rows].float() + delta.to(weight.device)).to(weight.dtype)

@@ -1,7 +1,7 @@
 """Router math in one place: logits -> softmax -> selection -> (expert_ids [T, K], gates [T, K]).
 
 Every family routes with a softmax; they differ in the matmul dtype, the selection and the
-renormalisation (reference/formats.md section 7.1). The softmax runs in fp32 in every family.
+renormalisation (docs/formats.md, per family). The softmax runs in fp32 in every family.
 Legend: T tokens, E experts, K slots per token, D_in router input size.
 """
 

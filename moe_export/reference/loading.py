@@ -8,14 +8,15 @@ from typing import Any
 
 import torch
 
-from moe_export.architectures import check_architecture
-from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
-from moe_export.formats import LoadOptions, detect_family, get_family
+from moe_export.formats import Family, LoadOptions, detect_family, get_family
+from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import open_checkpoint
+from moe_export.formats.common import override_top_k
 from moe_export.ir import Adapter, LinearMoE
-from moe_export.ir_tensors import finish_adapter
-from moe_export.reference import apply_adapter
+from moe_export.ir.tensors import finish_adapter
+from moe_export.reference.architectures import check_architecture
+from moe_export.reference.model import apply_adapter
 
 
 @dataclass
@@ -94,6 +95,7 @@ def _read_checkpoint(
     base = BaseWeights(base_path) if fam.needs_base_weights else None
     with torch.no_grad():  # loaders compute on saved parameters that may still require grad
         adapter = finish_adapter(fam.load(ckpt, options, base))
+    apply_load_options(fam, adapter, options)
     try:
         weights = base or BaseWeights(base_path)
     except FormatError:
@@ -102,6 +104,31 @@ def _read_checkpoint(
         check_fits_base(adapter, weights)
     adapter.base_model = str(base_path)
     return adapter, base_path, fam.name
+
+
+def apply_load_options(family: type[Family], adapter: Adapter, options: LoadOptions) -> None:
+    """--top-k and --task-id, the same for every family: applied where the adapter has what they set, refused
+    (one line, exit 2) where it has not, so no option is silently ignored."""
+    if options.top_k is not None:
+        selects = sorted({u.router.select for u in adapter.units if u.router is not None})
+        if "topk" not in selects:
+            raise FormatError(
+                f"--top-k: the {family.title} checkpoint has no top-k router (routing: {', '.join(selects) or 'none'}); "
+                "drop --top-k"
+            )
+        override_top_k(adapter, options.top_k)
+    elif not family.top_k_saved:
+        adapter.notices.append(
+            f"{family.title} does not save top_k; defaulted to {family.default_top_k} in every layer "
+            "(pass --top-k K or K1,K2,...)"
+        )
+    if options.task_id is not None:
+        if not adapter.task_gates:
+            raise FormatError(
+                f"--task-id {options.task_id}: the {family.title} checkpoint has no task gate; drop --task-id"
+            )
+        for gate in adapter.task_gates.values():
+            gate.weights(options.task_id)  # range check with a clear message, before any model is built
 
 
 def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:

@@ -1,7 +1,7 @@
 """The faithful PyTorch forward of an `FFNMoE` unit (MixLoRA): one router per MLP block.
 
 Every expert is the whole gated FFN with LoRA deltas on its adapted projections
-(reference/formats.md section 4, `MixtralSparseMoe.forward` + `LlamaMLP._mixlora_forward`):
+(docs/formats.md, "mixlora"; MoE-PEFT `MixtralSparseMoe.forward` + `LlamaMLP._mixlora_forward`):
 
     out = sum_{e in sel(h)} w_e * down_e(act(gate_e(h)) * up_e(h)),   proj_e(z) = W z + b + s_e B_e A_e z
 
@@ -21,7 +21,7 @@ from torch import nn
 from moe_export.errors import FormatError
 from moe_export.ir import Adapter, FFNMoE, Unit
 from moe_export.ops.grouped_lora_slots import grouped_lora_slots
-from moe_export.routing import route_tokens
+from moe_export.reference.routing import route_tokens
 
 # Projections of each supported MLP layout, in the order the block applies them.
 ARCH_PROJECTIONS: dict[str, tuple[str, ...]] = {"llama_gated": ("gate_proj", "up_proj", "down_proj")}

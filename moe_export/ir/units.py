@@ -12,30 +12,15 @@ Semantics of an `FFNMoE` (MixLoRA, one router per MLP block):
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from moe_export.errors import FormatError
 
-IR_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-TENSORS_NAME = "tensors.safetensors"
-
 RouterKind = Literal["linear", "task", "none"]
 RouterSelect = Literal["dense", "topk", "top_p"]
-
-
-def known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Keep the keys `cls` knows; warn (not fail) on keys from a newer moe-export."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown} (written by a newer moe-export?)", stacklevel=3)
-    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass
@@ -219,73 +204,6 @@ class TaskGate:
 
 
 Unit = LinearMoE | FFNMoE
-
-
-@dataclass
-class Adapter:
-    """Base-model reference + units + global task gates + provenance."""
-
-    family: str
-    units: list[Unit]
-    base_model: str | None = None
-    task_gates: dict[str, TaskGate] = field(default_factory=dict)
-    source_config: dict[str, Any] = field(default_factory=dict)
-    notices: list[str] = field(default_factory=list)  # e.g. "top_k not saved, defaulted to 2"
-
-    def __post_init__(self) -> None:
-        seen: set[str] = set()
-        for unit in self.units:
-            if unit.name in seen:
-                raise FormatError(f"unit {unit.name} appears twice in the adapter")
-            seen.add(unit.name)
-            router = unit.router
-            if router is not None and router.kind == "task" and router.task_gate not in self.task_gates:
-                raise FormatError(f"unit {unit.name} names task gate {router.task_gate!r}, which is not in the adapter")
-
-    def unit(self, name: str) -> Unit:
-        for u in self.units:
-            if u.name == name:
-                return u
-        raise KeyError(name)
-
-    @property
-    def routed_units(self) -> list[Unit]:
-        return [u for u in self.units if u.routed]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor under its canonical key (formats.md section 7.2)."""
-        from moe_export.ir_serde import adapter_tensors
-
-        return adapter_tensors(self)
-
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors().values())
-
-    def to_manifest(self) -> dict[str, Any]:
-        from moe_export.ir_serde import adapter_manifest
-
-        return adapter_manifest(self)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write manifest.json + tensors.safetensors into `directory` (created)."""
-        from moe_export.ir_serde import save_adapter
-
-        return save_adapter(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Adapter:
-        """Read a canonical adapter written by `save` (or by hand, following the same layout)."""
-        from moe_export.ir_serde import load_adapter_dir
-
-        return load_adapter_dir(directory)
-
-    @classmethod
-    def from_manifest(
-        cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "manifest"
-    ) -> Adapter:
-        from moe_export.ir_serde import adapter_from_manifest
-
-        return adapter_from_manifest(manifest, tensors, where)
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -1,37 +1,87 @@
-"""The canonical adapter on disk: manifest.json (headers) + tensors.safetensors (keys per formats.md 7.2).
+"""The canonical adapter and its on-disk layout: manifest.json (headers) + tensors.safetensors.
 
-Shape legend as in ir.py: E experts, E_A experts owning an A, R rank, D_in / D_out feature sizes.
+The layout is described in docs/formats.md ("canonical"). Shape legend as in units.py: E experts, E_A
+experts owning an A, R rank, D_in / D_out feature sizes.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.ir import (
-    IR_VERSION,
-    MANIFEST_NAME,
-    TENSORS_NAME,
-    Adapter,
-    ExpertStack,
-    FFNMoE,
-    LinearMoE,
-    Router,
-    SharedLoRA,
-    TaskGate,
-    Unit,
-    known_fields,
-)
+from moe_export.files import known_fields, known_keys, read_json_object
+from moe_export.ir.units import ExpertStack, FFNMoE, LinearMoE, Router, SharedLoRA, TaskGate, Unit
+
+IR_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSORS_NAME = "tensors.safetensors"
+
+
+@dataclass
+class Adapter:
+    """Base-model reference + units + global task gates + provenance."""
+
+    family: str
+    units: list[Unit]
+    base_model: str | None = None
+    task_gates: dict[str, TaskGate] = field(default_factory=dict)
+    source_config: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # e.g. "top_k not saved, defaulted to 2"
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for unit in self.units:
+            if unit.name in seen:
+                raise FormatError(f"unit {unit.name} appears twice in the adapter")
+            seen.add(unit.name)
+            router = unit.router
+            if router is not None and router.kind == "task" and router.task_gate not in self.task_gates:
+                raise FormatError(f"unit {unit.name} names task gate {router.task_gate!r}, which is not in the adapter")
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    @property
+    def routed_units(self) -> list[Unit]:
+        return [u for u in self.units if u.routed]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor under its canonical key (docs/formats.md, "canonical")."""
+        return adapter_tensors(self)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def to_manifest(self) -> dict[str, Any]:
+        return adapter_manifest(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write manifest.json + tensors.safetensors into `directory` (created)."""
+        return save_adapter(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Adapter:
+        """Read a canonical adapter written by `save` (or by hand, following the same layout)."""
+        return load_adapter_dir(directory)
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "manifest"
+    ) -> Adapter:
+        return adapter_from_manifest(manifest, tensors, where)
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Every tensor under its canonical key (formats.md section 7.2)."""
+    """Every tensor under its canonical key (docs/formats.md, "canonical")."""
     out: dict[str, torch.Tensor] = {}
     for unit in adapter.units:
         out.update(_unit_tensors(unit))
@@ -76,10 +126,7 @@ def load_adapter_dir(directory: str | Path) -> Adapter:
     for p in (manifest_path, tensors_path):
         if not p.is_file():
             raise FormatError(f"{p}: missing (a canonical adapter is {MANIFEST_NAME} + {TENSORS_NAME})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{manifest_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    manifest = read_json_object(manifest_path, f"a canonical adapter is {MANIFEST_NAME} + {TENSORS_NAME}")
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError) as exc:
@@ -113,9 +160,7 @@ def adapter_from_manifest(
     if extra:
         raise FormatError(f"{where}: tensors {extra[:5]} are not referenced by any unit in the manifest")
     known = {"format", "ir_version", "family", "base_model", "units", "task_gates", "source_config", "notices"}
-    unknown = sorted(set(manifest) - known)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown}", stacklevel=2)
+    known_keys(known, manifest, where)
     return Adapter(
         family=manifest.get("family", "canonical"),
         units=units,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from moe_export.ir import Adapter, ExpertStack, FFNMoE, LinearMoE, Router, Unit
+from moe_export.ir.adapter import Adapter
+from moe_export.ir.units import ExpertStack, FFNMoE, LinearMoE, Router, Unit
 
 
 def describe_router(router: Router | None) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """The faithful PyTorch forward: adapted modules of a transformers model replaced by MoE-LoRA modules.
 
-This is the parity oracle. It follows the original code's formulas (reference/formats.md): router
+This is the parity oracle. It follows the original code's formulas (docs/formats.md): router
 matmul in the family's dtype, fp32 softmax, top-k / dense / top-p selection, renormalisation, scaling,
 always-on shared LoRAs. The routed experts run through the opaque custom op `moe_export::grouped_lora`.
 Legend: T tokens, E experts, K slots, R rank, D_in / D_out feature sizes.
@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from moe_export.errors import FormatError
-from moe_export.folding import add_to_linear, shared_delta
 from moe_export.ir import Adapter, LinearMoE, Router, Unit
-from moe_export.ops import grouped_lora
-from moe_export.reference_ffn import build_ffn_moe
-from moe_export.routing import route_constant, route_tokens
+from moe_export.ir.fold import SharedOnly, fold_into_weight
+from moe_export.ops.grouped_lora import grouped_lora
+from moe_export.reference.ffn import build_ffn_moe
+from moe_export.reference.routing import route_constant, route_tokens
 
 
 class MoELoRALinear(nn.Module):
@@ -85,9 +85,7 @@ class MoELoRALinear(nn.Module):
     @torch.no_grad()
     def fold_shared_into_base(self, unit: LinearMoE) -> None:
         """W <- W + sum_shared s B A (exact), then drop the shared branch."""
-        delta = shared_delta(unit)
-        if delta is not None:
-            add_to_linear(self.base, delta)
+        fold_into_weight(self.base.weight, unit, SharedOnly())
         for j in range(len(self.shared_scalings)):
             delattr(self, f"shared_A_{j}")
             delattr(self, f"shared_B_{j}")

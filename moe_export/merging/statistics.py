@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moe_export.errors import FormatError, MergeError
+from moe_export.files import known_fields, read_json_object, write_text_atomic
 from moe_export.ir import Adapter, ExpertStack, LinearMoE
 from moe_export.ops.grouped_lora import dense_gates
-from moe_export.reference import MoELoRALinear, moe_modules
+from moe_export.reference.model import MoELoRALinear, moe_modules
 
 if TYPE_CHECKING:
-    from moe_export.loading import LoadedAdapter
+    from moe_export.reference.loading import LoadedAdapter
 
 STATS_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -159,36 +159,20 @@ class CalibrationStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "stats") -> CalibrationStats:
-        data = dict(data)
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(f"{where}: ignoring unknown keys {unknown} (newer moe-export?)", stacklevel=2)
+        data = known_fields(cls, data, where)
         try:
             units = [UnitStats(**u) for u in data.pop("units", [])]
-            return cls(**{k: v for k, v in data.items() if k in names}, units={u.name: u for u in units})
+            return cls(**data, units={u.name: u for u in units})
         except TypeError as exc:
             raise FormatError(f"{where}: not a moe-export calibration stats file ({exc})") from exc
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (temp sibling, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:
-        path = Path(path)
-        if not path.is_file():
-            raise FormatError(f"{path}: stats file not found (write one with `moe-export calibrate -o`)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise FormatError(f"{path}: not a moe-export calibration stats file (top level is not an object)")
+        data = read_json_object(path, "stats file not found (write one with `moe-export calibrate -o`)")
         return cls.from_dict(data, where=str(path))
 
     def check_matches(self, adapter: Adapter, where: str = "stats") -> None:
@@ -274,7 +258,7 @@ def calibration_inputs(
 
 
 def _builtin() -> list[str]:
-    from moe_export.calibration_text import builtin_lines
+    from moe_export.merging.calibration_text import builtin_lines
 
     return builtin_lines()
 

@@ -1,0 +1,47 @@
+"""The Python API functions that span stages: export, then validate (what `moe-export onnx` runs).
+
+The export stage never calls validation itself (a stage imports only earlier ones); this module sits after
+both, so `moe_export.export_onnx` and the CLI run the same sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from moe_export.errors import ParityError
+from moe_export.export.onnx import ExportResult
+from moe_export.export.onnx import export_onnx as _export_only
+from moe_export.reference.loading import LoadedAdapter
+
+
+def export_onnx(
+    loaded: LoadedAdapter,
+    out_dir: str | Path,
+    *,
+    validate: bool = True,
+    console: Console | None = None,
+    **options: Any,
+) -> ExportResult:
+    """`export.onnx.export_onnx(loaded, out_dir, **options)`, then (unless `validate=False`) the parity gate.
+
+    A failed gate raises ParityError (exit 1) with the report; the export stays on disk for inspection.
+    """
+    console = console or Console(stderr=True)
+    result = _export_only(loaded, out_dir, console=console, **options)
+    if validate:
+        result.validation = validate_export(result.out_dir, console)
+    return result
+
+
+def validate_export(out_dir: Path, console: Console) -> Any:
+    """Parity against the PyTorch reference (validation/); ParityError (exit 1) when it fails."""
+    from moe_export.validation import validate  # lazy: pulls in onnxruntime
+
+    report = validate(out_dir)
+    report.render(console)
+    if not report.passed:
+        raise ParityError(f"{out_dir}: ONNX parity check against the PyTorch reference failed", report)
+    return report

@@ -1,0 +1,32 @@
+"""The canonical adapter (DESIGN.md section 4): units in `units.py`, the on-disk layout in `adapter.py`."""
+
+from moe_export.ir.adapter import IR_VERSION, MANIFEST_NAME, TENSORS_NAME, Adapter
+from moe_export.ir.units import (
+    ExpertStack,
+    FFNMoE,
+    LinearMoE,
+    Router,
+    SharedLoRA,
+    TaskGate,
+    Unit,
+    check_finite,
+    rank_scaling,
+    short_unit_name,
+)
+
+__all__ = [
+    "IR_VERSION",
+    "MANIFEST_NAME",
+    "TENSORS_NAME",
+    "Adapter",
+    "ExpertStack",
+    "FFNMoE",
+    "LinearMoE",
+    "Router",
+    "SharedLoRA",
+    "TaskGate",
+    "Unit",
+    "check_finite",
+    "rank_scaling",
+    "short_unit_name",
+]

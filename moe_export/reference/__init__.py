@@ -1,0 +1,1 @@
+"""The faithful PyTorch forward (the parity oracle): routing, per-unit modules, and `load`."""
