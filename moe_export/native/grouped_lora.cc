@@ -1,0 +1,396 @@
+// Native ONNX Runtime CPU kernels for the moe_export custom ops (DESIGN.md section 5):
+//
+//   GroupedLoRA(x [T,D_in], expert_ids [T,K] int64, gates [T,K], A [E_A,R,D_in], B [E,D_out,R]) -> y [T,D_out]
+//       y[t] = sum_j gates[t,j] * B[e] (A[e or 0] x[t]),  e = expert_ids[t,j]
+//   GroupedLoRASlots(x, expert_ids, A, B) -> y [T,K,D_out],  y[t,j] = B[e] (A[e or 0] x[t])
+//   GroupedLoRAAdd(x, expert_ids, gates, A, B, base) -> base + GroupedLoRA(...) viewed as base's shape
+//
+// The model file carries a standard-op function body for each op; when this library is registered
+// (SessionOptions.register_custom_ops_library) ONNX Runtime runs these kernels instead, which do only
+// the K selected experts' work per token rather than every expert's. fp32 is the fast path; fp16
+// inputs are converted to fp32, computed, and converted back (a correctness path). The inner loops are
+// compiled once per instruction set (AVX-512, AVX2+FMA, portable) and chosen at run time, so one
+// build runs on any x86-64 CPU and the file builds on arm64 (portable loops only).
+// Legend: T tokens, K slots per token, E experts, E_A experts owning an A (E or 1), R rank.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#define MOE_EXPORT_API extern "C" __attribute__((visibility("default")))
+
+namespace moe_portable {
+#define MOE_VW 4
+#include "grouped_lora_kernels.inc"
+#undef MOE_VW
+}  // namespace moe_portable
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_HAVE_X86_VARIANTS 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace moe_avx2 {
+#define MOE_VW 8
+#include "grouped_lora_kernels.inc"
+#undef MOE_VW
+}  // namespace moe_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512")
+#endif
+namespace moe_avx512 {
+#define MOE_VW 16
+#include "grouped_lora_kernels.inc"
+#undef MOE_VW
+}  // namespace moe_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+using ShrinkFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
+using ExpandFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t, const float*, float*);
+
+struct Isa {
+  const char* name;
+  ShrinkFn shrink;
+  ExpandFn expand;
+};
+
+const Isa kPortable{"portable", moe_portable::shrink, moe_portable::expand};
+#ifdef MOE_HAVE_X86_VARIANTS
+const Isa kAvx2{"avx2", moe_avx2::shrink, moe_avx2::expand};
+const Isa kAvx512{"avx512", moe_avx512::shrink, moe_avx512::expand};
+#endif
+
+// The best ISA this CPU runs; MOE_EXPORT_KERNEL_ISA=portable|avx2|avx512 caps it (tests run every path).
+const Isa& select_isa() {
+  const char* cap = std::getenv("MOE_EXPORT_KERNEL_ISA");
+  const std::string want = cap ? cap : "";
+#ifdef MOE_HAVE_X86_VARIANTS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  if (want == "portable") return kPortable;
+  if (want == "avx2") return avx2 ? kAvx2 : kPortable;
+  if (avx512) return kAvx512;
+  if (avx2) return kAvx2;
+#endif
+  return kPortable;
+}
+
+enum class Mode { kSum, kSlots, kAdd };
+
+// Input positions per op (see the header comment).
+constexpr size_t kX = 0, kIds = 1;
+size_t gates_index(Mode) { return 2; }
+size_t a_index(Mode m) { return m == Mode::kSlots ? 2 : 3; }
+size_t b_index(Mode m) { return m == Mode::kSlots ? 3 : 4; }
+constexpr size_t kBase = 5;
+
+void to_float(const void* src, ONNXTensorElementDataType type, size_t n, float* dst) {
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    const auto* h = static_cast<const Ort::Float16_t*>(src);
+    for (size_t i = 0; i < n; ++i) dst[i] = h[i].ToFloat();
+  }
+}
+
+// B [E, D_out, R] (any supported type) -> Bt [E, R, D_out] fp32: the expand loop streams rows of Bt.
+void transpose_b(const void* b, ONNXTensorElementDataType type, int64_t E, int64_t d_out, int64_t R, float* bt) {
+  std::vector<float> row(static_cast<size_t>(R));
+  const size_t esize = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t o = 0; o < d_out; ++o) {
+      to_float(static_cast<const char*>(b) + ((e * d_out + o) * R) * esize, type, R, row.data());
+      for (int64_t r = 0; r < R; ++r) bt[(e * R + r) * d_out + o] = row[r];
+    }
+}
+
+struct Dims {
+  int64_t T, K, E, EA, R, d_in, d_out;
+};
+
+// Everything one call needs, as fp32 views; shared read-only by the worker threads.
+struct Job {
+  Dims d;
+  Mode mode;
+  const Isa* isa;
+  const float* x;        // [T, D_in]
+  const int64_t* ids;    // [T, K]
+  const float* gates;    // [T, K] (null for slots)
+  const float* A;        // [E_A, R, D_in]
+  const float* bt;       // [E, R, D_out]
+  const float* base;     // [T, D_out] (kAdd only)
+  float* y;              // [T, D_out] or [T, K, D_out]
+  int64_t block;         // tokens per parallel task
+};
+
+void run_tokens(const Job& job, int64_t t0, int64_t t1) {
+  const Dims& d = job.d;
+  const int64_t R = d.R, K = d.K;
+  std::vector<float> h(static_cast<size_t>((K + 1) * R));
+  std::vector<const float*> bts(static_cast<size_t>(K)), hgs(static_cast<size_t>(K));
+  float* shared = h.data() + K * R;  // A x for a shared A (HydraLoRA), computed once per token
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xt = job.x + t * d.d_in;
+    const int64_t* ids = job.ids + t * K;
+    if (d.EA == 1) job.isa->shrink(job.A, xt, R, d.d_in, shared);
+    if (job.mode == Mode::kSlots) {
+      for (int64_t j = 0; j < K; ++j) {
+        const float* hj = shared;
+        if (d.EA != 1) {
+          job.isa->shrink(job.A + ids[j] * R * d.d_in, xt, R, d.d_in, h.data() + j * R);
+          hj = h.data() + j * R;
+        }
+        const float* bt = job.bt + ids[j] * R * d.d_out;
+        job.isa->expand(&bt, &hj, 1, R, d.d_out, nullptr, job.y + (t * K + j) * d.d_out);
+      }
+      continue;
+    }
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const float g = job.gates[t * K + j];
+      if (g == 0.f) continue;  // an unselected slot (top-p padding): no work, same sum
+      float* hj = h.data() + n * R;
+      if (d.EA == 1) {
+        for (int64_t r = 0; r < R; ++r) hj[r] = g * shared[r];
+      } else {
+        job.isa->shrink(job.A + ids[j] * R * d.d_in, xt, R, d.d_in, hj);
+        for (int64_t r = 0; r < R; ++r) hj[r] *= g;
+      }
+      bts[n] = job.bt + ids[j] * R * d.d_out;
+      hgs[n] = hj;
+      ++n;
+    }
+    const float* base = job.base ? job.base + t * d.d_out : nullptr;
+    job.isa->expand(bts.data(), hgs.data(), n, R, d.d_out, base, job.y + t * d.d_out);
+  }
+}
+
+void run_block(void* data, size_t i) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t t0 = static_cast<int64_t>(i) * job.block;
+  run_tokens(job, t0, std::min(job.d.T, t0 + job.block));
+}
+
+struct Kernel {
+  Kernel(const OrtApi& api, const OrtKernelInfo* info, Mode mode) : api_(api), mode_(mode), isa_(&select_isa()) {
+    // A and B are usually initializers: convert/transpose them once here instead of on every call.
+    Ort::ConstKernelInfo kinfo(info);
+    int is_const = 0;
+    Ort::ConstValue b = kinfo.GetTensorConstantInput(b_index(mode), &is_const);
+    if (is_const) {
+      pack_b(b, bt_);
+      bt_ready_ = true;
+    }
+    Ort::ConstValue a = kinfo.GetTensorConstantInput(a_index(mode), &is_const);
+    if (is_const && a.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      const auto info_a = a.GetTensorTypeAndShapeInfo();
+      a32_.resize(info_a.GetElementCount());
+      to_float(a.GetTensorRawData(), info_a.GetElementType(), a32_.size(), a32_.data());
+      a_ready_ = true;
+    }
+  }
+
+  static void pack_b(const Ort::ConstValue& b, std::vector<float>& bt) {
+    const auto info = b.GetTensorTypeAndShapeInfo();
+    const auto shape = info.GetShape();
+    if (shape.size() != 3) throw Ort::Exception("B must be [E, D_out, R]", ORT_INVALID_ARGUMENT);
+    bt.resize(info.GetElementCount());
+    transpose_b(b.GetTensorRawData(), info.GetElementType(), shape[0], shape[1], shape[2], bt.data());
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return api_.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return api_.CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+
+  [[noreturn]] static void fail(const std::string& what) {
+    throw Ort::Exception("moe_export kernel: " + what, ORT_INVALID_ARGUMENT);
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const char* op = mode_ == Mode::kSlots ? "GroupedLoRASlots" : mode_ == Mode::kAdd ? "GroupedLoRAAdd" : "GroupedLoRA";
+    auto x = ctx.GetInput(kX), ids = ctx.GetInput(kIds);
+    auto A = ctx.GetInput(a_index(mode_)), B = ctx.GetInput(b_index(mode_));
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), is = ids.GetTensorTypeAndShapeInfo().GetShape();
+    const auto as = A.GetTensorTypeAndShapeInfo().GetShape(), bs = B.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.size() != 2 || is.size() != 2 || as.size() != 3 || bs.size() != 3 || is[0] != xs[0])
+      fail(std::string(op) + ": expected x [T,D_in], expert_ids [T,K], A [E_A,R,D_in], B [E,D_out,R]");
+    Dims d{xs[0], is[1], bs[0], as[0], as[1], xs[1], bs[1]};
+    if (as[2] != d.d_in || bs[2] != d.R || !(d.EA == 1 || d.EA == d.E))
+      fail(std::string(op) + ": A/B/x do not chain or E_A is neither 1 nor E");
+    const int64_t* id = ids.GetTensorData<int64_t>();
+    for (int64_t i = 0; i < d.T * d.K; ++i)
+      if (id[i] < 0 || id[i] >= d.E) fail(std::string(op) + ": expert id " + std::to_string(id[i]) + " outside [0, E)");
+
+    const auto t_type = x.GetTensorTypeAndShapeInfo().GetElementType();
+    const bool f32 = t_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    Job job{d, mode_, isa_, nullptr, id, nullptr, nullptr, nullptr, nullptr, nullptr, 1};
+    std::vector<float> x32, g32, a32, bt_call, base32, y32;
+    auto as_float = [](const Ort::ConstValue& v, std::vector<float>& buf) -> const float* {
+      const auto info = v.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return v.GetTensorData<float>();
+      buf.resize(info.GetElementCount());
+      to_float(v.GetTensorRawData(), info.GetElementType(), buf.size(), buf.data());
+      return buf.data();
+    };
+    job.x = as_float(x, x32);
+    if (mode_ != Mode::kSlots) {
+      auto gates = ctx.GetInput(gates_index(mode_));
+      if (gates.GetTensorTypeAndShapeInfo().GetShape() != is) fail(std::string(op) + ": gates must match expert_ids");
+      job.gates = as_float(gates, g32);
+    }
+    job.A = a_ready_ ? a32_.data() : as_float(A, a32);
+    if (!bt_ready_) pack_b(B, bt_call);
+    job.bt = bt_ready_ ? bt_.data() : bt_call.data();
+
+    std::vector<int64_t> out_shape{d.T, d.d_out};
+    if (mode_ == Mode::kSlots) out_shape = {d.T, d.K, d.d_out};
+    if (mode_ == Mode::kAdd) {
+      auto base = ctx.GetInput(kBase);
+      const auto binfo = base.GetTensorTypeAndShapeInfo();
+      out_shape = binfo.GetShape();
+      if (static_cast<int64_t>(binfo.GetElementCount()) != d.T * d.d_out || out_shape.empty() ||
+          out_shape.back() != d.d_out)
+        fail(std::string(op) + ": base must hold T x D_out values with D_out last");
+      job.base = as_float(base, base32);
+    }
+    auto y = ctx.GetOutput(0, out_shape);
+    const size_t y_count = static_cast<size_t>(d.T * d.d_out * (mode_ == Mode::kSlots ? d.K : 1));
+    if (f32) {
+      job.y = y.GetTensorMutableData<float>();
+    } else {
+      y32.resize(y_count);
+      job.y = y32.data();
+    }
+    if (d.T > 0) run(ctx, job);
+    if (!f32) {
+      auto* out = y.GetTensorMutableData<Ort::Float16_t>();
+      for (size_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+    }
+  }
+
+  // Small calls (decode steps) run inline: a thread hand-off costs more than their work.
+  static void run(Ort::KernelContext& ctx, Job& job) {
+    const Dims& d = job.d;
+    const double work = static_cast<double>(d.T) * d.K * d.R * (d.d_in + d.d_out);
+    if (d.T < 2 || work < 2.0e5) {
+      run_tokens(job, 0, d.T);
+      return;
+    }
+    job.block = std::max<int64_t>(1, d.T / 32);
+    const size_t blocks = static_cast<size_t>((d.T + job.block - 1) / job.block);
+    ctx.ParallelFor(run_block, blocks, 0, &job);
+  }
+
+  const OrtApi& api_;
+  Mode mode_;
+  const Isa* isa_;
+  std::vector<float> bt_, a32_;
+  bool bt_ready_ = false, a_ready_ = false;
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel, true> {
+  Op(const char* name, Mode mode, ONNXTensorElementDataType t, ONNXTensorElementDataType tg)
+      : name_(name), mode_(mode), t_(t), tg_(tg) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Kernel(api, info, mode_);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+
+  const char* GetName() const { return name_; }
+  size_t GetInputTypeCount() const { return mode_ == Mode::kSlots ? 4 : mode_ == Mode::kAdd ? 6 : 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == kIds) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (mode_ != Mode::kSlots && i == gates_index(mode_)) return tg_;
+    return t_;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return t_; }
+
+  const char* name_;
+  Mode mode_;
+  ONNXTensorElementDataType t_, tg_;
+};
+
+constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+
+// One kernel per (T, TG) pair: ONNX Runtime merges same-named custom ops into one schema.
+std::vector<Op>& all_ops() {
+  static std::vector<Op> ops = [] {
+    std::vector<Op> v;
+    for (auto t : {kF32, kF16})
+      for (auto tg : {kF32, kF16}) {
+        v.emplace_back("GroupedLoRA", Mode::kSum, t, tg);
+        v.emplace_back("GroupedLoRAAdd", Mode::kAdd, t, tg);
+      }
+    for (auto t : {kF32, kF16}) v.emplace_back("GroupedLoRASlots", Mode::kSlots, t, t);
+    return v;
+  }();
+  return ops;
+}
+
+}  // namespace
+
+// Called by ONNX Runtime for each SessionOptions the library is registered on. Asking for API
+// version ORT_API_VERSION means an older runtime returns no API: then nothing is registered and the
+// model's function bodies run.
+MOE_EXPORT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;
+  Ort::InitApi(api);
+  static std::mutex mutex;
+  static std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    Ort::CustomOpDomain domain("moe_export");
+    for (Op& op : all_ops()) domain.Add(&op);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    domains.push_back(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}
+
+// For `moe-export kernels`: the instruction set this CPU gets and the ORT API version built against.
+MOE_EXPORT_API const char* MoeExportKernelIsa() { return select_isa().name; }
+MOE_EXPORT_API int MoeExportOrtApiVersion() { return ORT_API_VERSION; }
