@@ -4,6 +4,6 @@
 and the ONNX Runtime headers are here) or None and why. `build()` / `status()` back `moe-export kernels`.
 """
 
-from moe_export.native.build import KernelBuildError, KernelStatus, build, fetch_headers, session_library, status
+from moe_export.native.library import KernelBuildError, KernelStatus, build, fetch_headers, session_library, status
 
 __all__ = ["KernelBuildError", "KernelStatus", "build", "fetch_headers", "session_library", "status"]
