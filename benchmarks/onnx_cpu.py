@@ -5,6 +5,8 @@
 Variants (same bench checkpoint, see bench_model.py):
   base-only   ORT, the base model exported without adapter (the floor)
   moe-export  ORT, our export (GroupedLoRA nodes + function body, ORT inlines the body)
+  native      ORT, the same file with the native kernel library registered (moe_export/native)
+  native-add  ORT + library, the export after the fused-residual pass (GroupedLoRAAdd, export/onnx_fused.py)
   dense       ORT, the plain dense decomposition inlined into the graph (the free baseline)
   torch-ref   PyTorch, our reference forward (grouped_lora custom op)
   torch-loop  PyTorch, the seeds' style: route, then a Python loop over experts on the tokens each got
@@ -80,12 +82,33 @@ def inline_dense(moe_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], object]:
+def fused_add(moe_path: Path, out_path: Path) -> Path:
+    """The export after the optional fused-residual pass."""
+    import onnx
+
+    from moe_export.export.onnx_fused import fuse_residual_add
+
+    if not out_path.exists():
+        model = onnx.load(str(moe_path))
+        fuse_residual_add(model)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(model, str(out_path))
+    return out_path
+
+
+def ort_runner(path: Path | bytes, threads: int, native: bool = False) -> Callable[[dict[str, np.ndarray]], object]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if native:
+        from moe_export.native import build
+
+        options.register_custom_ops_library(str(build()))
+    if isinstance(path, bytes):
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return lambda feeds: session.run(None, feeds)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(["logits"], feeds)
 
@@ -117,6 +140,8 @@ def prepare(work: Path) -> dict[str, Path]:
         "base-only": paths["base-only"] / "model.onnx",
         "moe-export": paths["moe-export"] / "model.onnx",
         "dense": inline_dense(paths["moe-export"] / "model.onnx", work / "dense-onnx" / "model.onnx"),
+        "native": paths["moe-export"] / "model.onnx",
+        "native-add": fused_add(paths["moe-export"] / "model.onnx", work / "fused-add-onnx" / "model.onnx"),
     }
 
 
@@ -145,16 +170,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="base-only,moe-export,dense,torch-ref,torch-loop")
+    parser.add_argument("--variants", default="base-only,moe-export,native,native-add,dense,torch-ref,torch-loop")
+    parser.add_argument("--layer-7b", action="store_true", help="instead: one projection at 7B dimensions")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layer_7b:
+        layer_7b(args)
+        return
     paths = prepare(args.work)
     wanted = args.variants.split(",")
     runners: dict[str, Callable] = {}
     for name in wanted:
-        if name in ("base-only", "moe-export", "dense"):
-            runners[name] = ort_runner(paths[name], args.threads)
+        if name in ("base-only", "moe-export", "dense", "native", "native-add"):
+            runners[name] = ort_runner(paths[name], args.threads, native=name.startswith("native"))
         elif name == "torch-ref":
             runners[name] = torch_runner(fold_shared(moe_export.load(paths["ckpt"])))
         elif name == "torch-loop":
@@ -171,11 +200,69 @@ def main() -> None:
         for name, t in times.items():
             ratio = f"{med[name] / floor:12.3f}" if floor else f"{'-':>12s}"
             print(f"{name:12s} {med[name] * 1e3:10.1f} {min(t) * 1e3:8.1f} {ratio} {batch * args.seq / med[name]:9.0f}")
-        if "torch-loop" in med and "moe-export" in med:
-            print(f"moe-export is {med['torch-loop'] / med['moe-export']:.2f}x faster than torch-loop")
+        for ours in ("moe-export", "native", "native-add"):
+            if "torch-loop" in med and ours in med:
+                print(f"{ours} is {med['torch-loop'] / med[ours]:.2f}x faster than torch-loop")
         results[batch] = {name: {"median_s": med[name], "runs_s": t} for name, t in times.items()}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def projection_model(d_in: int, d_out: int, experts: int, rank: int, top_k: int, adapter: bool) -> bytes:
+    """One adapted projection as ONNX: base MatMul, softmax-top-k router, GroupedLoRA, Add (or the base alone)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, grouped_lora_dense_body
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((d_in, d_out)) / d_in**0.5).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y" if not adapter else "base"])]
+    inits = [w]
+    if adapter:
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((d_in, experts)).astype(np.float32), "Wr"),
+            numpy_helper.from_array((rng.standard_normal((experts, rank, d_in)) * 0.01).astype(np.float32), "A"),
+            numpy_helper.from_array((rng.standard_normal((experts, d_out, rank)) * 0.01).astype(np.float32), "B"),
+            numpy_helper.from_array(np.array([top_k], dtype=np.int64), "k"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", ["x", "Wr"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+            helper.make_node("TopK", ["probs", "k"], ["top", "ids"], axis=-1),
+            helper.make_node("ReduceSum", ["top"], ["top_sum"], keepdims=1),  # renormalise the top-k
+            helper.make_node("Div", ["top", "top_sum"], ["gates"]),
+            helper.make_node("GroupedLoRA", ["x", "ids", "gates", "A", "B"], ["delta"], domain=DOMAIN,
+                             **PLUGIN_ATTRIBUTES),
+            helper.make_node("Add", ["base", "delta"], ["y"]),
+        ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", d_out])],
+        initializer=inits,
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, functions=[grouped_lora_dense_body(18)] if adapter else [])
+    return model.SerializeToString()
+
+
+def layer_7b(args: argparse.Namespace) -> None:
+    """Ratios at real size: Llama-7B up (4096 -> 11008) and down (11008 -> 4096), E=8, R=16, top-2."""
+    for d_in, d_out in ((4096, 11008), (11008, 4096)):
+        base = projection_model(d_in, d_out, 8, 16, 2, adapter=False)
+        moe = projection_model(d_in, d_out, 8, 16, 2, adapter=True)
+        runners = {
+            "base-only": ort_runner(base, args.threads),
+            "moe-export": ort_runner(moe, args.threads),
+            "native": ort_runner(moe, args.threads, native=True),
+        }
+        for tokens in (1, 8, 128, 1024):
+            feeds = {"x": np.random.default_rng(1).standard_normal((tokens, d_in)).astype(np.float32)}
+            times = measure(runners, feeds, args.runs, args.warmup)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            cells = "  ".join(f"{n} {med[n] * 1e3:8.3f} ms ({med[n] / med['base-only']:.3f}x)" for n in med)
+            print(f"7B {d_in}->{d_out} T={tokens:5d}: {cells}", flush=True)
 
 
 if __name__ == "__main__":
