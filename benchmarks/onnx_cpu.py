@@ -145,6 +145,11 @@ def prepare(work: Path) -> dict[str, Path]:
     }
 
 
+# Wall time by default; --clock process measures this process's CPU time instead, which other tenants of a
+# shared machine disturb far less (meaningful with --threads 1: ORT's pool threads spin while they wait).
+CLOCK = [time.perf_counter]
+
+
 def measure(
     runners: dict[str, Callable], feeds: dict[str, np.ndarray], runs: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -156,9 +161,9 @@ def measure(
     for i in range(runs):  # interleaved, rotating the order: load bursts and cache state hit every variant alike
         for name in names[i % len(names) :] + names[: i % len(names)]:
             run = runners[name]
-            start = time.perf_counter()
+            start = CLOCK[0]()
             run(feeds)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK[0]() - start)
     return times
 
 
@@ -172,13 +177,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default="base-only,moe-export,native,native-add,dense,torch-ref,torch-loop")
     parser.add_argument("--layer-7b", action="store_true", help="instead: one projection at 7B dimensions")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall", help="what a run's time is")
+    parser.add_argument("--profile", action="store_true", help="instead: ORT per-op time split of each ORT variant")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "process" else time.perf_counter
     if args.layer_7b:
         layer_7b(args)
         return
     paths = prepare(args.work)
+    if args.profile:
+        profile(paths, args)
+        return
     wanted = args.variants.split(",")
     runners: dict[str, Callable] = {}
     for name in wanted:
@@ -195,7 +206,9 @@ def main() -> None:
         times = measure(runners, feeds, args.runs, args.warmup)
         med = {name: statistics.median(t) for name, t in times.items()}
         floor = med.get("base-only")
-        print(f"\nbatch {batch} x seq {args.seq}, {args.threads} threads, median of {args.runs} interleaved runs")
+        print(
+            f"\nbatch {batch} x seq {args.seq}, {args.threads} threads, {args.clock} time, median of {args.runs} runs"
+        )
         print(f"{'variant':12s} {'median ms':>10s} {'min ms':>8s} {'x base-only':>12s} {'tokens/s':>9s}")
         for name, t in times.items():
             ratio = f"{med[name] / floor:12.3f}" if floor else f"{'-':>12s}"
@@ -206,6 +219,50 @@ def main() -> None:
         results[batch] = {name: {"median_s": med[name], "runs_s": t} for name, t in times.items()}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def op_class(event: dict) -> str:
+    """Profile bucket of one node: adapter kernel, router (MatMul to E logits, Softmax, TopK, ...), base MatMul."""
+    op = event["args"]["op_name"]
+    if op in ("GroupedLoRA", "GroupedLoRAAdd", "GroupedLoRASlots"):
+        return op
+    if op == "MatMul":
+        shapes = event["args"].get("output_type_shape", [{}])
+        last = next(iter(shapes[0].values()), [0])[-1] if shapes else 0
+        return "router MatMul" if last == 8 else "MatMul"
+    if op in ("Softmax", "TopK", "ReduceSum", "Div"):
+        return "router " + op
+    return op
+
+
+def profile(paths: dict[str, Path], args: argparse.Namespace) -> None:
+    """Where the time goes per variant: ms per op class (median run), from ORT's own profiler."""
+    import onnxruntime as ort
+
+    for batch in (int(b) for b in args.batch.split(",")):
+        ids = np.random.default_rng(0).integers(0, 32000, (batch, args.seq))
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        print(f"\nprofile batch {batch} x seq {args.seq}, {args.threads} threads (ms per run, sum over nodes)")
+        for name in ("base-only", "moe-export", "native", "native-add"):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+            options.enable_profiling = True
+            options.profile_file_prefix = str(args.work / f"profile-{name}-{batch}")
+            if name.startswith("native"):
+                from moe_export.native import build
+
+                options.register_custom_ops_library(str(build()))
+            session = ort.InferenceSession(str(paths[name]), options, providers=["CPUExecutionProvider"])
+            for _ in range(args.warmup + args.runs):
+                session.run(["logits"], feeds)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+            buckets: dict[str, float] = {}
+            for event in nodes:
+                buckets[op_class(event)] = buckets.get(op_class(event), 0.0) + event["dur"] / 1e3
+            runs = args.warmup + args.runs
+            top = sorted(buckets.items(), key=lambda kv: -kv[1])[:9]
+            print(f"{name:11s} " + "  ".join(f"{k} {v / runs:.1f}" for k, v in top))
 
 
 def projection_model(d_in: int, d_out: int, experts: int, rank: int, top_k: int, adapter: bool) -> bytes:
@@ -248,10 +305,12 @@ def projection_model(d_in: int, d_out: int, experts: int, rank: int, top_k: int,
 
 
 def layer_7b(args: argparse.Namespace) -> None:
-    """Ratios at real size: Llama-7B up (4096 -> 11008) and down (11008 -> 4096), E=8, R=16, top-2."""
-    for d_in, d_out in ((4096, 11008), (11008, 4096)):
-        base = projection_model(d_in, d_out, 8, 16, 2, adapter=False)
-        moe = projection_model(d_in, d_out, 8, 16, 2, adapter=True)
+    """One adapted projection against its base MatMul: at 7B size (Llama-7B up 4096 -> 11008 and down
+    11008 -> 4096, E=8, R=16, top-2) and at the bench model's size (1024 -> 1024 and 1024 -> 2816, R=8)."""
+    shapes = [(4096, 11008, 16), (11008, 4096, 16), (1024, 1024, 8), (1024, 2816, 8)]
+    for d_in, d_out, rank in shapes:
+        base = projection_model(d_in, d_out, 8, rank, 2, adapter=False)
+        moe = projection_model(d_in, d_out, 8, rank, 2, adapter=True)
         runners = {
             "base-only": ort_runner(base, args.threads),
             "moe-export": ort_runner(moe, args.threads),
@@ -262,7 +321,7 @@ def layer_7b(args: argparse.Namespace) -> None:
             times = measure(runners, feeds, args.runs, args.warmup)
             med = {name: statistics.median(t) for name, t in times.items()}
             cells = "  ".join(f"{n} {med[n] * 1e3:8.3f} ms ({med[n] / med['base-only']:.3f}x)" for n in med)
-            print(f"7B {d_in}->{d_out} T={tokens:5d}: {cells}", flush=True)
+            print(f"{d_in}->{d_out} R={rank} T={tokens:5d}: {cells}", flush=True)
 
 
 if __name__ == "__main__":

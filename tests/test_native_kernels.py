@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from moe_export import native
+from moe_export.export.onnx_fused import fuse_residual_add
 from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, grouped_lora_dense_body
 from moe_export.export.onnx_slots import grouped_lora_slots_body
 from moe_export.native import library as native_library
@@ -180,7 +182,8 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["goat", "hydralora", "mixlora", "loramoe"])
 def test_whole_model_parity_with_and_without_library(library: Path, family: str, tmp_path: Path, monkeypatch) -> None:
-    """top-k (GOAT), shared A (HydraLoRA), slots (MixLoRA), dense k = E (LoRAMoE): both ways match torch."""
+    """top-k (GOAT), shared A (HydraLoRA), slots (MixLoRA), dense k = E (LoRAMoE): both ways match torch,
+    and so does the fused-residual rewrite (GroupedLoRAAdd) with its kernel and with its function body."""
     import torch
 
     monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)  # this test runs both ways itself
@@ -191,6 +194,12 @@ def test_whole_model_parity_with_and_without_library(library: Path, family: str,
 
     loaded = moe_export.load(SAMPLES / family)
     result = moe_export.export_onnx(loaded, tmp_path / "out", validate=False, progress=False)
+    fused = onnx.load(str(result.model_path))
+    routed = sum(n.op_type == "GroupedLoRA" for n in fused.graph.node)
+    assert fuse_residual_add(fused) == routed  # every routed linear's residual Add is fused
+    assert routed == 0 or "GroupedLoRAAdd" in {f.name for f in fused.functions}  # the body a plain ORT runs
+    onnx.checker.check_model(fused, full_check=True)
+    onnx.save_model(fused, str(tmp_path / "fused.onnx"))
     reference = moe_export.load(SAMPLES / family).model
     vocab = int(reference.config.vocab_size)
     for batch, seq in ((1, 1), (2, 17), (3, 40)):
@@ -198,8 +207,9 @@ def test_whole_model_parity_with_and_without_library(library: Path, family: str,
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         with torch.no_grad():
             want = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ids * 0 + 1)).logits
-        for use_library in (True, False):
-            with OnnxRuntimeRunner.from_path(result.model_path, native_kernels=use_library) as runner:
-                got = runner.infer(feeds)["logits"]
-                assert runner.kernel_note.startswith("native") == use_library, runner.kernel_note
-            assert rel_err(got, want.double().numpy()) <= 1e-5, (family, batch, seq, use_library)
+        for path in (result.model_path, tmp_path / "fused.onnx"):
+            for use_library in (True, False):
+                with OnnxRuntimeRunner.from_path(path, native_kernels=use_library) as runner:
+                    got = runner.infer(feeds)["logits"]
+                    assert runner.kernel_note.startswith("native") == use_library, runner.kernel_note
+                assert rel_err(got, want.double().numpy()) <= 1e-5, (family, path.name, batch, seq, use_library)

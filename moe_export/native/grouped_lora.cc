@@ -27,10 +27,15 @@
 
 #define MOE_EXPORT_API extern "C" __attribute__((visibility("default")))
 
+// MOE_VW floats per vector; MOE_NT tokens x MOE_NR rows per shrink tile (sized to the register file).
 namespace moe_portable {
 #define MOE_VW 4
+#define MOE_NT 4
+#define MOE_NR 2
 #include "grouped_lora_kernels.inc"
 #undef MOE_VW
+#undef MOE_NT
+#undef MOE_NR
 }  // namespace moe_portable
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -43,8 +48,12 @@ namespace moe_portable {
 #endif
 namespace moe_avx2 {
 #define MOE_VW 8
+#define MOE_NT 4
+#define MOE_NR 2
 #include "grouped_lora_kernels.inc"
 #undef MOE_VW
+#undef MOE_NT
+#undef MOE_NR
 }  // namespace moe_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -56,8 +65,12 @@ namespace moe_avx2 {
 #endif
 namespace moe_avx512 {
 #define MOE_VW 16
+#define MOE_NT 4
+#define MOE_NR 4
 #include "grouped_lora_kernels.inc"
 #undef MOE_VW
+#undef MOE_NT
+#undef MOE_NR
 }  // namespace moe_avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -71,16 +84,24 @@ namespace {
 using ShrinkFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using ExpandFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t, const float*, float*);
 
+using ShrinkTokensFn = void (*)(const float*, int64_t, int64_t, const float* const*, float* const*, int64_t);
+using ExpandRowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float* const*, float* const*,
+                              int64_t);
+
 struct Isa {
   const char* name;
-  ShrinkFn shrink;
+  ShrinkFn shrink;  // per-token path
   ExpandFn expand;
+  ShrinkTokensFn shrink_tokens;  // expert-grouped path
+  ExpandRowsFn expand_rows;
 };
 
-const Isa kPortable{"portable", moe_portable::shrink, moe_portable::expand};
+#define MOE_ISA(label, ns) \
+  Isa { label, ns::shrink, ns::expand, ns::shrink_tokens, ns::expand_rows }
+const Isa kPortable = MOE_ISA("portable", moe_portable);
 #ifdef MOE_HAVE_X86_VARIANTS
-const Isa kAvx2{"avx2", moe_avx2::shrink, moe_avx2::expand};
-const Isa kAvx512{"avx512", moe_avx512::shrink, moe_avx512::expand};
+const Isa kAvx2 = MOE_ISA("avx2", moe_avx2);
+const Isa kAvx512 = MOE_ISA("avx512", moe_avx512);
 #endif
 
 // The best ISA this CPU runs; MOE_EXPORT_KERNEL_ISA=portable|avx2|avx512 caps it (tests run every path).
@@ -195,6 +216,125 @@ void run_block(void* data, size_t i) {
   run_tokens(job, t0, std::min(job.d.T, t0 + job.block));
 }
 
+// The expert-grouped path for many tokens. Entries are (token, slot) pairs bucketed by expert:
+// phase 1 computes every entry's gated rank-R vector hg with the expert's A reused across token tiles,
+// phase 2 splits D_out into column chunks (one per task, so no two threads write the same y element)
+// and adds each expert's B^T hg for all its entries while that expert's B columns sit in L1.
+struct Grouped {
+  const Job* job;
+  std::vector<int64_t> order, offsets;  // entry ids bucketed by expert
+  std::vector<float> geff, H, Hs;       // merged gates; hg per entry [T*K, R]; shared-A products [T, R]
+  std::vector<const float*> xs, hg;     // per bucketed entry: its token's x, its hg
+  std::vector<float*> ys, hs;           // per bucketed entry: its output row, where its A x goes
+  std::vector<int64_t> tasks;           // phase 1: (first, last) positions in `order`
+  int64_t rows = 0, chunk = 0;
+};
+
+constexpr int64_t kGroupedMinTokens = 16;
+constexpr int64_t kShrinkTask = 32;   // entries per phase-1 task
+constexpr int64_t kColumnChunk = 128;  // y columns per phase-2 task (a multiple of every 2 x vector width)
+
+void shrink_task(void* data, size_t i) {
+  Grouped& g = *static_cast<Grouped*>(data);
+  const Job& job = *g.job;
+  const int64_t first = g.tasks[2 * i], last = g.tasks[2 * i + 1];
+  const int64_t e = job.d.EA == 1 ? 0 : job.ids[g.order[first]];
+  job.isa->shrink_tokens(job.A + e * job.d.R * job.d.d_in, job.d.R, job.d.d_in, g.xs.data() + first,
+                         g.hs.data() + first, last - first);
+}
+
+void expand_task(void* data, size_t i) {
+  Grouped& g = *static_cast<Grouped*>(data);
+  const Job& job = *g.job;
+  const Dims& d = job.d;
+  const int64_t o0 = static_cast<int64_t>(i) * g.chunk, o1 = std::min(d.d_out, o0 + g.chunk);
+  for (int64_t row = 0; row < g.rows; ++row) {
+    float* y = job.y + row * d.d_out;
+    if (job.base)
+      std::memcpy(y + o0, job.base + row * d.d_out + o0, (o1 - o0) * sizeof(float));
+    else
+      std::memset(y + o0, 0, (o1 - o0) * sizeof(float));
+  }
+  for (int64_t e = 0; e < d.E; ++e) {
+    const int64_t first = g.offsets[e], n = g.offsets[e + 1] - first;
+    if (n > 0)
+      job.isa->expand_rows(job.bt + e * d.R * d.d_out, d.R, d.d_out, o0, o1, g.hg.data() + first,
+                           g.ys.data() + first, n);
+  }
+}
+
+void run_grouped(Ort::KernelContext& ctx, const Job& job) {
+  const Dims& d = job.d;
+  const int64_t n = d.T * d.K, R = d.R;
+  const bool slots = job.mode == Mode::kSlots;
+  Grouped g;
+  g.job = &job;
+  g.rows = slots ? n : d.T;
+  g.geff.assign(static_cast<size_t>(n), 1.f);
+  if (!slots) {
+    // One expert twice in a token: merge the gates (B A x is linear in them) so no output row
+    // appears twice in one expert's bucket, where two tiles would race on it.
+    std::copy(job.gates, job.gates + n, g.geff.begin());
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t j = 1; j < d.K; ++j)
+        for (int64_t i = 0; i < j; ++i)
+          if (job.ids[t * d.K + i] == job.ids[t * d.K + j] && g.geff[t * d.K + i] != 0.f) {
+            g.geff[t * d.K + i] += g.geff[t * d.K + j];
+            g.geff[t * d.K + j] = 0.f;
+            break;
+          }
+  }
+  g.offsets.assign(static_cast<size_t>(d.E + 1), 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (slots || g.geff[i] != 0.f) ++g.offsets[job.ids[i] + 1];
+  for (int64_t e = 0; e < d.E; ++e) g.offsets[e + 1] += g.offsets[e];
+  const int64_t m = g.offsets[d.E];
+  g.order.resize(static_cast<size_t>(m));
+  {
+    std::vector<int64_t> fill(g.offsets.begin(), g.offsets.end() - 1);
+    for (int64_t i = 0; i < n; ++i)
+      if (slots || g.geff[i] != 0.f) g.order[fill[job.ids[i]]++] = i;
+  }
+  g.H.resize(static_cast<size_t>(n * R));
+  g.xs.resize(static_cast<size_t>(m));
+  g.hg.resize(static_cast<size_t>(m));
+  g.ys.resize(static_cast<size_t>(m));
+  for (int64_t p = 0; p < m; ++p) {
+    const int64_t i = g.order[p];
+    g.xs[p] = job.x + (i / d.K) * d.d_in;
+    g.hg[p] = g.H.data() + i * R;
+    g.ys[p] = job.y + (slots ? i : i / d.K) * d.d_out;
+  }
+  // Phase 1: A x per entry (per token when A is shared), in tasks of up to kShrinkTask entries.
+  if (d.EA == 1) {
+    g.Hs.resize(static_cast<size_t>(d.T * R));
+    g.xs.resize(static_cast<size_t>(m + d.T));
+    g.hs.resize(static_cast<size_t>(m + d.T));
+    for (int64_t t = 0; t < d.T; ++t) {
+      g.xs[m + t] = job.x + t * d.d_in;
+      g.hs[m + t] = g.Hs.data() + t * R;
+    }
+    for (int64_t t = 0; t < d.T; t += kShrinkTask) g.tasks.insert(g.tasks.end(), {m + t, std::min(m + d.T, m + t + kShrinkTask)});
+  } else {
+    g.hs.resize(static_cast<size_t>(m));
+    for (int64_t p = 0; p < m; ++p) g.hs[p] = g.H.data() + g.order[p] * R;
+    for (int64_t e = 0; e < d.E; ++e)
+      for (int64_t p = g.offsets[e]; p < g.offsets[e + 1]; p += kShrinkTask)
+        g.tasks.insert(g.tasks.end(), {p, std::min(g.offsets[e + 1], p + kShrinkTask)});
+  }
+  ctx.ParallelFor(shrink_task, g.tasks.size() / 2, 0, &g);
+  for (int64_t p = 0; p < m; ++p) {  // gate (and, for a shared A, copy) each entry's vector
+    const int64_t i = g.order[p];
+    float* h = g.H.data() + i * R;
+    if (d.EA == 1) std::memcpy(h, g.Hs.data() + (i / d.K) * R, R * sizeof(float));
+    if (!slots)
+      for (int64_t r = 0; r < R; ++r) h[r] *= g.geff[i];
+  }
+  // Phase 2: column chunks.
+  g.chunk = kColumnChunk;
+  ctx.ParallelFor(expand_task, static_cast<size_t>((d.d_out + g.chunk - 1) / g.chunk), 0, &g);
+}
+
 struct Kernel {
   Kernel(const OrtApi& api, const OrtKernelInfo* info, Mode mode) : api_(api), mode_(mode), isa_(&select_isa()) {
     // A and B are usually initializers: convert/transpose them once here instead of on every call.
@@ -300,9 +440,14 @@ struct Kernel {
     }
   }
 
-  // Small calls (decode steps) run inline: a thread hand-off costs more than their work.
+  // Small calls (decode steps) run per token, inline: a thread hand-off costs more than their work, and
+  // each weight is read once anyway. Many tokens take the expert-grouped path, which reuses weights.
   static void run(Ort::KernelContext& ctx, Job& job) {
     const Dims& d = job.d;
+    if (d.T >= kGroupedMinTokens) {
+      run_grouped(ctx, job);
+      return;
+    }
     const double work = static_cast<double>(d.T) * d.K * d.R * (d.d_in + d.d_out);
     if (d.T < 2 || work < 2.0e5) {
       run_tokens(job, 0, d.T);
