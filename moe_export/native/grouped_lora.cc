@@ -27,14 +27,17 @@
 
 #define MOE_EXPORT_API extern "C" __attribute__((visibility("default")))
 
-// MOE_VW floats per vector; MOE_NT tokens x MOE_NR rows per shrink tile (sized to the register file).
+// MOE_VW floats per vector; MOE_NT tokens x MOE_NR rows per shrink tile, MOE_NT rows x MOE_NC vectors per
+// expand tile (sized to the register file: 16 vector registers below AVX-512, 32 with it).
 namespace moe_portable {
 #define MOE_VW 4
 #define MOE_NT 4
 #define MOE_NR 2
+#define MOE_NC 2
 #include "grouped_lora_kernels.inc"
 #undef MOE_VW
 #undef MOE_NT
+#undef MOE_NC
 #undef MOE_NR
 }  // namespace moe_portable
 
@@ -50,9 +53,11 @@ namespace moe_avx2 {
 #define MOE_VW 8
 #define MOE_NT 4
 #define MOE_NR 2
+#define MOE_NC 2
 #include "grouped_lora_kernels.inc"
 #undef MOE_VW
 #undef MOE_NT
+#undef MOE_NC
 #undef MOE_NR
 }  // namespace moe_avx2
 #if defined(__clang__)
@@ -67,9 +72,11 @@ namespace moe_avx512 {
 #define MOE_VW 16
 #define MOE_NT 4
 #define MOE_NR 4
+#define MOE_NC 4
 #include "grouped_lora_kernels.inc"
 #undef MOE_VW
 #undef MOE_NT
+#undef MOE_NC
 #undef MOE_NR
 }  // namespace moe_avx512
 #if defined(__clang__)
@@ -231,6 +238,7 @@ struct Grouped {
 };
 
 constexpr int64_t kGroupedMinTokens = 16;
+constexpr int64_t kTokenBlock = 256;
 constexpr int64_t kShrinkTask = 32;   // entries per phase-1 task
 constexpr int64_t kColumnChunk = 128;  // y columns per phase-2 task (a multiple of every 2 x vector width)
 
@@ -445,7 +453,17 @@ struct Kernel {
   static void run(Ort::KernelContext& ctx, Job& job) {
     const Dims& d = job.d;
     if (d.T >= kGroupedMinTokens) {
-      run_grouped(ctx, job);
+      // Token blocks keep each column chunk of y (block x kColumnChunk floats) in L2 across the experts.
+      for (int64_t t0 = 0; t0 < d.T; t0 += kTokenBlock) {
+        Job part = job;
+        part.d.T = std::min(kTokenBlock, d.T - t0);
+        part.x += t0 * d.d_in;
+        part.ids += t0 * d.K;
+        if (part.gates) part.gates += t0 * d.K;
+        if (part.base) part.base += t0 * d.d_out;
+        part.y += t0 * d.d_out * (job.mode == Mode::kSlots ? d.K : 1);
+        run_grouped(ctx, part);
+      }
       return;
     }
     const double work = static_cast<double>(d.T) * d.K * d.R * (d.d_in + d.d_out);
