@@ -222,7 +222,7 @@ def main() -> None:
 
 
 def op_class(event: dict) -> str:
-    """Profile bucket of one node: adapter kernel, router (MatMul to E logits, Softmax, TopK, ...), base MatMul."""
+    """Profile bucket of one node: adapter kernel, router MatMul (to E = 8 logits) and TopK, or the op type."""
     op = event["args"]["op_name"]
     if op in ("GroupedLoRA", "GroupedLoRAAdd", "GroupedLoRASlots"):
         return op
@@ -230,9 +230,7 @@ def op_class(event: dict) -> str:
         shapes = event["args"].get("output_type_shape", [{}])
         last = next(iter(shapes[0].values()), [0])[-1] if shapes else 0
         return "router MatMul" if last == 8 else "MatMul"
-    if op in ("Softmax", "TopK", "ReduceSum", "Div"):
-        return "router " + op
-    return op
+    return "router TopK" if op == "TopK" else op  # Softmax/Div/ReduceSum also serve attention and norms
 
 
 def profile(paths: dict[str, Path], args: argparse.Namespace) -> None:
