@@ -86,7 +86,7 @@ def problems(draw: st.DrawFn) -> dict:
     E = draw(st.integers(1, 8))
     K = draw(st.integers(1, E + 1))  # K = E: dense routers; K > E forces repeated ids
     R = draw(st.integers(1, 20))  # 8-row shrink blocks and the one-row remainder
-    # 0: empty input; < 16 per-token path, >= 16 expert-grouped path, 300: more than one 256-token block
+    # 0: empty input; < 4 per-token path, >= 4 expert-grouped path, 300: more than one 256-token block
     T = draw(st.sampled_from([0, 1, 2, 5, 33, 70, 300]))
     d_in = draw(st.sampled_from([1, 3, 8, 17, 64, 130]))  # vector tails for every width (4, 8, 16)
     d_out = draw(st.sampled_from([1, 5, 16, 33, 64, 150]))  # 4-vector blocks, single vectors, scalar tail

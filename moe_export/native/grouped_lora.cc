@@ -237,7 +237,7 @@ struct Grouped {
   int64_t rows = 0, chunk = 0;
 };
 
-constexpr int64_t kGroupedMinTokens = 16;
+constexpr int64_t kGroupedMinTokens = 4;
 constexpr int64_t kTokenBlock = 256;
 constexpr int64_t kShrinkTask = 32;   // entries per phase-1 task
 constexpr int64_t kColumnChunk = 128;  // y columns per phase-2 task (a multiple of every 2 x vector width)
