@@ -61,8 +61,13 @@ def session_builder(
     threads: int | None = None,
     optimization: str = "all",
     external_data_dir: Path | None = None,
+    native_kernels: bool = True,
 ) -> Callable[[], Any]:
-    """A callable that builds the InferenceSession; errors name the model file."""
+    """A callable that builds the InferenceSession; errors name the model file.
+
+    With `native_kernels` the native GroupedLoRA library (moe_export/runtimes/native) is registered when it is
+    built or can be built here; otherwise, or without it, ORT runs the model's function bodies.
+    """
     if optimization not in OPTIMIZATION_LEVELS:
         raise RuntimeUnavailableError(f"onnxruntime: optimization {optimization!r}; choose from {OPTIMIZATION_LEVELS}")
     where = str(model) if not isinstance(model, bytes) else f"in-memory model (data in {external_data_dir})"
@@ -85,9 +90,12 @@ def session_builder(
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(external_data_dir)
             )
+        kernels = register_native_kernels(options) if native_kernels else "function bodies (native kernels off)"
         source = model if isinstance(model, bytes) else str(model)
         try:
-            return ort.InferenceSession(source, options, providers=resolve_providers(providers))
+            session = ort.InferenceSession(source, options, providers=resolve_providers(providers))
+            session.moe_export_kernels = kernels  # what ran the custom ops, for reports
+            return session
         except RuntimeUnavailableError:
             raise
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
@@ -95,6 +103,17 @@ def session_builder(
             raise FormatError(f"{where}: onnxruntime cannot load the model ({first})") from exc
 
     return build
+
+
+def register_native_kernels(options: Any) -> str:
+    """Register the native kernel library on `options` when there is one; returns what runs the custom ops."""
+    from moe_export.runtimes.native import session_library
+
+    library, reason = session_library()
+    if library is None:
+        return f"function bodies ({reason})"
+    options.register_custom_ops_library(str(library))
+    return f"native GroupedLoRA kernels ({library})"
 
 
 class OnnxRuntimeRunner(Runner):
@@ -109,6 +128,7 @@ class OnnxRuntimeRunner(Runner):
         if name:
             self.name = name
         self.session: Any = None
+        self.kernel_note = ""  # set when active: native kernels or function bodies ran the custom ops
 
     @classmethod
     def from_path(
@@ -118,15 +138,18 @@ class OnnxRuntimeRunner(Runner):
         threads: int | None = None,
         optimization: str = "all",
         providers: Sequence[str] | None = None,
+        native_kernels: bool = True,
     ) -> OnnxRuntimeRunner:
         path = Path(path)
         if not path.is_file():
             raise FormatError(f"{path}: ONNX model not found")
         providers = providers or (("cuda",) if device == "cuda" else ("cpu",))
-        return cls(session_builder(path, providers, threads, optimization), device=device)
+        build = session_builder(path, providers, threads, optimization, native_kernels=native_kernels)
+        return cls(build, device=device)
 
     def _activate(self) -> None:
         self.session = self._build_session()
+        self.kernel_note = getattr(self.session, "moe_export_kernels", "")
 
     def _deactivate(self) -> None:
         self.session = None
@@ -155,3 +178,12 @@ def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> OnnxRunti
     return OnnxRuntimeRunner.from_path(
         artifact.onnx_path, device=options.device, threads=options.threads, optimization=options.optimization
     )
+
+
+def body_runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> OnnxRuntimeRunner:
+    """Runtime 'onnxruntime-body': never the native kernels, so validate can check them against the bodies."""
+    runner = OnnxRuntimeRunner.from_path(
+        artifact.onnx_path, options.device, options.threads, options.optimization, native_kernels=False
+    )
+    runner.name = "onnxruntime-body"
+    return runner

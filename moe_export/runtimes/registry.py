@@ -36,6 +36,7 @@ RunnerFactory = Callable[[Artifact, RunnerOptions], Runner]
 _FACTORIES: dict[str, str | RunnerFactory] = {
     "torch": "moe_export.runtimes.torch_runner:runner_for_artifact",
     "onnxruntime": "moe_export.runtimes.onnxruntime:runner_for_artifact",
+    "onnxruntime-body": "moe_export.runtimes.onnxruntime:body_runner_for_artifact",
     "tensorrt": "moe_export.runtimes.tensorrt:runner_for_artifact",
 }
 

@@ -192,6 +192,8 @@ def bench(
 
     def run_all(target: Artifact, runtime: str) -> dict[int, Latency]:
         with make_runner(runtime, target, options) as runner:
+            if target is artifact and getattr(runner, "kernel_note", ""):  # native kernels or function bodies
+                report.notes.append(f"{runtime}: {runner.kernel_note}")  # type: ignore[attr-defined]
             return {
                 b: Latency.from_seconds(time_runner(runner, feeds[b], warmup, iters, advance), b * seq) for b in batches
             }

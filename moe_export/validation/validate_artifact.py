@@ -125,6 +125,8 @@ def validate(
                 valid = valid_positions(feeds)
                 result = compare(drop_padding(expected, valid), drop_padding(got, valid))
                 report.comparisons.append(RunComparison(name, label, result, seconds))
+            if getattr(runner, "kernel_note", ""):  # native kernels or function bodies ran the custom ops
+                report.notes.append(f"{name}: {runner.kernel_note}")  # type: ignore[attr-defined]
         if not capture_routing:
             continue
         if name == "onnxruntime":

@@ -1,0 +1,81 @@
+"""Optional graph pass: GroupedLoRA -> Reshape -> Add(base, .) becomes one `GroupedLoRAAdd` node.
+
+    GroupedLoRAAdd(x [T,D_in], expert_ids, gates, A, B, base [..., D_out]) -> base + reshape(GroupedLoRA(...))
+
+The native kernel (moe_export/runtimes/native) writes base + delta in the pass that computes delta, which saves
+the separate Add over the base output (3-5% of a projection on the bench model, reference/ort-native.md).
+The new op keeps a standard-op function body (GroupedLoRA's dense body, then Reshape to base's shape and
+Add), so a plain ONNX Runtime still runs the rewritten file.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import FunctionProto, helper
+
+from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, grouped_lora_dense_body
+
+OP_NAME = "GroupedLoRAAdd"
+
+
+def grouped_lora_add_body(opset: int) -> FunctionProto:
+    dense = grouped_lora_dense_body(opset)
+    nodes = []
+    for node in dense.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.output[:] = ["delta" if name == "y" else name for name in copy.output]
+        nodes.append(copy)
+    nodes += [
+        helper.make_node("Shape", ["base"], ["base_shape"]),
+        helper.make_node("Reshape", ["delta", "base_shape"], ["delta_view"]),  # [T, D_out] -> base's shape
+        helper.make_node("Add", ["base", "delta_view"], ["y"]),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        OP_NAME,
+        [*dense.input, "base"],
+        ["y"],
+        nodes,
+        list(dense.opset_import),
+        attributes=list(PLUGIN_ATTRIBUTES),
+    )
+
+
+def fuse_residual_add(model: onnx.ModelProto) -> int:
+    """Rewrite every GroupedLoRA -> Reshape -> Add whose intermediates have one consumer; returns the count."""
+    graph = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    replace: dict[int, onnx.NodeProto] = {}
+    drop: set[int] = set()
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type != "GroupedLoRA":
+            continue
+        reshape = consumers.get(node.output[0], [])
+        if len(reshape) != 1 or reshape[0].op_type != "Reshape" or node.output[0] in outputs:
+            continue
+        add = consumers.get(reshape[0].output[0], [])
+        if len(add) != 1 or add[0].op_type != "Add" or reshape[0].output[0] in outputs:
+            continue
+        base = [name for name in add[0].input if name != reshape[0].output[0]]
+        if len(base) != 1:
+            continue
+        fused = helper.make_node(
+            OP_NAME, [*node.input, base[0]], list(add[0].output), name=node.name, domain=DOMAIN, **PLUGIN_ATTRIBUTES
+        )
+        replace[id(add[0])] = fused
+        drop |= {id(node), id(reshape[0])}
+    if not replace:
+        return 0
+    # The fused node takes the Add's place: its base input is computed before the Add, as before.
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if all(f.name != OP_NAME for f in model.functions):
+        model.functions.append(grouped_lora_add_body(opset))
+    return len(replace)

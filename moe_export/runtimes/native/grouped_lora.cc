@@ -1,0 +1,559 @@
+// Native ONNX Runtime CPU kernels for the moe_export custom ops (DESIGN.md section 5):
+//
+//   GroupedLoRA(x [T,D_in], expert_ids [T,K] int64, gates [T,K], A [E_A,R,D_in], B [E,D_out,R]) -> y [T,D_out]
+//       y[t] = sum_j gates[t,j] * B[e] (A[e or 0] x[t]),  e = expert_ids[t,j]
+//   GroupedLoRASlots(x, expert_ids, A, B) -> y [T,K,D_out],  y[t,j] = B[e] (A[e or 0] x[t])
+//   GroupedLoRAAdd(x, expert_ids, gates, A, B, base) -> base + GroupedLoRA(...) viewed as base's shape
+//
+// The model file carries a standard-op function body for each op; when this library is registered
+// (SessionOptions.register_custom_ops_library) ONNX Runtime runs these kernels instead, which do only
+// the K selected experts' work per token rather than every expert's. fp32 is the fast path; fp16
+// inputs are converted to fp32, computed, and converted back (a correctness path). The inner loops are
+// compiled once per instruction set (AVX-512, AVX2+FMA, portable) and chosen at run time, so one
+// build runs on any x86-64 CPU and the file builds on arm64 (portable loops only).
+// Legend: T tokens, K slots per token, E experts, E_A experts owning an A (E or 1), R rank.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#define MOE_EXPORT_API extern "C" __attribute__((visibility("default")))
+
+// MOE_VW floats per vector; MOE_NT tokens x MOE_NR rows per shrink tile, MOE_NT rows x MOE_NC vectors per
+// expand tile (sized to the register file: 16 vector registers below AVX-512, 32 with it).
+namespace moe_portable {
+#define MOE_VW 4
+#define MOE_NT 4
+#define MOE_NR 2
+#define MOE_NC 2
+#include "grouped_lora_kernels.inc"
+#undef MOE_VW
+#undef MOE_NT
+#undef MOE_NC
+#undef MOE_NR
+}  // namespace moe_portable
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_HAVE_X86_VARIANTS 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace moe_avx2 {
+#define MOE_VW 8
+#define MOE_NT 4
+#define MOE_NR 2
+#define MOE_NC 2
+#include "grouped_lora_kernels.inc"
+#undef MOE_VW
+#undef MOE_NT
+#undef MOE_NC
+#undef MOE_NR
+}  // namespace moe_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512")
+#endif
+namespace moe_avx512 {
+#define MOE_VW 16
+#define MOE_NT 4
+#define MOE_NR 4
+#define MOE_NC 4
+#include "grouped_lora_kernels.inc"
+#undef MOE_VW
+#undef MOE_NT
+#undef MOE_NC
+#undef MOE_NR
+}  // namespace moe_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+using ShrinkFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
+using ExpandFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t, const float*, float*);
+
+using ShrinkTokensFn = void (*)(const float*, int64_t, int64_t, const float* const*, float* const*, int64_t);
+using ExpandRowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float* const*, float* const*,
+                              int64_t);
+
+struct Isa {
+  const char* name;
+  ShrinkFn shrink;  // per-token path
+  ExpandFn expand;
+  ShrinkTokensFn shrink_tokens;  // expert-grouped path
+  ExpandRowsFn expand_rows;
+};
+
+#define MOE_ISA(label, ns) \
+  Isa { label, ns::shrink, ns::expand, ns::shrink_tokens, ns::expand_rows }
+const Isa kPortable = MOE_ISA("portable", moe_portable);
+#ifdef MOE_HAVE_X86_VARIANTS
+const Isa kAvx2 = MOE_ISA("avx2", moe_avx2);
+const Isa kAvx512 = MOE_ISA("avx512", moe_avx512);
+#endif
+
+// The best ISA this CPU runs; MOE_EXPORT_KERNEL_ISA=portable|avx2|avx512 caps it (tests run every path).
+const Isa& select_isa() {
+  const char* cap = std::getenv("MOE_EXPORT_KERNEL_ISA");
+  const std::string want = cap ? cap : "";
+#ifdef MOE_HAVE_X86_VARIANTS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  if (want == "portable") return kPortable;
+  if (want == "avx2") return avx2 ? kAvx2 : kPortable;
+  if (avx512) return kAvx512;
+  if (avx2) return kAvx2;
+#endif
+  return kPortable;
+}
+
+enum class Mode { kSum, kSlots, kAdd };
+
+// Input positions per op (see the header comment).
+constexpr size_t kX = 0, kIds = 1;
+size_t gates_index(Mode) { return 2; }
+size_t a_index(Mode m) { return m == Mode::kSlots ? 2 : 3; }
+size_t b_index(Mode m) { return m == Mode::kSlots ? 3 : 4; }
+constexpr size_t kBase = 5;
+
+void to_float(const void* src, ONNXTensorElementDataType type, size_t n, float* dst) {
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    const auto* h = static_cast<const Ort::Float16_t*>(src);
+    for (size_t i = 0; i < n; ++i) dst[i] = h[i].ToFloat();
+  }
+}
+
+// B [E, D_out, R] (any supported type) -> Bt [E, R, D_out] fp32: the expand loop streams rows of Bt.
+void transpose_b(const void* b, ONNXTensorElementDataType type, int64_t E, int64_t d_out, int64_t R, float* bt) {
+  std::vector<float> row(static_cast<size_t>(R));
+  const size_t esize = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t o = 0; o < d_out; ++o) {
+      to_float(static_cast<const char*>(b) + ((e * d_out + o) * R) * esize, type, R, row.data());
+      for (int64_t r = 0; r < R; ++r) bt[(e * R + r) * d_out + o] = row[r];
+    }
+}
+
+struct Dims {
+  int64_t T, K, E, EA, R, d_in, d_out;
+};
+
+// Everything one call needs, as fp32 views; shared read-only by the worker threads.
+struct Job {
+  Dims d;
+  Mode mode;
+  const Isa* isa;
+  const float* x;        // [T, D_in]
+  const int64_t* ids;    // [T, K]
+  const float* gates;    // [T, K] (null for slots)
+  const float* A;        // [E_A, R, D_in]
+  const float* bt;       // [E, R, D_out]
+  const float* base;     // [T, D_out] (kAdd only)
+  float* y;              // [T, D_out] or [T, K, D_out]
+  int64_t block;         // tokens per parallel task
+};
+
+void run_tokens(const Job& job, int64_t t0, int64_t t1) {
+  const Dims& d = job.d;
+  const int64_t R = d.R, K = d.K;
+  std::vector<float> h(static_cast<size_t>((K + 1) * R));
+  std::vector<const float*> bts(static_cast<size_t>(K)), hgs(static_cast<size_t>(K));
+  float* shared = h.data() + K * R;  // A x for a shared A (HydraLoRA), computed once per token
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xt = job.x + t * d.d_in;
+    const int64_t* ids = job.ids + t * K;
+    if (d.EA == 1) job.isa->shrink(job.A, xt, R, d.d_in, shared);
+    if (job.mode == Mode::kSlots) {
+      for (int64_t j = 0; j < K; ++j) {
+        const float* hj = shared;
+        if (d.EA != 1) {
+          job.isa->shrink(job.A + ids[j] * R * d.d_in, xt, R, d.d_in, h.data() + j * R);
+          hj = h.data() + j * R;
+        }
+        const float* bt = job.bt + ids[j] * R * d.d_out;
+        job.isa->expand(&bt, &hj, 1, R, d.d_out, nullptr, job.y + (t * K + j) * d.d_out);
+      }
+      continue;
+    }
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const float g = job.gates[t * K + j];
+      if (g == 0.f) continue;  // an unselected slot (top-p padding): no work, same sum
+      float* hj = h.data() + n * R;
+      if (d.EA == 1) {
+        for (int64_t r = 0; r < R; ++r) hj[r] = g * shared[r];
+      } else {
+        job.isa->shrink(job.A + ids[j] * R * d.d_in, xt, R, d.d_in, hj);
+        for (int64_t r = 0; r < R; ++r) hj[r] *= g;
+      }
+      bts[n] = job.bt + ids[j] * R * d.d_out;
+      hgs[n] = hj;
+      ++n;
+    }
+    const float* base = job.base ? job.base + t * d.d_out : nullptr;
+    job.isa->expand(bts.data(), hgs.data(), n, R, d.d_out, base, job.y + t * d.d_out);
+  }
+}
+
+void run_block(void* data, size_t i) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t t0 = static_cast<int64_t>(i) * job.block;
+  run_tokens(job, t0, std::min(job.d.T, t0 + job.block));
+}
+
+// The expert-grouped path for many tokens. Entries are (token, slot) pairs bucketed by expert:
+// phase 1 computes every entry's gated rank-R vector hg with the expert's A reused across token tiles,
+// phase 2 splits D_out into column chunks (one per task, so no two threads write the same y element)
+// and adds each expert's B^T hg for all its entries while that expert's B columns sit in L1.
+struct Grouped {
+  const Job* job;
+  std::vector<int64_t> order, offsets;  // entry ids bucketed by expert
+  std::vector<float> geff, H, Hs;       // merged gates; hg per entry [T*K, R]; shared-A products [T, R]
+  std::vector<const float*> xs, hg;     // per bucketed entry: its token's x, its hg
+  std::vector<float*> ys, hs;           // per bucketed entry: its output row, where its A x goes
+  std::vector<int64_t> tasks;           // phase 1: (first, last) positions in `order`
+  int64_t rows = 0, chunk = 0;
+};
+
+constexpr int64_t kGroupedMinTokens = 4;
+constexpr int64_t kTokenBlock = 256;
+constexpr int64_t kShrinkTask = 32;   // entries per phase-1 task
+constexpr int64_t kColumnChunk = 128;  // y columns per phase-2 task (a multiple of every 2 x vector width)
+
+void shrink_task(void* data, size_t i) {
+  Grouped& g = *static_cast<Grouped*>(data);
+  const Job& job = *g.job;
+  const int64_t first = g.tasks[2 * i], last = g.tasks[2 * i + 1];
+  const int64_t e = job.d.EA == 1 ? 0 : job.ids[g.order[first]];
+  job.isa->shrink_tokens(job.A + e * job.d.R * job.d.d_in, job.d.R, job.d.d_in, g.xs.data() + first,
+                         g.hs.data() + first, last - first);
+}
+
+void expand_task(void* data, size_t i) {
+  Grouped& g = *static_cast<Grouped*>(data);
+  const Job& job = *g.job;
+  const Dims& d = job.d;
+  const int64_t o0 = static_cast<int64_t>(i) * g.chunk, o1 = std::min(d.d_out, o0 + g.chunk);
+  for (int64_t row = 0; row < g.rows; ++row) {
+    float* y = job.y + row * d.d_out;
+    if (job.base)
+      std::memcpy(y + o0, job.base + row * d.d_out + o0, (o1 - o0) * sizeof(float));
+    else
+      std::memset(y + o0, 0, (o1 - o0) * sizeof(float));
+  }
+  for (int64_t e = 0; e < d.E; ++e) {
+    const int64_t first = g.offsets[e], n = g.offsets[e + 1] - first;
+    if (n > 0)
+      job.isa->expand_rows(job.bt + e * d.R * d.d_out, d.R, d.d_out, o0, o1, g.hg.data() + first,
+                           g.ys.data() + first, n);
+  }
+}
+
+void run_grouped(Ort::KernelContext& ctx, const Job& job) {
+  const Dims& d = job.d;
+  const int64_t n = d.T * d.K, R = d.R;
+  const bool slots = job.mode == Mode::kSlots;
+  Grouped g;
+  g.job = &job;
+  g.rows = slots ? n : d.T;
+  g.geff.assign(static_cast<size_t>(n), 1.f);
+  if (!slots) {
+    // One expert twice in a token: merge the gates (B A x is linear in them) so no output row
+    // appears twice in one expert's bucket, where two tiles would race on it.
+    std::copy(job.gates, job.gates + n, g.geff.begin());
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t j = 1; j < d.K; ++j)
+        for (int64_t i = 0; i < j; ++i)
+          if (job.ids[t * d.K + i] == job.ids[t * d.K + j] && g.geff[t * d.K + i] != 0.f) {
+            g.geff[t * d.K + i] += g.geff[t * d.K + j];
+            g.geff[t * d.K + j] = 0.f;
+            break;
+          }
+  }
+  g.offsets.assign(static_cast<size_t>(d.E + 1), 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (slots || g.geff[i] != 0.f) ++g.offsets[job.ids[i] + 1];
+  for (int64_t e = 0; e < d.E; ++e) g.offsets[e + 1] += g.offsets[e];
+  const int64_t m = g.offsets[d.E];
+  g.order.resize(static_cast<size_t>(m));
+  {
+    std::vector<int64_t> fill(g.offsets.begin(), g.offsets.end() - 1);
+    for (int64_t i = 0; i < n; ++i)
+      if (slots || g.geff[i] != 0.f) g.order[fill[job.ids[i]]++] = i;
+  }
+  g.H.resize(static_cast<size_t>(n * R));
+  g.xs.resize(static_cast<size_t>(m));
+  g.hg.resize(static_cast<size_t>(m));
+  g.ys.resize(static_cast<size_t>(m));
+  for (int64_t p = 0; p < m; ++p) {
+    const int64_t i = g.order[p];
+    g.xs[p] = job.x + (i / d.K) * d.d_in;
+    g.hg[p] = g.H.data() + i * R;
+    g.ys[p] = job.y + (slots ? i : i / d.K) * d.d_out;
+  }
+  // Phase 1: A x per entry (per token when A is shared), in tasks of up to kShrinkTask entries.
+  if (d.EA == 1) {
+    g.Hs.resize(static_cast<size_t>(d.T * R));
+    g.xs.resize(static_cast<size_t>(m + d.T));
+    g.hs.resize(static_cast<size_t>(m + d.T));
+    for (int64_t t = 0; t < d.T; ++t) {
+      g.xs[m + t] = job.x + t * d.d_in;
+      g.hs[m + t] = g.Hs.data() + t * R;
+    }
+    for (int64_t t = 0; t < d.T; t += kShrinkTask) g.tasks.insert(g.tasks.end(), {m + t, std::min(m + d.T, m + t + kShrinkTask)});
+  } else {
+    g.hs.resize(static_cast<size_t>(m));
+    for (int64_t p = 0; p < m; ++p) g.hs[p] = g.H.data() + g.order[p] * R;
+    for (int64_t e = 0; e < d.E; ++e)
+      for (int64_t p = g.offsets[e]; p < g.offsets[e + 1]; p += kShrinkTask)
+        g.tasks.insert(g.tasks.end(), {p, std::min(g.offsets[e + 1], p + kShrinkTask)});
+  }
+  ctx.ParallelFor(shrink_task, g.tasks.size() / 2, 0, &g);
+  for (int64_t p = 0; p < m; ++p) {  // gate (and, for a shared A, copy) each entry's vector
+    const int64_t i = g.order[p];
+    float* h = g.H.data() + i * R;
+    if (d.EA == 1) std::memcpy(h, g.Hs.data() + (i / d.K) * R, R * sizeof(float));
+    if (!slots)
+      for (int64_t r = 0; r < R; ++r) h[r] *= g.geff[i];
+  }
+  // Phase 2: column chunks.
+  g.chunk = kColumnChunk;
+  ctx.ParallelFor(expand_task, static_cast<size_t>((d.d_out + g.chunk - 1) / g.chunk), 0, &g);
+}
+
+struct Kernel {
+  Kernel(const OrtApi& api, const OrtKernelInfo* info, Mode mode) : api_(api), mode_(mode), isa_(&select_isa()) {
+    // A and B are usually initializers: convert/transpose them once here instead of on every call.
+    Ort::ConstKernelInfo kinfo(info);
+    int is_const = 0;
+    Ort::ConstValue b = kinfo.GetTensorConstantInput(b_index(mode), &is_const);
+    if (is_const) {
+      pack_b(b, bt_);
+      bt_ready_ = true;
+    }
+    Ort::ConstValue a = kinfo.GetTensorConstantInput(a_index(mode), &is_const);
+    if (is_const && a.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      const auto info_a = a.GetTensorTypeAndShapeInfo();
+      a32_.resize(info_a.GetElementCount());
+      to_float(a.GetTensorRawData(), info_a.GetElementType(), a32_.size(), a32_.data());
+      a_ready_ = true;
+    }
+  }
+
+  static void pack_b(const Ort::ConstValue& b, std::vector<float>& bt) {
+    const auto info = b.GetTensorTypeAndShapeInfo();
+    const auto shape = info.GetShape();
+    if (shape.size() != 3) throw Ort::Exception("B must be [E, D_out, R]", ORT_INVALID_ARGUMENT);
+    bt.resize(info.GetElementCount());
+    transpose_b(b.GetTensorRawData(), info.GetElementType(), shape[0], shape[1], shape[2], bt.data());
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return api_.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return api_.CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+
+  [[noreturn]] static void fail(const std::string& what) {
+    throw Ort::Exception("moe_export kernel: " + what, ORT_INVALID_ARGUMENT);
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const char* op = mode_ == Mode::kSlots ? "GroupedLoRASlots" : mode_ == Mode::kAdd ? "GroupedLoRAAdd" : "GroupedLoRA";
+    auto x = ctx.GetInput(kX), ids = ctx.GetInput(kIds);
+    auto A = ctx.GetInput(a_index(mode_)), B = ctx.GetInput(b_index(mode_));
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), is = ids.GetTensorTypeAndShapeInfo().GetShape();
+    const auto as = A.GetTensorTypeAndShapeInfo().GetShape(), bs = B.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.size() != 2 || is.size() != 2 || as.size() != 3 || bs.size() != 3 || is[0] != xs[0])
+      fail(std::string(op) + ": expected x [T,D_in], expert_ids [T,K], A [E_A,R,D_in], B [E,D_out,R]");
+    Dims d{xs[0], is[1], bs[0], as[0], as[1], xs[1], bs[1]};
+    if (as[2] != d.d_in || bs[2] != d.R || !(d.EA == 1 || d.EA == d.E))
+      fail(std::string(op) + ": A/B/x do not chain or E_A is neither 1 nor E");
+    const int64_t* id = ids.GetTensorData<int64_t>();
+    for (int64_t i = 0; i < d.T * d.K; ++i)
+      if (id[i] < 0 || id[i] >= d.E) fail(std::string(op) + ": expert id " + std::to_string(id[i]) + " outside [0, E)");
+
+    const auto t_type = x.GetTensorTypeAndShapeInfo().GetElementType();
+    const bool f32 = t_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    Job job{d, mode_, isa_, nullptr, id, nullptr, nullptr, nullptr, nullptr, nullptr, 1};
+    std::vector<float> x32, g32, a32, bt_call, base32, y32;
+    auto as_float = [](const Ort::ConstValue& v, std::vector<float>& buf) -> const float* {
+      const auto info = v.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return v.GetTensorData<float>();
+      buf.resize(info.GetElementCount());
+      to_float(v.GetTensorRawData(), info.GetElementType(), buf.size(), buf.data());
+      return buf.data();
+    };
+    job.x = as_float(x, x32);
+    if (mode_ != Mode::kSlots) {
+      auto gates = ctx.GetInput(gates_index(mode_));
+      if (gates.GetTensorTypeAndShapeInfo().GetShape() != is) fail(std::string(op) + ": gates must match expert_ids");
+      job.gates = as_float(gates, g32);
+    }
+    job.A = a_ready_ ? a32_.data() : as_float(A, a32);
+    if (!bt_ready_) pack_b(B, bt_call);
+    job.bt = bt_ready_ ? bt_.data() : bt_call.data();
+
+    std::vector<int64_t> out_shape{d.T, d.d_out};
+    if (mode_ == Mode::kSlots) out_shape = {d.T, d.K, d.d_out};
+    if (mode_ == Mode::kAdd) {
+      auto base = ctx.GetInput(kBase);
+      const auto binfo = base.GetTensorTypeAndShapeInfo();
+      out_shape = binfo.GetShape();
+      if (static_cast<int64_t>(binfo.GetElementCount()) != d.T * d.d_out || out_shape.empty() ||
+          out_shape.back() != d.d_out)
+        fail(std::string(op) + ": base must hold T x D_out values with D_out last");
+      job.base = as_float(base, base32);
+    }
+    auto y = ctx.GetOutput(0, out_shape);
+    const size_t y_count = static_cast<size_t>(d.T * d.d_out * (mode_ == Mode::kSlots ? d.K : 1));
+    if (f32) {
+      job.y = y.GetTensorMutableData<float>();
+    } else {
+      y32.resize(y_count);
+      job.y = y32.data();
+    }
+    if (d.T > 0) run(ctx, job);
+    if (!f32) {
+      auto* out = y.GetTensorMutableData<Ort::Float16_t>();
+      for (size_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+    }
+  }
+
+  // Small calls (decode steps) run per token, inline: a thread hand-off costs more than their work, and
+  // each weight is read once anyway. Many tokens take the expert-grouped path, which reuses weights.
+  static void run(Ort::KernelContext& ctx, Job& job) {
+    const Dims& d = job.d;
+    if (d.T >= kGroupedMinTokens) {
+      // Token blocks keep each column chunk of y (block x kColumnChunk floats) in L2 across the experts.
+      for (int64_t t0 = 0; t0 < d.T; t0 += kTokenBlock) {
+        Job part = job;
+        part.d.T = std::min(kTokenBlock, d.T - t0);
+        part.x += t0 * d.d_in;
+        part.ids += t0 * d.K;
+        if (part.gates) part.gates += t0 * d.K;
+        if (part.base) part.base += t0 * d.d_out;
+        part.y += t0 * d.d_out * (job.mode == Mode::kSlots ? d.K : 1);
+        run_grouped(ctx, part);
+      }
+      return;
+    }
+    const double work = static_cast<double>(d.T) * d.K * d.R * (d.d_in + d.d_out);
+    if (d.T < 2 || work < 2.0e5) {
+      run_tokens(job, 0, d.T);
+      return;
+    }
+    job.block = std::max<int64_t>(1, d.T / 32);
+    const size_t blocks = static_cast<size_t>((d.T + job.block - 1) / job.block);
+    ctx.ParallelFor(run_block, blocks, 0, &job);
+  }
+
+  const OrtApi& api_;
+  Mode mode_;
+  const Isa* isa_;
+  std::vector<float> bt_, a32_;
+  bool bt_ready_ = false, a_ready_ = false;
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel, true> {
+  Op(const char* name, Mode mode, ONNXTensorElementDataType t, ONNXTensorElementDataType tg)
+      : name_(name), mode_(mode), t_(t), tg_(tg) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Kernel(api, info, mode_);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+
+  const char* GetName() const { return name_; }
+  size_t GetInputTypeCount() const { return mode_ == Mode::kSlots ? 4 : mode_ == Mode::kAdd ? 6 : 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == kIds) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (mode_ != Mode::kSlots && i == gates_index(mode_)) return tg_;
+    return t_;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return t_; }
+
+  const char* name_;
+  Mode mode_;
+  ONNXTensorElementDataType t_, tg_;
+};
+
+constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+
+// One kernel per (T, TG) pair: ONNX Runtime merges same-named custom ops into one schema.
+std::vector<Op>& all_ops() {
+  static std::vector<Op> ops = [] {
+    std::vector<Op> v;
+    for (auto t : {kF32, kF16})
+      for (auto tg : {kF32, kF16}) {
+        v.emplace_back("GroupedLoRA", Mode::kSum, t, tg);
+        v.emplace_back("GroupedLoRAAdd", Mode::kAdd, t, tg);
+      }
+    for (auto t : {kF32, kF16}) v.emplace_back("GroupedLoRASlots", Mode::kSlots, t, t);
+    return v;
+  }();
+  return ops;
+}
+
+}  // namespace
+
+// Called by ONNX Runtime for each SessionOptions the library is registered on. Asking for API
+// version ORT_API_VERSION means an older runtime returns no API: then nothing is registered and the
+// model's function bodies run.
+MOE_EXPORT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;
+  Ort::InitApi(api);
+  static std::mutex mutex;
+  static std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    Ort::CustomOpDomain domain("moe_export");
+    for (Op& op : all_ops()) domain.Add(&op);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    domains.push_back(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}
+
+// For `moe-export kernels`: the instruction set this CPU gets and the ORT API version built against.
+MOE_EXPORT_API const char* MoeExportKernelIsa() { return select_isa().name; }
+MOE_EXPORT_API int MoeExportOrtApiVersion() { return ORT_API_VERSION; }

@@ -1,0 +1,248 @@
+"""Build and find the native ONNX Runtime kernel library (`grouped_lora.cc`).
+
+The library is compiled on demand into a user cache dir, one folder per source/flags hash, so an
+upgraded package never loads a stale build. It needs a C++ compiler and the ONNX Runtime C/C++ API
+headers, which no PyPI wheel ships: `MOE_EXPORT_ORT_INCLUDE` names a folder holding them, else a
+system install (`/usr/include/onnxruntime`, Debian 13's `libonnxruntime-dev`) or a copy fetched by
+`fetch_headers()` (that one package from Debian trixie, with a private apt configuration) is used.
+The library does not link against libonnxruntime: ONNX Runtime hands it the API at registration.
+
+Environment: MOE_EXPORT_CACHE (cache root), MOE_EXPORT_ORT_INCLUDE (headers), CXX (compiler),
+MOE_EXPORT_KERNELS=off (never use the library: the model's function bodies run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_export.errors import MoeExportError
+
+SOURCES = ("grouped_lora.cc", "grouped_lora_kernels.inc")
+LIBRARY_NAME = "libmoe_export_ort.so"
+HEADER = "onnxruntime_cxx_api.h"
+FLAGS = ("-O3", "-std=gnu++17", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
+DEBIAN_PACKAGE = "libonnxruntime-dev"
+DEBIAN_SUITE = "trixie"  # the first Debian release that packages the ONNX Runtime headers
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+class KernelBuildError(MoeExportError):
+    """The native library cannot be built here (no compiler, no headers, compile error)."""
+
+
+def source_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def cache_root() -> Path:
+    if os.environ.get("MOE_EXPORT_CACHE"):
+        return Path(os.environ["MOE_EXPORT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moe-export"
+
+
+def disabled() -> bool:
+    return os.environ.get("MOE_EXPORT_KERNELS", "").strip().lower() in ("off", "0", "no", "false")
+
+
+def compiler() -> str | None:
+    wanted = os.environ.get("CXX")
+    if wanted:
+        return shutil.which(wanted)
+    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
+
+
+def _fetched_headers_dir() -> Path:
+    return cache_root() / "ort-headers"
+
+
+def find_headers() -> Path | None:
+    """The folder holding onnxruntime_cxx_api.h; MOE_EXPORT_ORT_INCLUDE must be right when set."""
+    override = os.environ.get("MOE_EXPORT_ORT_INCLUDE")
+    if override:
+        folder = Path(override).expanduser()
+        if not (folder / HEADER).is_file():
+            raise KernelBuildError(f"MOE_EXPORT_ORT_INCLUDE={override}: no {HEADER} in that folder")
+        return folder
+    for folder in (_fetched_headers_dir() / "usr/include/onnxruntime", Path("/usr/include/onnxruntime")):
+        if (folder / HEADER).is_file():
+            return folder
+    return None
+
+
+def fetch_headers(timeout_s: float = 120) -> Path:
+    """Fetch `libonnxruntime-dev` from Debian trixie into the cache; the system's apt sources stay untouched.
+
+    apt reads a private sources list, lists dir and cache dir (all under the cache root), downloads the
+    one .deb and dpkg-deb unpacks it: no install, no root needed beyond what apt-get download needs.
+    """
+    apt, dpkg_deb = shutil.which("apt-get"), shutil.which("dpkg-deb")
+    if not apt or not dpkg_deb:
+        raise KernelBuildError(
+            "cannot fetch the ONNX Runtime headers: apt-get/dpkg-deb not found; "
+            "set MOE_EXPORT_ORT_INCLUDE to a folder holding onnxruntime_cxx_api.h"
+        )
+    dest = _fetched_headers_dir()
+    with tempfile.TemporaryDirectory(prefix="moe-export-apt-") as tmp:
+        work = Path(tmp)
+        for sub in ("lists/partial", "cache/archives/partial", "download"):
+            (work / sub).mkdir(parents=True)
+        signed = f"[signed-by={DEBIAN_KEYRING}] " if Path(DEBIAN_KEYRING).is_file() else ""
+        (work / "sources.list").write_text(f"deb {signed}{DEBIAN_MIRROR} {DEBIAN_SUITE} main\n")
+        options = [
+            f"-oDir::Etc::sourcelist={work / 'sources.list'}",
+            "-oDir::Etc::sourceparts=-",
+            f"-oDir::State::Lists={work / 'lists'}",
+            f"-oDir::Cache={work / 'cache'}",
+            "-oAPT::Sandbox::User=root" if os.geteuid() == 0 else "-oDebug::NoLocking=1",
+        ]
+        steps = [[apt, *options, "-qq", "update"], [apt, *options, "-qq", "download", DEBIAN_PACKAGE]]
+        for step in steps:
+            _run(step, cwd=work / "download", timeout_s=timeout_s, what=f"apt-get {step[-1]} ({DEBIAN_SUITE})")
+        debs = sorted((work / "download").glob(f"{DEBIAN_PACKAGE}_*.deb"))
+        if not debs:
+            raise KernelBuildError(f"apt-get download {DEBIAN_PACKAGE}: no .deb was written")
+        unpacked = work / "unpacked"
+        _run([dpkg_deb, "-x", str(debs[-1]), str(unpacked)], cwd=work, timeout_s=timeout_s, what="dpkg-deb -x")
+        if not (unpacked / "usr/include/onnxruntime" / HEADER).is_file():
+            raise KernelBuildError(f"{debs[-1].name}: holds no usr/include/onnxruntime/{HEADER}")
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(unpacked / "usr/include", dest / "usr/include")
+    return dest / "usr/include/onnxruntime"
+
+
+def _run(cmd: list[str], cwd: Path, timeout_s: float, what: str) -> None:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise KernelBuildError(f"{what}: timed out after {timeout_s:.0f}s") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+        raise KernelBuildError(f"{what} failed (exit {done.returncode}): {detail.strip()[:300]}")
+
+
+def _build_key(cxx: str, headers: Path) -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((source_dir() / name).read_bytes())
+    digest.update((headers / "onnxruntime_c_api.h").read_bytes())
+    digest.update(" ".join([cxx, *FLAGS, platform.machine(), sys.platform]).encode())
+    return digest.hexdigest()[:16]
+
+
+def library_path(cxx: str | None = None, headers: Path | None = None) -> Path | None:
+    """Where the library for these sources, compiler and headers lives (built or not); None if not buildable."""
+    cxx = cxx or compiler()
+    headers = headers or find_headers()
+    if cxx is None or headers is None:
+        return None
+    return cache_root() / "kernels" / _build_key(cxx, headers) / LIBRARY_NAME
+
+
+def build(fetch: bool = False, force: bool = False) -> Path:
+    """Compile the library (if not already built) and return its path; errors say what is missing."""
+    cxx = compiler()
+    if cxx is None:
+        raise KernelBuildError("no C++ compiler (g++, c++ or clang++; or set CXX)")
+    headers = find_headers()
+    if headers is None and fetch:
+        headers = fetch_headers()
+    if headers is None:
+        raise KernelBuildError(
+            "no ONNX Runtime headers: run `moe-export kernels build --fetch-headers`, install "
+            "libonnxruntime-dev (Debian 13+), or set MOE_EXPORT_ORT_INCLUDE"
+        )
+    target = library_path(cxx, headers)
+    assert target is not None
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile next to the target and rename: a concurrent first use never loads a half-written file.
+    fd, tmp_name = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{headers}", str(source_dir() / SOURCES[0]), "-o", tmp_name]
+        _run(cmd, cwd=target.parent, timeout_s=300, what=f"{Path(cxx).name} {SOURCES[0]}")
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """What `moe-export kernels` prints and what ORT sessions use."""
+
+    library: Path | None  # the built library, or None
+    reason: str  # why there is no library, or "" when there is one
+    headers: Path | None
+    compiler: str | None
+    isa: str | None = None  # the instruction set the kernels run with on this CPU
+    api_version: int | None = None  # ORT_API_VERSION the library asks for (works with ORT >= it)
+
+
+def probe(path: Path) -> tuple[str, int]:
+    """(ISA, ORT API version) reported by a built library."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(path))
+    lib.MoeExportKernelIsa.restype = ctypes.c_char_p
+    return lib.MoeExportKernelIsa().decode(), int(lib.MoeExportOrtApiVersion())
+
+
+_session_library: dict[str, tuple[Path | None, str]] = {}
+
+
+def session_library() -> tuple[Path | None, str]:
+    """(library or None, reason) for ORT sessions: builds on first use when compiler and headers are here.
+
+    Never fetches headers (no network on first use); the outcome is remembered for the process, so
+    the notice about a missing library is printed once.
+    """
+    if disabled():
+        return None, "disabled by MOE_EXPORT_KERNELS=off"
+    if "outcome" not in _session_library:
+        try:
+            path: Path | None = build(fetch=False)
+            reason = ""
+        except KernelBuildError as exc:
+            path, reason = None, str(exc)
+            print(
+                f"note: native GroupedLoRA kernels unavailable ({reason}); running the function bodies", file=sys.stderr
+            )
+        _session_library["outcome"] = (path, reason)
+    return _session_library["outcome"]
+
+
+def status() -> KernelStatus:
+    """Status without building anything."""
+    cxx = compiler()
+    try:
+        headers = find_headers()
+    except KernelBuildError as exc:
+        return KernelStatus(None, str(exc), None, cxx)
+    path = library_path(cxx, headers)
+    if path is None or not path.is_file():
+        if cxx is None:
+            reason = "no C++ compiler"
+        elif headers is None:
+            reason = "no ONNX Runtime headers (moe-export kernels build --fetch-headers)"
+        else:
+            reason = "not built yet (moe-export kernels build; sessions build it on first use)"
+        return KernelStatus(None, reason, headers, cxx)
+    isa, api = probe(path)
+    reason = "disabled by MOE_EXPORT_KERNELS=off" if disabled() else ""
+    return KernelStatus(path, reason, headers, cxx, isa, api)
