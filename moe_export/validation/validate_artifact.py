@@ -17,6 +17,7 @@ import numpy as np
 
 from moe_export.errors import MoeExportError
 from moe_export.runtimes.base import Feeds
+from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.parity import Tolerance, compare_func
@@ -52,13 +53,13 @@ def make_feeds(
 ) -> list[Feeds]:
     """The validation inputs: an .npz file, or random token ids of each (batch, seq) shape."""
     if inputs is not None:
-        return [load_npz_feeds(inputs, artifact.input_names())]
+        return [complete_feeds(load_npz_feeds(inputs, artifact.input_names()), artifact.manifest)]
     shapes = list(shapes or DEFAULT_SHAPES)
     if not shapes:
         raise MoeExportError("no input shapes to validate with")
     vocab = artifact.vocab_size()
     names = set(artifact.input_names())
-    feeds = [random_feeds(b, s, vocab, seed) for b, s in shapes]
+    feeds = [complete_feeds(random_feeds(b, s, vocab, seed), artifact.manifest) for b, s in shapes]
     return [{k: v for k, v in f.items() if k in names} for f in feeds]
 
 
