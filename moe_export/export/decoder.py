@@ -11,6 +11,7 @@ exactly the new token through the same single GroupedLoRA node per unit as the s
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +81,21 @@ class DecoderWithPast(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_argument(self.model): cache},
         )
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        present = [t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """transformers 5.2x names the forward's cache `cache`; earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
 
 
 def trace_decoder(model: torch.nn.Module, opset: int, translations: dict[Any, Any]) -> Any:

@@ -20,6 +20,7 @@ from moe_export.runtimes.base import Feeds
 from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
+from moe_export.validation.generation import DEFAULT_NEW_TOKENS, check_generation, pad_token_id
 from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.validation.report import RunComparison, ValidationReport
 from moe_export.validation.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
@@ -77,6 +78,7 @@ def validate(
     routing: bool = True,
     options: RunnerOptions | None = None,
     progress: ProgressCallback | None = None,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
 ) -> ValidationReport:
     """Compare `runtimes[1:]` with `runtimes[0]` on an export directory; see DESIGN.md section 8."""
     runtimes = list(dict.fromkeys(runtimes))
@@ -114,6 +116,7 @@ def validate(
             else:
                 ref_outputs.append(ref_runner.infer(feeds))
         references = unit_references(ref_runner.model) if capture_routing else {}
+        reference_model = getattr(ref_runner, "model", None)  # kept for generation parity below
 
     for name in candidates:
         say(f"running {name}")
@@ -136,6 +139,16 @@ def validate(
             _note_uncaptured(report, name, ref_captures, cand_captures)
         else:
             report.notes.append(f"{name}: per-unit routing capture is not supported; outputs compared only")
+    if artifact.manifest.kv_cache and new_tokens > 0:
+        if reference_name != "torch" or reference_model is None:
+            report.notes.append("generation parity needs torch as the reference runtime: not compared")
+        else:
+            say(f"comparing greedy generation ({new_tokens} tokens)")
+            runners = {name: make_runner(name, artifact, options) for name in candidates}
+            report.generation = check_generation(
+                reference_model, runners, artifact.manifest, tol, artifact.vocab_size(), pad_token_id(artifact.path),
+                new_tokens, seed,
+            )  # fmt: skip
     return report
 
 
