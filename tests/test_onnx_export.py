@@ -24,7 +24,10 @@ from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.ir import Adapter
 from moe_export.loading import load_base_model
 from moe_export.reference import cast_reference_model
+from moe_export.runtimes.kv import complete_feeds
+from moe_export.validation.generation import default_prompts
 from tests.conftest import SAMPLES
+from tests.genai_check import assert_genai_matches_torch
 from tests.tiny import random_adapter
 
 # Shapes other than the export example (2, 16), including batch 1 and sequence 1.
@@ -50,8 +53,10 @@ def feeds_for(shape: tuple[int, int], vocab: int, seed: int = 0, pad: int = 0) -
 
 
 def ort_logits(model_path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """A first step (past length 0) of a decoder export, or the scoring graph's logits."""
+    feeds = complete_feeds(feeds, ExportManifest.load(model_path.parent))
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], feeds)[0]
+    return session.run(["logits"], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
 
 
 def torch_logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -97,10 +102,16 @@ def test_fp32_graph_structure(fp32_export: onnx_export.ExportResult, mixed_ckpt:
     assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
     ops = {n.op_type for n in model.graph.node}
     assert {"TopK", "Softmax"} <= ops  # the router stays standard ops
-    names = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
-    assert names == (["input_ids", "attention_mask"], ["logits"])
-    dims = [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
-    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    # The default export is the KV-cache decoder (test_decoder.py checks its contract in full).
+    names = [i.name for i in model.graph.input][:3], [o.name for o in model.graph.output][:2]
+    assert names == (["input_ids", "attention_mask", "position_ids"], ["logits", "present.0.key"])
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input][:4]
+    assert dims == [
+        ["batch", "sequence"],
+        ["batch", "total_sequence"],
+        ["batch", "sequence"],
+        ["batch", 2, "past_sequence", 8],
+    ]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -276,6 +287,9 @@ def test_sample_export_parity(sample: Path, tmp_path: Path) -> None:
     # The validate gate (outputs + per-unit routing) passes on every sample export, top-p MixLoRA included.
     report = moe_export.validate(result.out_dir)
     assert report.passed, report.to_dict()
+    # onnxruntime-genai generates the reference's tokens from the export folder as it is.
+    pad = json.loads((result.out_dir / "genai_config.json").read_text())["model"]["pad_token_id"]
+    assert_genai_matches_torch(result.out_dir, reference, default_prompts(vocab, pad)[0])
 
 
 def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkeypatch: pytest.MonkeyPatch) -> None:

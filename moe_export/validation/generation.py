@@ -66,6 +66,11 @@ def next_token_logits(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return logits[np.arange(logits.shape[0]), last]
 
 
+def _all_stopped(tokens: list[np.ndarray], stop_ids: set[int]) -> bool:
+    emitted = np.stack(tokens, axis=1)
+    return bool(np.isin(emitted, list(stop_ids)).any(axis=1).all())
+
+
 @dataclass
 class Decoded:
     """Greedy tokens [B, N] and the logits each step chose from, [N, B, V] (fp32)."""
@@ -74,8 +79,14 @@ class Decoded:
     logits: np.ndarray
 
 
-def greedy_decode(runner: Runner, manifest: Any, prompts: Prompts, new_tokens: int) -> Decoded:
-    """Greedy decoding through the export's decoder interface; `runner` must be active."""
+def greedy_decode(
+    runner: Runner, manifest: Any, prompts: Prompts, new_tokens: int, stop_ids: set[int] | None = None
+) -> Decoded:
+    """Greedy decoding through the export's decoder interface; `runner` must be active.
+
+    With `stop_ids`, decoding ends once every row has produced one of them (later tokens of a finished
+    row are still decoded, as a batch must be, and are the caller's to drop).
+    """
     past_names = [t.name for t in manifest.inputs if t.name.startswith("past_key_values.")]
     present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
     mask = prompts.attention_mask.astype(np.int64)
@@ -87,6 +98,8 @@ def greedy_decode(runner: Runner, manifest: Any, prompts: Prompts, new_tokens: i
         token = step.argmax(-1).astype(np.int64)
         tokens.append(token)
         logits.append(step)
+        if stop_ids and _all_stopped(tokens, stop_ids):
+            break
         past = mask.shape[1]
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position_ids(mask, past)}
@@ -107,7 +120,7 @@ def torch_reference(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) 
     return torch_greedy(model, prompts, new_tokens)
 
 
-def torch_greedy(model: Any, prompts: Prompts, new_tokens: int) -> Decoded:
+def torch_greedy(model: Any, prompts: Prompts, new_tokens: int, stop_ids: set[int] | None = None) -> Decoded:
     """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py)."""
     import torch
 
@@ -129,6 +142,8 @@ def torch_greedy(model: Any, prompts: Prompts, new_tokens: int) -> Decoded:
             token = step.argmax(-1).astype(np.int64)
             tokens.append(token)
             logits.append(step)
+            if stop_ids and _all_stopped(tokens, stop_ids):
+                break
             past = mask.shape[1]
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
             ids = token[:, None]
