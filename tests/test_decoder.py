@@ -212,3 +212,17 @@ def test_padded_row_generates_what_it_generates_alone(export_dir: Path, referenc
         alone = padded.input_ids[row : row + 1, :length]
         assert (torch_reference(reference, Prompts("alone", alone, np.ones_like(alone)), 8, pad).tokens[0]
                 == in_batch[row]).all(), f"row {row}"  # fmt: skip
+
+
+def test_tensorrt_profiles_cover_the_first_step(export_dir: Path) -> None:
+    """TensorRT's default profile lets the past be empty, and its opt feeds are one consistent decode shape."""
+    from moe_export.export.tensorrt import TrtBuildOptions, inspect_onnx_dir, opt_feeds, resolve_profiles
+
+    info = inspect_onnx_dir(export_dir)
+    profiles = resolve_profiles(info, TrtBuildOptions())
+    lo, opt, hi = profiles["past_key_values.0.key"]
+    assert lo[2] == 0 and lo[1] == opt[1] == hi[1] == KV_HEADS and lo[3] == hi[3] == HEAD_DIM
+    feeds = opt_feeds(info, profiles)
+    past, seq = feeds["past_key_values.1.value"].shape[2], feeds["input_ids"].shape[1]
+    assert feeds["attention_mask"].shape[1] == past + seq and feeds["position_ids"].shape == feeds["input_ids"].shape
+    assert hi[2] + profiles["input_ids"][2][1] <= profiles["attention_mask"][2][1]

@@ -145,7 +145,10 @@ def test_manifest(fp32_export: onnx_export.ExportResult, mixed_ckpt: Path, tiny_
     assert len(by_name) == 14 and all(u.status == "routed" for u in manifest.units)
     assert (by_name["model.layers.0.mlp.up_proj"].top_k, by_name["model.layers.1.mlp.up_proj"].top_k) == (2, 4)
     assert {(u.num_experts, u.rank) for u in manifest.units} == {(4, 2)}
-    assert [(t.name, t.dtype, t.shape) for t in manifest.outputs] == [("logits", "float32", ["batch", "sequence", 64])]
+    assert [(t.name, t.dtype, t.shape) for t in manifest.outputs][:2] == [
+        ("logits", "float32", ["batch", "sequence", 64]),
+        ("present.0.key", "float32", ["batch", 2, "total_sequence", 8]),
+    ]
     assert manifest.external_data is None and manifest.custom_ops == ["GroupedLoRA"]
     assert "config.json" in manifest.copied_files and (out / "config.json").is_file()
     assert not list(out.parent.glob(".*tmp-*")), "no temporary directory may remain"
@@ -191,7 +194,7 @@ def test_cli_base_only(mixed_ckpt: Path, tiny_base: Path, tmp_path: Path) -> Non
 def test_failure_leaves_nothing(mixed_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after files were written (here: a broken export step) removes the temporary directory."""
 
-    def broken_export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str]) -> None:
+    def broken_export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], kv_cache: bool) -> None:
         (tmp / "model.onnx").write_bytes(b"partial")
         raise ExportError("simulated failure")
 

@@ -1,6 +1,7 @@
 """JUnit XML for CI (GitHub Actions test reporters, GitLab `artifacts:reports:junit`).
 
-One <testsuite> inside <testsuites>; a <testcase> per (runtime, input, output) and per (runtime, unit);
+One <testsuite> inside <testsuites>; a <testcase> per (runtime, input, output), per (runtime, unit) and,
+on a KV-cache export, per (runtime, generation prompt batch);
 failures carry a one-line message and the detail as text.
 """
 
@@ -35,6 +36,8 @@ def junit_xml(report: ValidationReport) -> str:
     for runtime, per_unit in report.units.items():
         for unit in per_unit.values():
             add_case(f"units.{runtime}", unit.name, unit.messages)
+    for g in report.generation:
+        add_case(f"generation.{g.runtime}", g.label, [g.message] if not g.passed else [])
     if not cases:
         add_case("parity", "validation", ["no comparison ran"])
     failures = sum(failed for _, failed in cases)
