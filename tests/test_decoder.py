@@ -128,9 +128,15 @@ def test_validate_compares_generation(export_dir: Path) -> None:
 
 
 def _rewire_output(model: onnx.ModelProto, output: str, node: onnx.NodeProto) -> None:
-    """Make `output` the result of `node`, fed by what used to produce it (renamed `<output>.raw`)."""
-    producer = next(n for n in model.graph.node if output in n.output)
-    producer.output[list(producer.output).index(output)] = output + ".raw"
+    """Make graph output `output` the result of `node`, fed by what used to produce it (now `<output>.raw`,
+    which the graph's own consumers, e.g. this layer's attention, keep reading)."""
+    for existing in model.graph.node:
+        for i, value in enumerate(existing.input):
+            if value == output:
+                existing.input[i] = output + ".raw"
+        for i, value in enumerate(existing.output):
+            if value == output:
+                existing.output[i] = output + ".raw"
     model.graph.node.append(node)
 
 
@@ -170,17 +176,23 @@ def _forget_past_offset(model: onnx.ModelProto) -> None:
     _rewire_input(model, "position_ids", nodes, "position_ids.shifted")
 
 
-@pytest.mark.parametrize("edit", [_corrupt_present, _forget_past_offset], ids=["present", "position"])
-def test_validate_fails_on_a_broken_kv_path(export_dir: Path, tmp_path: Path, edit: object) -> None:
-    """The scoring comparison (past 0) passes, generation fails with exit 1 and names step 1."""
+@pytest.mark.parametrize(
+    ("edit", "unit"),
+    [(_corrupt_present, "model.layers.1.self_attn.o_proj"), (_forget_past_offset, "model.layers.0.self_attn.o_proj")],
+    ids=["present", "position"],
+)
+def test_validate_fails_on_a_broken_kv_path(export_dir: Path, tmp_path: Path, edit: object, unit: str) -> None:
+    """The scoring comparison (past 0) passes, generation fails with exit 1, names step 1 and the first unit
+    that sees a different input: the o_proj right after the broken attention."""
     broken = _broken_copy(export_dir, tmp_path / "broken", edit)
     report_path = tmp_path / "report.json"
     result = CliRunner().invoke(app, ["validate", str(broken), "--new-tokens", "4", "--report", str(report_path)])
     assert result.exit_code == 1, result.output
     assert "first bad step 1" in result.output
     data = json.loads(report_path.read_text())
-    assert all(c["result"]["passed"] for c in data["comparisons"])  # the first step is right
+    assert all(c["passed"] for c in data["comparisons"])  # the first step is right
     assert not data["passed"] and any(g["first_bad_step"] == 1 for g in data["generation"])
+    assert all(f"first diverging unit {unit} " in g["message"] for g in data["generation"] if not g["passed"])
 
 
 def test_scoring_graph_option(tiny_base: Path, tmp_path: Path) -> None:

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from moe_export.errors import MoeExportError
 from moe_export.export.client_files import GENAI_CONFIG
 from moe_export.export.decoder import cache_argument, returned_cache
-from moe_export.runtimes.base import Runner
+from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.kv import complete_feeds, position_ids
 from moe_export.validation.parity import Tolerance
 
@@ -77,10 +78,16 @@ class Decoded:
 
     tokens: np.ndarray
     logits: np.ndarray
+    feeds: list[Feeds] = field(default_factory=list)  # each step's feeds, when asked for (keep_feeds)
 
 
 def greedy_decode(
-    runner: Runner, manifest: Any, prompts: Prompts, new_tokens: int, stop_ids: set[int] | None = None
+    runner: Runner,
+    manifest: Any,
+    prompts: Prompts,
+    new_tokens: int,
+    stop_ids: set[int] | None = None,
+    keep_feeds: bool = False,
 ) -> Decoded:
     """Greedy decoding through the export's decoder interface; `runner` must be active.
 
@@ -91,8 +98,10 @@ def greedy_decode(
     present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
     mask = prompts.attention_mask.astype(np.int64)
     feeds = complete_feeds({"input_ids": prompts.input_ids.astype(np.int64), "attention_mask": mask}, manifest)
-    tokens, logits = [], []
+    tokens, logits, kept = [], [], []
     for _ in range(new_tokens):
+        if keep_feeds:
+            kept.append(feeds)
         out = runner.infer(feeds)
         step = next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
         token = step.argmax(-1).astype(np.int64)
@@ -104,7 +113,7 @@ def greedy_decode(
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position_ids(mask, past)}
         feeds.update({p: out[q] for p, q in zip(past_names, present_names, strict=True)})
-    return Decoded(np.stack(tokens, axis=1), np.stack(logits))
+    return Decoded(np.stack(tokens, axis=1), np.stack(logits), kept)
 
 
 def torch_reference(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -> Decoded:
@@ -168,7 +177,12 @@ def torch_generate(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -
         return_dict_in_generate=True,
     )
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # right padding is what we test: silence generate's warning about it
+    hf_logging.set_verbosity_error()
+    # An unset eos in the passed config falls back to the model's own: clear that too, for fixed-length runs.
+    defaults = getattr(model, "generation_config", None)
+    saved_eos = getattr(defaults, "eos_token_id", None)
+    if defaults is not None:
+        defaults.eos_token_id = None
     try:
         with torch.no_grad():
             out = model.generate(
@@ -178,7 +192,11 @@ def torch_generate(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -
             )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if defaults is not None:
+            defaults.eos_token_id = saved_eos
     width = prompts.input_ids.shape[1]
+    if out.sequences.shape[1] != width + new_tokens:
+        raise MoeExportError(f"torch generate stopped after {out.sequences.shape[1] - width} of {new_tokens} tokens")
     logits = np.stack([step.float().numpy() for step in out.logits])
     return Decoded(out.sequences[:, width:].numpy().astype(np.int64), logits)
 
@@ -257,25 +275,3 @@ def pad_token_id(export_dir: Path) -> int:
         return int(json.loads(path.read_text())["model"]["pad_token_id"])
     except (OSError, KeyError, TypeError, ValueError):
         return 0
-
-
-def check_generation(
-    reference_model: Any,
-    candidates: dict[str, Runner],
-    manifest: Any,
-    tol: Tolerance,
-    vocab: int,
-    pad_id: int,
-    new_tokens: int = DEFAULT_NEW_TOKENS,
-    seed: int = 0,
-) -> list[GenerationComparison]:
-    """Every candidate runner (inactive; activated here) on the default prompts against `generate`."""
-    prompts = default_prompts(vocab, pad_id, seed)
-    expected = [torch_reference(reference_model, p, new_tokens, pad_id) for p in prompts]
-    results = []
-    for name, runner in candidates.items():
-        with runner:
-            for prompt, ref in zip(prompts, expected, strict=True):
-                got = greedy_decode(runner, manifest, prompt, new_tokens)
-                results.append(compare_generation(name, prompt.label, ref, got, tol))
-    return results

@@ -20,7 +20,8 @@ from moe_export.runtimes.base import Feeds
 from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
-from moe_export.validation.generation import DEFAULT_NEW_TOKENS, check_generation, pad_token_id
+from moe_export.validation.generation import DEFAULT_NEW_TOKENS, pad_token_id
+from moe_export.validation.generation_units import check_generation
 from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.validation.report import RunComparison, ValidationReport
 from moe_export.validation.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
@@ -147,7 +148,7 @@ def validate(
             runners = {name: make_runner(name, artifact, options) for name in candidates}
             report.generation = check_generation(
                 reference_model, runners, artifact.manifest, tol, artifact.vocab_size(), pad_token_id(artifact.path),
-                new_tokens, seed,
+                new_tokens, seed, onnx_path=artifact.onnx_path,
             )  # fmt: skip
     return report
 
