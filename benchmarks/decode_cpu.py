@@ -10,7 +10,8 @@ E=8 r=8 top-2 on all 7 projections). Variants:
               GroupQueryAttention, fused norms): the best base-model export there is
   torch       the faithful PyTorch reference with a DynamicCache (transformers' own decode path)
 Prefill: S = past tokens at past length 0. Decode: one token at past length `--past` (random past).
-Median of `--runs` after `--warmup`, ORT intra-op threads = torch threads = `--threads`.
+Median of `--runs` interleaved rounds (each round runs every variant once) after `--warmup`; ORT intra-op
+threads = torch threads = `--threads`.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def ort_step(path: Path, threads: int) -> Callable[[int, int, int], Callable[[],
                 feeds[value.name] = np.ones((batch, past + seq), dtype=np.int64)
             elif value.name == "position_ids":
                 feeds[value.name] = np.arange(past, past + seq, dtype=np.int64)[None].repeat(batch, 0)
-            else:  # past key/value [batch, kv_heads, past, head_dim]
+            else:  # past key/value [batch, kv_heads, past, head_dim]; the builder leaves head_dim symbolic
                 heads, head_dim = value.shape[1], value.shape[3]
+                if not isinstance(head_dim, int):
+                    head_dim = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
                 feeds[value.name] = rng.standard_normal((batch, heads, past, head_dim), dtype=np.float32)
         return lambda: session.run(None, feeds)
 
@@ -110,17 +113,6 @@ def torch_step(model: torch.nn.Module, threads: int) -> Callable[[int, int, int]
     return make
 
 
-def median_ms(run: Callable[[], object], warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/moe-export-decode-bench"))
@@ -134,19 +126,31 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     paths = prepare(args.work)
-    results: dict[str, dict[str, float]] = {}
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    makers = {}
+    for variant in variants:
         if variant == "torch":
             loaded = moe_export.load(args.work / "ckpt", base_model=args.work / "base")
-            make = torch_step(loaded.model.eval(), args.threads)
+            makers[variant] = torch_step(loaded.model.eval(), args.threads)
         else:
-            make = ort_step(paths[variant], args.threads)
-        row = {}
-        for batch in batches:
-            row[f"prefill b{batch}"] = median_ms(make(batch, args.past, 0), args.warmup, args.runs)
-            row[f"decode b{batch}"] = median_ms(make(batch, 1, args.past), args.warmup, args.runs * 3)
-        results[variant] = row
-        print(variant, {k: round(v, 1) for k, v in row.items()}, flush=True)
+            makers[variant] = ort_step(paths[variant], args.threads)
+    # Interleaved: every round runs each variant once, so a change in machine load hits all of them alike.
+    results: dict[str, dict[str, float]] = {v: {} for v in variants}
+    for batch in batches:
+        for label, seq, past, runs in (("prefill", args.past, 0, args.runs), ("decode", 1, args.past, args.runs * 3)):
+            runners = {v: makers[v](batch, seq, past) for v in variants}
+            for run in runners.values():
+                for _ in range(args.warmup):
+                    run()
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(runs):
+                for variant, run in runners.items():
+                    start = time.perf_counter()
+                    run()
+                    times[variant].append(time.perf_counter() - start)
+            for variant in variants:
+                results[variant][f"{label} b{batch}"] = statistics.median(times[variant]) * 1000
+            print(label, batch, {v: round(results[v][f"{label} b{batch}"], 1) for v in variants}, flush=True)
     cols = list(next(iter(results.values())))
     print(f"\n| variant | {' | '.join(c + ' (ms)' for c in cols)} |")
     print("|---|" + "---|" * len(cols))

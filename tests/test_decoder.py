@@ -238,3 +238,20 @@ def test_tensorrt_profiles_cover_the_first_step(export_dir: Path) -> None:
     past, seq = feeds["past_key_values.1.value"].shape[2], feeds["input_ids"].shape[1]
     assert feeds["attention_mask"].shape[1] == past + seq and feeds["position_ids"].shape == feeds["input_ids"].shape
     assert hi[2] + profiles["input_ids"][2][1] <= profiles["attention_mask"][2][1]
+
+
+def test_generate_command(export_dir: Path) -> None:
+    """`moe-export generate` gives the same greedy tokens on every runtime; bad ids exit 2."""
+    tokens = {}
+    for runtime in ("torch", "onnxruntime", "onnxruntime-genai"):
+        args = ["generate", str(export_dir), "--prompt-ids", "5,17,42", "--max-new-tokens", "6", "--runtime", runtime]
+        result = CliRunner().invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["prompt_ids"] == [5, 17, 42] and data["tokens_per_second"] > 0
+        tokens[runtime] = data["tokens"]
+    assert tokens["torch"] == tokens["onnxruntime"] == tokens["onnxruntime-genai"] and tokens["torch"]
+    result = CliRunner().invoke(app, ["generate", str(export_dir), "--prompt-ids", "5,999"])
+    assert result.exit_code == 2 and "outside the vocabulary" in result.output
+    result = CliRunner().invoke(app, ["generate", str(export_dir)])
+    assert result.exit_code == 2 and "--prompt-ids" in result.output

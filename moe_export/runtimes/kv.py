@@ -12,7 +12,7 @@ from moe_export.export.manifest import ExportManifest
 from moe_export.runtimes.base import Feeds
 
 PAST_PREFIX = "past_key_values."
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def is_past(name: str) -> bool:

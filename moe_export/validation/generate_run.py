@@ -12,7 +12,7 @@ import numpy as np
 
 from moe_export.errors import MoeExportError
 from moe_export.runtimes.registry import Artifact, RunnerOptions, make_runner
-from moe_export.validation.generation import Prompts, greedy_decode, pad_token_id, torch_greedy
+from moe_export.validation.generation import Prompts, greedy_decode, torch_greedy
 
 RUNTIMES = ("onnxruntime", "onnxruntime-genai", "torch")
 
@@ -87,6 +87,3 @@ def generate(
         seconds = time.perf_counter() - start
     end = next((i + 1 for i, t in enumerate(new) if t in stop), len(new))
     return GenerateResult(runtime, list(prompt_ids), new[:end], seconds)
-
-
-__all__ = ["GenerateResult", "generate", "pad_token_id"]
