@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+from moe_export.architectures import check_architecture
 from moe_export.base_weights import BaseWeights
 from moe_export.errors import FormatError
 from moe_export.formats import LoadOptions, detect_family, get_family
 from moe_export.formats.checkpoint import open_checkpoint
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.ir_tensors import finish_adapter
 from moe_export.reference import apply_adapter
 
 
@@ -53,6 +55,7 @@ def resolve_base_model(ckpt_dir: Path, declared: str | None, override: str | Pat
         )
     if not (path / "config.json").is_file():
         raise FormatError(f"{path}: no config.json, not a transformers model directory ({where})")
+    check_architecture(path)
     return path.resolve()
 
 
@@ -89,7 +92,8 @@ def _read_checkpoint(
     declared = ckpt.config_value("base_model_name_or_path") or ckpt.config_value("base_model")
     base_path = resolve_base_model(ckpt.path, declared, base_model)
     base = BaseWeights(base_path) if fam.needs_base_weights else None
-    adapter = fam.load(ckpt, options, base)
+    with torch.no_grad():  # loaders compute on saved parameters that may still require grad
+        adapter = finish_adapter(fam.load(ckpt, options, base))
     try:
         weights = base or BaseWeights(base_path)
     except FormatError:

@@ -36,6 +36,7 @@ from moe_export.merge_plan import (
     plan_merge,
 )
 from moe_export.merge_write import save_merged
+from moe_export.model_copy import copy_for_edit
 from moe_export.reference import MoELoRALinear
 
 if TYPE_CHECKING:
@@ -92,8 +93,9 @@ def _check_plan(loaded: LoadedAdapter, plan: MergePlan) -> dict[str, LinearMoE]:
 
 @torch.no_grad()
 def apply_merge_plan(loaded: LoadedAdapter, plan: MergePlan) -> LoadedAdapter:
-    """Apply a plan to the reference model IN PLACE (no second copy of a large model) and return it with the
-    adapter that stays routed. Folded units become plain nn.Linear with W + Δ̄ (fp32 sum, cast once).
+    """Apply a plan to a copy of the reference model and return it with the adapter that stays routed;
+    `loaded` is not changed. The copy shares every weight the plan does not touch (model_copy.py).
+    Folded units become plain nn.Linear with W + Δ̄ (fp32 sum, cast once).
     The result depends on the plan only, so a plan read back from JSON rebuilds the same weights."""
     units = _check_plan(loaded, plan)
     model = loaded.model
@@ -102,6 +104,8 @@ def apply_merge_plan(loaded: LoadedAdapter, plan: MergePlan) -> LoadedAdapter:
         wrong = [n for n, m in modules.items() if not isinstance(m, MoELoRALinear)]
         if wrong:
             raise MergeError(f"{loaded.checkpoint}: {wrong[0]} is not an adapter module in the model (merged twice?)")
+        model = copy_for_edit(model, [m.base.weight for m in modules.values()])
+        modules = {e.name: model.get_submodule(e.name) for e in plan.units}
         for entry in plan.units:
             module, unit = modules[entry.name], units[entry.name]
             fold_into_weight(module.base.weight, unit, entry)
@@ -111,7 +115,7 @@ def apply_merge_plan(loaded: LoadedAdapter, plan: MergePlan) -> LoadedAdapter:
             else:
                 # Shared LoRAs are already in W: a unit without them only drops the shared branch.
                 module.fold_shared_into_base(dataclasses.replace(unit, shared=[]))
-    return dataclasses.replace(loaded, adapter=remaining_adapter(loaded.adapter, plan))
+    return dataclasses.replace(loaded, adapter=remaining_adapter(loaded.adapter, plan), model=model)
 
 
 @dataclass
@@ -220,7 +224,7 @@ def merge(
     evaluate: bool = True,
 ) -> MergeResult:
     """Plan and apply a merge (calibrating first when the plan needs statistics), then measure it on
-    held-out calibration tokens. `loaded.model` is merged in place; `loaded.model` may be None when
+    held-out calibration tokens. `loaded` is not changed (the merge works on a copy); `loaded.model` may be None when
     `stats` are given (or only exact folds are asked) and `evaluate=False`: then only the plan and the
     remaining adapter are produced, for `save_merged`."""
     check_options(threshold, budget)
@@ -251,7 +255,7 @@ def _merge_and_measure(
     seed: int,
     progress: bool,
 ) -> tuple[LoadedAdapter, dict[str, float | None], dict[str, Any]]:
-    """Run the reference on the held-out split (recording the folded units), merge in place, run again."""
+    """Run the reference on the held-out split (recording the folded units), merge (a copy), run again."""
     inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="heldout")
     units = routed_linear_units(loaded.adapter)
     folded = {e.name: e for e in plan.units if e.expert_weights and e.name in units}

@@ -1,10 +1,12 @@
-"""Regenerate samples/: a tiny random Llama and one tiny checkpoint per family, deterministically.
+"""Regenerate samples/: tiny random Llama, Mistral and Qwen2 bases and tiny checkpoints, deterministically.
 
     python samples/make_samples.py [OUT_DIR]      (default: the samples/ folder holding this script)
 
 Everything is seeded and built from our own random draws (not transformers' init), so a rerun gives
 the same tensors; tests/test_samples.py checks that the committed files equal a fresh run. Each module
-in samples/writers/ writes `OUT_DIR/<module name>/` (see samples/writers/__init__.py).
+in samples/writers/ writes `OUT_DIR/<module name>/` over the base its `BASE` names (see
+samples/writers/__init__.py). The Mistral and Qwen2 bases are smaller than the Llama one (hidden 32):
+they exist to prove the architectures, the Llama one also feeds the larger family tests.
 """
 
 from __future__ import annotations
@@ -48,11 +50,48 @@ def llama_config():
     )
 
 
-def write_base_model(out_dir: Path, seed: int = 7) -> None:
-    """Random Llama weights from our own generator: N(0, 1/D_in) linears, N(0, 1) embeddings, unit norms."""
-    from transformers import LlamaForCausalLM
+def _small(config_cls, **extra):
+    """The shape shared by the Mistral and Qwen2 bases: hidden 32, 2 layers, GQA 4/2, vocab 256."""
+    return config_cls(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **extra,
+    )
 
-    model = LlamaForCausalLM(llama_config()).eval()
+
+def mistral_config():
+    from transformers import MistralConfig
+
+    # Mistral 7B v0.2+ and the models fine-tuned from it use full attention (no sliding window).
+    return _small(MistralConfig, sliding_window=None, tie_word_embeddings=False)
+
+
+def qwen2_config():
+    from transformers import Qwen2Config
+
+    # Qwen2: q/k/v projections carry biases (always, in transformers' Qwen2), small models tie lm_head to
+    # the input embeddings.
+    return _small(Qwen2Config, tie_word_embeddings=True, use_sliding_window=False)
+
+
+# directory name -> (config factory, seed)
+BASES = {BASE_NAME: (llama_config, 7), "tiny-mistral": (mistral_config, 8), "tiny-qwen2": (qwen2_config, 9)}
+
+
+def write_base_model(out_dir: Path, seed: int = 7, config_fn=llama_config) -> None:
+    """Random weights from our own generator: N(0, 1/D_in) linears, N(0, 1) embeddings, unit norms,
+    N(0, 0.2^2) biases (Qwen2's q/k/v). Tied weights are one parameter: drawn once."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config_fn()).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -60,6 +99,8 @@ def write_base_model(out_dir: Path, seed: int = 7) -> None:
                 param.fill_(1.0)
             elif "embed_tokens" in name:
                 param.copy_(torch.randn(param.shape, generator=g))
+            elif name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2)
             else:
                 param.copy_(torch.randn(param.shape, generator=g) / param.shape[1] ** 0.5)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -91,13 +132,16 @@ def writer_names() -> list[str]:
 
 
 def make_samples(out_root: Path) -> list[str]:
-    """Write the base model and every family sample under `out_root`; returns the directories written."""
+    """Write the base models and every family sample under `out_root`; returns the directories written."""
     out_root.mkdir(parents=True, exist_ok=True)
-    written = [BASE_NAME]
-    _replace_dir(out_root / BASE_NAME, write_base_model)
+    written = []
+    for base, (config_fn, seed) in BASES.items():
+        _replace_dir(out_root / base, lambda d, c=config_fn, s=seed: write_base_model(d, s, c))
+        written.append(base)
     for name in writer_names():
         module = importlib.import_module(f"samples.writers.{name}")
-        _replace_dir(out_root / name, lambda d, m=module: m.write(d, out_root / BASE_NAME))
+        base_dir = out_root / getattr(module, "BASE", BASE_NAME)
+        _replace_dir(out_root / name, lambda d, m=module, b=base_dir: m.write(d, b))
         written.append(name)
     return written
 

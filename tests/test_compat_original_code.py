@@ -2,7 +2,9 @@
 
 Their code builds each adapter on the tiny base model (LoRA B randomised: they initialise it to zero),
 takes reference logits from their own forward, saves with MoE-PEFT's `save_adapter_weight`; we load
-the saved directory with our loader and our reference must reproduce their logits.
+the saved directory with our loader and our reference must reproduce their logits. The same saves then
+go through every command (inspect, onnx plain and merged, validate, merge): ONNX Runtime must reproduce
+their logits too (issue 11: these saves hold grad-flagged parameters, which once broke the export).
 Install the packages with `.ci/compat-install` (test-only, --no-deps); without them this file is skipped.
 
 Workarounds for their code on transformers 5 / torch 2.13 (each the smallest that works):
@@ -166,3 +168,86 @@ def test_mixlora_package_forward_matches_our_reference(tiny_base: Path, tmp_path
     with torch.no_grad():
         theirs = model(input_ids=ids).logits
     torch.testing.assert_close(_our_logits(ckpt, tiny_base, ids, "mixlora"), theirs, rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- the whole pipeline on their saves
+
+PIPELINE_IDS = (2, 9)  # [batch, sequence] fed to their forward and to ONNX Runtime
+PARITY_REL = 1e-5  # max |ORT - theirs| / max |theirs|, fp32 on both sides (issue 11)
+
+
+def _ort_logits(model_path: Path, ids: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+
+def _parity(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max |got - want| / max |want|, top-1 agreement)."""
+    rel = float((got.double() - want.double()).abs().max() / want.double().abs().max())
+    return rel, float((got.argmax(-1) == want.argmax(-1)).double().mean())
+
+
+def _cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from moe_export.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, f"moe-export {' '.join(args[:1])} exited {result.exit_code}: {result.output[-2000:]}"
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_their_save_through_inspect_onnx_validate_merge(tiny_base: Path, tmp_path: Path, case: str) -> None:
+    """A checkpoint written by MoE-PEFT's own `save_adapter_weight` (what its trainer calls) goes through every
+    command; ONNX Runtime reproduces MoE-PEFT's own forward. Before issue 11 every one of these failed
+    `onnx` (their .bin holds live parameters: torch.load returns them with requires_grad=True)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_export.export.manifest import ExportManifest
+
+    model = _moe_peft_model(tiny_base, CONFIGS[case], seed=11 + sorted(CONFIGS).index(case))
+    ids = torch.randint(0, 64, PIPELINE_IDS, generator=torch.Generator().manual_seed(9))
+    theirs = _moe_peft_logits(model, ids)
+    ckpt = _save(model, tmp_path / "saved")
+    raw = torch.load(ckpt / "adapter_model.bin", weights_only=True)
+    assert all(t.requires_grad for t in raw.values()), "their save path writes live (grad-flagged) parameters"
+
+    info = json.loads(_cli("inspect", str(ckpt), "--base", str(tiny_base), "--json").stdout)
+    assert info["family"] == FAMILY[case]
+
+    plain = tmp_path / "onnx"
+    _cli("onnx", str(ckpt), "--base", str(tiny_base), "-o", str(plain))  # ends with its own validate gate
+    rel, top1 = _parity(_ort_logits(plain / "model.onnx", ids), theirs)
+    assert rel <= PARITY_REL and top1 == 1.0, f"ORT vs MoE-PEFT: rel {rel:.3g}, top-1 {top1}"
+
+    merged_onnx = tmp_path / "onnx-merged"
+    _cli(
+        "onnx", str(ckpt), "--base", str(tiny_base), "-o", str(merged_onnx), "--merge-threshold", "0.9", "--no-validate"
+    )
+    _cli("validate", str(merged_onnx))
+    plan = ExportManifest.load(merged_onnx).merge_plan
+    assert plan is not None
+    approximate = [u["name"] for u in plan["units"] if u["reason"] not in ("exact-shared", "exact-single-expert")]
+    rel_merged, top1_merged = _parity(_ort_logits(merged_onnx / "model.onnx", ids), theirs)
+    if not approximate:  # only exact folds: still their model
+        assert rel_merged <= PARITY_REL and top1_merged == 1.0, f"merged: rel {rel_merged:.3g}, top-1 {top1_merged}"
+
+    merged_hf = tmp_path / "merged"
+    _cli(
+        "merge", str(ckpt), "--base", str(tiny_base), "--merge-threshold", "0.9", "--samples", "8", "-o", str(merged_hf)
+    )
+    AutoModelForCausalLM.from_pretrained(str(merged_hf), local_files_only=True)  # plain transformers loads it
+    if (merged_hf / "adapter").is_dir() and not approximate:
+        with torch.no_grad():
+            pair = moe_export.load(merged_hf / "adapter").model(input_ids=ids).logits
+        rel_pair, top1_pair = _parity(pair, theirs)
+        assert rel_pair <= PARITY_REL and top1_pair == 1.0, f"merged dir + adapter: rel {rel_pair:.3g}"
+    print(f"\n{case}: ORT vs MoE-PEFT rel {rel:.2e} top-1 {top1:.3f}; merged export rel {rel_merged:.2e} "
+          f"top-1 {top1_merged:.3f} (approximate folds: {len(approximate)})")  # fmt: skip

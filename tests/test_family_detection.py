@@ -21,11 +21,13 @@ from tests.conftest import SAMPLES
 EXPECTED = {
     "canonical": "canonical",
     "goat": "goat",
+    "goat_mistral": "goat",
     "hydralora": "hydralora",
     "lora": "lora",
     "loramoe": "loramoe",
     "mixlora": "mixlora",
     "mixlora_dynamic": "mixlora",
+    "mixlora_qwen2": "mixlora",
     "mmoelora": "mmoelora",
     "moe_peft_loramoe": "moe_peft_loramoe",
     "moe_peft_mola": "moe_peft_mola",

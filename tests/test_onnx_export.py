@@ -251,11 +251,7 @@ def test_cli_missing_checkpoint_exit_2(tmp_path: Path) -> None:
 
 
 SAMPLE_DIRS = (
-    sorted(
-        p
-        for p in SAMPLES.iterdir()
-        if p.is_dir() and p.name not in {"tiny-llama", "writers"} and not p.name.startswith(".")
-    )
+    sorted(p for p in SAMPLES.iterdir() if p.is_dir() and p.name != "writers" and not p.name.startswith((".", "tiny-")))
     if SAMPLES.is_dir()
     else []
 )
@@ -324,5 +320,9 @@ def test_merge_threshold_turns_units_into_matmuls(mixed_ckpt: Path, tmp_path: Pa
     assert not [n for n in model.graph.node if n.domain == DOMAIN] and not model.functions
     assert {u.status for u in result.manifest.units} == {"merged"} and result.manifest.merge_plan is not None
     assert ExportManifest.load(result.out_dir).merge_plan == result.manifest.merge_plan
+    # export_onnx leaves `loaded` unmerged (issue 11): the merged reference is rebuilt from the stored plan.
+    from moe_export.merging import MergePlan, apply_merge_plan
+
+    merged = apply_merge_plan(loaded, MergePlan.from_dict(result.manifest.merge_plan)).model
     feeds = feeds_for((3, 33), vocab=64)
-    assert_parity(ort_logits(result.model_path, feeds), torch_logits(loaded.model, feeds), FP32_RTOL)
+    assert_parity(ort_logits(result.model_path, feeds), torch_logits(merged, feeds), FP32_RTOL)

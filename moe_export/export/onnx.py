@@ -33,6 +33,7 @@ from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
 from moe_export.export.onnx_ops import DOMAIN, MIN_OPSET, function_bodies, translation_table
 from moe_export.loading import LoadedAdapter, load_base_model
+from moe_export.model_copy import copy_for_edit
 from moe_export.reference import MoELoRALinear, cast_reference_model, moe_modules
 
 MODEL_FILE = "model.onnx"
@@ -109,8 +110,8 @@ def export_onnx(
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
-    Folding the shared LoRAs mutates `loaded.model` in place (exact up to fp32 rounding); a fp16/bf16
-    export casts a copy, so `loaded.model` stays fp32.
+    `loaded` is never changed: the shared LoRAs fold into a copy of the weights they touch (model_copy.py),
+    a fp16/bf16 export casts a full copy, and a merge works on its own copy.
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -198,13 +199,18 @@ def _prepare_model(loaded: LoadedAdapter, dtype: str, base_only: bool) -> torch.
     torch_dtype = TORCH_DTYPES[dtype]
     if base_only:
         return load_base_model(Path(loaded.base_model_path), torch_dtype)
-    model = loaded.model
+    # Never fold into the caller's model (a later merge or export would fold again): folds go into a copy.
+    folded = [m for _, m in moe_modules(loaded.model) if isinstance(m, MoELoRALinear) and m.shared_scalings]
+    if torch_dtype != torch.float32:
+        model = copy.deepcopy(loaded.model)  # the cast rewrites every weight: a full copy
+    else:
+        model = copy_for_edit(loaded.model, [m.base.weight for m in folded])
     for name, module in moe_modules(model):
         if isinstance(module, MoELoRALinear) and module.shared_scalings:
             unit = loaded.adapter.unit(name)
             module.fold_shared_into_base(unit)  # type: ignore[arg-type]
     if torch_dtype != torch.float32:
-        model = cast_reference_model(copy.deepcopy(model), torch_dtype)
+        model = cast_reference_model(model, torch_dtype)
     return model.eval()
 
 

@@ -1,9 +1,12 @@
 """Sample checkpoint writers: one module per family, each exposing `write(out_dir, base_dir) -> None`.
 
 `samples/make_samples.py` runs every module of this package (sorted by name) with
-`out_dir = samples/<module name>` and `base_dir = samples/tiny-llama`. A writer saves the family's own
-on-disk layout (file names, key names, config fields) with random, non-zero, seeded weights; this
-module holds the pieces they share.
+`out_dir = samples/<module name>` and `base_dir = samples/<BASE>`, where a module's optional `BASE`
+names the base model (default tiny-llama; tiny-mistral and tiny-qwen2 are the other bases). A writer
+saves the family's own on-disk layout (file names, key names, config fields) with random, non-zero,
+seeded weights, the way its training code saves them (`save_bin(trained=True)`: live parameters that
+come back from `torch.load` with requires_grad; `save_safetensors(dtype=torch.bfloat16)`: a bf16 run);
+this module holds the pieces they share.
 """
 
 from __future__ import annotations
@@ -51,14 +54,36 @@ def write_config(out_dir: Path, config: dict[str, Any], name: str = "adapter_con
     (out_dir / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_safetensors(out_dir: Path, tensors: dict[str, torch.Tensor], name: str = "adapter_model.safetensors") -> None:
+def base_rel(base_dir: Path) -> str:
+    """base_model_name_or_path of a sample: its base model's directory, relative to the checkpoint."""
+    return f"../{base_dir.name}"
+
+
+def save_safetensors(
+    out_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    name: str = "adapter_model.safetensors",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """safetensors as `save_pretrained` writes it; `dtype` casts every tensor (a run trained in bf16 saves bf16)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(out_dir / name), metadata={"format": "pt"})
+    cast = {k: (v if dtype is None else v.to(dtype)).contiguous().clone() for k, v in tensors.items()}
+    save_file(cast, str(out_dir / name), metadata={"format": "pt"})
 
 
-def save_bin(out_dir: Path, tensors: dict[str, torch.Tensor], name: str = "adapter_model.bin") -> None:
-    """torch.save of a flat dict of tensors, as the research code bases write adapter_model.bin."""
+def save_bin(
+    out_dir: Path, tensors: dict[str, torch.Tensor], name: str = "adapter_model.bin", trained: bool = False
+) -> None:
+    """torch.save of a flat dict of tensors, as the research code bases write adapter_model.bin.
+
+    `trained=True` saves what MoE-PEFT's `save_adapter_weight` saves: the live `nn.Parameter`s of the
+    model, which `torch.load` hands back with `requires_grad=True`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name))
+    if trained:
+        data = {k: torch.nn.Parameter(v.contiguous().clone(), requires_grad=True) for k, v in tensors.items()}
+    else:
+        data = {k: v.contiguous() for k, v in tensors.items()}
+    torch.save(data, str(out_dir / name))

@@ -2,6 +2,8 @@
 
 E=4 experts of rank 2 (config r=8 is the total rank), top-2, init_type goat, init_cof 1/E.
 Like peft, the file also carries the `moe_layer.experts.{e}` clones of every expert matrix.
+Saved in bf16, as a run trained in bf16 saves it (samples/goat is the README's quick start, so the
+quick start exercises a bf16 adapter on an fp32 base); `dtype=None` keeps fp32.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ from pathlib import Path
 
 import torch
 
-from samples.writers import BASE_REL, PEFT_PREFIX, linear_shapes, randn, save_safetensors, write_config
+from samples.writers import PEFT_PREFIX, base_rel, linear_shapes, randn, save_safetensors, write_config
 
 
-def write(out_dir: Path, base_dir: Path, init_type: str = "goat", num_experts: int = 4, rank: int = 8) -> None:
-    g = torch.Generator().manual_seed(101)
+def write(
+    out_dir: Path,
+    base_dir: Path,
+    init_type: str = "goat",
+    num_experts: int = 4,
+    rank: int = 8,
+    dtype: torch.dtype | None = torch.bfloat16,
+    seed: int = 101,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for module, (d_in, d_out) in linear_shapes(base_dir).items():
         p = PEFT_PREFIX + module
@@ -25,13 +35,13 @@ def write(out_dir: Path, base_dir: Path, init_type: str = "goat", num_experts: i
             tensors[f"{p}.moe_layer.experts.{e}.lora_A.weight"] = a.clone()
             tensors[f"{p}.moe_layer.experts.{e}.lora_B.weight"] = b.clone()
         tensors[f"{p}.lora_gating.weight"] = randn(g, num_experts, d_in, std=0.5)
-    save_safetensors(out_dir, tensors)
+    save_safetensors(out_dir, tensors, dtype=dtype)
     write_config(
         out_dir,
         {
             "peft_type": "GOAT",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": BASE_REL,
+            "base_model_name_or_path": base_rel(base_dir),
             "r": rank,
             "lora_alpha": 16,
             "lora_dropout": 0.05,

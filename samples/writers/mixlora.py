@@ -2,7 +2,8 @@
 
 Every MLP block has one router `mixlora.layers.{i}.mlp.moe_gate.weight` and per-expert LoRAs on
 gate/up/down; the attention projections carry a plain always-on LoRA (formats.md section 4).
-`write_mixlora` is shared with the dynamic (top-p) sample.
+`write_mixlora` is shared with the dynamic (top-p) sample and the Qwen2 one. Saved the way MoE-PEFT's
+`save_adapter_weight` saves it: live parameters, which come back from `torch.load` with requires_grad.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from samples.writers import BASE_REL, linear_shapes, randn, save_bin, write_config
+from samples.writers import base_rel, linear_shapes, randn, save_bin, write_config
 
 NUM_EXPERTS = 4
 
@@ -41,8 +42,8 @@ def write_mixlora(out_dir: Path, base_dir: Path, config: dict[str, Any], seed: i
     assert hidden is not None, "a MixLoRA sample needs at least one MLP target"
     for layer in sorted({int(k.split(".")[2]) for k in tensors}):
         tensors[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = randn(g, config["num_experts"], hidden, std=0.5)
-    save_bin(out_dir, tensors)
-    write_config(out_dir, {**config, "base_model_name_or_path": BASE_REL, "task_type": "CAUSAL_LM"})
+    save_bin(out_dir, tensors, trained=True)
+    write_config(out_dir, {**config, "base_model_name_or_path": base_rel(base_dir), "task_type": "CAUSAL_LM"})
 
 
 def write(out_dir: Path, base_dir: Path) -> None:

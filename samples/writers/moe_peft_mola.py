@@ -31,7 +31,7 @@ def write_moe_peft(out_dir: Path, base_dir: Path, config: dict[str, Any], routed
         for e in range(config["num_experts"]):
             tensors[f"{key}.experts.{e}.lora_A.weight"] = randn(g, rank, d_in, std=0.2)
             tensors[f"{key}.experts.{e}.lora_B.weight"] = randn(g, d_out, rank, std=0.05)
-    save_bin(out_dir, tensors)
+    save_bin(out_dir, tensors, trained=True)  # MoE-PEFT saves live parameters (requires_grad)
     write_config(out_dir, {**config, "base_model_name_or_path": BASE_REL, "task_type": "CAUSAL_LM"})
 
 
