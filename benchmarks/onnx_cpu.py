@@ -267,7 +267,8 @@ def projection_model(d_in: int, d_out: int, experts: int, rank: int, top_k: int,
     """One adapted projection as ONNX: base MatMul, softmax-top-k router, GroupedLoRA, Add (or the base alone)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, grouped_lora_dense_body
+    from moe_export.export.onnx_ops import grouped_lora_dense_body
+    from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array((rng.standard_normal((d_in, d_out)) / d_in**0.5).astype(np.float32), "W")

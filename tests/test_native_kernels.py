@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from moe_export.export.onnx_fused import fuse_residual_add
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, grouped_lora_dense_body
+from moe_export.export.onnx_ops import grouped_lora_dense_body
 from moe_export.export.onnx_slots import grouped_lora_slots_body
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.runtimes import native
 from moe_export.runtimes.native import library as native_library
 

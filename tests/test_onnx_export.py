@@ -25,8 +25,11 @@ from moe_export.ir import Adapter
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.reference.loading import load_base_model
 from moe_export.reference.model import cast_reference_model
+from moe_export.runtimes.kv import complete_feeds
+from moe_export.validation.generation import default_prompts
 from tests.artifacts import SAMPLE_TASK_IDS, sample_export
 from tests.conftest import SAMPLES
+from tests.genai_check import assert_genai_matches_torch
 from tests.tiny import random_adapter
 
 # Shapes other than the export example (2, 16), including batch 1 and sequence 1.
@@ -52,8 +55,10 @@ def feeds_for(shape: tuple[int, int], vocab: int, seed: int = 0, pad: int = 0) -
 
 
 def ort_logits(model_path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """A first step (past length 0) of a decoder export, or the scoring graph's logits."""
+    feeds = complete_feeds(feeds, ExportManifest.load(model_path.parent))
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], feeds)[0]
+    return session.run(["logits"], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
 
 
 def torch_logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -99,10 +104,16 @@ def test_fp32_graph_structure(fp32_export: onnx_export.ExportResult, mixed_ckpt:
     assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
     ops = {n.op_type for n in model.graph.node}
     assert {"TopK", "Softmax"} <= ops  # the router stays standard ops
-    names = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
-    assert names == (["input_ids", "attention_mask"], ["logits"])
-    dims = [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
-    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    # The default export is the KV-cache decoder (test_decoder.py checks its contract in full).
+    names = [i.name for i in model.graph.input][:3], [o.name for o in model.graph.output][:2]
+    assert names == (["input_ids", "attention_mask", "position_ids"], ["logits", "present.0.key"])
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input][:4]
+    assert dims == [
+        ["batch", "sequence"],
+        ["batch", "total_sequence"],
+        ["batch", "sequence"],
+        ["batch", 2, "past_sequence", 8],
+    ]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -136,7 +147,10 @@ def test_manifest(fp32_export: onnx_export.ExportResult, mixed_ckpt: Path, tiny_
     assert len(by_name) == 14 and all(u.status == "routed" for u in manifest.units)
     assert (by_name["model.layers.0.mlp.up_proj"].top_k, by_name["model.layers.1.mlp.up_proj"].top_k) == (2, 4)
     assert {(u.num_experts, u.rank) for u in manifest.units} == {(4, 2)}
-    assert [(t.name, t.dtype, t.shape) for t in manifest.outputs] == [("logits", "float32", ["batch", "sequence", 64])]
+    assert [(t.name, t.dtype, t.shape) for t in manifest.outputs][:2] == [
+        ("logits", "float32", ["batch", "sequence", 64]),
+        ("present.0.key", "float32", ["batch", 2, "total_sequence", 8]),
+    ]
     assert manifest.external_data is None and manifest.custom_ops == ["GroupedLoRA"]
     assert "config.json" in manifest.copied_files and (out / "config.json").is_file()
     assert not list(out.parent.glob(".*tmp-*")), "no temporary directory may remain"
@@ -182,7 +196,7 @@ def test_cli_base_only(mixed_ckpt: Path, tiny_base: Path, tmp_path: Path) -> Non
 def test_failure_leaves_nothing(mixed_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after files were written (here: a broken export step) removes the temporary directory."""
 
-    def broken_export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str]) -> None:
+    def broken_export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], kv_cache: bool) -> None:
         (tmp / "model.onnx").write_bytes(b"partial")
         raise ExportError("simulated failure")
 
@@ -257,18 +271,23 @@ def test_sample_export_validates(sample: Path, tmp_path_factory: pytest.TempPath
     """Every family sample exports, passes the full ONNX checker with one GroupedLoRA node per routed linear, and
     passes the `validate` gate (outputs + per-unit routing, top-p MixLoRA included)."""
     if sample.name in MERGE_PATH_SAMPLES:
-        result = _merged_sample_export(sample, tmp_path_factory.mktemp(sample.name) / "out")
+        result, reference = _merged_sample_export(sample, tmp_path_factory.mktemp(sample.name) / "out")
     else:
         result = sample_export(tmp_path_factory, sample)
+        reference = moe_export.load(sample, task_id=SAMPLE_TASK_IDS.get(sample.name)).model
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
     assert sorted(n.name for n in model.graph.node if n.op_type == "GroupedLoRA") == routed
     report = moe_export.validate(result.out_dir)
     assert report.passed, report.to_dict()
+    # onnxruntime-genai generates the reference's tokens from the export folder as it is.
+    vocab = int(json.loads((result.out_dir / "config.json").read_text())["vocab_size"])
+    pad = json.loads((result.out_dir / "genai_config.json").read_text())["model"]["pad_token_id"]
+    assert_genai_matches_torch(result.out_dir, reference, default_prompts(vocab, pad)[0])
 
 
-def _merged_sample_export(sample: Path, out: Path) -> onnx_export.ExportResult:
+def _merged_sample_export(sample: Path, out: Path) -> tuple[onnx_export.ExportResult, torch.nn.Module]:
     """The headline `--merge-threshold 0.9` export, checked in ORT against the merged reference rebuilt from the
     plan in export.json (as `validate` does), independently of validate's own comparison."""
     from moe_export.merging import MergePlan, apply_merge_plan
@@ -283,7 +302,7 @@ def _merged_sample_export(sample: Path, out: Path) -> onnx_export.ExportResult:
     for shape in ((1, 1), (3, 33)):
         feeds = feeds_for(shape, vocab=vocab, seed=shape[1])
         assert_parity(ort_logits(result.model_path, feeds), torch_logits(reference, feeds), FP32_RTOL)
-    return result
+    return result, reference
 
 
 def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkeypatch: pytest.MonkeyPatch) -> None:

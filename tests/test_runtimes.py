@@ -10,6 +10,7 @@ import pytest
 from moe_export.errors import FormatError, InternalError, MoeExportError, RuntimeUnavailableError
 from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner, resolve_providers
 from moe_export.runtimes.registry import RunnerOptions, get_factory, make_runner, register_runtime
 from tests.artifacts import shared_export
@@ -91,7 +92,7 @@ def test_onnxruntime_runner_errors(tmp_path: Path) -> None:
 def test_torch_and_onnxruntime_runners_agree(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> None:
     artifact = Artifact.open(shared_export(tmp_path_factory, tiny_base))
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 5))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds = complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, artifact.manifest)
     outputs = {}
     for name in ("torch", "onnxruntime"):
         runner = make_runner(name, artifact, RunnerOptions(threads=1))
@@ -102,4 +103,4 @@ def test_torch_and_onnxruntime_runners_agree(tmp_path_factory: pytest.TempPathFa
     assert outputs["torch"].shape == outputs["onnxruntime"].shape == (2, 5, 64)
     np.testing.assert_allclose(outputs["onnxruntime"], outputs["torch"], rtol=0, atol=1e-4)
     with make_runner("onnxruntime", artifact) as runner, pytest.raises(InternalError, match="inference failed"):
-        runner.infer({"input_ids": ids.astype(np.int32), "attention_mask": feeds["attention_mask"]})
+        runner.infer({**feeds, "input_ids": ids.astype(np.int32)})

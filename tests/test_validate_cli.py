@@ -62,8 +62,9 @@ def test_validate_passes(export_dir: Path, tmp_path: Path) -> None:
     suites = root.findall("testsuite")
     assert len(suites) == 1
     suite = suites[0]
-    assert suite.get("tests") == str(2 + 14) and suite.get("failures") == "0"
-    assert len(suite.findall("testcase")) == 16 and not suite.findall("testcase/failure")
+    # 2 shapes x logits, 14 units, 2 generation prompt batches (the shared export is a KV-cache decoder)
+    assert suite.get("tests") == str(2 + 14 + 2) and suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == 18 and not suite.findall("testcase/failure")
 
 
 def test_validate_json_and_single_shape(export_dir: Path) -> None:

@@ -21,6 +21,7 @@ from moe_export.formats import LoadOptions
 from moe_export.formats.checkpoint import read_tensor_file
 from moe_export.ir import FFNMoE, LinearMoE
 from moe_export.reference.loading import load_adapter, load_base_model
+from moe_export.runtimes.kv import complete_feeds
 from tests.conftest import SAMPLES
 from tests.test_ffn_moe import apply_loop_ffn
 
@@ -122,7 +123,8 @@ def test_mixlora_onnx_runtime_parity(tmp_path_factory: pytest.TempPathFactory) -
         mask = torch.ones_like(ids)
         with torch.no_grad():
             want = reference(input_ids=ids, attention_mask=mask).logits.numpy()
-        (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        feeds = complete_feeds({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, result.manifest)
+        got = session.run(["logits"], feeds)[0]  # the decoder's first step (past length 0)
         # rtol 1e-4 per element, plus 1e-4 of the largest logit: logits near zero have no meaningful
         # relative error (the same "relative to the max reference" definition as validation/parity.py).
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -32,6 +32,9 @@ def onnx_command(
     merge_budget: float | None = typer.Option(None, "--merge-budget", help="Merge units while predicted error <= B."),
     data: Path | None = typer.Option(None, "--data", help="Calibration text file (one sample per line) for merging."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the parity check against PyTorch."),
+    no_kv_cache: bool = typer.Option(
+        False, "--no-kv-cache", help="Write the scoring graph (input_ids, attention_mask -> logits), no past/present."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
 ) -> None:
     """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
@@ -58,6 +61,7 @@ def onnx_command(
         validate=not no_validate,
         progress=not as_json,
         console=err_console,
+        kv_cache=not no_kv_cache,
     )
     if as_json:
         print_json(result.to_dict())

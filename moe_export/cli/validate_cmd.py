@@ -49,6 +49,9 @@ def validate_command(
         help="Tolerance relative to max|reference| per output (default: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
     ),
     min_top1: float | None = typer.Option(None, "--min-top1", help="Also require this top-1 token agreement."),
+    new_tokens: int = typer.Option(
+        16, "--new-tokens", help="Greedy tokens compared per prompt on a KV-cache export (0: skip generation)."
+    ),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads for every runtime."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     report_path: Path | None = typer.Option(None, "--report", help="Write the full report as JSON."),
@@ -74,6 +77,7 @@ def validate_command(
             min_top1=min_top1,
             options=RunnerOptions(device=device, threads=threads),
             progress=lambda message: status.update(message),
+            new_tokens=new_tokens,
         )
     if report_path is not None:
         report.write_json(report_path)

@@ -61,6 +61,7 @@ class ExportManifest:
     outputs: list[TensorSpec] = field(default_factory=list, metadata={"help": "graph outputs"})
     custom_ops: list[str] = field(default_factory=list, metadata={"help": "moe_export op types in the graph"})
     copied_files: list[str] = field(default_factory=list, metadata={"help": "config/tokenizer files copied"})
+    kv_cache: bool = field(default=False, metadata={"help": "decoder with past key/values (export/decoder.py)"})
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
 
     def __post_init__(self) -> None:

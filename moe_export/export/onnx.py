@@ -1,4 +1,8 @@
-"""`export_onnx`: the whole causal LM (no KV cache) to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
+"""`export_onnx`: the whole causal LM to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
+
+By default the graph is the KV-cache decoder that generation clients run (export/decoder.py, plus
+genai_config.json from export/client_files.py); `kv_cache=False` writes the scoring graph
+(input_ids, attention_mask) -> logits.
 
 Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
 (routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
@@ -24,6 +28,8 @@ from rich.console import Console
 
 from moe_export import __version__
 from moe_export.errors import ExportError, InternalError, MoeExportError
+from moe_export.export.client_files import write_client_files
+from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
 from moe_export.files import make_staging_dir, replace_directory
@@ -101,6 +107,7 @@ def export_onnx(
     calibration_data: str | Path | None = None,
     progress: bool = True,
     console: Console | None = None,
+    kv_cache: bool = True,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
@@ -127,7 +134,8 @@ def export_onnx(
         tmp = make_staging_dir(out_dir)
         try:
             status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
-            model_path, program = _export(model, tmp, opset, {u.name for u in units if u.status == "routed"})
+            routed = {u.name for u in units if u.status == "routed"}
+            model_path, program = _export(model, tmp, opset, routed, kv_cache)
             status.update("checking the ONNX model")
             _check_saved(model_path, units)
             manifest = ExportManifest(
@@ -147,7 +155,10 @@ def export_onnx(
                 outputs=_specs(program.model.graph.outputs),
                 custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
                 copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
+                kv_cache=kv_cache,
             )
+            if kv_cache:
+                manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE)
             manifest.save(tmp)
             replace_directory(tmp, out_dir)
         except BaseException:
@@ -222,24 +233,27 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
     return records
 
 
-def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str]) -> tuple[Path, Any]:
+def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], kv_cache: bool) -> tuple[Path, Any]:
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
     example_ids = torch.randint(0, vocab, EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
     example_mask = torch.ones_like(example_ids)
     try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                _CausalLMLogits(model).eval(),
-                (example_ids, example_mask),
-                dynamo=True,
-                opset_version=opset,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={name: dict(DYNAMIC_DIMS) for name in INPUT_NAMES},
-                custom_translation_table=translation_table(),
-                optimize=True,
-                verbose=False,
-            )
+        if kv_cache:
+            program = trace_decoder(model, opset, translation_table())
+        else:
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    _CausalLMLogits(model).eval(),
+                    (example_ids, example_mask),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=list(INPUT_NAMES),
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes={name: dict(DYNAMIC_DIMS) for name in INPUT_NAMES},
+                    custom_translation_table=translation_table(),
+                    optimize=True,
+                    verbose=False,
+                )
     except MoeExportError:
         raise
     except Exception as exc:

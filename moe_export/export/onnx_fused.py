@@ -13,7 +13,8 @@ from __future__ import annotations
 import onnx
 from onnx import FunctionProto, helper
 
-from moe_export.export.onnx_ops import DOMAIN, PLUGIN_ATTRIBUTES, grouped_lora_dense_body
+from moe_export.export.onnx_ops import grouped_lora_dense_body
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 
 OP_NAME = "GroupedLoRAAdd"
 

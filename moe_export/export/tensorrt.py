@@ -145,6 +145,8 @@ def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tupl
         for axis, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
                 defaults.append((dim, dim, dim))
+            elif axis > 0 and info.manifest.get("kv_cache"):
+                defaults.append(_decoder_range(name, sequence))
             else:
                 defaults.append(DEFAULT_BATCH if axis == 0 else sequence)
         triple = []
@@ -158,6 +160,16 @@ def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tupl
             raise MoeExportError(f"input {name}: need min <= opt <= max per axis, got {lo}, {opt}, {hi}")
         profiles[name] = (lo, opt, hi)
     return profiles
+
+
+def _decoder_range(name: str, sequence: tuple[int, int, int]) -> tuple[int, int, int]:
+    """KV-cache decoder dims (export/decoder.py): the past starts at 0 on the first step, and the mask
+    spans past + new tokens, so its range covers both (opt feeds stay consistent: opt = 2 x opt)."""
+    if name.startswith("past_key_values."):
+        return (0, sequence[1], sequence[2])
+    if name == "attention_mask":
+        return (sequence[0], 2 * sequence[1], 2 * sequence[2])
+    return sequence
 
 
 def _plugin_unavailable_reason(trt: Any) -> str | None:

@@ -12,6 +12,7 @@ import torch
 from moe_export.errors import FormatError, RuntimeUnavailableError
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.kv import is_past
 from moe_export.runtimes.registry import RunnerOptions
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -119,5 +120,6 @@ def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> TorchRunn
         reference_model_loader(artifact),
         device=options.device,
         threads=options.threads,
-        input_names=tuple(artifact.input_names()),
+        # A decoder export's past inputs are empty on the first step: the reference runs without a cache.
+        input_names=tuple(n for n in artifact.input_names() if not is_past(n)),
     )

@@ -46,6 +46,7 @@ class ValidationReport:
     comparisons: list[RunComparison] = field(default_factory=list)
     units: dict[str, dict[str, UnitComparison]] = field(default_factory=dict)  # runtime -> unit -> stats
     notes: list[str] = field(default_factory=list)
+    generation: list[Any] = field(default_factory=list)  # generation.GenerationComparison, decoder exports
 
     @property
     def passed(self) -> bool:
@@ -53,7 +54,8 @@ class ValidationReport:
             return False  # an empty validation proves nothing
         outputs_ok = all(c.result.passed for c in self.comparisons)
         units_ok = all(u.passed for per_runtime in self.units.values() for u in per_runtime.values())
-        return outputs_ok and units_ok
+        generation_ok = all(g.passed for g in self.generation)
+        return outputs_ok and units_ok and generation_ok
 
     def __bool__(self) -> bool:
         return self.passed
@@ -66,6 +68,7 @@ class ValidationReport:
         for runtime, per_unit in self.units.items():
             for unit in per_unit.values():
                 lines += [f"{runtime} unit {unit.name}: {message}" for message in unit.messages]
+        lines += [f"{g.runtime} generation {g.message}" for g in self.generation if not g.passed]
         return lines
 
     def summary(self) -> str:
@@ -76,6 +79,7 @@ class ValidationReport:
                if not out.passed]  # fmt: skip
         bad += [f"{c.runtime} [{c.shape}]" for c in self.comparisons if c.result.messages]
         bad += [f"{rt} unit {u.name}" for rt, units in self.units.items() for u in units.values() if not u.passed]
+        bad += [f"{g.runtime} generation {g.message}" for g in self.generation if not g.passed]
         shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
         return f"parity failed vs {self.reference}: {shown or 'no comparison ran'}"
 
@@ -94,6 +98,7 @@ class ValidationReport:
             "comparisons": [c.to_dict() for c in self.comparisons],
             "units": {rt: {name: u.to_dict() for name, u in units.items()} for rt, units in self.units.items()},
             "notes": self.notes,
+            "generation": [g.to_dict() for g in self.generation],
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -109,6 +114,14 @@ class ValidationReport:
             table = _units_table(runtime, per_unit)
             if table is not None:
                 console.print(table)
+        for g in self.generation:
+            verdict = "[green]pass[/]" if g.passed else f"[red]FAIL[/] {g.message}"
+            ties = f", {len(g.near_ties)} near-tie(s): {'; '.join(g.near_ties)}" if g.near_ties else ""
+            console.print(
+                f"generation ({g.runtime} vs {self.reference}, greedy {g.new_tokens} tokens, {g.label}): "
+                f"logits max abs {g.max_abs:.3g} <= {g.bound:.3g}{ties}; {verdict}",
+                highlight=False,
+            )
         for note in self.notes:
             console.print(f"[dim]note: {note}[/]")
         if self.passed:
@@ -195,7 +208,8 @@ def _units_table(runtime: str, per_unit: dict[str, UnitComparison]) -> Table | N
 
 
 # JUnit XML for CI (GitHub Actions test reporters, GitLab `artifacts:reports:junit`): one <testsuite>, a
-# <testcase> per (runtime, input, output) and per (runtime, unit); failures carry a one-line message.
+# <testcase> per (runtime, input, output), per (runtime, unit) and, on a KV-cache export, per (runtime, generation
+# prompt batch); failures carry a one-line message.
 SUITE_NAME = "moe-export validate"
 
 
@@ -219,6 +233,8 @@ def junit_xml(report: ValidationReport) -> str:
     for runtime, per_unit in report.units.items():
         for unit in per_unit.values():
             add_case(f"units.{runtime}", unit.name, unit.messages)
+    for g in report.generation:
+        add_case(f"generation.{g.runtime}", g.label, [g.message] if not g.passed else [])
     if not cases:
         add_case("parity", "validation", ["no comparison ran"])
     failures = sum(failed for _, failed in cases)

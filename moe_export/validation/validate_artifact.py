@@ -18,8 +18,11 @@ import numpy as np
 from moe_export.errors import MoeExportError
 from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds
+from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
+from moe_export.validation.generation import DEFAULT_NEW_TOKENS, pad_token_id
+from moe_export.validation.generation_units import check_generation
 from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.validation.report import RunComparison, ValidationReport
 from moe_export.validation.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
@@ -53,13 +56,13 @@ def make_feeds(
 ) -> list[Feeds]:
     """The validation inputs: an .npz file, or random token ids of each (batch, seq) shape."""
     if inputs is not None:
-        return [load_npz_feeds(inputs, artifact.input_names())]
+        return [complete_feeds(load_npz_feeds(inputs, artifact.input_names()), artifact.manifest)]
     shapes = list(shapes or DEFAULT_SHAPES)
     if not shapes:
         raise MoeExportError("no input shapes to validate with")
     vocab = artifact.vocab_size()
     names = set(artifact.input_names())
-    feeds = [random_feeds(b, s, vocab, seed) for b, s in shapes]
+    feeds = [complete_feeds(random_feeds(b, s, vocab, seed), artifact.manifest) for b, s in shapes]
     return [{k: v for k, v in f.items() if k in names} for f in feeds]
 
 
@@ -77,6 +80,7 @@ def validate(
     routing: bool = True,
     options: RunnerOptions | None = None,
     progress: ProgressCallback | None = None,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
 ) -> ValidationReport:
     """Compare `runtimes[1:]` with `runtimes[0]` on an export directory; see DESIGN.md section 8."""
     runtimes = list(dict.fromkeys(runtimes))
@@ -114,6 +118,7 @@ def validate(
             else:
                 ref_outputs.append(ref_runner.infer(feeds))
         references = unit_references(ref_runner.model) if capture_routing else {}
+        reference_model = getattr(ref_runner, "model", None)  # kept for generation parity below
 
     for name in candidates:
         say(f"running {name}")
@@ -138,6 +143,16 @@ def validate(
             _note_uncaptured(report, name, ref_captures, cand_captures)
         else:
             report.notes.append(f"{name}: per-unit routing capture is not supported; outputs compared only")
+    if artifact.manifest.kv_cache and new_tokens > 0:
+        if reference_name != "torch" or reference_model is None:
+            report.notes.append("generation parity needs torch as the reference runtime: not compared")
+        else:
+            say(f"comparing greedy generation ({new_tokens} tokens)")
+            runners = {name: make_runner(name, artifact, options) for name in candidates}
+            report.generation = check_generation(
+                reference_model, runners, artifact.manifest, tol, artifact.vocab_size(), pad_token_id(artifact.path),
+                new_tokens, seed, onnx_path=artifact.onnx_path,
+            )  # fmt: skip
     return report
 
 

@@ -1,0 +1,62 @@
+"""`moe-export generate EXPORT_DIR`: greedy generation on a KV-cache export, printing tokens and tokens/s.
+
+Exit 0: generated; 2: bad input (not a decoder export, bad ids, no tokenizer for --prompt, missing runtime).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moe_export.cli.app import command, console, parse_int_list, print_json
+from moe_export.errors import FormatError, MoeExportError
+
+
+@command("generate")
+def generate_command(
+    export_dir: Path = typer.Argument(..., help="KV-cache export directory (model.onnx + genai_config.json)."),
+    prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="Prompt token ids, e.g. 1,2,3."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (needs tokenizer files in the export)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="New tokens at most (an EOS stops earlier)."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, onnxruntime-genai or torch."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (onnxruntime, torch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
+) -> None:
+    """Generate greedily from a prompt and print the new tokens and tokens/s."""
+    from moe_export.validation.generate_run import generate
+
+    if (prompt_ids is None) == (prompt is None):
+        raise MoeExportError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT")
+    tokenizer = _tokenizer(export_dir) if prompt is not None else None
+    if tokenizer is not None:
+        ids = list(tokenizer.encode(prompt))
+    else:
+        parsed = parse_int_list(prompt_ids, "--prompt-ids")
+        ids = parsed if isinstance(parsed, list) else [parsed]  # type: ignore[list-item]
+    result = generate(export_dir, ids, max_new_tokens, runtime, threads)
+    if tokenizer is not None:
+        result.text = tokenizer.decode(result.tokens)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(f"prompt ids: {result.prompt_ids}", highlight=False)
+    console.print(f"new tokens: {result.tokens}", highlight=False)
+    if result.text is not None:
+        console.print(f"text: {result.text!r}", highlight=False)
+    console.print(
+        f"{len(result.tokens)} tokens in {result.seconds * 1000:.1f} ms ({result.tokens_per_second:.1f} tokens/s, "
+        f"{result.runtime}, greedy)",
+        highlight=False,
+    )
+
+
+def _tokenizer(export_dir: Path) -> object:
+    if not (export_dir / "tokenizer.json").is_file() and not (export_dir / "tokenizer_config.json").is_file():
+        raise FormatError(f"{export_dir}: no tokenizer files; use --prompt-ids instead of --prompt")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(export_dir))
+    except Exception as exc:  # transformers raises many kinds here
+        raise FormatError(f"{export_dir}: cannot load the tokenizer ({str(exc).splitlines()[0][:200]})") from exc

@@ -1,0 +1,96 @@
+"""The files generation clients read next to a KV-cache decoder: genai_config.json and generation_config.json.
+
+onnxruntime-genai refuses unknown keys anywhere in genai_config.json, so only its own schema goes there
+(our metadata stays in export.json). optimum reads config.json (copied from the base) and, optionally,
+generation_config.json, which is written from config.json when the base has none.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moe_export.export.decoder import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, KVLayout
+
+GENAI_CONFIG = "genai_config.json"
+GENERATION_CONFIG = "generation_config.json"
+GENAI_MODEL_TYPE = "decoder"  # the generic type: accepts any decoder graph that follows the I/O contract
+DEFAULT_CONTEXT = 2048
+
+
+def special_ids(config: Any, generation: dict[str, Any]) -> tuple[int | None, int | list[int], int]:
+    """(bos, eos, pad) from generation_config first, then config; pad falls back to eos (genai defaults to 0)."""
+
+    def pick(name: str) -> Any:
+        value = generation.get(name)
+        return value if value is not None else getattr(config, name, None)
+
+    eos = pick("eos_token_id")
+    eos = 0 if eos is None else eos
+    pad = pick("pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    return pick("bos_token_id"), eos, int(pad)
+
+
+def genai_config(config: Any, layout: KVLayout, model_file: str, generation: dict[str, Any]) -> dict[str, Any]:
+    bos, eos, pad = special_ids(config, generation)
+    context = int(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
+    model: dict[str, Any] = {
+        "type": GENAI_MODEL_TYPE,
+        "context_length": context,
+        "vocab_size": int(config.vocab_size),
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "decoder": {
+            "filename": model_file,
+            "head_size": layout.head_dim,
+            "hidden_size": int(config.hidden_size),
+            "num_attention_heads": int(config.num_attention_heads),
+            "num_hidden_layers": layout.num_layers,
+            "num_key_value_heads": layout.kv_heads,
+            "inputs": {
+                "input_ids": "input_ids",
+                "attention_mask": "attention_mask",
+                "position_ids": "position_ids",
+                "past_key_names": PAST_KEY.replace("{}", "%d"),
+                "past_value_names": PAST_VALUE.replace("{}", "%d"),
+            },
+            "outputs": {
+                "logits": "logits",
+                "present_key_names": PRESENT_KEY.replace("{}", "%d"),
+                "present_value_names": PRESENT_VALUE.replace("{}", "%d"),
+            },
+        },
+    }
+    if bos is not None:
+        model["bos_token_id"] = bos
+    # Concat-style presents (past + new): the shared-buffer mode expects in-place KV writes and fails.
+    search = {"max_length": context, "do_sample": False, "num_beams": 1, "past_present_share_buffer": False}
+    return {"model": model, "search": search}
+
+
+def write_client_files(directory: Path, config: Any, model_file: str) -> list[str]:
+    """Write genai_config.json (and generation_config.json when absent); returns the names written."""
+    written = []
+    generation_path = directory / GENERATION_CONFIG
+    generation: dict[str, Any] = {}
+    if generation_path.is_file():
+        try:
+            generation = json.loads(generation_path.read_text())
+        except json.JSONDecodeError:
+            generation = {}
+    else:
+        bos, eos, pad = special_ids(config, {})
+        generation = {"eos_token_id": eos, "pad_token_id": pad}
+        if bos is not None:
+            generation["bos_token_id"] = bos
+        generation_path.write_text(json.dumps(generation, indent=2) + "\n")
+        written.append(GENERATION_CONFIG)
+    layout = KVLayout.from_config(config)
+    (directory / GENAI_CONFIG).write_text(
+        json.dumps(genai_config(config, layout, model_file, generation), indent=2) + "\n"
+    )
+    written.append(GENAI_CONFIG)
+    return written
