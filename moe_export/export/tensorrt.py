@@ -145,7 +145,7 @@ def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tupl
         for axis, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
                 defaults.append((dim, dim, dim))
-            elif axis > 0 and info.manifest.get("kv_cache"):
+            elif axis > 0 and info.manifest.kv_cache:
                 defaults.append(_decoder_range(name, sequence))
             else:
                 defaults.append(DEFAULT_BATCH if axis == 0 else sequence)
