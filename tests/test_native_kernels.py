@@ -192,6 +192,7 @@ def test_whole_model_parity_with_and_without_library(library: Path, family: str,
     monkeypatch.setattr(native_library, "_session_library", {})  # forget an earlier "not built yet"
 
     import moe_export
+    from moe_export.runtimes.kv import complete_feeds
     from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner
 
     loaded = moe_export.load(SAMPLES / family)
@@ -206,7 +207,8 @@ def test_whole_model_parity_with_and_without_library(library: Path, family: str,
     vocab = int(reference.config.vocab_size)
     for batch, seq in ((1, 1), (2, 17), (3, 40)):
         ids = np.random.default_rng(seq).integers(0, vocab, (batch, seq))
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        # The decoder export's first step (past length 0): the default export is the KV-cache decoder.
+        feeds = complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, result.manifest)
         with torch.no_grad():
             want = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ids * 0 + 1)).logits
         for path in (result.model_path, tmp_path / "fused.onnx"):
