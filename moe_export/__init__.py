@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from moe_export.lazy_api import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -25,10 +25,4 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'moe_export' has no attribute {name!r}")
-    import importlib
-
-    module_name, attr = _API[name]
-    return getattr(importlib.import_module(module_name), attr)
+__getattr__ = lazy_getattr(__name__, _API)

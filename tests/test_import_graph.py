@@ -14,7 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "moe_export"
 
 # Data flows top to bottom; a module may import its own stage and the ones above it.
 STAGES: list[tuple[str, ...]] = [
-    ("moe_export.errors", "moe_export.files", "moe_export.ops"),  # foundation: no moe_export imports but these
+    (
+        "moe_export.errors",
+        "moe_export.files",
+        "moe_export.lazy_api",
+        "moe_export.ops",
+    ),  # foundation: no moe_export imports but these
     ("moe_export.ir",),
     ("moe_export.formats",),
     ("moe_export.reference",),

@@ -44,6 +44,29 @@ def const_ints(name: str, values: list[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value_ints=values)
 
 
+# The two matmuls every GroupedLoRA body shares (A [E_A, R, D_in], B [E, D_out, R]); both need the
+# constant `minus1_1` ([-1]) and the [1]-shaped `d_in` / `d_out` already in the body.
+
+
+def shrink_all_nodes() -> list[onnx.NodeProto]:
+    """h_flat = x A_cat^T [T, E_A*R]: every token against every expert's A, as one MatMul."""
+    return [
+        node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
+        node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
+        node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
+        node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
+    ]
+
+
+def b_cat_nodes() -> list[onnx.NodeProto]:
+    """b_cat [E*R, D_out]: B with its experts' ranks stacked, the right operand of the expand MatMul."""
+    return [
+        node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
+        node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
+        node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
+    ]
+
+
 @dataclass(frozen=True)
 class CustomOnnxOp:
     """One torch custom op and its ONNX form: bare node name, schema, function body."""

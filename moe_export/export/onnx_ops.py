@@ -20,9 +20,11 @@ from onnx import FunctionProto, helper
 from moe_export.export.onnx_nodes import (
     MIN_OPSET,
     CustomOnnxOp,
+    b_cat_nodes,
     const_ints,
     make_schema,
     node,
+    shrink_all_nodes,
 )
 from moe_export.export.onnx_slots import grouped_lora_slots_row
 from moe_export.ops.names import DOMAIN, GROUPED_LORA, PLUGIN_ATTRIBUTES
@@ -60,19 +62,14 @@ def grouped_lora_dense_body(opset: int) -> FunctionProto:
         const_ints("axis_last", [-1]),
         node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
         node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
-        node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
-        node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
-        node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
-        node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
+        *shrink_all_nodes(),
         node("Concat", ["keep_minus1", "rank"], ["h_shape"], axis=0),
         node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, E_A, R]
         node("Unsqueeze", ["g", "axis_last"], ["g3"]),  # [T, E, 1]
         node("Mul", ["h", "g3"], ["hg"]),  # [T, E, R]
         node("Reshape", ["hg", "keep_minus1"], ["hg_flat"]),  # [T, E*R]
-        node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
         node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
-        node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
-        node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
+        *b_cat_nodes(),
         node("MatMul", ["hg_flat", "b_cat"], ["y"]),  # [T, D_out]
     ]
     return helper.make_function(

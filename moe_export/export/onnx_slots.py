@@ -15,7 +15,7 @@ from typing import Any
 
 from onnx import FunctionProto, helper
 
-from moe_export.export.onnx_nodes import CustomOnnxOp, const_ints, make_schema, node
+from moe_export.export.onnx_nodes import CustomOnnxOp, b_cat_nodes, const_ints, make_schema, node, shrink_all_nodes
 from moe_export.ops.names import DOMAIN, GROUPED_LORA_SLOTS, PLUGIN_ATTRIBUTES
 
 OP_NAME = GROUPED_LORA_SLOTS
@@ -33,10 +33,7 @@ def grouped_lora_slots_body(opset: int) -> FunctionProto:
         node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
         node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
         # h = x A_cat^T, viewed per expert: [T, 1, E_A, R]
-        node("Concat", ["minus1_1", "d_in"], ["a_cat_shape"], axis=0),
-        node("Reshape", ["A", "a_cat_shape"], ["a_cat"]),  # [E_A*R, D_in]
-        node("Transpose", ["a_cat"], ["a_cat_t"], perm=[1, 0]),  # [D_in, E_A*R]
-        node("MatMul", ["x", "a_cat_t"], ["h_flat"]),  # [T, E_A*R]
+        *shrink_all_nodes(),
         const_ints("one_1", [1]),
         node("Concat", ["num_tokens", "one_1", "minus1_1", "rank"], ["h_shape"], axis=0),
         node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, 1, E_A, R]
@@ -52,9 +49,7 @@ def grouped_lora_slots_body(opset: int) -> FunctionProto:
         node("Mul", ["h", "onehot4"], ["hk"]),  # [T, K, E, R]
         node("Concat", ["num_tokens", "num_slots", "minus1_1"], ["hk_flat_shape"], axis=0),
         node("Reshape", ["hk", "hk_flat_shape"], ["hk_flat"]),  # [T, K, E*R]
-        node("Transpose", ["B"], ["b_t"], perm=[0, 2, 1]),  # [E, R, D_out]
-        node("Concat", ["minus1_1", "d_out"], ["b_cat_shape"], axis=0),
-        node("Reshape", ["b_t", "b_cat_shape"], ["b_cat"]),  # [E*R, D_out]
+        *b_cat_nodes(),
         node("MatMul", ["hk_flat", "b_cat"], ["y"]),  # [T, K, D_out]
     ]
     return helper.make_function(

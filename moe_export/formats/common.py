@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
 
 from moe_export.errors import FormatError
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, rank_scaling
+from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, SharedLoRA, rank_scaling
 
 PEFT_PREFIX = "base_model.model."
 LAYER_RX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -95,7 +95,7 @@ def split_module_keys(
     `parts` maps a regex for the key's tail (after `<module>.`) to a part name; a named group `e` (expert
     index) is appended to the name (`A` + `3` -> `A3`). A part name of None marks a known duplicate that is
     dropped. A key matching no entry is an error: silently ignoring weights would change the model.
-    Returns {module path (PEFT prefix stripped): {part: tensor}}.
+    Returns {module path (PEFT prefix stripped): {part: tensor}} in model order (`sorted_modules`).
     """
     compiled = [(re.compile(rf"(?P<module>.+?)\.{tail}"), name) for tail, name in parts.items()]
     grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -117,7 +117,7 @@ def split_module_keys(
         )
     if not grouped:
         raise FormatError(f"{where}: no adapted modules found for a {family} checkpoint")
-    return dict(grouped)
+    return {module: grouped[module] for module in sorted_modules(grouped)}
 
 
 def expert_pairs(parts: dict[str, torch.Tensor], module: str, a: str = "A", b: str = "B") -> tuple[list, list]:
@@ -149,19 +149,45 @@ def sorted_modules(modules: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     return sorted(modules, key=order)
 
 
-def checked_experts(
-    where: str, module: str, parts: dict[str, torch.Tensor], num_experts: int, rank: int, router_key: str
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A per-linear MoE module's expert A/B lists, checked against the config's expert count and rank."""
-    a_list, b_list = expert_pairs(parts, module)
-    if len(b_list) != num_experts or "router" not in parts:
-        raise FormatError(
-            f"{where}: {module} holds {len(b_list)} experts and {'a' if 'router' in parts else 'no'} {router_key}; "
-            f"adapter_config.json says {num_experts} experts"
-        )
-    if a_list[0].shape[0] != rank:
-        raise FormatError(f"{where}: {module} experts have rank {a_list[0].shape[0]}, adapter_config.json gives {rank}")
-    return a_list, b_list
+# PEFT's indexed expert layout (GOAT, MoELoRA): `<module>.lora_A.{e}.weight` [R, D_in], `.lora_B.{e}.weight` [D_out, R].
+PEFT_EXPERT_PARTS: dict[str, str | None] = {r"lora_A\.(?P<e>\d+)\.weight": "A", r"lora_B\.(?P<e>\d+)\.weight": "B"}
+
+
+def peft_expert_modules(
+    ckpt: Checkpoint, family: str, router_key: str, num_experts: int, rank: int, ignored: tuple[str, ...] = ()
+) -> Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+    """(module, A list, B list, router weight [E, D_in]) of each linear in PEFT's indexed expert layout.
+
+    Each module holds `PEFT_EXPERT_PARTS` and one `<module>.<router_key>.weight`, and must agree with the
+    config's expert count and per-expert rank. `ignored`: key-tail regexes of known duplicates, dropped.
+    """
+    parts = {**PEFT_EXPERT_PARTS, rf"{re.escape(router_key)}\.weight": "router", **dict.fromkeys(ignored)}
+    where = str(ckpt.weights_path)
+    for module, found in split_module_keys(ckpt.tensors, parts, where, family).items():
+        a_list, b_list = expert_pairs(found, module)
+        if len(b_list) != num_experts or "router" not in found:
+            raise FormatError(
+                f"{where}: {module} holds {len(b_list)} experts and {'a' if 'router' in found else 'no'} {router_key}; "
+                f"adapter_config.json says {num_experts} experts"
+            )
+        if a_list[0].shape[0] != rank:
+            raise FormatError(
+                f"{where}: {module} experts have rank {a_list[0].shape[0]}, adapter_config.json gives {rank}"
+            )
+        yield module, a_list, b_list, found["router"]
+
+
+def expert_linear(
+    module: str,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    scaling: list[float] | float,
+    router: Router,
+    shared: list[SharedLoRA] | None = None,
+) -> LinearMoE:
+    """One routed linear from its per-expert A [R, D_in] / B [D_out, R] lists; its sizes are the experts'."""
+    stack = stack_experts(module, a_list, b_list, scaling)
+    return LinearMoE(module, stack.A.shape[2], stack.B.shape[1], stack, router, shared or [])
 
 
 def softmax_topk_router(weight: torch.Tensor, top_k: int, compute_dtype: str = "float32") -> Router:
@@ -192,10 +218,8 @@ def routed_units(
         raise FormatError(f"{where}: 'lora_alpha' is {alpha!r}, expected a positive number")
     scaling = rank_scaling(float(alpha), rank)
     declared = require_int(cfg, "lora_nums", where) if "lora_nums" in cfg else None
-    modules = split_module_keys(ckpt.tensors, parts, str(ckpt.weights_path), family)
     units = []
-    for module in sorted_modules(modules):
-        found = modules[module]
+    for module, found in split_module_keys(ckpt.tensors, parts, str(ckpt.weights_path), family).items():
         if "route" not in found:
             raise FormatError(f"{ckpt.weights_path}: {module} has LoRA experts but no lora_route.weight")
         stack = build_stack(module, found, scaling)

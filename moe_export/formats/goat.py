@@ -16,24 +16,12 @@ import torch
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import (
-    checked_experts,
-    require_int,
-    softmax_topk_router,
-    sorted_modules,
-    split_module_keys,
-    stack_experts,
-)
+from moe_export.formats.common import expert_linear, peft_expert_modules, require_int, softmax_topk_router
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE, SharedLoRA
+from moe_export.ir import Adapter, SharedLoRA
 
-# Key tail after the module path -> part name. `moe_layer.experts.*` are peft's clones of lora_A/B.
-PARTS: dict[str, str | None] = {
-    r"lora_A\.(?P<e>\d+)\.weight": "A",
-    r"lora_B\.(?P<e>\d+)\.weight": "B",
-    r"lora_gating\.weight": "router",
-    r"moe_layer\.experts\.\d+\.lora_[AB]\.weight": None,
-}
+# peft's clones of lora_A/B, dropped (key tails after the module path).
+CLONE_PARTS = (r"moe_layer\.experts\.\d+\.lora_[AB]\.weight",)
 
 # GOAT's `svd_init` runs only for these exact init types (others raise NotImplementedError there).
 SVD_INIT_TYPES = ("goat", "goat_mini", "pissa", "pissa_scale", "milora", "pissa_milora")
@@ -107,20 +95,15 @@ class Goat(Family):
         correct = init_type in SVD_INIT_TYPES
         if correct and base is None:
             raise FormatError(f"{ckpt.path}: GOAT init_type {init_type!r} needs the base model weights (--base)")
-        modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
         units = []
-        for module in sorted_modules(modules):
-            parts = modules[module]
-            a_list, b_list = checked_experts(
-                str(ckpt.weights_path), module, parts, num_experts, rank // num_experts, "lora_gating"
-            )
+        experts = peft_expert_modules(ckpt, cls.title, "lora_gating", num_experts, rank // num_experts, CLONE_PARTS)
+        for module, a_list, b_list, router_weight in experts:
             d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
             scaling = goat_scaling(init_type, alpha, rank, num_experts, d_in)
             # GOAT casts x to the fp32 LoRA dtype before routing.
-            router = softmax_topk_router(parts["router"], top_k, compute_dtype="float32")
+            router = softmax_topk_router(router_weight, top_k, compute_dtype="float32")
             shared = [_correction(base, module, d_in, d_out, init_type, rank, num_experts, coef)] if correct else []
-            stack = stack_experts(module, a_list, b_list, scaling)
-            units.append(LinearMoE(module, d_in, d_out, stack, router, shared))
+            units.append(expert_linear(module, a_list, b_list, scaling, router, shared))
         adapter = Adapter(family=cls.name, units=units, source_config=_source_config(config, init_type, coef, correct))
         adapter.notices.append(
             "GOAT reads env vars ETA and SCALING at training time and does not save them; assumed unset"

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import sorted_modules, split_module_keys
+from moe_export.formats.common import split_module_keys
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import Adapter, LinearMoE, SharedLoRA, rank_scaling
 
@@ -55,10 +55,8 @@ class Lora(Family):
             raise FormatError(f"{where}: use_dora is set; DoRA adapters are not supported (merge them with PEFT first)")
         rslora = bool(config.get("use_rslora", False))
         alpha_pattern = config.get("alpha_pattern") or {}
-        modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
         units = []
-        for module in sorted_modules(modules):
-            parts = modules[module]
+        for module, parts in split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title).items():
             if set(parts) != {"A", "B"}:
                 raise FormatError(f"{ckpt.weights_path}: {module} has {sorted(parts)}, a LoRA needs lora_A and lora_B")
             a, b = parts["A"], parts["B"]

@@ -20,9 +20,9 @@ import torch
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import expert_pairs, require_int, sorted_modules, split_module_keys, stack_experts
+from moe_export.formats.common import expert_linear, expert_pairs, require_int, split_module_keys
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE, Router, TaskGate
+from moe_export.ir import Adapter, Router, TaskGate
 
 # The global gate, at the top level of the PeftModel (the one the `S` forward uses).
 EMBEDDING_KEY = "lora_task_embedding.weight"  # [task_num + 1, D_task]
@@ -60,10 +60,8 @@ class MMoELoRA(Family):
         if missing:
             raise FormatError(f"{weights_where}: the global task gate {missing} is missing (top-level keys)")
         gate = TaskGate(GATE_NAME, embedding=tensors.pop(EMBEDDING_KEY), gate=tensors.pop(GATE_KEY))
-        modules = split_module_keys(tensors, PARTS, weights_where, cls.title)
         units = []
-        for module in sorted_modules(modules):
-            parts = modules[module]
+        for module, parts in split_module_keys(tensors, PARTS, weights_where, cls.title).items():
             a_list, b_list = expert_pairs(parts, module)
             _check_aliases(parts, a_list, b_list, module, weights_where)
             num_experts = len(b_list)
@@ -79,8 +77,7 @@ class MMoELoRA(Family):
                     f"adapter_config.json r={rank} is the total rank"
                 )
             router = Router(kind="task", num_experts=num_experts, select="dense", task_gate=GATE_NAME)
-            d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
-            units.append(LinearMoE(module, d_in, d_out, stack_experts(module, a_list, b_list, alpha / rank), router))
+            units.append(expert_linear(module, a_list, b_list, alpha / rank, router))
         adapter = Adapter(
             family=cls.name, units=units, task_gates={GATE_NAME: gate}, source_config={"adapter_config": config}
         )

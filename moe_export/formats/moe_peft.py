@@ -11,7 +11,7 @@ the attention linears a plain LoRA. Both route in fp32. The key parsing (moe_pef
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,12 +24,31 @@ from moe_export.ir import Adapter, Router
 
 
 class _MoePeftFamily(Family):
-    """Shared facts: a `{prefix}.layers.` key (key_patterns), and a matching peft_type when the config names one."""
+    """Shared facts: a `{prefix}.layers.` key (key_patterns), and a matching peft_type when the config names one.
+
+    Both families load the same way; a subclass supplies only its routing (`router_fields`).
+    """
 
     prefix: ClassVar[str]
     source: ClassVar[str] = "TUDB-Labs/MoE-PEFT 2.0.2 (moe_peft/model.py get_lora_layer_weight)"
     specificity: ClassVar[int] = 20
     peft_type_required: ClassVar[bool] = False
+
+    @classmethod
+    def router_fields(cls, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+        """The Router fields (select, top_k, renormalize) every routed linear gets, from the checked config."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+        cfg = check_config(ckpt, cls.peft_types[0], "num_experts")
+        fields = cls.router_fields(cfg, str(ckpt.config_path))
+
+        def router(num_experts: int, weight: torch.Tensor) -> Router:
+            return Router("linear", num_experts, weight=weight, **fields)
+
+        units = linear_units(ckpt, parse_state_dict(ckpt, cls.prefix), cfg, router)
+        return Adapter(cls.name, units, source_config=cfg, notices=dora_notice(cfg))
 
 
 @register
@@ -42,18 +61,11 @@ class MoePeftMola(_MoePeftFamily):
     default_top_k: ClassVar[int | None] = 2  # MolaConfig.from_config default
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
-        cfg = check_config(ckpt, "MOLA", "num_experts")
+    def router_fields(cls, cfg: dict[str, Any], where: str) -> dict[str, Any]:
         top_k = cfg.get("top_k", cls.default_top_k)
         if not isinstance(top_k, int) or isinstance(top_k, bool):
-            raise FormatError(f"{ckpt.config_path}: top_k must be one integer, got {top_k!r}")
-
-        def router(num_experts: int, weight: torch.Tensor) -> Router:
-            return Router("linear", num_experts, "topk", top_k=top_k, renormalize=True, weight=weight)
-
-        units = linear_units(ckpt, parse_state_dict(ckpt, cls.prefix), cfg, router)
-        adapter = Adapter(cls.name, units, source_config=cfg, notices=dora_notice(cfg))
-        return adapter
+            raise FormatError(f"{where}: top_k must be one integer, got {top_k!r}")
+        return {"select": "topk", "top_k": top_k, "renormalize": True}
 
 
 @register
@@ -65,11 +77,5 @@ class MoePeftLoraMoE(_MoePeftFamily):
     peft_types: ClassVar[tuple[str, ...]] = ("LORAMOE",)
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
-        cfg = check_config(ckpt, "LORAMOE", "num_experts")
-
-        def router(num_experts: int, weight: torch.Tensor) -> Router:
-            return Router("linear", num_experts, "dense", renormalize=False, weight=weight)
-
-        units = linear_units(ckpt, parse_state_dict(ckpt, cls.prefix), cfg, router)
-        return Adapter(cls.name, units, source_config=cfg, notices=dora_notice(cfg))
+    def router_fields(cls, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+        return {"select": "dense", "renormalize": False}

@@ -20,22 +20,9 @@ from typing import ClassVar
 
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import (
-    checked_experts,
-    require_int,
-    softmax_topk_router,
-    sorted_modules,
-    split_module_keys,
-    stack_experts,
-)
+from moe_export.formats.common import expert_linear, peft_expert_modules, require_int, softmax_topk_router
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE, rank_scaling
-
-PARTS: dict[str, str | None] = {
-    r"lora_A\.(?P<e>\d+)\.weight": "A",
-    r"lora_B\.(?P<e>\d+)\.weight": "B",
-    r"lora_router\.weight": "router",
-}
+from moe_export.ir import Adapter, rank_scaling
 
 
 @register
@@ -54,13 +41,7 @@ class MoELoRA(Family):
         rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)
         top_k = require_int(config, "top_k", where)
         scaling = rank_scaling(float(config["lora_alpha"]), rank, bool(config.get("use_rslora", False)))
-        modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
         units = []
-        for module in sorted_modules(modules):
-            parts = modules[module]
-            a_list, b_list = checked_experts(str(ckpt.weights_path), module, parts, num_experts, rank, "lora_router")
-            router = softmax_topk_router(parts["router"], top_k)
-            d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
-            units.append(LinearMoE(module, d_in, d_out, stack_experts(module, a_list, b_list, scaling), router))
-        adapter = Adapter(family=cls.name, units=units, source_config={"adapter_config": config})
-        return adapter
+        for module, a_list, b_list, router in peft_expert_modules(ckpt, cls.title, "lora_router", num_experts, rank):
+            units.append(expert_linear(module, a_list, b_list, scaling, softmax_topk_router(router, top_k)))
+        return Adapter(family=cls.name, units=units, source_config={"adapter_config": config})

@@ -14,16 +14,9 @@ from typing import ClassVar
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import (
-    expert_pairs,
-    layer_index,
-    softmax_topk_router,
-    sorted_modules,
-    split_module_keys,
-    stack_experts,
-)
+from moe_export.formats.common import expert_linear, expert_pairs, layer_index, softmax_topk_router, split_module_keys
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import Adapter, LinearMoE
+from moe_export.ir import Adapter
 
 # Key tail after the module path -> part name (MoLA's saver strips `.default` from `lora_A.default_3`).
 PARTS: dict[str, str | None] = {
@@ -61,10 +54,9 @@ class Mola(Family):
         ranks, alpha = config["r"], float(config["lora_alpha"])
         if not isinstance(ranks, (int, list)):
             raise FormatError(f"{where}: 'r' is {ranks!r}, expected an integer or a per-layer list")
-        modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
         units = []
-        for module in sorted_modules(modules):
-            parts, layer = modules[module], layer_index(module)
+        for module, parts in split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title).items():
+            layer = layer_index(module)
             a_list, b_list = expert_pairs(parts, module)
             if "router" not in parts:
                 raise FormatError(f"{ckpt.weights_path}: {module} has experts but no router.router.weight")
@@ -78,9 +70,7 @@ class Mola(Family):
             # The default never asks for more experts than a layer has; --top-k is applied by the loading layer.
             k = min(cls.default_top_k or DEFAULT_TOP_K, num_experts)
             router = softmax_topk_router(parts["router"], k, compute_dtype="model")  # MoLA routes in the model dtype
-            d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
-            stack = stack_experts(module, a_list, b_list, alpha / rank)
-            units.append(LinearMoE(module, d_in, d_out, stack, router))
+            units.append(expert_linear(module, a_list, b_list, alpha / rank, router))
         adapter = Adapter(
             family=cls.name, units=units, source_config={"adapter_config": config, "top_k": cls.default_top_k}
         )  # the loader's default; --top-k, applied after loading, changes the routers, not this record

@@ -293,26 +293,28 @@ def grouped_lora_triton(
         )
     if A.dtype != x.dtype or B.dtype != x.dtype:
         raise ValueError(f"grouped_lora_triton: x, A, B must share a dtype, got {x.dtype}, {A.dtype}, {B.dtype}")
-    top_k = expert_ids.shape[1]
     config = config or choose_config(num_experts, rank, d_in, tactic=1 if num_tokens <= 64 else 2)
     y = torch.empty(num_tokens, d_out, dtype=x.dtype, device=x.device)  # [T, D_out]
     if num_tokens == 0 or d_out == 0:
         return y
     if x.device.type != "cuda" and not is_interpreted():
         raise ValueError("grouped_lora_triton: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    scalars = {
+        "num_tokens": num_tokens,
+        "d_in": d_in,
+        "d_out": d_out,
+        "rank": rank,
+        "top_k": expert_ids.shape[1],
+        "num_experts": num_experts,
+        "shared_a": int(A.shape[0] == 1),
+    }
     grouped_lora_kernel[launch_grid(num_tokens, d_out, config)](
         x.contiguous(),
         expert_ids.to(torch.int64).contiguous(),
         gates.contiguous(),
         A.contiguous(),
         B.contiguous(),
-        num_tokens,
-        d_in,
-        d_out,
-        rank,
-        top_k,
-        num_experts,
-        int(A.shape[0] == 1),
+        *(scalars[name] for name in SCALAR_ARGS),  # the kernel's order, as TensorRT passes them
         y,
         **config.constexprs(ieee_fp32=x.dtype == torch.float32),
         num_warps=config.num_warps,

@@ -7,7 +7,7 @@ assert report.passed
 
 from __future__ import annotations
 
-from typing import Any
+from moe_export.lazy_api import lazy_getattr
 
 # Imported lazily so `import moe_export.validation` stays cheap (no torch / onnxruntime at import time).
 _API = {
@@ -24,10 +24,4 @@ _API = {
 __all__ = list(_API)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'moe_export.validation' has no attribute {name!r}")
-    import importlib
-
-    module_name, attr = _API[name]
-    return getattr(importlib.import_module(module_name), attr)
+__getattr__ = lazy_getattr(__name__, _API)

@@ -17,6 +17,7 @@ exceed the tolerance, fails and names the first bad step and row.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,31 @@ def _all_stopped(tokens: list[np.ndarray], stop_ids: set[int]) -> bool:
     return bool(np.isin(emitted, list(stop_ids)).any(axis=1).all())
 
 
+StepLogits = Callable[[np.ndarray, int, np.ndarray | None], np.ndarray]
+
+
+def _greedy_loop(
+    step: StepLogits, mask: np.ndarray, new_tokens: int, stop_ids: set[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy loop of both decoders: tokens [B, N] and logits [N, B, V].
+
+    `step(mask, past, token)` runs one decoder step and returns its next-token logits [B, V]; `token` is None
+    on the first step (the prompt, past length 0), then the previous step's tokens [B] with the mask grown by
+    one column and `past` the attended length before it.
+    """
+    tokens, logits = [], []
+    past, token = 0, None
+    for _ in range(new_tokens):
+        logits.append(step(mask, past, token))
+        token = logits[-1].argmax(-1).astype(np.int64)
+        tokens.append(token)
+        if stop_ids and _all_stopped(tokens, stop_ids):
+            break
+        past = mask.shape[1]
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+    return np.stack(tokens, axis=1), np.stack(logits)
+
+
 @dataclass
 class Decoded:
     """Greedy tokens [B, N] and the logits each step chose from, [N, B, V] (fp32)."""
@@ -96,24 +122,23 @@ def greedy_decode(
     """
     past_names = [t.name for t in manifest.inputs if t.name.startswith("past_key_values.")]
     present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
-    mask = prompts.attention_mask.astype(np.int64)
-    feeds = complete_feeds({"input_ids": prompts.input_ids.astype(np.int64), "attention_mask": mask}, manifest)
-    tokens, logits, kept = [], [], []
-    for _ in range(new_tokens):
+    kept: list[Feeds] = []
+    out: dict[str, Any] = {}
+
+    def step(mask: np.ndarray, past: int, token: np.ndarray | None) -> np.ndarray:
+        nonlocal out
+        if token is None:
+            feeds = complete_feeds({"input_ids": prompts.input_ids.astype(np.int64), "attention_mask": mask}, manifest)
+        else:
+            feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position_ids(mask, past)}
+            feeds.update({p: out[q] for p, q in zip(past_names, present_names, strict=True)})
         if keep_feeds:
             kept.append(feeds)
         out = runner.infer(feeds)
-        step = next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
-        token = step.argmax(-1).astype(np.int64)
-        tokens.append(token)
-        logits.append(step)
-        if stop_ids and _all_stopped(tokens, stop_ids):
-            break
-        past = mask.shape[1]
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-        feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position_ids(mask, past)}
-        feeds.update({p: out[q] for p, q in zip(past_names, present_names, strict=True)})
-    return Decoded(np.stack(tokens, axis=1), np.stack(logits), kept)
+        return next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
+
+    tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
+    return Decoded(tokens, logits, kept)
 
 
 def torch_reference(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -> Decoded:
@@ -133,30 +158,24 @@ def torch_greedy(model: Any, prompts: Prompts, new_tokens: int, stop_ids: set[in
     """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py)."""
     import torch
 
-    mask = prompts.attention_mask.astype(np.int64)
-    ids = prompts.input_ids.astype(np.int64)
-    cache, past = None, 0
-    tokens, logits = [], []
+    cache = None
+
+    def step(mask: np.ndarray, past: int, token: np.ndarray | None) -> np.ndarray:
+        nonlocal cache
+        ids = prompts.input_ids.astype(np.int64) if token is None else token[:, None]
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(position_ids(mask, past)),
+            use_cache=True,
+            **{cache_argument(model): cache},
+        )
+        cache = returned_cache(out)
+        return next_token_logits(out.logits.float().numpy(), mask)
+
     with torch.no_grad():
-        for _ in range(new_tokens):
-            out = model(
-                input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                position_ids=torch.from_numpy(position_ids(mask, past)),
-                use_cache=True,
-                **{cache_argument(model): cache},
-            )
-            cache = returned_cache(out)
-            step = next_token_logits(out.logits.float().numpy(), mask)
-            token = step.argmax(-1).astype(np.int64)
-            tokens.append(token)
-            logits.append(step)
-            if stop_ids and _all_stopped(tokens, stop_ids):
-                break
-            past = mask.shape[1]
-            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-            ids = token[:, None]
-    return Decoded(np.stack(tokens, axis=1), np.stack(logits))
+        tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
+    return Decoded(tokens, logits)
 
 
 def torch_generate(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -> Decoded:

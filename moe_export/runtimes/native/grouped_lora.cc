@@ -28,17 +28,14 @@
 #define MOE_EXPORT_API extern "C" __attribute__((visibility("default")))
 
 // MOE_VW floats per vector; MOE_NT tokens x MOE_NR rows per shrink tile, MOE_NT rows x MOE_NC vectors per
-// expand tile (sized to the register file: 16 vector registers below AVX-512, 32 with it).
+// expand tile (sized to the register file: 16 vector registers below AVX-512, 32 with it). The .inc
+// undefines all four at its end, so each ISA block below states only its own values.
 namespace moe_portable {
 #define MOE_VW 4
 #define MOE_NT 4
 #define MOE_NR 2
 #define MOE_NC 2
 #include "grouped_lora_kernels.inc"
-#undef MOE_VW
-#undef MOE_NT
-#undef MOE_NC
-#undef MOE_NR
 }  // namespace moe_portable
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -55,10 +52,6 @@ namespace moe_avx2 {
 #define MOE_NR 2
 #define MOE_NC 2
 #include "grouped_lora_kernels.inc"
-#undef MOE_VW
-#undef MOE_NT
-#undef MOE_NC
-#undef MOE_NR
 }  // namespace moe_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -74,10 +67,6 @@ namespace moe_avx512 {
 #define MOE_NR 4
 #define MOE_NC 4
 #include "grouped_lora_kernels.inc"
-#undef MOE_VW
-#undef MOE_NT
-#undef MOE_NC
-#undef MOE_NR
 }  // namespace moe_avx512
 #if defined(__clang__)
 #pragma clang attribute pop
