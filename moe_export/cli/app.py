@@ -12,14 +12,26 @@ from typing import Any, TypeVar
 
 import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
 from moe_export import __version__
 from moe_export.errors import InternalError, MoeExportError, ParityError
 
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the conventional form (`CKPT`, `[ACTION]`): typer writes a required argument as `{ckpt}`."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+# Plain click help (rich_markup_mode=None): typer's rich panels show flags as `--json <bool>`, which reads
+# as if a value were expected (`--json true` is then refused), and wrap into boxes in a CI log.
 app = typer.Typer(
     name="moe-export",
+    rich_markup_mode=None,
     help="Deploy mixture-of-LoRA-experts checkpoints: inspect, calibrate, merge, export to ONNX/TensorRT, validate.",
     no_args_is_help=True,
     add_completion=False,
@@ -102,7 +114,7 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 )
                 raise typer.Exit(InternalError.exit_code) from None
 
-        app.command(name, **kwargs)(wrapper)
+        app.command(name, cls=_Command, **kwargs)(wrapper)
         return func
 
     return decorate

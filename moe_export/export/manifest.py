@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,12 @@ class ExportManifest:
     """The export.json of an ONNX export directory."""
 
     moe_export_version: str = field(metadata={"help": "version that wrote the export"})
-    source_checkpoint: str = field(metadata={"help": "absolute path of the checkpoint directory"})
-    base_model: str = field(metadata={"help": "absolute path of the base model directory"})
+    source_checkpoint: str = field(
+        metadata={
+            "help": "checkpoint directory: relative to the export directory when they share a parent, else absolute"
+        }
+    )
+    base_model: str = field(metadata={"help": "base model directory, relative or absolute like source_checkpoint"})
     family: str = field(metadata={"help": "checkpoint family"})
     dtype: str = field(metadata={"help": "fp32 | fp16 | bf16 (routers stay fp32)"})
     opset: int = field(metadata={"help": "standard ONNX opset"})
@@ -99,6 +104,14 @@ class ExportManifest:
         return cls.from_dict(data, where=str(path))
 
 
+def portable_path(target: str | Path, out_dir: Path) -> str:
+    """`target` as export.json records it: relative to the export directory when both lie under a common
+    directory below the file system root (moving a project tree keeps the export valid), else absolute."""
+    target, out_dir = Path(target).resolve(), Path(out_dir).resolve()
+    common = Path(os.path.commonpath([target, out_dir]))
+    return os.path.relpath(target, out_dir) if common != Path(common.anchor) else str(target)
+
+
 @dataclass
 class Artifact:
     """An export directory and its manifest: the one reader of a `moe-export onnx` output (validate, bench, trt)."""
@@ -107,11 +120,25 @@ class Artifact:
     manifest: ExportManifest
 
     @classmethod
-    def open(cls, directory: str | Path) -> Artifact:
+    def open(
+        cls, directory: str | Path, checkpoint: str | Path | None = None, base_model: str | Path | None = None
+    ) -> Artifact:
+        """Read an export; its recorded source paths become absolute (relative ones are relative to the export
+        directory), and `checkpoint` / `base_model` replace them (the sources moved: validate --ckpt/--base)."""
         path = Path(directory)
         if not path.is_dir():
             raise FormatError(f"{path}: artifact directory not found (expected the output of `moe-export onnx`)")
-        return cls(path.resolve(), ExportManifest.load(path))
+        path = path.resolve()
+        manifest = ExportManifest.load(path)
+        for key, override, option in (
+            ("source_checkpoint", checkpoint, "--ckpt"),
+            ("base_model", base_model, "--base"),
+        ):
+            if override is not None and not Path(override).is_dir():
+                raise FormatError(f"{option} {override}: directory not found")
+            recorded = Path(override) if override is not None else path / getattr(manifest, key)
+            setattr(manifest, key, str(recorded.resolve()))
+        return cls(path, manifest)
 
     @property
     def onnx_path(self) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.ir import check_finite
+from moe_export.ir import check_weights
 
 CONFIG_NAMES = ("adapter_config.json", "manifest.json")
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "tensors.safetensors")
@@ -59,7 +59,7 @@ class Checkpoint:
             if self.weights_path is None:
                 raise FormatError(f"{self.path}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
             tensors = read_tensor_file(self.weights_path)
-            check_finite(tensors, str(self.weights_path))
+            check_weights(tensors, str(self.weights_path))
             self._tensors = tensors
         return self._tensors
 

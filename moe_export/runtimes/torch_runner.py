@@ -81,13 +81,15 @@ def reference_model_loader(artifact: Artifact) -> Callable[[], torch.nn.Module]:
         from moe_export.reference.model import cast_reference_model
 
         if not Path(manifest.base_model).is_dir():
-            raise FormatError(f"{where}: base model {manifest.base_model} not found; the torch reference needs it")
+            raise FormatError(
+                f"{where}: base model {manifest.base_model} not found; the torch reference needs it (--base DIR)"
+            )
         if artifact.base_only:
             return load_base_model(Path(manifest.base_model), dtype)
         if not Path(manifest.source_checkpoint).is_dir():
             raise FormatError(
                 f"{where}: source checkpoint {manifest.source_checkpoint} not found; the torch reference needs "
-                "the original checkpoint (validate where it exists, or leave torch out of --runtimes)"
+                "the original checkpoint (say where it is with --ckpt DIR, or leave torch out of --runtimes)"
             )
         loaded = _load_with_merge(manifest)
         return cast_reference_model(loaded.model, dtype)

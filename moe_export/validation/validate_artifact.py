@@ -53,7 +53,7 @@ def make_feeds(
 ) -> list[Feeds]:
     """The validation inputs: an .npz file, or random token ids of each (batch, seq) shape."""
     if inputs is not None:
-        return [load_npz_feeds(inputs, artifact.input_names())]
+        return [load_npz_feeds(inputs, artifact.input_names(), artifact.model_config("vocab_size"))]
     shapes = list(shapes or DEFAULT_SHAPES)
     if not shapes:
         raise MoeExportError("no input shapes to validate with")
@@ -77,14 +77,18 @@ def validate(
     routing: bool = True,
     options: RunnerOptions | None = None,
     progress: ProgressCallback | None = None,
+    checkpoint: str | Path | None = None,
+    base_model: str | Path | None = None,
 ) -> ValidationReport:
-    """Compare `runtimes[1:]` with `runtimes[0]` on an export directory; see DESIGN.md section 8."""
+    """Compare `runtimes[1:]` with `runtimes[0]` on an export directory; see DESIGN.md section 8.
+
+    `checkpoint` / `base_model` replace the source paths export.json recorded (the sources have moved)."""
     runtimes = list(dict.fromkeys(runtimes))
     if len(runtimes) < 2:
         raise MoeExportError(
             f"--runtimes {','.join(runtimes)}: name at least two runtimes (the first is the reference)"
         )
-    artifact = Artifact.open(artifact_dir)
+    artifact = Artifact.open(artifact_dir, checkpoint, base_model)
     options = options or RunnerOptions()
     default = DEFAULT_TOLERANCES.get(artifact.dtype, DEFAULT_TOLERANCES["fp32"])
     tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
