@@ -19,6 +19,7 @@ from rich.markup import escape
 from moe_export import __version__
 from moe_export.errors import InternalError, MoeExportError, ParityError
 
+
 class _Command(typer.core.TyperCommand):
     """Usage lines in the conventional form (`CKPT`, `[ACTION]`): typer writes a required argument as `{ckpt}`."""
 
@@ -37,8 +38,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# When the output is not a terminal (CI logs, pipes) rich assumes 80 columns and folds or cuts table cells
+# (`routed+…`); a log has no width limit, so tables there get as wide as their content needs (up to 200).
+LOG_WIDTH = 200
+
+
+def _make_console(stderr: bool) -> Console:
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
+console = _make_console(stderr=False)
+err_console = _make_console(stderr=True)
 _state = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])

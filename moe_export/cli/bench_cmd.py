@@ -14,7 +14,9 @@ from moe_export.cli.validate_cmd import parse_runtimes
 
 @command("bench")
 def bench_command(
-    artifact_dir: Path = typer.Argument(..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."),
+    artifact_dir: Path = typer.Argument(
+        ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
+    ),
     runtimes: str = typer.Option("onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, torch, tensorrt."),
     batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
     seq: int = typer.Option(128, "--seq", help="Sequence length."),

@@ -31,7 +31,9 @@ def input_shapes(batch: int | None, seq: int | None) -> list[tuple[int, int]] | 
 
 @command("validate")
 def validate_command(
-    artifact_dir: Path = typer.Argument(..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."),
+    artifact_dir: Path = typer.Argument(
+        ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
+    ),
     runtimes: str = typer.Option(
         "torch,onnxruntime",
         "--runtimes",
