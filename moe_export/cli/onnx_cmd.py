@@ -79,3 +79,10 @@ def onnx_command(
         f"{routed} GroupedLoRA units, {len(result.manifest.units) - routed} folded/merged) in {result.seconds:.1f} s",
         highlight=False,
     )
+    where = result.out_dir
+    console.print(
+        f"next: moe-export validate {where}   (parity again, other inputs: --inputs/--batch/--seq; --junit for CI)\n"
+        f"      moe-export bench {where}   (latency; --base DIR of a --base-only export for the floor)\n"
+        f"      moe-export trt {where}   (TensorRT engine, on a machine with an NVIDIA GPU)",
+        highlight=False,
+    )

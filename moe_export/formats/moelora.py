@@ -22,6 +22,7 @@ from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     checked_experts,
+    require_float,
     require_int,
     softmax_topk_router,
     sorted_modules,
@@ -53,7 +54,7 @@ class MoELoRA(Family):
         where = str(ckpt.config_path)
         rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)
         top_k = require_int(config, "top_k", where)
-        scaling = rank_scaling(float(config["lora_alpha"]), rank, bool(config.get("use_rslora", False)))
+        scaling = rank_scaling(require_float(config, "lora_alpha", where), rank, bool(config.get("use_rslora", False)))
         modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)
         units = []
         for module in sorted_modules(modules):

@@ -17,6 +17,7 @@ from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     expert_pairs,
     layer_index,
+    require_float,
     softmax_topk_router,
     sorted_modules,
     split_module_keys,
@@ -58,7 +59,7 @@ class Mola(Family):
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha")
         where = str(ckpt.config_path)
-        ranks, alpha = config["r"], float(config["lora_alpha"])
+        ranks, alpha = config["r"], require_float(config, "lora_alpha", where)
         if not isinstance(ranks, (int, list)):
             raise FormatError(f"{where}: 'r' is {ranks!r}, expected an integer or a per-layer list")
         modules = split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title)

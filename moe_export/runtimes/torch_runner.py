@@ -70,11 +70,12 @@ class TorchRunner(Runner):
         return {"logits": logits.cpu().numpy()}
 
 
-def reference_model_loader(artifact: Artifact) -> Callable[[], torch.nn.Module]:
-    """A deferred builder of the PyTorch reference for an export, following its manifest."""
+def reference_model_loader(artifact: Artifact, dtype_name: str | None = None) -> Callable[[], torch.nn.Module]:
+    """A deferred builder of the PyTorch reference for an export, following its manifest, in `dtype_name`
+    (default: the export's dtype)."""
     manifest = artifact.manifest
     where = artifact.path / "export.json"
-    dtype = TORCH_DTYPES[manifest.dtype]  # ExportManifest checked the name
+    dtype = TORCH_DTYPES[dtype_name or manifest.dtype]  # ExportManifest checked the name
 
     def load() -> torch.nn.Module:
         from moe_export.reference.loading import load_base_model
@@ -118,7 +119,7 @@ def _load_with_merge(manifest: ExportManifest) -> Any:
 
 def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> TorchRunner:
     return TorchRunner(
-        reference_model_loader(artifact),
+        reference_model_loader(artifact, options.torch_dtype),
         device=options.device,
         threads=options.threads,
         input_names=tuple(artifact.input_names()),
