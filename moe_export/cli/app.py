@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -51,6 +52,7 @@ def _make_console(stderr: bool) -> Console:
 console = _make_console(stderr=False)
 err_console = _make_console(stderr=True)
 _state = {"debug": False}
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by SIGINT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,6 +107,11 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 return func(*args, **kw)
             except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
                 raise
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM (see `main`): every writer has removed its temporary files on the way
+                # out (they clean up on BaseException), and outputs are renamed into place only when done.
+                err_console.print("interrupted: no output was written", highlight=False)
+                raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
             except MoeExportError as exc:
                 _show_traceback_if_debug()
                 message = escape(str(exc))  # a message may hold brackets, e.g. pip extras: 'moe-export[gpu]'
@@ -163,5 +170,10 @@ def parse_int_list(value: str | None, option: str) -> int | list[int] | None:
     return items[0] if len(items) == 1 and "," not in value else items
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so the same cleanup runs on SIGTERM (CI timeouts, kill)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
