@@ -231,3 +231,30 @@ def test_non_tty_tables_are_not_cut_and_onnx_run_has_no_merge_titled_table(tmp_p
     assert code == 0, err
     assert "…" not in out + err
     assert "moe-export merge" not in out + err
+
+
+@pytest.mark.parametrize("name", ["mola", "hydralora"])
+def test_fp16_export_passes_its_own_gate_against_the_fp32_reference(tmp_path: Path, name: str) -> None:
+    """mola: a .half() torch model is 0.128 off its fp32 self while the fp16 export is 0.006 off it, so the
+    gate compares with fp32; hydralora: a dense router's tiny gates underflow to 0 in fp16 and must not
+    read as routing flips."""
+    out = tmp_path / "o"
+    code, _, err = run(["onnx", SAMPLES / name, "-o", out, "--dtype", "fp16", "--no-validate"])
+    assert code == 0, err
+    code, stdout, err = run(["validate", out, "--json"])
+    assert code == 0, stdout + err
+    report = json.loads(stdout)
+    assert report["passed"]
+
+
+def test_underflowed_dense_gate_is_not_a_routing_flip() -> None:
+    from moe_export.validation.routing_capture import UnitCapture
+    from moe_export.validation.units import routing_diff
+
+    ids = np.array([[0, 1, 2]])
+    probs = np.array([[0.6, 0.4 - 1e-9, 1e-9]], dtype=np.float32)
+    reference = UnitCapture(None, ids, probs, probs)
+    candidate = UnitCapture(None, ids, np.array([[0.6, 0.4, 0.0]], dtype=np.float16))
+    assert routing_diff(reference, candidate).agreeing == 1
+    dropped = UnitCapture(None, ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16))  # a real flip still counts
+    assert routing_diff(reference, dropped).agreeing == 0
