@@ -8,6 +8,7 @@ bits), so the case holds on a developer machine, in a root container and on a CI
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +127,7 @@ OPTION_CASES = {
     "validate ckpt moved away": (["validate", "{export}", "--ckpt", "{tmp}/gone"], ["--ckpt", "not found"]),
     "bench iters": (["bench", "{export}", "--iters", "0"], ["--iters"]),
     "bench batch": (["bench", "{export}", "--batch", "1,0"], ["--batch"]),
-    "bench max-ratio": (["bench", "{export}", "--max-ratio", "0"], ["--max-ratio"]),
+    "bench max-ratio": (["bench", "{export}", "--max-ratio", "-1"], ["--max-ratio"]),
 }
 
 
@@ -231,6 +232,10 @@ def test_non_tty_tables_are_not_cut_and_onnx_run_has_no_merge_titled_table(tmp_p
     assert code == 0, err
     assert "…" not in out + err
     assert "moe-export merge" not in out + err
+    # The quick start shows the product: some routers collapsed (merged), others mixed (kept), then next steps.
+    found = re.search(r"(\d+) GroupedLoRA units, (\d+) folded/merged", out)
+    assert found and int(found.group(1)) > 0 and int(found.group(2)) > 0, out
+    assert "next: moe-export validate" in out
 
 
 @pytest.mark.parametrize("name", ["mola", "hydralora"])

@@ -47,8 +47,7 @@ def bench_command(
     checks.at_least(iters, 1, "--iters")
     checks.at_least(threads, 1, "--threads")
     checks.one_of(device, ("cpu", "cuda"), "--device")
-    if max_ratio is not None and not max_ratio > 0:
-        raise MoeExportError(f"--max-ratio {max_ratio}: must be > 0")
+    checks.at_least(max_ratio, 0, "--max-ratio")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((plot, "--plot"), (report_path, "--report"))
     if plot is not None:
