@@ -263,3 +263,15 @@ def test_underflowed_dense_gate_is_not_a_routing_flip() -> None:
     assert routing_diff(reference, candidate).agreeing == 1
     dropped = UnitCapture(None, ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16))  # a real flip still counts
     assert routing_diff(reference, dropped).agreeing == 0
+
+
+def test_shape_error_from_the_adapter_ir_names_the_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    ckpt = copy_sample(tmp_path, "goat")
+    path = ckpt / "adapter_model.safetensors"
+    tensors = read_tensor_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_gating.weight"))
+    tensors[key] = tensors[key][:3].clone()  # 3 router rows for 4 experts
+    save_file(tensors, str(path))
+    assert_one_line_error(["inspect", ckpt], "adapter_model.safetensors")

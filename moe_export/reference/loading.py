@@ -93,8 +93,14 @@ def _read_checkpoint(
     declared = ckpt.config_value("base_model_name_or_path") or ckpt.config_value("base_model")
     base_path = resolve_base_model(ckpt.path, declared, base_model)
     base = BaseWeights(base_path) if fam.needs_base_weights else None
-    with torch.no_grad():  # loaders compute on saved parameters that may still require grad
-        adapter = finish_adapter(fam.load(ckpt, options, base))
+    try:
+        with torch.no_grad():  # loaders compute on saved parameters that may still require grad
+            adapter = finish_adapter(fam.load(ckpt, options, base))
+    except FormatError as exc:
+        # The IR's own checks (shapes, expert counts) do not know the file: name it here.
+        if str(ckpt.path) in str(exc):
+            raise
+        raise FormatError(f"{ckpt.weights_path or ckpt.path}: {exc}") from exc
     apply_load_options(fam, adapter, options)
     try:
         weights = base or BaseWeights(base_path)
