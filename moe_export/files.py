@@ -69,17 +69,22 @@ def check_writable(path: str | Path, option: str, *, directory: bool = False) ->
     if path.exists() and directory != path.is_dir():
         kind = "a file" if directory else "a directory"
         raise MoeExportError(f"{option} {path}: is {kind}; expected {'a directory' if directory else 'a file'} path")
-    ancestor = path if path.is_dir() else path.parent
+    # Outputs are built in a temporary sibling (the parent must take new entries); an existing output
+    # directory may also get files replaced inside it.
+    ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise MoeExportError(f"{option} {path}: cannot be created, {ancestor} is a file")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".moe-export-probe-", dir=ancestor)
-    except OSError as exc:
-        raise MoeExportError(f"{option} {path}: not writable ({exc.strerror or exc} in {ancestor})") from None
-    os.close(fd)
-    os.unlink(probe)
+    for directory_to_probe in [ancestor, *([path] if path.is_dir() else [])]:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".moe-export-probe-", dir=directory_to_probe)
+        except OSError as exc:
+            raise MoeExportError(
+                f"{option} {path}: not writable ({exc.strerror or exc} in {directory_to_probe})"
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
 
 
 def replace_files(staging: Path, out_dir: Path, stale: set[str], last: str) -> Path:
