@@ -195,9 +195,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_export_records_relative_sources_and_validate_takes_overrides(project: Path, tmp_path: Path) -> None:
-    manifest = json.loads((project / "export" / "export.json").read_text())
-    assert manifest["source_checkpoint"] == "../lora" and manifest["base_model"] == "../tiny-llama"
-    moved = shutil.copytree(project, tmp_path / "moved")  # the whole tree moves: nothing to say
+    tree = shutil.copytree(project, tmp_path / "tree")
+    shutil.rmtree(tree / "export")
+    assert run(["onnx", tree / "lora", "-o", tree / "export", "--no-validate"])[0] == 0
+    relative = json.loads((tree / "export" / "export.json").read_text())["relative_sources"]
+    assert relative == {"source_checkpoint": "../lora", "base_model": "../tiny-llama"}
+    moved = tmp_path / "moved"
+    shutil.move(tree, moved)  # the whole tree moves (the absolute paths are gone): nothing to say
     assert run(["validate", moved / "export"])[0] == 0
     shutil.move(moved / "lora", tmp_path / "elsewhere")  # only the checkpoint moves: say where
     code, _, err = run(["validate", moved / "export"])

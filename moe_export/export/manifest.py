@@ -47,12 +47,8 @@ class ExportManifest:
     """The export.json of an ONNX export directory."""
 
     moe_export_version: str = field(metadata={"help": "version that wrote the export"})
-    source_checkpoint: str = field(
-        metadata={
-            "help": "checkpoint directory: relative to the export directory when they share a parent, else absolute"
-        }
-    )
-    base_model: str = field(metadata={"help": "base model directory, relative or absolute like source_checkpoint"})
+    source_checkpoint: str = field(metadata={"help": "absolute path of the checkpoint directory"})
+    base_model: str = field(metadata={"help": "absolute path of the base model directory"})
     family: str = field(metadata={"help": "checkpoint family"})
     dtype: str = field(metadata={"help": "fp32 | fp16 | bf16 (routers stay fp32)"})
     opset: int = field(metadata={"help": "standard ONNX opset"})
@@ -67,6 +63,10 @@ class ExportManifest:
     custom_ops: list[str] = field(default_factory=list, metadata={"help": "moe_export op types in the graph"})
     copied_files: list[str] = field(default_factory=list, metadata={"help": "config/tokenizer files copied"})
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
+    relative_sources: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "source_checkpoint/base_model relative to the export, used when the absolute ones moved"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -136,7 +136,12 @@ class Artifact:
         ):
             if override is not None and not Path(override).is_dir():
                 raise FormatError(f"{option} {override}: directory not found")
-            recorded = Path(override) if override is not None else path / getattr(manifest, key)
+            recorded = Path(getattr(manifest, key))
+            relative = manifest.relative_sources.get(key)
+            if override is not None:
+                recorded = Path(override)
+            elif not recorded.is_dir() and relative is not None and (path / relative).is_dir():
+                recorded = path / relative  # the project tree moved as a whole
             setattr(manifest, key, str(recorded.resolve()))
         return cls(path, manifest)
 

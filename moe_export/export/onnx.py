@@ -135,8 +135,12 @@ def export_onnx(
             _check_saved(model_path, units)
             manifest = ExportManifest(
                 moe_export_version=__version__,
-                source_checkpoint=portable_path(loaded.checkpoint, out_dir),
-                base_model=portable_path(loaded.base_model_path, out_dir),
+                source_checkpoint=str(Path(loaded.checkpoint).resolve()),
+                base_model=str(Path(loaded.base_model_path).resolve()),
+                relative_sources={
+                    "source_checkpoint": portable_path(loaded.checkpoint, out_dir),
+                    "base_model": portable_path(loaded.base_model_path, out_dir),
+                },
                 family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
                 dtype=dtype,
                 opset=opset,
