@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from moe_export.errors import FormatError
+from moe_export.errors import FormatError, MoeExportError
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -56,6 +56,55 @@ def replace_directory(staging: Path, out_dir: Path) -> Path:
     staging.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def check_writable(path: str | Path, option: str, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a one-line MoeExportError (exit 2).
+
+    Probes by creating (and removing) a temporary file in the nearest existing ancestor: permission bits
+    say nothing for root, read-only mounts or /sys, so only a real attempt answers. Creates nothing that stays.
+    """
+    path = Path(path)
+    if path.exists() and directory != path.is_dir():
+        kind = "a file" if directory else "a directory"
+        raise MoeExportError(f"{option} {path}: is {kind}; expected {'a directory' if directory else 'a file'} path")
+    # Outputs are built in a temporary sibling (the parent must take new entries); an existing output
+    # directory may also get files replaced inside it.
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MoeExportError(f"{option} {path}: cannot be created, {ancestor} is a file")
+    for directory_to_probe in [ancestor, *([path] if path.is_dir() else [])]:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".moe-export-probe-", dir=directory_to_probe)
+        except OSError as exc:
+            raise MoeExportError(
+                f"{option} {path}: not writable ({exc.strerror or exc} in {directory_to_probe})"
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
+
+
+def replace_files(staging: Path, out_dir: Path, stale: set[str], last: str) -> Path:
+    """Move every file of a finished `staging` directory into the existing `out_dir`, one atomic rename each,
+    then delete the names in `stale` that the new output no longer has; nothing else in `out_dir` is touched.
+
+    `last` (the manifest) is removed first and renamed in last, so an interrupted replace leaves a directory
+    that no reader takes for a complete output. `--force` on an occupied output directory uses this: the
+    user's own files next to ours survive.
+    """
+    (out_dir / last).unlink(missing_ok=True)
+    new = {p.name for p in staging.iterdir()}
+    for name in sorted(new - {last}):
+        os.replace(staging / name, out_dir / name)
+    for name in sorted(stale - new):
+        target = out_dir / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    os.replace(staging / last, out_dir / last)
+    shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -19,7 +19,9 @@ from tests.conftest import SAMPLES
 from tests.test_onnx_export import feeds_for, ort_logits, torch_logits
 
 SAMPLE = SAMPLES / "goat"  # every unit carries a shared LoRA (the base correction): the case that broke
-MERGE = {"threshold": 0.9, "samples": 4, "seq_len": 16, "progress": False}
+# Threshold 1.0: no routed unit of samples/goat is that dominant (its collapsed routers reach 0.97), so the merge
+# folds exactly the shared corrections and the merged model must equal the unmerged reference.
+MERGE = {"threshold": 1.0, "samples": 4, "seq_len": 16, "progress": False}
 
 
 def snapshot(loaded: moe_export.LoadedAdapter) -> dict[str, object]:

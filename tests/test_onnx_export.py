@@ -20,7 +20,7 @@ from moe_export import api
 from moe_export.cli import app
 from moe_export.errors import ExportError, ParityError
 from moe_export.export import onnx as onnx_export
-from moe_export.export.manifest import MANIFEST_NAME, ExportManifest
+from moe_export.export.manifest import MANIFEST_NAME, Artifact, ExportManifest
 from moe_export.ir import Adapter
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.reference.loading import load_base_model
@@ -140,7 +140,9 @@ def test_manifest(fp32_export: onnx_export.ExportResult, mixed_ckpt: Path, tiny_
     out = fp32_export.out_dir
     manifest = ExportManifest.load(out)
     assert manifest == fp32_export.manifest == ExportManifest.from_dict(manifest.to_dict())
-    assert manifest.source_checkpoint == str(mixed_ckpt.resolve()) and manifest.base_model == str(tiny_base.resolve())
+    # Recorded relative to the export when they share a parent (issue 14); Artifact.open resolves them.
+    resolved = Artifact.open(out).manifest
+    assert resolved.source_checkpoint == str(mixed_ckpt.resolve()) and resolved.base_model == str(tiny_base.resolve())
     assert (manifest.family, manifest.dtype, manifest.opset, manifest.base_only) == ("canonical", "fp32", 20, False)
     assert manifest.load_options == {"top_k": None, "task_id": None} and manifest.merge_plan is None
     by_name = {u.name: u for u in manifest.units}

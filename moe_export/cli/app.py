@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -12,22 +13,46 @@ from typing import Any, TypeVar
 
 import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
 from moe_export import __version__
 from moe_export.errors import InternalError, MoeExportError, ParityError
 
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the conventional form (`CKPT`, `[ACTION]`): typer writes a required argument as `{ckpt}`."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+# Plain click help (rich_markup_mode=None): typer's rich panels show flags as `--json <bool>`, which reads
+# as if a value were expected (`--json true` is then refused), and wrap into boxes in a CI log.
 app = typer.Typer(
     name="moe-export",
+    rich_markup_mode=None,
     help="Deploy mixture-of-LoRA-experts checkpoints: inspect, calibrate, merge, export to ONNX/TensorRT, validate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# When the output is not a terminal (CI logs, pipes) rich assumes 80 columns and folds or cuts table cells
+# (`routed+…`); a log has no width limit, so tables there get as wide as their content needs (up to 200).
+LOG_WIDTH = 200
+
+
+def _make_console(stderr: bool) -> Console:
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
+console = _make_console(stderr=False)
+err_console = _make_console(stderr=True)
 _state = {"debug": False}
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by SIGINT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +107,11 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 return func(*args, **kw)
             except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
                 raise
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM (see `main`): every writer has removed its temporary files on the way
+                # out (they clean up on BaseException), and outputs are renamed into place only when done.
+                err_console.print("interrupted: no output was written", highlight=False)
+                raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
             except MoeExportError as exc:
                 _show_traceback_if_debug()
                 message = escape(str(exc))  # a message may hold brackets, e.g. pip extras: 'moe-export[gpu]'
@@ -102,7 +132,7 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 )
                 raise typer.Exit(InternalError.exit_code) from None
 
-        app.command(name, **kwargs)(wrapper)
+        app.command(name, cls=_Command, **kwargs)(wrapper)
         return func
 
     return decorate
@@ -140,5 +170,10 @@ def parse_int_list(value: str | None, option: str) -> int | list[int] | None:
     return items[0] if len(items) == 1 and "," not in value else items
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so the same cleanup runs on SIGTERM (CI timeouts, kill)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()

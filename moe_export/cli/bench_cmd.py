@@ -7,13 +7,16 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from moe_export.cli import checks
 from moe_export.cli.app import command, err_console, parse_int_list, show_report
 from moe_export.cli.validate_cmd import parse_runtimes
 
 
 @command("bench")
 def bench_command(
-    artifact_dir: Path = typer.Argument(..., help="Export directory (model.onnx + export.json)."),
+    artifact_dir: Path = typer.Argument(
+        ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
+    ),
     runtimes: str = typer.Option("onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, torch, tensorrt."),
     batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
     seq: int = typer.Option(128, "--seq", help="Sequence length."),
@@ -37,6 +40,16 @@ def bench_command(
     batches = parse_int_list(batch, "--batch")
     batches = [batches] if isinstance(batches, int) else batches
     names = parse_runtimes(runtimes)
+    for b in batches:
+        checks.at_least(b, 1, "--batch")
+    checks.at_least(seq, 1, "--seq")
+    checks.at_least(warmup, 0, "--warmup")
+    checks.at_least(iters, 1, "--iters")
+    checks.at_least(threads, 1, "--threads")
+    checks.one_of(device, ("cpu", "cuda"), "--device")
+    checks.at_least(max_ratio, 0, "--max-ratio")
+    checks.input_dir(artifact_dir, "export directory")
+    checks.writable_files((plot, "--plot"), (report_path, "--report"))
     if plot is not None:
         try:
             import matplotlib  # noqa: F401  checked before the slow part

@@ -7,8 +7,10 @@ from typing import Any
 
 import typer
 
+from moe_export.cli import checks
 from moe_export.cli.app import command, console, parse_int_list, print_json
 from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
+from moe_export.errors import MoeExportError
 
 
 def render_stats(stats: Any) -> None:
@@ -56,7 +58,15 @@ def calibrate_cmd(
     from moe_export.merging.statistics import calibrate
     from moe_export.reference.loading import load
 
-    loaded = load(ckpt, base, family, parse_int_list(top_k, "--top-k"), task_id)
+    checks.at_least(samples, 1, "--samples")
+    checks.at_least(seq_len, 1, "--seq-len")
+    k = parse_int_list(top_k, "--top-k")
+    checks.top_k_values(k)
+    checks.input_dir(ckpt, "checkpoint")
+    checks.writable_files((out, "-o"))
+    if data is not None and not data.is_file():
+        raise MoeExportError(f"--data {data}: calibration text file not found")
+    loaded = load(ckpt, base, family, k, task_id)
     stats = calibrate(loaded, data, samples, seq_len, seed, progress=not as_json)
     stats.save(out)
     if as_json:

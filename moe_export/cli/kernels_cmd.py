@@ -14,7 +14,9 @@ ACTIONS = ("status", "build")
 
 @command("kernels")
 def kernels_command(
-    action: str = typer.Argument("status", help="status (default): print the library path and state; build: build it."),
+    action: str = typer.Argument(
+        "status", metavar="ACTION", help="status (default): print the library path and state; build: build it."
+    ),
     fetch_headers: bool = typer.Option(
         False, "--fetch-headers", help="build: fetch the ONNX Runtime headers (Debian libonnxruntime-dev) if missing."
     ),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from moe_export.cli import checks
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
 from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 
@@ -41,6 +42,7 @@ def merge_cmd(
     Exact folds: shared LoRAs, E=1, a fixed task id, constant routers.
     """
     from moe_export.errors import MergeError
+    from moe_export.files import check_writable
     from moe_export.formats import LoadOptions
     from moe_export.merging.apply import merge, save_merged
     from moe_export.merging.plan import check_options
@@ -48,10 +50,17 @@ def merge_cmd(
     from moe_export.reference.loading import LoadedAdapter, load, load_adapter
 
     check_options(threshold, budget)
-    if out.exists():
-        raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
-    stats = CalibrationStats.load(stats_path) if stats_path is not None else None
+    checks.at_least(samples, 1, "--samples")
+    checks.at_least(seq_len, 1, "--seq-len")
     k = parse_int_list(top_k, "--top-k")
+    checks.top_k_values(k)
+    checks.input_dir(ckpt, "checkpoint")
+    if out.exists():
+        raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
+    check_writable(out, "-o", directory=True)
+    if data is not None and not data.is_file():
+        raise MergeError(f"--data {data}: calibration text file not found")
+    stats = CalibrationStats.load(stats_path) if stats_path is not None else None
     needs_model = not no_eval or (stats is None and (threshold is not None or budget is not None))
     if needs_model:
         loaded = load(ckpt, base, family, k, task_id)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from moe_export.cli import checks
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
 from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 from moe_export.errors import MoeExportError
@@ -35,20 +36,29 @@ def onnx_command(
     no_kv_cache: bool = typer.Option(
         False, "--no-kv-cache", help="Write the scoring graph (input_ids, attention_mask -> logits), no past/present."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
 ) -> None:
     """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
     import moe_export
     from moe_export.api import export_onnx
+    from moe_export.export.onnx import check_export_options, check_out_dir
+    from moe_export.merging.plan import check_options
 
     if data is not None and merge_threshold is None and merge_budget is None:
         raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")
     if data is not None and not data.is_file():
         raise MoeExportError(f"{data}: calibration data file not found (--data)")
+    check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_options(merge_threshold, merge_budget)
+    k = parse_int_list(top_k, "--top-k")
+    checks.top_k_values(k)
+    checks.input_dir(ckpt, "checkpoint")
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
-    loaded = moe_export.load(
-        ckpt, base_model=base, family=family, top_k=parse_int_list(top_k, "--top-k"), task_id=task_id
-    )
+    check_out_dir(out.resolve(), force)
+    loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
     result = export_onnx(
         loaded,
         out,
@@ -62,6 +72,7 @@ def onnx_command(
         progress=not as_json,
         console=err_console,
         kv_cache=not no_kv_cache,
+        force=force,
     )
     if as_json:
         print_json(result.to_dict())
@@ -70,5 +81,12 @@ def onnx_command(
     console.print(
         f"[green]exported[/] {result.model_path} ({result.manifest.dtype}, opset {result.manifest.opset}, "
         f"{routed} GroupedLoRA units, {len(result.manifest.units) - routed} folded/merged) in {result.seconds:.1f} s",
+        highlight=False,
+    )
+    where = result.out_dir
+    console.print(
+        f"next: moe-export validate {where}   (parity again, other inputs: --inputs/--batch/--seq; --junit for CI)\n"
+        f"      moe-export bench {where}   (latency; --base DIR of a --base-only export for the floor)\n"
+        f"      moe-export trt {where}   (TensorRT engine, on a machine with an NVIDIA GPU)",
         highlight=False,
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-CKPT_ARGUMENT = typer.Argument(..., help="Checkpoint directory (the family's own layout, or canonical).")
+CKPT_ARGUMENT = typer.Argument(
+    ..., metavar="CKPT", help="Checkpoint directory (the family's own layout, or canonical)."
+)
 BASE_OPTION = typer.Option(None, "--base", help="Base model directory (default: from the checkpoint).")
 FAMILY_OPTION = typer.Option(None, "--family", help="Family name; overrides detection.")
 TOP_K_OPTION = typer.Option(None, "--top-k", help="Top-k: K, or K1,K2,... one per decoder layer.")

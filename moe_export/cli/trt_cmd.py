@@ -11,7 +11,9 @@ from moe_export.cli.app import command, console, err_console, print_json
 
 @command("trt")
 def trt_command(
-    onnx_dir: Path = typer.Argument(..., help="Directory written by `moe-export onnx` (export.json + model.onnx)."),
+    onnx_dir: Path = typer.Argument(
+        ..., metavar="ONNX_DIR", help="Directory written by `moe-export onnx` (export.json + model.onnx)."
+    ),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output directory (default: ONNX_DIR)."),
     plugin: str = typer.Option("auto", "--plugin", help="auto|on|off: GroupedLoRA as Triton AOT plugin or body."),
     min_shapes: str | None = typer.Option(None, "--min-shapes", help="e.g. input_ids:1x1,attention_mask:1x1"),

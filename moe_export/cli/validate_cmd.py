@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from moe_export.cli import checks
 from moe_export.cli.app import command, err_console, show_report
 from moe_export.errors import MoeExportError, ParityError
 
@@ -30,7 +31,9 @@ def input_shapes(batch: int | None, seq: int | None) -> list[tuple[int, int]] | 
 
 @command("validate")
 def validate_command(
-    artifact_dir: Path = typer.Argument(..., help="Export directory (model.onnx + export.json)."),
+    artifact_dir: Path = typer.Argument(
+        ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
+    ),
     runtimes: str = typer.Option(
         "torch,onnxruntime",
         "--runtimes",
@@ -56,6 +59,10 @@ def validate_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     report_path: Path | None = typer.Option(None, "--report", help="Write the full report as JSON."),
     junit_path: Path | None = typer.Option(None, "--junit", help="Write JUnit XML for CI test reporters."),
+    ckpt: Path | None = typer.Option(
+        None, "--ckpt", help="Source checkpoint directory (default: the one export.json records)."
+    ),
+    base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from export.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
@@ -64,6 +71,15 @@ def validate_command(
 
     if inputs is not None and (batch is not None or seq is not None):
         raise MoeExportError("--inputs and --batch/--seq are exclusive: the .npz fixes the shape")
+    checks.at_least(batch, 1, "--batch")
+    checks.at_least(seq, 1, "--seq")
+    checks.at_least(atol, 0, "--atol")
+    checks.at_least(rtol, 0, "--rtol")
+    checks.fraction(min_top1, "--min-top1")
+    checks.at_least(threads, 1, "--threads")
+    checks.one_of(device, ("cpu", "cuda"), "--device")
+    checks.input_dir(artifact_dir, "export directory")
+    checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
     status = err_console.status("validating", spinner="dots")
     with status:
         report = validate(
@@ -78,6 +94,8 @@ def validate_command(
             options=RunnerOptions(device=device, threads=threads),
             progress=lambda message: status.update(message),
             new_tokens=new_tokens,
+            checkpoint=ckpt,
+            base_model=base,
         )
     if report_path is not None:
         report.write_json(report_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ class ExportManifest:
     copied_files: list[str] = field(default_factory=list, metadata={"help": "config/tokenizer files copied"})
     kv_cache: bool = field(default=False, metadata={"help": "decoder with past key/values (export/decoder.py)"})
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
+    relative_sources: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "source_checkpoint/base_model relative to the export, used when the absolute ones moved"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -100,6 +105,14 @@ class ExportManifest:
         return cls.from_dict(data, where=str(path))
 
 
+def portable_path(target: str | Path, out_dir: Path) -> str:
+    """`target` as export.json records it: relative to the export directory when both lie under a common
+    directory below the file system root (moving a project tree keeps the export valid), else absolute."""
+    target, out_dir = Path(target).resolve(), Path(out_dir).resolve()
+    common = Path(os.path.commonpath([target, out_dir]))
+    return os.path.relpath(target, out_dir) if common != Path(common.anchor) else str(target)
+
+
 @dataclass
 class Artifact:
     """An export directory and its manifest: the one reader of a `moe-export onnx` output (validate, bench, trt)."""
@@ -108,11 +121,30 @@ class Artifact:
     manifest: ExportManifest
 
     @classmethod
-    def open(cls, directory: str | Path) -> Artifact:
+    def open(
+        cls, directory: str | Path, checkpoint: str | Path | None = None, base_model: str | Path | None = None
+    ) -> Artifact:
+        """Read an export; its recorded source paths become absolute (relative ones are relative to the export
+        directory), and `checkpoint` / `base_model` replace them (the sources moved: validate --ckpt/--base)."""
         path = Path(directory)
         if not path.is_dir():
             raise FormatError(f"{path}: artifact directory not found (expected the output of `moe-export onnx`)")
-        return cls(path.resolve(), ExportManifest.load(path))
+        path = path.resolve()
+        manifest = ExportManifest.load(path)
+        for key, override, option in (
+            ("source_checkpoint", checkpoint, "--ckpt"),
+            ("base_model", base_model, "--base"),
+        ):
+            if override is not None and not Path(override).is_dir():
+                raise FormatError(f"{option} {override}: directory not found")
+            recorded = Path(getattr(manifest, key))
+            relative = manifest.relative_sources.get(key)
+            if override is not None:
+                recorded = Path(override)
+            elif not recorded.is_dir() and relative is not None and (path / relative).is_dir():
+                recorded = path / relative  # the project tree moved as a whole
+            setattr(manifest, key, str(recorded.resolve()))
+        return cls(path, manifest)
 
     @property
     def onnx_path(self) -> Path:

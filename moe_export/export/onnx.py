@@ -27,12 +27,12 @@ import torch
 from rich.console import Console
 
 from moe_export import __version__
-from moe_export.errors import ExportError, InternalError, MoeExportError
+from moe_export.errors import ExportError, FormatError, InternalError, MoeExportError
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
-from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord
+from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
-from moe_export.files import make_staging_dir, replace_directory
+from moe_export.files import check_writable, make_staging_dir, replace_directory, replace_files
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, load_base_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -108,17 +108,20 @@ def export_onnx(
     progress: bool = True,
     console: Console | None = None,
     kv_cache: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
     `loaded` is never changed: the shared LoRAs fold into a copy of the weights they touch (model_copy.py),
     a fp16/bf16 export casts a full copy, and a merge works on its own copy.
+    An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
+    write is refused unless `force`, which replaces our files and leaves the others alone.
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
-    _check_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
     out_dir = Path(out_dir).resolve()
-    _check_out_dir(out_dir)
+    ours = check_out_dir(out_dir, force)
     merge_plan = None
     original = loaded
     if merge_threshold is not None or merge_budget is not None:
@@ -142,6 +145,10 @@ def export_onnx(
                 moe_export_version=__version__,
                 source_checkpoint=str(Path(loaded.checkpoint).resolve()),
                 base_model=str(Path(loaded.base_model_path).resolve()),
+                relative_sources={
+                    "source_checkpoint": portable_path(loaded.checkpoint, out_dir),
+                    "base_model": portable_path(loaded.base_model_path, out_dir),
+                },
                 family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
                 dtype=dtype,
                 opset=opset,
@@ -160,14 +167,19 @@ def export_onnx(
             if kv_cache:
                 manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE)
             manifest.save(tmp)
-            replace_directory(tmp, out_dir)
+            if ours is None:
+                replace_directory(tmp, out_dir)
+            else:
+                replace_files(tmp, out_dir, ours, MANIFEST_NAME)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
-def _check_options(dtype: str, opset: int, threshold: float | None, budget: float | None, base_only: bool) -> None:
+def check_export_options(
+    dtype: str, opset: int, threshold: float | None, budget: float | None, base_only: bool
+) -> None:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if opset < MIN_OPSET:
@@ -178,18 +190,33 @@ def _check_options(dtype: str, opset: int, threshold: float | None, budget: floa
         raise ExportError("--base-only exports no adapter: it cannot be combined with a merge option")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output that is a file, or a directory we did not write (we replace only our exports)."""
+def check_out_dir(out_dir: Path, force: bool) -> set[str] | None:
+    """Refuse an output we may not replace; the names our previous export wrote when the replace must keep
+    other files (None: the directory is absent, empty, or holds only our files, so it is swapped whole)."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a directory; choose another -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise ExportError(f"{out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to replace it")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: `-o out/x` works in a fresh checkout
-    except (FileExistsError, NotADirectoryError) as exc:
+        raise ExportError(f"-o {out_dir}: exists and is not a directory; choose another -o")
+    check_writable(out_dir, "-o", directory=True)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    if not (out_dir / MANIFEST_NAME).is_file():
+        raise ExportError(f"-o {out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to replace it")
+    ours = _previous_export_files(out_dir)
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+    if others and not force:
         raise ExportError(
-            f"{out_dir.parent}: cannot create the output's parent directory (a file is in the way)"
-        ) from exc
+            f"-o {out_dir}: holds files moe-export did not write ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); pass --force to replace only the export's files, or choose another -o"
+        )
+    return ours if others else None
+
+
+def _previous_export_files(out_dir: Path) -> set[str]:
+    """The file names the export in `out_dir` wrote, from its export.json (only the manifest if unreadable)."""
+    try:
+        old = ExportManifest.load(out_dir)
+    except FormatError:
+        return {MANIFEST_NAME}
+    return {MANIFEST_NAME, old.model_file, *([old.external_data] if old.external_data else []), *old.copied_files}
 
 
 def _prepare_model(loaded: LoadedAdapter, dtype: str, base_only: bool) -> torch.nn.Module:

@@ -8,7 +8,7 @@ from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.registry import Family, LoadOptions, register
-from moe_export.ir import MANIFEST_NAME, TENSORS_NAME, Adapter, check_finite
+from moe_export.ir import MANIFEST_NAME, TENSORS_NAME, Adapter, check_weights
 
 
 @register
@@ -31,6 +31,6 @@ class Canonical(Family):
         if ckpt.weights_path is None or ckpt.weights_path.name != TENSORS_NAME:
             raise FormatError(f"{ckpt.path}: canonical adapter without {TENSORS_NAME}")
         assert ckpt.config is not None
-        check_finite(ckpt.tensors, str(ckpt.weights_path))
+        check_weights(ckpt.tensors, str(ckpt.weights_path))
         adapter = Adapter.from_manifest(ckpt.config, dict(ckpt.tensors), where=str(ckpt.config_path))
         return adapter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,25 @@ from typing import Any
 import torch
 
 from moe_export.errors import FormatError
-from moe_export.ir import check_finite
+from moe_export.ir import check_weights
 
 CONFIG_NAMES = ("adapter_config.json", "manifest.json")
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "tensors.safetensors")
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a .safetensors file, or a .bin with weights_only=True (a pickle that runs code is refused)."""
+    try:
+        if path.stat().st_size == 0:
+            raise FormatError(f"{path}: is empty (0 bytes); the checkpoint was not written completely")
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot be read ({exc.strerror or _first_line(exc)})") from exc
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -27,17 +39,21 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
-            raise FormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise FormatError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the refused pickle too; our one line says it all
+            warnings.simplefilter("ignore")
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"it references {found.group(1)}" if found else "it holds more than plain tensors"
         raise FormatError(
-            f"{path}: refused to unpickle (weights-only load failed: {first[:160]}); the file holds more than plain "
-            "tensors and may run code; re-save it with safetensors"
+            f"{path}: refused to unpickle: {what}, which a weights-only load never runs; re-save the "
+            "checkpoint with safetensors if it is yours"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise FormatError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0][:160]})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, IndexError) as exc:
+        # torch.load raises many types on a damaged archive (zip index, truncated pickle, bad storage)
+        raise FormatError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from exc
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise FormatError(f"{path}: expected a flat dict of tensors, found {type(data).__name__}")
     return data
@@ -59,7 +75,7 @@ class Checkpoint:
             if self.weights_path is None:
                 raise FormatError(f"{self.path}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
             tensors = read_tensor_file(self.weights_path)
-            check_finite(tensors, str(self.weights_path))
+            check_weights(tensors, str(self.weights_path))
             self._tensors = tensors
         return self._tensors
 

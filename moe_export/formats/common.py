@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -137,6 +138,14 @@ def require_int(config: dict, key: str, where: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
         raise FormatError(f"{where}: '{key}' is {value!r}, expected an integer >= {minimum}")
     return int(value)
+
+
+def require_float(config: dict, key: str, where: str, default: float | None = None) -> float:
+    """A finite number from the config (`default` when the key is absent), with a clear error otherwise."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{where}: '{key}' is {value!r}, expected a number")
+    return float(value)
 
 
 def sorted_modules(modules: dict[str, dict[str, torch.Tensor]]) -> list[str]:

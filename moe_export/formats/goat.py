@@ -16,7 +16,13 @@ import torch
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import expert_linear, peft_expert_modules, require_int, softmax_topk_router
+from moe_export.formats.common import (
+    expert_linear,
+    peft_expert_modules,
+    require_float,
+    require_int,
+    softmax_topk_router,
+)
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import Adapter, SharedLoRA
 
@@ -86,10 +92,12 @@ class Goat(Family):
         config = ckpt.require_config("r", "lora_alpha", "num_experts")
         where = str(ckpt.config_path)
         rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)
-        alpha = float(config["lora_alpha"])
+        alpha = require_float(config, "lora_alpha", where)
         top_k = require_int(config, "top_k", where) if "top_k" in config else int(cls.default_top_k or 2)
         init_type = str(config.get("init_type") or "goat")
-        coef = float(config["init_cof"]) if config.get("init_cof") is not None else 1.0  # GOATLayer's default
+        coef = (
+            require_float(config, "init_cof", where) if config.get("init_cof") is not None else 1.0
+        )  # GOATLayer's default
         if rank // num_experts < 1:
             raise FormatError(f"{where}: r={rank} is smaller than num_experts={num_experts}")
         correct = init_type in SVD_INIT_TYPES

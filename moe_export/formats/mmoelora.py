@@ -20,7 +20,7 @@ import torch
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import expert_linear, expert_pairs, require_int, split_module_keys
+from moe_export.formats.common import expert_linear, expert_pairs, require_float, require_int, split_module_keys
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import Adapter, Router, TaskGate
 
@@ -54,7 +54,7 @@ class MMoELoRA(Family):
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha")
         where, weights_where = str(ckpt.config_path), str(ckpt.weights_path)
-        rank, alpha = require_int(config, "r", where), float(config["lora_alpha"])
+        rank, alpha = require_int(config, "r", where), require_float(config, "lora_alpha", where)
         tensors = dict(ckpt.tensors)
         missing = [k for k in (EMBEDDING_KEY, GATE_KEY) if k not in tensors]
         if missing:
@@ -69,7 +69,7 @@ class MMoELoRA(Family):
                 raise FormatError(
                     f"{weights_where}: {module} has {num_experts} experts, the task gate routes over {gate.gate.shape[0]}"
                 )
-            if "expert_num" in config and int(config["expert_num"]) != num_experts:
+            if "expert_num" in config and require_int(config, "expert_num", where) != num_experts:
                 raise FormatError(f"{where}: expert_num={config['expert_num']}, {module} holds {num_experts} experts")
             if a_list[0].shape[0] * num_experts != rank:
                 raise FormatError(

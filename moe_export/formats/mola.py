@@ -14,7 +14,14 @@ from typing import ClassVar
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import expert_linear, expert_pairs, layer_index, softmax_topk_router, split_module_keys
+from moe_export.formats.common import (
+    expert_linear,
+    expert_pairs,
+    layer_index,
+    require_float,
+    softmax_topk_router,
+    split_module_keys,
+)
 from moe_export.formats.registry import Family, LoadOptions, register
 from moe_export.ir import Adapter
 
@@ -51,7 +58,7 @@ class Mola(Family):
     def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha")
         where = str(ckpt.config_path)
-        ranks, alpha = config["r"], float(config["lora_alpha"])
+        ranks, alpha = config["r"], require_float(config, "lora_alpha", where)
         if not isinstance(ranks, (int, list)):
             raise FormatError(f"{where}: 'r' is {ranks!r}, expected an integer or a per-layer list")
         units = []

@@ -10,6 +10,7 @@ from moe_export.ir.units import (
     TaskGate,
     Unit,
     check_finite,
+    check_weights,
     rank_scaling,
     short_unit_name,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "TaskGate",
     "Unit",
     "check_finite",
+    "check_weights",
     "rank_scaling",
     "short_unit_name",
 ]

@@ -206,6 +206,23 @@ class TaskGate:
 Unit = LinearMoE | FFNMoE
 
 
+# LoRA factors and routers are trained floats; an integer or bool tensor is a broken conversion (its values
+# would be cast silently and exported as nonsense), and float64 is refused too: the export graphs are
+# fp32/fp16/bf16, and no trainer of these families writes fp64.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_weights(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse adapter weights no export can carry: a dtype other than fp32/fp16/bf16, or NaN/Inf values."""
+    for key, t in tensors.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            raise FormatError(
+                f"{where}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; adapter weights must be "
+                "float32, float16 or bfloat16"
+            )
+    check_finite(tensors, where)
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Refuse NaN/Inf weights: they would silently poison every export."""
     for key, t in tensors.items():

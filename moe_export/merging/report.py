@@ -63,7 +63,7 @@ class MergeReport:
         def num(v: float | None, fmt: str = ".3g") -> str:
             return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-        table = Table(title="moe-export merge (L = decoder layer)", title_justify="left")
+        table = Table(title="Merge plan (L = decoder layer)", title_justify="left")
         for col in ("unit", "E", "action", "dominance", "entropy", "ε predicted", "ε measured"):
             table.add_column(col, justify="left" if col in ("unit", "action") else "right", no_wrap=col == "unit")
         for u in self.units:

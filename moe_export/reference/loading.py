@@ -93,8 +93,14 @@ def _read_checkpoint(
     declared = ckpt.config_value("base_model_name_or_path") or ckpt.config_value("base_model")
     base_path = resolve_base_model(ckpt.path, declared, base_model)
     base = BaseWeights(base_path) if fam.needs_base_weights else None
-    with torch.no_grad():  # loaders compute on saved parameters that may still require grad
-        adapter = finish_adapter(fam.load(ckpt, options, base))
+    try:
+        with torch.no_grad():  # loaders compute on saved parameters that may still require grad
+            adapter = finish_adapter(fam.load(ckpt, options, base))
+    except FormatError as exc:
+        # The IR's own checks (shapes, expert counts) do not know the file: name it here.
+        if str(ckpt.path) in str(exc):
+            raise
+        raise FormatError(f"{ckpt.weights_path or ckpt.path}: {exc}") from exc
     apply_load_options(fam, adapter, options)
     try:
         weights = base or BaseWeights(base_path)
@@ -131,6 +137,15 @@ def apply_load_options(family: type[Family], adapter: Adapter, options: LoadOpti
             gate.weights(options.task_id)  # range check with a clear message, before any model is built
 
 
+def require_task_id(adapter: Adapter, task_id: int | None, where: str | Path) -> None:
+    """A task-routed adapter builds no model without a task id: say so before the base model loads."""
+    if task_id is not None or not adapter.task_gates:
+        return
+    if any(u.router is not None and u.router.kind == "task" for u in adapter.units):
+        ids = max(g.embedding.shape[0] for g in adapter.task_gates.values()) - 1
+        raise FormatError(f"{where}: {adapter.family} routes by task id: pass --task-id N (0..{ids})")
+
+
 def check_fits_base(adapter: Adapter, base: BaseWeights) -> None:
     """Every adapted linear exists in the base model with the adapter's shape (read from headers only)."""
     expected: dict[str, tuple[int, int]] = {}
@@ -165,6 +180,7 @@ def load(
     """Load a checkpoint and build the faithful reference model (see DESIGN.md section 3)."""
     options = LoadOptions(top_k=top_k, task_id=task_id)
     adapter, base_path, loader_family = _read_checkpoint(ckpt_dir, base_model, family, options)
+    require_task_id(adapter, task_id, ckpt_dir)
     model = load_base_model(base_path, dtype)
     apply_adapter(model, adapter, task_id=task_id)
     return LoadedAdapter(adapter, model.eval(), Path(ckpt_dir), base_path, task_id, options, loader_family)

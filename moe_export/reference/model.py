@@ -109,7 +109,7 @@ def _build_linear_moe(base: nn.Module, unit: Unit, adapter: Adapter, task_id: in
         from moe_export.errors import MoeExportError
 
         if task_id is None:
-            raise MoeExportError(f"{adapter.family} routes by task id: pass --task-id (task_id=) to pick a task")
+            raise MoeExportError(f"{adapter.family} routes by task id: pass --task-id N to pick a task")
         assert unit.router.task_gate is not None
         task_weights = adapter.task_gates[unit.router.task_gate].weights(task_id)
     return MoELoRALinear(base, unit, task_weights)

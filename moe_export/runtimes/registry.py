@@ -23,6 +23,9 @@ class RunnerOptions:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     threads: int | None = field(default=None, metadata={"help": "intra-op threads (None: the runtime's default)"})
     optimization: str = field(default="all", metadata={"help": "ORT graph optimisation: disable|basic|extended|all"})
+    torch_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the torch model (None: the export's); validation uses fp32"}
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -71,24 +71,27 @@ class TorchRunner(Runner):
         return {"logits": logits.cpu().numpy()}
 
 
-def reference_model_loader(artifact: Artifact) -> Callable[[], torch.nn.Module]:
-    """A deferred builder of the PyTorch reference for an export, following its manifest."""
+def reference_model_loader(artifact: Artifact, dtype_name: str | None = None) -> Callable[[], torch.nn.Module]:
+    """A deferred builder of the PyTorch reference for an export, following its manifest, in `dtype_name`
+    (default: the export's dtype)."""
     manifest = artifact.manifest
     where = artifact.path / "export.json"
-    dtype = TORCH_DTYPES[manifest.dtype]  # ExportManifest checked the name
+    dtype = TORCH_DTYPES[dtype_name or manifest.dtype]  # ExportManifest checked the name
 
     def load() -> torch.nn.Module:
         from moe_export.reference.loading import load_base_model
         from moe_export.reference.model import cast_reference_model
 
         if not Path(manifest.base_model).is_dir():
-            raise FormatError(f"{where}: base model {manifest.base_model} not found; the torch reference needs it")
+            raise FormatError(
+                f"{where}: base model {manifest.base_model} not found; the torch reference needs it (--base DIR)"
+            )
         if artifact.base_only:
             return load_base_model(Path(manifest.base_model), dtype)
         if not Path(manifest.source_checkpoint).is_dir():
             raise FormatError(
                 f"{where}: source checkpoint {manifest.source_checkpoint} not found; the torch reference needs "
-                "the original checkpoint (validate where it exists, or leave torch out of --runtimes)"
+                "the original checkpoint (say where it is with --ckpt DIR, or leave torch out of --runtimes)"
             )
         loaded = _load_with_merge(manifest)
         return cast_reference_model(loaded.model, dtype)
@@ -117,7 +120,7 @@ def _load_with_merge(manifest: ExportManifest) -> Any:
 
 def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> TorchRunner:
     return TorchRunner(
-        reference_model_loader(artifact),
+        reference_model_loader(artifact, options.torch_dtype),
         device=options.device,
         threads=options.threads,
         # A decoder export's past inputs are empty on the first step: the reference runs without a cache.

@@ -23,11 +23,15 @@ def random_feeds(batch: int, seq: int, vocab_size: int, seed: int = 0) -> Feeds:
     return {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
 
 
-def load_npz_feeds(path: str | Path, input_names: Sequence[str]) -> Feeds:
-    """Feeds from an .npz holding input_ids [B, S] (and optionally attention_mask; ones when absent)."""
+def load_npz_feeds(path: str | Path, input_names: Sequence[str], vocab_size: int | None = None) -> Feeds:
+    """Feeds from an .npz holding input_ids [B, S] (and optionally attention_mask; ones when absent);
+    token ids must lie in [0, vocab_size) when the vocabulary size is known."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: inputs file not found")
+    # np.load guesses the format from the first bytes and calls anything unknown "pickled data": check first.
+    if not zipfile.is_zipfile(path):
+        raise FormatError(f"{path}: not an .npz archive (save the inputs with np.savez(f, input_ids=...))")
     try:
         with np.load(path, allow_pickle=False) as data:
             feeds = {k: np.asarray(data[k]) for k in data.files}
@@ -39,6 +43,10 @@ def load_npz_feeds(path: str | Path, input_names: Sequence[str]) -> Feeds:
     if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":
         raise FormatError(
             f"{path}: input_ids must be a non-empty integer array [batch, seq], got {ids.dtype} {ids.shape}"
+        )
+    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise FormatError(
+            f"{path}: input_ids range {int(ids.min())}..{int(ids.max())} is outside the vocabulary 0..{vocab_size - 1}"
         )
     feeds.setdefault("attention_mask", np.ones_like(ids))
     unknown = sorted(set(feeds) - set(input_names))

@@ -47,6 +47,7 @@ class ValidationReport:
     units: dict[str, dict[str, UnitComparison]] = field(default_factory=dict)  # runtime -> unit -> stats
     notes: list[str] = field(default_factory=list)
     generation: list[Any] = field(default_factory=list)  # generation.GenerationComparison, decoder exports
+    torch_dtype: str | None = None  # the dtype the torch runner computed in (fp32 for the reference)
 
     @property
     def passed(self) -> bool:
@@ -131,11 +132,15 @@ class ValidationReport:
         for line in self.failures():
             console.print(f"  - {line}", highlight=False)
 
+    def _reference_label(self) -> str:
+        torch_dtype = f" {self.torch_dtype}" if self.reference == "torch" and self.torch_dtype else ""
+        return f"{self.reference}{torch_dtype}"
+
     def _outputs_table(self) -> Table:
         tol = self.tolerance
         table = Table(
             caption="max rel = max abs / max|ref|; top-1 = fraction of positions with the same argmax",
-            title=f"Parity vs {self.reference} ({self.dtype}; pass: max abs <= {tol.atol:g} + {tol.rtol:g} x max|ref|)",
+            title=f"Parity of the {self.dtype} export vs {self._reference_label()} (pass: max abs <= {tol.atol:g} + {tol.rtol:g} x max|ref|)",
         )
         for column in ("runtime", "input", "output", "max abs", "max rel", "mean abs", "p99 abs", "NaN/Inf", "top-1"):
             table.add_column(column, justify="left" if column in ("runtime", "input", "output") else "right")
@@ -181,9 +186,13 @@ def _units_summary(runtime: str, reference: str, per_unit: dict[str, UnitCompari
     same_input = [u.router_agreement for u in per_unit.values() if u.router_agreement is not None]
     if same_input:
         text += f"; router on the same input: lowest agreement {min(same_input):.4f}"
-    op_errors = [u.op_max_abs for u in per_unit.values() if u.op_max_abs is not None]
-    if op_errors:
-        text += f"; op check max abs {max(op_errors):.3g}"
+    op_checked = [u for u in per_unit.values() if u.op_max_abs is not None and u.op_bound is not None]
+    if op_checked:
+        # The op bound scales with each unit's output magnitude: show the error beside its bound (the unit
+        # closest to failing), never a bare number that reads as large while it passes.
+        worst = max(op_checked, key=lambda u: u.op_max_abs / u.op_bound if u.op_bound else float("inf"))
+        relation = "<=" if worst.op_max_abs <= worst.op_bound else ">"
+        text += f"; op check max abs {worst.op_max_abs:.3g} {relation} bound {worst.op_bound:.3g} (closest unit)"
     return text + (f"; [red]{failed} unit(s) FAIL[/]" if failed else "; [green]all units pass[/]")
 
 

@@ -1,6 +1,6 @@
 """MoE-specific parity per routed unit: routing agreement, near-tie margins, and the routed op in isolation.
 
-- Routing agreement: the fraction of tokens whose selected expert SET (experts with a non-zero gate)
+- Routing agreement: the fraction of tokens whose selected expert SET (experts with a gate above 1e-6)
   equals the reference's. Numeric drift can flip a token whose reference probabilities are nearly
   tied, so for the disagreeing tokens we report the reference margin: the k-th minus the (k+1)-th
   largest probability (k = the number of experts the reference selected for that token).
@@ -24,13 +24,20 @@ from moe_export.ops.names import GROUPED_LORA
 from moe_export.validation.parity import Tolerance
 from moe_export.validation.routing_capture import UnitCapture
 
+# A gate counts as selecting its expert above this magnitude. Routers that drop experts (top-p, dynamic)
+# write exact zeros; dense routers (HydraLoRA, LoRAMoE) give every expert a probability, and a fp16/bf16
+# export stores tiny ones as 0 (fp16's smallest subnormal is 6e-8), which an exact-zero test would read
+# as a routing flip "with margin inf". A gate below 1e-6 moves the output by less than any tolerance.
+SELECTED_GATE_MIN = 1e-6
+
 
 def selection_mask(ids: np.ndarray, gates: np.ndarray | None, num_experts: int) -> np.ndarray:
-    """[T, E] bool: expert e is selected for token t (has a non-zero gate; every id when gates are unknown)."""
+    """[T, E] bool: expert e is selected for token t (|gate| > SELECTED_GATE_MIN; every id when gates are
+    unknown)."""
     mask = np.zeros((ids.shape[0], num_experts), dtype=bool)  # [T, E]
     rows = np.arange(ids.shape[0])
     for j in range(ids.shape[1]):
-        mask[rows, ids[:, j]] |= True if gates is None else gates[:, j] != 0
+        mask[rows, ids[:, j]] |= True if gates is None else np.abs(gates[:, j].astype(np.float64)) > SELECTED_GATE_MIN
     return mask
 
 

@@ -49,6 +49,38 @@ def randn(generator: torch.Generator, *shape: int, std: float) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * std
 
 
+def mean_input_directions(base_dir: Path, modules: list[str]) -> dict[str, torch.Tensor]:
+    """Unit vectors along the mean input of each module, over the built-in calibration text (fp64 forward).
+
+    Trained routers often collapse onto one expert: their row for it lines up with a direction the layer's
+    inputs share (attention outputs and MLP activations have one), so that expert wins on nearly every token.
+    A router row along these directions reproduces that. Computed in float64 so that a rerun on any machine
+    gives the same bits once rounded to the sample's dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_export.merging.calibration_text import builtin_lines
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, torch.zeros(x.shape[-1], dtype=torch.float64)) + x.sum(0)
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in modules]
+    with torch.no_grad():
+        for line in builtin_lines():
+            model(input_ids=tokenizer(line, return_tensors="pt").input_ids[:, :64])
+    for handle in handles:
+        handle.remove()
+    return {name: (total / total.norm()).float() for name, total in sums.items()}
+
+
 def write_config(out_dir: Path, config: dict[str, Any], name: str = "adapter_config.json") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -4,6 +4,9 @@ E=4 experts of rank 2 (config r=8 is the total rank), top-2, init_type goat, ini
 Like peft, the file also carries the `moe_layer.experts.{e}` clones of every expert matrix.
 Saved in bf16, as a run trained in bf16 saves it (samples/goat is the README's quick start, so the
 quick start exercises a bf16 adapter on an fp32 base); `dtype=None` keeps fp32.
+The routers of the `collapsed` projections (o_proj and down_proj by default) collapsed onto expert 0, as
+trained routers often do (see `mean_input_directions`); the others are mixed, so the quick start's
+`--merge-threshold 0.9` merges some units and keeps the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +15,17 @@ from pathlib import Path
 
 import torch
 
-from samples.writers import PEFT_PREFIX, base_rel, linear_shapes, randn, save_safetensors, write_config
+from samples.writers import (
+    PEFT_PREFIX,
+    base_rel,
+    linear_shapes,
+    mean_input_directions,
+    randn,
+    save_safetensors,
+    write_config,
+)
+
+COLLAPSED_SCALE = 20.0  # router logit of the collapsed expert per unit of cosine with the mean input
 
 
 def write(
@@ -23,10 +36,13 @@ def write(
     rank: int = 8,
     dtype: torch.dtype | None = torch.bfloat16,
     seed: int = 101,
+    collapsed: tuple[str, ...] = ("o_proj", "down_proj"),
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for module, (d_in, d_out) in linear_shapes(base_dir).items():
+    shapes = linear_shapes(base_dir)
+    directions = mean_input_directions(base_dir, [m for m in shapes if m.endswith(collapsed)]) if collapsed else {}
+    for module, (d_in, d_out) in shapes.items():
         p = PEFT_PREFIX + module
         for e in range(num_experts):
             a = randn(g, rank // num_experts, d_in, std=0.2)
@@ -34,7 +50,10 @@ def write(
             tensors[f"{p}.lora_A.{e}.weight"], tensors[f"{p}.lora_B.{e}.weight"] = a, b
             tensors[f"{p}.moe_layer.experts.{e}.lora_A.weight"] = a.clone()
             tensors[f"{p}.moe_layer.experts.{e}.lora_B.weight"] = b.clone()
-        tensors[f"{p}.lora_gating.weight"] = randn(g, num_experts, d_in, std=0.5)
+        router = randn(g, num_experts, d_in, std=0.5)
+        if module in directions:
+            router[0] = COLLAPSED_SCALE * directions[module]
+        tensors[f"{p}.lora_gating.weight"] = router
     save_safetensors(out_dir, tensors, dtype=dtype)
     write_config(
         out_dir,

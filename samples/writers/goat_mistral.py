@@ -14,4 +14,4 @@ BASE = "tiny-mistral"
 
 
 def write(out_dir: Path, base_dir: Path) -> None:
-    goat.write(out_dir, base_dir, dtype=None, seed=111)
+    goat.write(out_dir, base_dir, dtype=None, seed=111, collapsed=())

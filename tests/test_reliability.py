@@ -1,0 +1,281 @@
+"""Issue 14: bad input found by a new user, each refused with one line and exit 2 before any work, and
+outputs that never lose a user's file. Table-driven: each case is (command line, words the one line holds).
+
+Unwritable outputs point under /sys: creating a file there fails even for root (which ignores permission
+bits), so the case holds on a developer machine, in a root container and on a CI runner alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moe_export.cli import app
+from moe_export.export.manifest import ExportManifest, portable_path
+from moe_export.formats.checkpoint import read_tensor_file
+from tests.conftest import SAMPLES
+
+UNWRITABLE = Path("/sys/moe-export-test/out")
+BASE = (SAMPLES / "tiny-llama").resolve()
+
+
+def run(args: list[str]) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(args: list[str], *needles: str) -> None:
+    code, out, err = run(args)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def copy_sample(tmp_path: Path, name: str) -> Path:
+    out = tmp_path / name
+    shutil.copytree(SAMPLES / name, out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(BASE)
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+def retype(dtype: torch.dtype) -> Callable[[Path], Path]:
+    """A goat checkpoint whose tensors were converted to `dtype` (a broken conversion script)."""
+
+    def build(tmp_path: Path) -> Path:
+        from safetensors.torch import save_file
+
+        ckpt = copy_sample(tmp_path, "goat")
+        path = ckpt / "adapter_model.safetensors"
+        tensors = {k: (v.float() * 100).to(dtype) for k, v in read_tensor_file(path).items()}
+        save_file(tensors, str(path))
+        return ckpt
+
+    return build
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.int32, "int32"), (torch.bool, "bool"), (torch.float64, "float64")])
+@pytest.mark.parametrize("command", ["inspect", "onnx"])
+def test_non_float_adapter_weights_are_refused_at_load(
+    tmp_path: Path, dtype: torch.dtype, name: str, command: str
+) -> None:
+    ckpt = retype(dtype)(tmp_path)
+    extra = ["-o", tmp_path / "out", "--no-validate"] if command == "onnx" else []
+    assert_one_line_error([command, ckpt, *extra], "adapter_model.safetensors", name, "float32, float16 or bfloat16")
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_export(tmp_path: Path, vocab: int = 128) -> Path:
+    """An export directory as far as option and input checks read it (no model: they run before one loads)."""
+    out = tmp_path / "export"
+    out.mkdir()
+    ExportManifest("0", str(SAMPLES / "goat"), str(BASE), "goat", "fp32", 20).save(out)
+    (out / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    return out
+
+
+# (command line with {tmp}, {export} placeholders, words the error line must hold)
+UNWRITABLE_CASES = {
+    "onnx -o": (["onnx", SAMPLES / "goat", "-o", UNWRITABLE], ["-o", "not writable"]),
+    "onnx -o under a file": (["onnx", SAMPLES / "goat", "-o", SAMPLES / "goat" / "adapter_config.json" / "x"], ["-o"]),
+    "merge -o": (["merge", SAMPLES / "goat", "-o", UNWRITABLE, "--no-eval"], ["-o", "not writable"]),
+    "calibrate -o": (["calibrate", SAMPLES / "goat", "-o", UNWRITABLE / "s.json"], ["-o", "not writable"]),
+    "validate --report": (["validate", "{export}", "--report", UNWRITABLE / "r.json"], ["--report", "not writable"]),
+    "validate --junit": (["validate", "{export}", "--junit", UNWRITABLE / "j.xml"], ["--junit", "not writable"]),
+    "bench --plot": (["bench", "{export}", "--plot", UNWRITABLE / "p.png"], ["--plot", "not writable"]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE_CASES))
+def test_unwritable_output_is_refused_before_the_work(tmp_path: Path, case: str) -> None:
+    if case == "bench --plot":
+        pytest.importorskip("matplotlib")
+    args, needles = UNWRITABLE_CASES[case]
+    export = _fake_export(tmp_path)
+    args = [str(export) if a == "{export}" else a for a in args]
+    assert_one_line_error(args, *needles)
+
+
+OPTION_CASES = {
+    # mmoelora needs --task-id: a bad option must still be the one reported (checked before loading).
+    "dtype before task id": (["onnx", SAMPLES / "mmoelora", "--dtype", "fp33"], ["--dtype", "fp33"]),
+    "threshold before task id": (["onnx", SAMPLES / "mmoelora", "--merge-threshold", "2"], ["--merge-threshold"]),
+    "merge threshold": (["merge", SAMPLES / "mmoelora", "-o", "{tmp}/m", "--merge-threshold", "0"], ["threshold"]),
+    "top-k 0": (["onnx", SAMPLES / "mola", "--top-k", "0"], ["--top-k 0"]),
+    "top-k 0 in a list": (["calibrate", SAMPLES / "mola", "-o", "{tmp}/s.json", "--top-k", "2,0"], ["--top-k 0"]),
+    "top-k above E": (["inspect", SAMPLES / "mola", "--top-k", "100"], ["--top-k 100", "experts"]),
+    "top-k on a family without top-k": (["inspect", SAMPLES / "loramoe", "--top-k", "1"], ["--top-k", "drop"]),
+    "missing task id": (["onnx", SAMPLES / "mmoelora", "-o", "{tmp}/o"], ["--task-id N", "0..3"]),
+    "calibrate samples": (["calibrate", SAMPLES / "goat", "-o", "{tmp}/s.json", "--samples", "0"], ["--samples"]),
+    "validate rtol": (["validate", "{export}", "--rtol", "-1"], ["--rtol"]),
+    "validate min-top1": (["validate", "{export}", "--min-top1", "1.5"], ["--min-top1"]),
+    "validate device": (["validate", "{export}", "--device", "tpu"], ["--device", "tpu"]),
+    "validate batch": (["validate", "{export}", "--batch", "0"], ["--batch"]),
+    "validate ckpt moved away": (["validate", "{export}", "--ckpt", "{tmp}/gone"], ["--ckpt", "not found"]),
+    "bench iters": (["bench", "{export}", "--iters", "0"], ["--iters"]),
+    "bench batch": (["bench", "{export}", "--batch", "1,0"], ["--batch"]),
+    "bench max-ratio": (["bench", "{export}", "--max-ratio", "-1"], ["--max-ratio"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_bad_option_is_refused_before_the_model_loads(tmp_path: Path, case: str) -> None:
+    args, needles = OPTION_CASES[case]
+    export = _fake_export(tmp_path)
+    args = [str(export) if a == "{export}" else str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    assert_one_line_error(args, *needles)
+    assert not any(p.name in ("o", "m", "s.json") for p in tmp_path.iterdir())
+
+
+def test_task_id_message_names_the_option_not_the_keyword() -> None:
+    code, _, err = run(["onnx", SAMPLES / "mmoelora", "--no-validate", "-o", "/nonexistent-dir-for-test/o"])
+    assert code == 2 and "(task_id=)" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"this is not an npz archive at all", ["not an .npz archive"]),
+        (None, ["input_ids range", "outside the vocabulary 0..127"]),
+    ],
+)
+def test_validate_inputs_garbage_or_out_of_vocab(tmp_path: Path, content: bytes | None, needles: list[str]) -> None:
+    export = _fake_export(tmp_path, vocab=128)
+    npz = tmp_path / "inputs.npz"
+    if content is None:
+        np.savez(npz, input_ids=np.array([[1, 2, 128]], dtype=np.int64))
+    else:
+        npz.write_bytes(content)
+    assert_one_line_error(["validate", export, "--inputs", npz], str(npz), *needles)
+
+
+def test_help_shows_conventional_usage_and_plain_flags() -> None:
+    code, out, _ = run(["onnx", "--help"])
+    assert code == 0
+    assert "{ckpt}" not in out and "{CKPT}" not in out and "CKPT" in out
+    assert "<bool>" not in out
+    json_line = next(line for line in out.splitlines() if "--json" in line)
+    assert "bool" not in json_line
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_never_changes_the_exit_code_of_bad_input(tmp_path: Path, debug: bool) -> None:
+    ckpt = retype(torch.int32)(tmp_path)
+    code, _, _ = run([*(["--debug"] if debug else []), "inspect", ckpt])
+    assert code == 2
+
+
+def test_portable_path_is_relative_inside_a_tree_and_absolute_across_roots(tmp_path: Path) -> None:
+    assert portable_path(tmp_path / "a" / "ckpt", tmp_path / "b" / "out") == "../../a/ckpt"
+    assert Path(portable_path("/", tmp_path / "out")).is_absolute()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project tree: the lora sample and its base model copied in, exported next to them."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(SAMPLES / "tiny-llama", root / "tiny-llama")
+    shutil.copytree(SAMPLES / "lora", root / "lora")
+    code, _, err = run(["onnx", root / "lora", "-o", root / "export", "--no-validate"])
+    assert code == 0, err
+    return root
+
+
+def test_export_records_relative_sources_and_validate_takes_overrides(project: Path, tmp_path: Path) -> None:
+    tree = shutil.copytree(project, tmp_path / "tree")
+    shutil.rmtree(tree / "export")
+    assert run(["onnx", tree / "lora", "-o", tree / "export", "--no-validate"])[0] == 0
+    relative = json.loads((tree / "export" / "export.json").read_text())["relative_sources"]
+    assert relative == {"source_checkpoint": "../lora", "base_model": "../tiny-llama"}
+    moved = tmp_path / "moved"
+    shutil.move(tree, moved)  # the whole tree moves (the absolute paths are gone): nothing to say
+    assert run(["validate", moved / "export"])[0] == 0
+    shutil.move(moved / "lora", tmp_path / "elsewhere")  # only the checkpoint moves: say where
+    code, _, err = run(["validate", moved / "export"])
+    assert code == 2 and "--ckpt" in err
+    assert run(["validate", moved / "export", "--ckpt", tmp_path / "elsewhere"])[0] == 0
+
+
+def test_reexport_never_deletes_a_users_file(project: Path, tmp_path: Path) -> None:
+    export = shutil.copytree(project / "export", tmp_path / "export")
+    (export / "notes.txt").write_text("mine")
+    old_model = (export / "model.onnx").stat().st_mtime_ns
+    args = ["onnx", project / "lora", "-o", export, "--no-validate"]
+    assert_one_line_error(args, "notes.txt", "--force")
+    assert (export / "notes.txt").read_text() == "mine"
+    assert (export / "model.onnx").stat().st_mtime_ns == old_model  # refused before writing anything
+    code, _, err = run([*args, "--force"])
+    assert code == 0, err
+    assert (export / "notes.txt").read_text() == "mine"
+    assert (export / "model.onnx").stat().st_mtime_ns != old_model
+    assert (export / "export.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_reexport_over_our_own_export_needs_no_force(project: Path, tmp_path: Path) -> None:
+    export = shutil.copytree(project / "export", tmp_path / "export")
+    code, _, err = run(["onnx", project / "lora", "-o", export, "--no-validate"])
+    assert code == 0, err
+
+
+def test_non_tty_tables_are_not_cut_and_onnx_run_has_no_merge_titled_table(tmp_path: Path) -> None:
+    code, out, err = run(["onnx", SAMPLES / "goat", "-o", tmp_path / "o", "--merge-threshold", "0.9"])
+    assert code == 0, err
+    assert "…" not in out + err
+    assert "moe-export merge" not in out + err
+    # The quick start shows the product: some routers collapsed (merged), others mixed (kept), then next steps.
+    found = re.search(r"(\d+) GroupedLoRA units, (\d+) folded/merged", out)
+    assert found and int(found.group(1)) > 0 and int(found.group(2)) > 0, out
+    assert "next: moe-export validate" in out
+
+
+@pytest.mark.parametrize("name", ["mola", "hydralora"])
+def test_fp16_export_passes_its_own_gate_against_the_fp32_reference(tmp_path: Path, name: str) -> None:
+    """mola: a .half() torch model is 0.128 off its fp32 self while the fp16 export is 0.006 off it, so the
+    gate compares with fp32; hydralora: a dense router's tiny gates underflow to 0 in fp16 and must not
+    read as routing flips."""
+    out = tmp_path / "o"
+    code, _, err = run(["onnx", SAMPLES / name, "-o", out, "--dtype", "fp16", "--no-validate"])
+    assert code == 0, err
+    code, stdout, err = run(["validate", out, "--json"])
+    assert code == 0, stdout + err
+    report = json.loads(stdout)
+    assert report["passed"]
+
+
+def test_underflowed_dense_gate_is_not_a_routing_flip() -> None:
+    from moe_export.validation.routing_capture import UnitCapture
+    from moe_export.validation.units import routing_diff
+
+    ids = np.array([[0, 1, 2]])
+    probs = np.array([[0.6, 0.4 - 1e-9, 1e-9]], dtype=np.float32)
+    reference = UnitCapture(None, ids, probs, probs)
+    candidate = UnitCapture(None, ids, np.array([[0.6, 0.4, 0.0]], dtype=np.float16))
+    assert routing_diff(reference, candidate).agreeing == 1
+    dropped = UnitCapture(None, ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16))  # a real flip still counts
+    assert routing_diff(reference, dropped).agreeing == 0
+
+
+def test_shape_error_from_the_adapter_ir_names_the_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    ckpt = copy_sample(tmp_path, "goat")
+    path = ckpt / "adapter_model.safetensors"
+    tensors = read_tensor_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_gating.weight"))
+    tensors[key] = tensors[key][:3].clone()  # 3 router rows for 4 experts
+    save_file(tensors, str(path))
+    assert_one_line_error(["inspect", ckpt], "adapter_model.safetensors")
