@@ -10,38 +10,22 @@ work=${1:-/tmp/moe-export-triton}
 venv=$work/venv
 mkdir -p "$work"
 start=$SECONDS
+# The venv installs (network-bound) while the exports run (CPU-bound).
 if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet "nvidia-pytriton==0.7.*" "tritonclient[http,grpc]" "numpy<2" onnxruntime
+    (python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --no-compile "nvidia-pytriton==0.7.*" \
+        "tritonclient[http,grpc]" "numpy<2" onnxruntime) > "$work/venv.log" 2>&1 &
+    venv_pid=$!
+fi
+# Exports (scoring graph + KV-cache decoder), repositories and the torch reference's tokens, one process.
+python benchmarks/triton_prepare.py "$work"
+echo "exports, repositories and reference tokens ready after $((SECONDS - start)) s"
+if [ -n "${venv_pid:-}" ] && ! wait "$venv_pid"; then
+    cat "$work/venv.log" >&2
+    echo "triton check: creating the server venv failed" >&2
+    exit 1
 fi
 echo "venv ready after $((SECONDS - start)) s"
-
-# A stateless scoring export (dynamic batching) and a KV-cache decoder (decoder-step + generation models).
-moe-export onnx samples/goat -o "$work/goat-score" --no-kv-cache --no-validate --json > /dev/null
-moe-export onnx samples/goat -o "$work/goat-kv" --merge-threshold 0.9 --no-validate --json > /dev/null
-moe-export triton "$work/goat-score" -o "$work/repo-score" --name goat_score --backend python --json > /dev/null
-moe-export triton "$work/goat-kv" -o "$work/repo-kv" --name goat --backend python --instances 2 --json > /dev/null
-# Configs that this server cannot load (no onnxruntime backend, no GPU) are still parsed and checked.
-moe-export triton "$work/goat-score" -o "$work/repo-ort" --name goat_ort --json > /dev/null
-moe-export triton "$work/goat-kv" -o "$work/repo-ort-kv" --name goat_kv_ort --device gpu --json > /dev/null
-rm -rf "$work/goat-trt" && cp -r "$work/goat-kv" "$work/goat-trt"
-printf 'not a real engine: only its config is checked\n' > "$work/goat-trt/model.engine"
-echo '{"engine": "model.engine"}' > "$work/goat-trt/engine.json"
-moe-export triton "$work/goat-trt" -o "$work/repo-trt" --name goat_t --device gpu --json > /dev/null
-
-# The torch reference's greedy tokens (an independent implementation of the decoder).
 expect=$work/expected.json
-python - "$work/goat-kv" "$expect" <<'PY'
-import json, subprocess, sys
-prompts = [[5, 17, 42, 9, 100], [1, 2, 3], [200, 7, 7, 7, 31, 64, 12, 90]]
-out = []
-for p in prompts:
-    res = subprocess.run(["moe-export", "generate", sys.argv[1], "--prompt-ids", ",".join(map(str, p)),
-                          "--max-new-tokens", "12", "--runtime", "torch", "--json"], check=True,
-                         capture_output=True, text=True)
-    out.append({"prompt": p, "tokens": json.loads(res.stdout)["tokens"], "max_new_tokens": 12})
-json.dump(out, open(sys.argv[2], "w"))
-PY
 
 # A pyenv-built Python: the backend stub must find this Python's libpython, not the system's.
 pylib=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
