@@ -27,6 +27,7 @@ STAGES: list[tuple[str, ...]] = [
     ("moe_export.export",),
     ("moe_export.runtimes",),
     ("moe_export.validation",),
+    ("moe_export.serving",),
     ("moe_export.api",),
     ("moe_export.cli",),
 ]

@@ -17,6 +17,7 @@ from moe_export.cli import validate_cmd  # noqa: F401  isort: skip
 from moe_export.cli import bench_cmd  # noqa: F401  isort: skip
 from moe_export.cli import kernels_cmd  # noqa: F401  isort: skip
 from moe_export.cli import generate_cmd  # noqa: F401  isort: skip
+from moe_export.cli import triton_cmd  # noqa: F401  isort: skip
 from moe_export.cli.app import app, main
 
 __all__ = ["app", "main"]
