@@ -7,7 +7,6 @@ EOS). The decoding loop (moe_export_runtime.greedy) feeds the decoder its own pr
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -22,11 +21,7 @@ import triton_python_backend_utils as pb_utils  # provided by the python backend
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        config = json.loads(args["model_config"])
-        params = runtime.string_parameters(config)
-        folder = os.path.dirname(os.path.abspath(__file__))
-        onnx_path = os.path.join(folder, params.get("onnx_file", "model.onnx"))
-        self.session = runtime.make_session(onnx_path, params, args.get("model_instance_kind", "CPU"))
+        _config, params, self.session = runtime.open_model(args, os.path.dirname(os.path.abspath(__file__)))
         self.eos = [int(t) for t in params.get("eos_token_ids", "").split(",") if t.strip()]
         self.vocab = int(params["vocab_size"])
         self.limit = int(params.get("max_new_tokens_limit", "512"))

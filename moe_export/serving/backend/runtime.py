@@ -8,6 +8,7 @@ logits and present.{i}.key/.value out.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -33,6 +34,15 @@ def make_session(onnx_path: str, params: dict[str, str], instance_kind: str = "C
     if instance_kind.upper().endswith("GPU") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(onnx_path, options, providers=providers)
+
+
+def open_model(args: dict[str, Any], folder: str) -> tuple[dict[str, Any], dict[str, str], Any]:
+    """Triton's `initialize` args -> (model config, its string parameters, the ORT session of the ONNX file in
+    `folder`); what every python-backend model.py here starts with."""
+    config = json.loads(args["model_config"])
+    params = string_parameters(config)
+    onnx_path = os.path.join(folder, params.get("onnx_file", "model.onnx"))
+    return config, params, make_session(onnx_path, params, args.get("model_instance_kind", "CPU"))
 
 
 def run_grouped(session: Any, requests: Sequence[dict[str, np.ndarray]], batched: bool) -> list[Any]:

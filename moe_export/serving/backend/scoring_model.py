@@ -7,7 +7,6 @@ requests of the same shape run as one batch.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -20,11 +19,7 @@ import triton_python_backend_utils as pb_utils  # provided by the python backend
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        config = json.loads(args["model_config"])
-        params = runtime.string_parameters(config)
-        folder = os.path.dirname(os.path.abspath(__file__))
-        onnx_path = os.path.join(folder, params.get("onnx_file", "model.onnx"))
-        self.session = runtime.make_session(onnx_path, params, args.get("model_instance_kind", "CPU"))
+        config, _params, self.session = runtime.open_model(args, os.path.dirname(os.path.abspath(__file__)))
         self.inputs = [spec.name for spec in self.session.get_inputs()]
         self.batched = int(config.get("max_batch_size", 0)) > 0
 
