@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init Llama (hidden 32, 2 layers, vocab 64) saved as a transformers directory."""
-    from tests.tiny import save_tiny_llama
+    """A random-init Llama (hidden 32, 2 layers, vocab 64) saved as a transformers directory, one per run."""
+    from tests.artifacts import tiny_base_dir
 
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return tiny_base_dir(tmp_path_factory)
