@@ -12,7 +12,14 @@ import typer
 
 from moe_export.cli import checks
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
-from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
+from moe_export.cli.options import (
+    BASE_OPTION,
+    CKPT_ARGUMENT,
+    DEVICE_OPTION,
+    FAMILY_OPTION,
+    FORWARD_OPTION,
+    TOP_K_OPTION,
+)
 from moe_export.errors import MoeExportError
 
 
@@ -40,11 +47,17 @@ def onnx_command(
         False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
+    device: str = DEVICE_OPTION,
+    forward: str = FORWARD_OPTION,
 ) -> None:
-    """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
+    """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity.
+
+    With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
+    holds anyway when on the CPU, and streams layer by layer on a GPU."""
     import moe_export
     from moe_export.api import export_onnx
     from moe_export.export.onnx import check_export_options, check_out_dir
+    from moe_export.merging.layerwise import choose_streaming
     from moe_export.merging.plan import check_options
 
     if data is not None and merge_threshold is None and merge_budget is None:
@@ -58,6 +71,7 @@ def onnx_command(
     checks.input_dir(ckpt, "checkpoint")
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
     check_out_dir(out.resolve(), force)
+    streaming = choose_streaming(forward, device, whole_model_loaded=True)
     loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
     result = export_onnx(
         loaded,
@@ -73,6 +87,7 @@ def onnx_command(
         console=err_console,
         kv_cache=not no_kv_cache,
         force=force,
+        merge_streaming=streaming,
     )
     if as_json:
         print_json(result.to_dict())
