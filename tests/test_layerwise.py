@@ -22,7 +22,7 @@ from moe_export.merging.apply import merge
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise
 from moe_export.merging.statistics import CalibrationStats, calibrate, calibration_inputs
 from moe_export.reference.loading import load_without_model
-from moe_export.reference.streamed import StreamedReference
+from moe_export.reference.streamed import PARTS, StreamedReference
 from tests.conftest import SAMPLES
 
 TASK_IDS = {"mmoelora": 1}  # task-routed: calibrated for one task
@@ -40,9 +40,10 @@ def _load(name: str, dtype: torch.dtype = torch.float32, base: Path | None = Non
 def streamed_logits(stream: StreamedReference, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     states = stream.embed(inputs)
     for i in range(stream.num_layers):
-        with stream.layer(i) as layer:
-            for state in states:
-                state.hidden = stream.run_layer(layer, i, state)
+        for part in PARTS:
+            with stream.part(i, part) as layer:
+                for state in states:
+                    stream.run(layer, i, part, state)
     with stream.head() as head:
         return [head(s.hidden) for s in states]
 
@@ -147,24 +148,26 @@ def test_merge_report_agrees_with_the_whole_model() -> None:
     assert whole.report.logits_rel_error > 1e-3  # the merge changes the logits: the comparison is not vacuous
 
 
-def test_only_one_layer_is_in_memory_at_a_time() -> None:
+def test_only_one_part_of_one_layer_is_in_memory_at_a_time() -> None:
     loaded = load_without_model(SAMPLES / "goat")
     stream = StreamedReference(loaded.base_model_path, loaded.adapter)
     inputs = [torch.randint(0, stream.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))]
     assert all(p.is_meta for p in stream.model.parameters())
     seen = []
 
-    def check(module: torch.nn.Module, _args: object) -> None:
-        loaded_layers = [i for i, layer in enumerate(stream.layers) if not any(p.is_meta for p in layer.parameters())]
-        seen.append(loaded_layers)
-        assert stream.model.get_input_embeddings().weight.is_meta
-        assert stream.model.get_output_embeddings().weight.is_meta
+    def check(*_args: object) -> None:
+        """Which (layer, part) hold real weights while a part runs."""
+        real = {n for n, p in stream.model.named_parameters() if not p.is_meta}
+        seen.append(sorted({(n.split(".")[2], ".mlp." in n) for n in real}))
+        assert all(n.startswith("model.layers.") for n in real)  # embeddings and head are freed
 
     for layer in stream.layers:
         layer.register_forward_pre_hook(check)
+        layer.mlp.register_forward_pre_hook(check)
     streamed_logits(stream, inputs)
-    assert seen == [[0], [1]]
+    assert seen == [[("0", False)], [("0", True)], [("1", False)], [("1", True)]]
     assert all(p.is_meta for p in stream.model.parameters()) and all(b.is_meta for _, b in _layer_buffers(stream))
+    assert len({id(m) for m in stream.model.modules() if getattr(m, "unit_name", None)}) == 14  # adapted as it ran
 
 
 def _layer_buffers(stream: StreamedReference) -> list[tuple[str, torch.Tensor]]:
@@ -177,9 +180,11 @@ def test_bf16_base_runs_in_bf16_with_fp64_statistics(tmp_path: Path) -> None:
     stream = StreamedReference(adapter_only.base_model_path, adapter_only.adapter)
     assert stream.dtype == torch.bfloat16
     dtypes: set[torch.dtype] = set()
-    with stream.layer(0) as layer:
-        dtypes.update(p.dtype for p in layer.parameters())
-        routers = {b.dtype for n, b in layer.named_buffers() if n.endswith("router_weight")}
+    routers: set[torch.dtype] = set()
+    for part in PARTS:
+        with stream.part(0, part) as layer:
+            dtypes.update(p.dtype for p in layer.parameters() if not p.is_meta)
+            routers.update(b.dtype for n, b in layer.named_buffers() if n.endswith("router_weight") and not b.is_meta)
     assert dtypes == {torch.bfloat16} and routers == {torch.float32}  # GOAT routes in fp32
 
     streamed = calibrate_layerwise(adapter_only, samples=3, seq_len=11, progress=False)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe_export.errors import MergeError
+from moe_export.ir.fold import unmap_large_frees
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
 from moe_export.merging.plan import MergePlan
@@ -29,7 +30,7 @@ from moe_export.merging.statistics import (
     recording,
     routed_linear_units,
 )
-from moe_export.reference.streamed import StreamedReference, resolve_device
+from moe_export.reference.streamed import PARTS, StreamedReference, resolve_device
 
 if TYPE_CHECKING:
     from moe_export.reference.loading import LoadedAdapter
@@ -73,6 +74,7 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[
 
 
 def _stream(loaded: LoadedAdapter, streaming: Streaming) -> StreamedReference:
+    unmap_large_frees()  # freed layers and temporaries go back to the OS instead of staying in the heap
     return StreamedReference(loaded.base_model_path, loaded.adapter, loaded.task_id, streaming.dtype, streaming.device)
 
 
@@ -92,7 +94,8 @@ def calibrate_layerwise(
     units = routed_linear_units(loaded.adapter)
     accumulators: dict[str, UnitAccumulator] = {}
     states = stream.embed(inputs)
-    with _progress(progress, "calibrating (layer by layer)", stream.num_layers * len(states)) as advance:
+    steps = stream.num_layers * len(PARTS) * len(states)
+    with _progress(progress, "calibrating (layer by layer)", steps) as advance:
         for i in range(stream.num_layers):
             # One layer's accumulators at a time: their fp64 copies of A are as big as the layer's experts.
             layer_accs = {
@@ -100,12 +103,13 @@ def calibrate_layerwise(
                 for u in stream.units_by_layer[i]
                 if u.name in units
             }
-            with stream.layer(i) as layer, recording(layer, layer_accs):
-                for state in states:
-                    state.hidden = stream.run_layer(layer, i, state)
-                    advance()
+            for part in PARTS:
+                with stream.part(i, part) as layer, recording(layer, layer_accs):
+                    for state in states:
+                        stream.run(layer, i, part, state)
+                        advance()
             for acc in layer_accs.values():
-                acc.a = acc.gram = acc.a[:0]  # only the [E]/[E, E] sums are needed from here on
+                acc.a = acc.gram = torch.empty(0)  # only the [E] / [E, E] sums are needed from here on
             accumulators.update(layer_accs)
     return collect_stats(loaded, accumulators, inputs, source, seq_len, seed)
 
@@ -130,19 +134,23 @@ def measure_layerwise(
     reference = stream.embed(inputs)
     merged = [dataclasses.replace(state) for state in reference]  # same embeddings, own hidden state from here
     measured: dict[str, float | None] = {}
-    with _progress(progress, "held-out (layer by layer)", stream.num_layers * 2 * len(inputs)) as advance:
+    steps = stream.num_layers * len(PARTS) * 2 * len(inputs)
+    with _progress(progress, "held-out (layer by layer)", steps) as advance:
         for i in range(stream.num_layers):
             names = {u.name for u in stream.units_by_layer[i]}
             accs = {n: UnitAccumulator(routed[n].experts, stream.device) for n in folded if n in names}  # type: ignore[arg-type]
-            with stream.layer(i) as layer:
-                with recording(layer, accs):
-                    for state in reference:
-                        state.hidden = stream.run_layer(layer, i, state)
+            for part in PARTS:
+                in_part = {u.name for u in stream.part_units(i, part)}
+                with stream.part(i, part) as layer:
+                    with recording(layer, accs):
+                        for state in reference:
+                            stream.run(layer, i, part, state)
+                            advance()
+                    # The reference pass is done: fold this part's entries into its freshly loaded weights.
+                    fold_entries(stream.model, [e for e in plan.units if e.name in in_part], linear_units)
+                    for state in merged:
+                        stream.run(layer, i, part, state)
                         advance()
-                fold_entries(stream.model, [e for e in plan.units if e.name in names], linear_units)
-                for state in merged:
-                    state.hidden = stream.run_layer(layer, i, state)
-                    advance()
             for n, acc in accs.items():
                 stats = acc.to_stats(n, routed[n].router.slots)  # type: ignore[union-attr]
                 measured[n] = stats.error_for(folded[n].expert_weights)  # type: ignore[arg-type]

@@ -4,7 +4,9 @@ GPTQ/AWQ-style: the transformers model is built on the meta device (no weights),
 loaded and every calibration sample is embedded; then decoder layer i is loaded from the safetensors
 shards (only its tensors), adapted with the same unit modules as the whole-model reference
 (`apply_adapter`), every sample's hidden state is run through it, and it is freed before layer i+1.
-The final norm and head are loaded only where logits are needed.
+A layer runs in two parts, attention then MLP, each loaded and freed in turn, so the process holds the
+larger part's weights (the MLP: two thirds of a Llama layer), not the layer's. The final norm and head
+are loaded only where logits are needed.
 
 Rotary embeddings and causal masks are not re-derived here: each sample goes once through the model's
 own forward with every decoder layer replaced by a probe that records the arguments the model passes it
@@ -31,6 +33,8 @@ from moe_export.reference.loading import require_task_id
 from moe_export.reference.model import apply_adapter
 
 LAYERS_PATH = "model.layers"  # the decoder stack of every supported architecture (architectures.py)
+MLP = "mlp"  # a decoder layer's feed-forward block: loaded and run apart from the attention half
+PARTS = ("attention", MLP)  # a decoder layer in the order it runs; one part's weights are in memory at a time
 
 
 LayerCall = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]  # (hidden state, other args, kwargs)
@@ -54,12 +58,23 @@ class _LayerProbe(nn.Module):
         return hidden
 
 
+class _MLPProbe(nn.Module):
+    """Stands in for the MLP while the attention half runs: keeps its input, adds nothing to the residual."""
+
+    seen: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x
+        return torch.zeros_like(x)
+
+
 @dataclasses.dataclass
 class SampleState:
     """One calibration sample between layers: its hidden state and the arguments each layer is called with."""
 
     hidden: torch.Tensor  # [1, L, D]
     layer_calls: list[tuple[tuple[Any, ...], dict[str, Any]]]  # per decoder layer: its (args, kwargs) after hidden
+    mlp_input: torch.Tensor | None = None  # [1, L, D] between a layer's attention part and its MLP part
 
 
 def model_dtype(config: Any) -> torch.dtype:
@@ -132,17 +147,23 @@ class StreamedReference:
 
     # ------------------------------------------------------------------------------------------ weights
 
-    def _load_module(self, name: str, module: nn.Module, key_for: dict[str, str] | None = None) -> None:
-        """Give `module` (at `name` in the model) its safetensors weights in self.dtype on self.device."""
+    def _load_module(
+        self, name: str, module: nn.Module, key_for: dict[str, str] | None = None, skip: str | None = None
+    ) -> None:
+        """Give `module` (at `name` in the model) its safetensors weights in self.dtype on self.device, except
+        those of its child `skip`. The tensors map the shard files (copy-on-write): pages are read as used."""
         state = {}
         for local in module.state_dict(keep_vars=True):  # parameters and persistent buffers
+            if skip is not None and local.startswith(f"{skip}."):
+                continue
             key = (key_for or {}).get(local, f"{name}.{local}")
             if key not in self.weights:
                 raise FormatError(f"{self.base_path}: the base model has no tensor {key!r}")
             value = self.weights.get(key)
             state[local] = value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
             del value
-        module.load_state_dict(state, assign=True, strict=True)
+        missing, unexpected = module.load_state_dict(state, assign=True, strict=skip is None)
+        assert not unexpected and all(k.startswith(f"{skip}.") for k in missing), (missing, unexpected)
 
     def _name_of(self, module: nn.Module) -> str:
         for name, candidate in self.model.named_modules():
@@ -180,27 +201,57 @@ class StreamedReference:
             states.append(SampleState(per_layer[0][0], [(args, kwargs) for _, args, kwargs in per_layer]))
         return states
 
+    def _in_mlp(self, index: int, name: str) -> bool:
+        mlp = f"{LAYERS_PATH}.{index}.{MLP}"
+        return name == mlp or name.startswith(f"{mlp}.")
+
+    def part_units(self, index: int, part: str) -> list[Unit]:
+        """The units of decoder layer `index` inside `part` ('attention': everything but the MLP; 'mlp')."""
+        return [u for u in self.units_by_layer[index] if self._in_mlp(index, u.name) == (part == "mlp")]
+
     @contextlib.contextmanager
-    def layer(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer `index` with its weights loaded and its adapted modules replaced; freed on exit."""
-        layer = self.layers[index]
-        name = f"{LAYERS_PATH}.{index}"
+    def part(self, index: int, part: str) -> Iterator[nn.Module]:
+        """Decoder layer `index` with the weights of one part loaded and its adapted modules replaced; the part is
+        freed on exit. Yields the layer (its other part stays on the meta device)."""
+        layer, name = self.layers[index], f"{LAYERS_PATH}.{index}"
+        module = getattr(layer, MLP) if part == "mlp" else layer
         try:
-            self._load_module(name, layer)
-            units = self.units_by_layer[index]
+            self._load_module(f"{name}.{MLP}" if part == "mlp" else name, module, skip=None if part == "mlp" else MLP)
+            units = self.part_units(index, part)
             if units:
                 apply_adapter(self.model, dataclasses.replace(self.adapter, units=units), task_id=self.task_id)
             layer = self.layers[index]
-            layer.to(self.device)  # the adapter modules' expert / router buffers
+            self._buffers_to_device(layer)
             yield layer
         finally:
-            self.layers[index].to("meta")  # frees every weight and buffer of the layer
+            self.layers[index].to("meta")  # frees every weight and buffer the layer holds
+
+    def _buffers_to_device(self, module: nn.Module) -> None:
+        """The adapter modules' expert and router buffers are built on the CPU; the other part stays on meta."""
+        for sub in module.modules():
+            for name, buffer in list(sub.named_buffers(recurse=False)):
+                if buffer is not None and not buffer.is_meta and buffer.device != self.device:
+                    setattr(sub, name, buffer.to(self.device))
 
     @staticmethod
-    def run_layer(layer: nn.Module, index: int, state: SampleState) -> torch.Tensor:
-        """One sample's hidden state through a loaded layer, called as the whole model calls it."""
+    def run(layer: nn.Module, index: int, part: str, state: SampleState) -> None:
+        """One sample through one part of a loaded layer, as the whole model runs it.
+
+        The attention part is the layer's own forward with the MLP replaced by a probe that keeps the MLP input and
+        returns zeros: `residual + 0` is the residual exactly, so the MLP part finishes the layer with the same
+        `residual + mlp(x)` the decoder layers of every supported architecture compute."""
+        if part == "mlp":
+            state.hidden = state.hidden + getattr(layer, MLP)(state.mlp_input)
+            state.mlp_input = None
+            return
         args, kwargs = state.layer_calls[index]
-        return layer(state.hidden, *args, **kwargs)
+        mlp, probe = getattr(layer, MLP), _MLPProbe()
+        setattr(layer, MLP, probe)
+        try:
+            state.hidden = layer(state.hidden, *args, **kwargs)
+        finally:
+            setattr(layer, MLP, mlp)
+        state.mlp_input = probe.seen
 
     @contextlib.contextmanager
     def head(self) -> Iterator[nn.Module]:
