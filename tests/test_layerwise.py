@@ -252,3 +252,27 @@ def test_cuda_streamed_stats_match_cpu() -> None:
     gpu = calibrate_layerwise(loaded, samples=3, seq_len=11, progress=False, streaming=Streaming("cuda"))
     # Different kernels (cuBLAS, TF32 off by default for fp32 matmuls): agreement to fp32 rounding.
     assert_stats_close(gpu, cpu, 1e-4, 1e-5)
+
+
+def test_auto_runs_the_whole_model_for_a_base_without_safetensors(tmp_path: Path) -> None:
+    """Streaming reads safetensors only: auto falls back to the whole model, an explicit `layers` says why."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny import random_adapter, tiny_llama_config
+
+    base = tmp_path / "bin-base"
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.config.save_pretrained(str(base))
+    torch.save(model.state_dict(), base / "pytorch_model.bin")
+    adapter = random_adapter()
+    adapter.base_model = str(base)
+    ckpt = adapter.save(tmp_path / "ckpt")
+    runner = CliRunner()
+    out = tmp_path / "stats.json"
+    args = ["calibrate", str(ckpt), "-o", str(out), "--samples", "2", "--seq-len", "5", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert CalibrationStats.load(out).tokens == 10
+    refused = runner.invoke(app, [*args[:3], str(tmp_path / "x.json"), "--forward", "layers"])
+    assert refused.exit_code == 2 and "safetensors" in refused.output and str(base) in refused.output
+    assert not (tmp_path / "x.json").exists()

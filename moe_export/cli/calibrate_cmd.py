@@ -67,9 +67,9 @@ def calibrate_cmd(
 
     By default (--forward auto = layers) the reference runs one decoder layer at a time in the model's dtype,
     so the process holds one layer's weights, not the model."""
-    from moe_export.merging.layerwise import calibrate_layerwise, choose_streaming
+    from moe_export.merging.layerwise import calibrate_layerwise, check_forward, choose_streaming
     from moe_export.merging.statistics import calibrate
-    from moe_export.reference.loading import load, load_without_model
+    from moe_export.reference.loading import attach_model, load_without_model
 
     checks.at_least(samples, 1, "--samples")
     checks.at_least(seq_len, 1, "--seq-len")
@@ -79,11 +79,12 @@ def calibrate_cmd(
     checks.writable_files((out, "-o"))
     if data is not None and not data.is_file():
         raise MoeExportError(f"--data {data}: calibration text file not found")
-    streaming = choose_streaming(forward, device)
+    check_forward(forward, device)
+    loaded = load_without_model(ckpt, base, family, k, task_id)
+    streaming = choose_streaming(forward, device, loaded.base_model_path)
     if streaming is None:
-        stats = calibrate(load(ckpt, base, family, k, task_id), data, samples, seq_len, seed, progress=not as_json)
+        stats = calibrate(attach_model(loaded), data, samples, seq_len, seed, progress=not as_json)
     else:
-        loaded = load_without_model(ckpt, base, family, k, task_id)
         stats = calibrate_layerwise(loaded, data, samples, seq_len, seed, not as_json, streaming)
     stats.save(out)
     if as_json:

@@ -54,10 +54,10 @@ def merge_cmd(
     from moe_export.errors import MergeError
     from moe_export.files import check_writable
     from moe_export.merging.apply import merge, save_merged
-    from moe_export.merging.layerwise import choose_streaming
+    from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
     from moe_export.merging.statistics import CalibrationStats
-    from moe_export.reference.loading import load, load_without_model
+    from moe_export.reference.loading import attach_model, load_without_model
 
     check_options(threshold, budget)
     checks.at_least(samples, 1, "--samples")
@@ -70,13 +70,13 @@ def merge_cmd(
     check_writable(out, "-o", directory=True)
     if data is not None and not data.is_file():
         raise MergeError(f"--data {data}: calibration text file not found")
-    streaming = choose_streaming(forward, device)
+    check_forward(forward, device)
     stats = CalibrationStats.load(stats_path) if stats_path is not None else None
     needs_model = not no_eval or (stats is None and (threshold is not None or budget is not None))
+    loaded = load_without_model(ckpt, base, family, k, task_id)
+    streaming = choose_streaming(forward, device, loaded.base_model_path)
     if needs_model and streaming is None:
-        loaded = load(ckpt, base, family, k, task_id)
-    else:
-        loaded = load_without_model(ckpt, base, family, k, task_id)
+        loaded = attach_model(loaded)
     if threshold is None and budget is None:
         err_console.print("note: no --merge-threshold/--merge-budget: only exact folds are merged", highlight=False)
     result = merge(

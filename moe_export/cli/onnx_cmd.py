@@ -57,7 +57,7 @@ def onnx_command(
     import moe_export
     from moe_export.api import export_onnx
     from moe_export.export.onnx import check_export_options, check_out_dir
-    from moe_export.merging.layerwise import choose_streaming
+    from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
 
     if data is not None and merge_threshold is None and merge_budget is None:
@@ -71,8 +71,9 @@ def onnx_command(
     checks.input_dir(ckpt, "checkpoint")
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
     check_out_dir(out.resolve(), force)
-    streaming = choose_streaming(forward, device, whole_model_loaded=True)
+    check_forward(forward, device)
     loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
+    streaming = choose_streaming(forward, device, loaded.base_model_path, whole_model_loaded=True)
     result = export_onnx(
         loaded,
         out,

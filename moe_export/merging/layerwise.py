@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe_export.errors import MergeError
+from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.ir.fold import unmap_large_frees
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
@@ -47,18 +48,28 @@ class Streaming:
 FORWARDS = ("auto", "layers", "whole")
 
 
-def choose_streaming(forward: str, device: str, whole_model_loaded: bool = False) -> Streaming | None:
-    """--forward/--device -> the Streaming to use, or None for the whole-model reference (fp32, on CPU).
-
-    auto: layer by layer (never the whole model in memory, the model's dtype, and the same statistics as the
-    whole model: tests/test_layerwise.py), except when the caller holds the whole model anyway on the CPU
-    (`onnx` exports it): then running it directly saves re-reading the weights."""
+def check_forward(forward: str, device: str) -> str:
+    """--forward and --device checked (before anything loads); returns the resolved device."""
     if forward not in FORWARDS:
         raise MergeError(f"--forward {forward!r}: expected one of {', '.join(FORWARDS)}")
     resolved = str(resolve_device(device))
     if forward == "whole" and resolved != "cpu":
         raise MergeError(f"--forward whole runs on the CPU; --device {device} needs --forward layers (or auto)")
-    if forward == "whole" or (forward == "auto" and whole_model_loaded and resolved == "cpu"):
+    return resolved
+
+
+def choose_streaming(forward: str, device: str, base_path: Path, whole_model_loaded: bool = False) -> Streaming | None:
+    """--forward/--device -> the Streaming to use, or None for the whole-model reference (fp32, on the CPU).
+
+    auto: layer by layer (never the whole model in memory, the model's dtype, and the same statistics as the
+    whole model: tests/test_layerwise.py), except for a base without safetensors weights (streaming reads
+    safetensors only) and when the caller holds the whole model anyway on the CPU (`onnx` exports it): running
+    that model saves reading the weights again."""
+    resolved = check_forward(forward, device)
+    if forward == "whole":
+        return None
+    has_safetensors = (base_path / SINGLE_FILE).is_file() or (base_path / INDEX_FILE).is_file()
+    if forward == "auto" and (not has_safetensors or (whole_model_loaded and resolved == "cpu")):
         return None
     return Streaming(device=resolved)
 
