@@ -147,6 +147,13 @@ def test_merge_report_agrees_with_the_whole_model() -> None:
     assert streamed.report.logits_rel_error == pytest.approx(whole.report.logits_rel_error, rel=RTOL)
     assert whole.report.logits_rel_error > 1e-3  # the merge changes the logits: the comparison is not vacuous
 
+    # `onnx --forward layers`: the caller holds the model (to export it); the streamed check leaves it merged the same.
+    held = merge(loaded, threshold=0.9, samples=4, seq_len=12, progress=False, streaming=Streaming())
+    ids = torch.arange(2, 14)[None]  # [1, 12]
+    with torch.no_grad():
+        torch.testing.assert_close(held.loaded.model(input_ids=ids).logits, whole.loaded.model(input_ids=ids).logits)
+    assert held.report.to_dict() == streamed.report.to_dict()
+
 
 def test_only_one_part_of_one_layer_is_in_memory_at_a_time() -> None:
     loaded = load_without_model(SAMPLES / "goat")

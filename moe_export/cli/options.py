@@ -17,5 +17,6 @@ FORWARD_OPTION = typer.Option(
     "auto",
     "--forward",
     help="How calibration and the held-out check run the reference: layers (one decoder layer's weights in memory "
-    "at a time, in the model's dtype; for models larger than RAM), whole (the whole model in fp32), or auto.",
+    "at a time, in the model's dtype: for models larger than RAM), whole (the whole model in fp32, CPU), or auto: "
+    "layers, except whole for a base without safetensors weights and for `onnx` on the CPU (it holds the model).",
 )
