@@ -155,6 +155,21 @@ def test_merge_report_agrees_with_the_whole_model() -> None:
     assert held.report.to_dict() == streamed.report.to_dict()
 
 
+@pytest.mark.parametrize("name", ["mola", "moelora", "hydralora", "loramoe", "mmoelora", "moe_peft_mola", "mixlora"])
+def test_merge_reports_agree_on_every_family(name: str) -> None:
+    whole = merge(_load(name), threshold=0.5, samples=3, seq_len=10, progress=False)
+    adapter_only = load_without_model(SAMPLES / name, task_id=TASK_IDS.get(name))
+    streamed = merge(adapter_only, threshold=0.5, samples=3, seq_len=10, progress=False, streaming=Streaming())
+    assert streamed.plan.to_dict() == whole.plan.to_dict()
+    for got, want in zip(streamed.report.units, whole.report.units, strict=True):
+        if want.error_measured is None:
+            assert got.error_measured is None
+        else:
+            assert got.error_measured == pytest.approx(want.error_measured, rel=RTOL)
+    assert streamed.report.top1_agreement == whole.report.top1_agreement
+    assert streamed.report.logits_rel_error == pytest.approx(whole.report.logits_rel_error, rel=RTOL, abs=1e-9)
+
+
 def test_only_one_part_of_one_layer_is_in_memory_at_a_time() -> None:
     loaded = load_without_model(SAMPLES / "goat")
     stream = StreamedReference(loaded.base_model_path, loaded.adapter)
