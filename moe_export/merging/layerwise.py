@@ -31,6 +31,7 @@ from moe_export.merging.statistics import (
     recording,
     routed_linear_units,
 )
+from moe_export.reference.loading import require_task_id
 from moe_export.reference.streamed import PARTS, StreamedReference, resolve_device
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[
 
 
 def _stream(loaded: LoadedAdapter, streaming: Streaming) -> StreamedReference:
+    require_task_id(loaded.adapter, loaded.task_id, loaded.checkpoint)
     unmap_large_frees()  # freed layers and temporaries go back to the OS instead of staying in the heap
     return StreamedReference(loaded.base_model_path, loaded.adapter, loaded.task_id, streaming.dtype, streaming.device)
 
