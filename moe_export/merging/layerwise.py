@@ -122,7 +122,7 @@ def calibrate_layerwise(
                         stream.run(layer, i, part, state)
                         advance()
             for acc in layer_accs.values():
-                acc.a = acc.gram = torch.empty(0)  # only the [E] / [E, E] sums are needed from here on
+                acc.drop_inputs()  # only the [E] / [E, E] sums are needed from here on
             accumulators.update(layer_accs)
     return collect_stats(loaded, accumulators, inputs, source, seq_len, seed)
 

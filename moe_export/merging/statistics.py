@@ -77,6 +77,10 @@ class UnitAccumulator:
         probs = g / mass  # [T, E]
         self.entropy_sum += float(-torch.special.xlogy(probs, probs).sum())
 
+    def drop_inputs(self) -> None:
+        """Free the fp64 copies of A and the B Gram matrix once no more tokens come; the sums stay."""
+        self.a = self.gram = torch.empty(0)
+
     def to_stats(self, name: str, slots: int) -> UnitStats:
         n = max(self.tokens, 1)
         return UnitStats(
