@@ -15,6 +15,7 @@ from moe_export.cli.options import (
     DEVICE_OPTION,
     FAMILY_OPTION,
     FORWARD_OPTION,
+    TASK_ID_OPTION,
     TOP_K_OPTION,
 )
 from moe_export.errors import MoeExportError
@@ -53,7 +54,7 @@ def calibrate_cmd(
     base: Path | None = BASE_OPTION,
     family: str | None = FAMILY_OPTION,
     top_k: str | None = TOP_K_OPTION,
-    task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
+    task_id: int | None = TASK_ID_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Text file, one sample per line (default: built-in text)."),
     samples: int = typer.Option(32, "--samples", help="Number of calibration samples."),
     seq_len: int = typer.Option(64, "--seq-len", help="Max tokens per sample."),

@@ -18,6 +18,7 @@ from moe_export.cli.options import (
     DEVICE_OPTION,
     FAMILY_OPTION,
     FORWARD_OPTION,
+    TASK_ID_OPTION,
     TOP_K_OPTION,
 )
 from moe_export.errors import MoeExportError
@@ -32,7 +33,7 @@ def onnx_command(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (routers stay fp32)."),
     opset: int = typer.Option(20, "--opset", help="Standard ONNX opset (>= 18)."),
     top_k: str | None = TOP_K_OPTION,
-    task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
+    task_id: int | None = TASK_ID_OPTION,
     base_only: bool = typer.Option(False, "--base-only", help="Export the base model without the adapter (the floor)."),
     merge_threshold: float | None = typer.Option(
         None, "--merge-threshold", help="Merge units whose dominant expert's mean gate is >= T."

@@ -96,7 +96,7 @@ def _read_checkpoint(
     base = BaseWeights(base_path) if fam.needs_base_weights else None
     try:
         with torch.no_grad():  # loaders compute on saved parameters that may still require grad
-            adapter = finish_adapter(fam.load(ckpt, options, base))
+            adapter = finish_adapter(fam.load(ckpt, base))
     except FormatError as exc:
         # The IR's own checks (shapes, expert counts) do not know the file: name it here.
         if str(ckpt.path) in str(exc):
