@@ -298,3 +298,26 @@ def test_auto_runs_the_whole_model_for_a_base_without_safetensors(tmp_path: Path
     refused = runner.invoke(app, [*args[:3], str(tmp_path / "x.json"), "--forward", "layers"])
     assert refused.exit_code == 2 and "safetensors" in refused.output and str(base) in refused.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_calibrate_and_merge_never_build_the_whole_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the whole base model was built")
+
+    monkeypatch.setattr("moe_export.reference.loading.load_base_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    runner = CliRunner()
+    stats, out = tmp_path / "stats.json", tmp_path / "merged"
+    tokens = ["--samples", "2", "--seq-len", "8"]
+    result = runner.invoke(app, ["calibrate", str(SAMPLES / "goat"), "-o", str(stats), *tokens])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["merge", str(SAMPLES / "goat"), "--merge-threshold", "0.9", "-o", str(out), *tokens])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "moe_export_merge.json").read_text())["report"]
+    assert report["heldout_tokens"] == 16 and report["top1_agreement"] is not None
+    whole = runner.invoke(
+        app, ["calibrate", str(SAMPLES / "goat"), "-o", str(tmp_path / "w.json"), "--forward", "whole"]
+    )
+    assert whole.exit_code != 0  # the patch is live: the whole-model path would have been caught
