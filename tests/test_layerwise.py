@@ -20,7 +20,7 @@ import moe_export
 from moe_export.cli import app
 from moe_export.merging.apply import merge
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise
-from moe_export.merging.statistics import CalibrationStats, calibrate, calibration_inputs
+from moe_export.merging.statistics import CalibrationSet, CalibrationStats, calibrate, calibration_inputs
 from moe_export.reference.loading import load_without_model
 from moe_export.reference.streamed import PARTS, StreamedReference
 from tests.conftest import SAMPLES
@@ -66,7 +66,7 @@ def assert_stats_close(got: CalibrationStats, want: CalibrationStats, rtol: floa
 @pytest.mark.parametrize("name", FAMILY_SAMPLES)
 def test_streamed_logits_and_stats_equal_the_whole_model(name: str) -> None:
     loaded = _load(name)
-    inputs, _ = calibration_inputs(loaded, None, 3, 11, 0)
+    inputs, _ = calibration_inputs(loaded, CalibrationSet(None, 3, 11, 0))
     with torch.no_grad():
         want = [loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits for ids in inputs]
     stream = StreamedReference(loaded.base_model_path, loaded.adapter, loaded.task_id)
@@ -75,7 +75,7 @@ def test_streamed_logits_and_stats_equal_the_whole_model(name: str) -> None:
         torch.testing.assert_close(got, ref, rtol=RTOL, atol=RTOL * float(ref.abs().max()))
 
     whole = calibrate(loaded, samples=3, seq_len=11, progress=False)
-    streamed = calibrate_layerwise(loaded, samples=3, seq_len=11, progress=False)
+    streamed = calibrate_layerwise(loaded, CalibrationSet(samples=3, seq_len=11), progress=False)
     assert_stats_close(streamed, whole, RTOL, 1e-7)
 
 
@@ -119,7 +119,7 @@ def test_sliding_window_masks_match(tmp_path: Path, sample: str, adapter: str, c
     loaded = _load(adapter, base=base)
     layer_types = getattr(loaded.model.config, "layer_types", None)
     assert layer_types is None or "sliding_attention" in layer_types
-    inputs, _ = calibration_inputs(loaded, None, 2, 12, 0)  # 12 tokens > the window
+    inputs, _ = calibration_inputs(loaded, CalibrationSet(None, 2, 12, 0))  # 12 tokens > the window
     with torch.no_grad():
         want = [loaded.model(input_ids=ids).logits for ids in inputs]
         plain = moe_export.load(SAMPLES / adapter, task_id=TASK_IDS.get(adapter)).model(input_ids=inputs[0]).logits
@@ -209,7 +209,7 @@ def test_bf16_base_runs_in_bf16_with_fp64_statistics(tmp_path: Path) -> None:
             routers.update(b.dtype for n, b in layer.named_buffers() if n.endswith("router_weight") and not b.is_meta)
     assert dtypes == {torch.bfloat16} and routers == {torch.float32}  # GOAT routes in fp32
 
-    streamed = calibrate_layerwise(adapter_only, samples=3, seq_len=11, progress=False)
+    streamed = calibrate_layerwise(adapter_only, CalibrationSet(samples=3, seq_len=11), progress=False)
     same_dtype = calibrate(_load("goat", torch.bfloat16, base), samples=3, seq_len=11, progress=False)
     # Same bf16 weights, same ops: the streamed run equals the whole bf16 model to rounding.
     assert_stats_close(streamed, same_dtype, RTOL, 1e-7)
@@ -270,8 +270,9 @@ def test_cli_without_cuda_refuses_device_cuda(tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_cuda_streamed_stats_match_cpu() -> None:
     loaded = load_without_model(SAMPLES / "goat")
-    cpu = calibrate_layerwise(loaded, samples=3, seq_len=11, progress=False)
-    gpu = calibrate_layerwise(loaded, samples=3, seq_len=11, progress=False, streaming=Streaming("cuda"))
+    calib = CalibrationSet(samples=3, seq_len=11)
+    cpu = calibrate_layerwise(loaded, calib, progress=False)
+    gpu = calibrate_layerwise(loaded, calib, progress=False, streaming=Streaming("cuda"))
     # Different kernels (cuBLAS, TF32 off by default for fp32 matmuls): agreement to fp32 rounding.
     assert_stats_close(gpu, cpu, 1e-4, 1e-5)
 

@@ -6,25 +6,17 @@ from pathlib import Path
 
 import typer
 
-from moe_export.cli import checks
+from moe_export.cli import checks, options
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
-from moe_export.cli.options import (
-    BASE_OPTION,
-    CKPT_ARGUMENT,
-    DEVICE_OPTION,
-    FAMILY_OPTION,
-    FORWARD_OPTION,
-    TOP_K_OPTION,
-)
 
 
 @command("merge")
 def merge_cmd(
-    ckpt: Path = CKPT_ARGUMENT,
+    ckpt: Path = options.CKPT_ARGUMENT,
     out: Path = typer.Option(..., "-o", "--output", help="New directory for the merged transformers model."),
-    base: Path | None = BASE_OPTION,
-    family: str | None = FAMILY_OPTION,
-    top_k: str | None = TOP_K_OPTION,
+    base: Path | None = options.BASE_OPTION,
+    family: str | None = options.FAMILY_OPTION,
+    top_k: str | None = options.TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA): folds exactly."),
     threshold: float | None = typer.Option(
         None, "--merge-threshold", help="Merge units whose dominance max_e mean-gate >= T (0 < T <= 1)."
@@ -35,16 +27,16 @@ def merge_cmd(
     stats_path: Path | None = typer.Option(
         None, "--stats", help="Statistics from `moe-export calibrate` (else run it)."
     ),
-    data: Path | None = typer.Option(None, "--data", help="Calibration text, one sample per line (default: built-in)."),
-    samples: int = typer.Option(32, "--samples", help="Calibration samples (and held-out samples)."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Max tokens per sample."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample order / random tokens."),
+    data: Path | None = options.DATA_OPTION,
+    samples: int = options.SAMPLES_OPTION,
+    seq_len: int = options.SEQ_LEN_OPTION,
+    seed: int = options.SEED_OPTION,
     no_eval: bool = typer.Option(
         False, "--no-eval", help="Skip the held-out measurement; with --stats the reference model is never built."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON on stdout."),
-    device: str = DEVICE_OPTION,
-    forward: str = FORWARD_OPTION,
+    device: str = options.DEVICE_OPTION,
+    forward: str = options.FORWARD_OPTION,
 ) -> None:
     """Write OUT: a transformers model with exact folds and selected units merged, plus OUT/adapter (the rest).
 

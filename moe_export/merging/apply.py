@@ -28,9 +28,10 @@ from moe_export.merging.plan import (
 )
 from moe_export.merging.report import MergeReport, MergeResult, UnitReport
 from moe_export.merging.statistics import (
+    CalibrationSet,
     CalibrationStats,
     UnitAccumulator,
-    calibrate,
+    calibrate_whole,
     calibration_inputs,
     recording,
     routed_linear_units,
@@ -110,24 +111,25 @@ def merge(
     remaining adapter are produced, for `save_merged`. With `streaming`, calibration and the held-out measurement
     run the reference one decoder layer at a time (layerwise.py) and `loaded.model` may be None throughout."""
     check_options(threshold, budget)
+    calib = CalibrationSet(data, samples, seq_len, seed)
     adapter = loaded.adapter
     if stats is None and (threshold is not None or budget is not None) and _needs_stats(adapter, loaded.task_id):
         if streaming is not None:
-            stats = calibrate_layerwise(loaded, data, samples, seq_len, seed, progress, streaming)
+            stats = calibrate_layerwise(loaded, calib, progress, streaming)
         else:
-            stats = calibrate(loaded, data, samples, seq_len, seed, progress)
+            stats = calibrate_whole(loaded, calib, progress)
     if stats is not None:
         stats.check_matches(adapter)
     plan = plan_merge(adapter, stats, threshold, budget, loaded.task_id)
     measured: dict[str, float | None] = {}
     whole: dict[str, Any] = {}
     if evaluate and streaming is not None:
-        measured, whole = measure_layerwise(loaded, plan, data, samples, seq_len, seed, progress, streaming)
+        measured, whole = measure_layerwise(loaded, plan, calib, progress, streaming)
         merged = apply_merge_plan(loaded, plan)
     elif evaluate:
         if loaded.model is None:
             raise MergeError(f"{loaded.checkpoint}: measuring a merge needs the reference model (or evaluate=False)")
-        merged, measured, whole = _merge_and_measure(loaded, plan, data, samples, seq_len, seed, progress)
+        merged, measured, whole = _merge_and_measure(loaded, plan, calib, progress)
     else:
         merged = apply_merge_plan(loaded, plan)
     report = _report(adapter, plan, stats, measured, whole)
@@ -135,16 +137,10 @@ def merge(
 
 
 def _merge_and_measure(
-    loaded: LoadedAdapter,
-    plan: MergePlan,
-    data: str | Path | None,
-    samples: int,
-    seq_len: int,
-    seed: int,
-    progress: bool,
+    loaded: LoadedAdapter, plan: MergePlan, calib: CalibrationSet, progress: bool
 ) -> tuple[LoadedAdapter, dict[str, float | None], dict[str, Any]]:
     """Run the reference on the held-out split (recording the folded units), merge (a copy), run again."""
-    inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="heldout")
+    inputs, source = calibration_inputs(loaded, calib, split="heldout")
     units = routed_linear_units(loaded.adapter)
     folded = {e.name: e for e in plan.units if e.expert_weights and e.name in units}
     device = next(loaded.model.parameters()).device

@@ -24,6 +24,7 @@ from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
 from moe_export.merging.plan import MergePlan
 from moe_export.merging.statistics import (
+    CalibrationSet,
     CalibrationStats,
     UnitAccumulator,
     calibration_inputs,
@@ -94,16 +95,13 @@ def _stream(loaded: LoadedAdapter, streaming: Streaming) -> StreamedReference:
 @torch.no_grad()
 def calibrate_layerwise(
     loaded: LoadedAdapter,
-    data: str | Path | None = None,
-    samples: int = 32,
-    seq_len: int = 64,
-    seed: int = 0,
+    calib: CalibrationSet = CalibrationSet(),
     progress: bool = True,
     streaming: Streaming = Streaming(),
 ) -> CalibrationStats:
     """`statistics.calibrate` without the whole model in memory (`loaded.model` is not used; it may be None)."""
     stream = _stream(loaded, streaming)
-    inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="stats", vocab=stream.vocab_size)
+    inputs, source = calibration_inputs(loaded, calib, split="stats", vocab=stream.vocab_size)
     units = routed_linear_units(loaded.adapter)
     accumulators: dict[str, UnitAccumulator] = {}
     states = stream.embed(inputs)
@@ -124,24 +122,21 @@ def calibrate_layerwise(
             for acc in layer_accs.values():
                 acc.drop_inputs()  # only the [E] / [E, E] sums are needed from here on
             accumulators.update(layer_accs)
-    return collect_stats(loaded, accumulators, inputs, source, seq_len, seed)
+    return collect_stats(loaded, accumulators, inputs, source, calib)
 
 
 @torch.no_grad()
 def measure_layerwise(
     loaded: LoadedAdapter,
     plan: MergePlan,
-    data: str | Path | None = None,
-    samples: int = 32,
-    seq_len: int = 64,
-    seed: int = 0,
+    calib: CalibrationSet = CalibrationSet(),
     progress: bool = True,
     streaming: Streaming = Streaming(),
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
     """`apply._merge_and_measure`'s figures (per-unit measured ε, whole-model logits agreement) streamed."""
     linear_units = check_plan(loaded.adapter, plan, loaded.checkpoint, loaded.task_id)
     stream = _stream(loaded, streaming)
-    inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="heldout", vocab=stream.vocab_size)
+    inputs, source = calibration_inputs(loaded, calib, split="heldout", vocab=stream.vocab_size)
     routed = routed_linear_units(loaded.adapter)
     folded = {e.name: e for e in plan.units if e.expert_weights and e.name in routed}
     reference = stream.embed(inputs)
