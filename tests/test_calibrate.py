@@ -11,8 +11,15 @@ from typer.testing import CliRunner
 
 import moe_export
 from moe_export.cli import app
-from moe_export.errors import FormatError
-from moe_export.merging.statistics import CalibrationStats, UnitAccumulator, calibrate, calibration_inputs
+from moe_export.errors import FormatError, MergeError
+from moe_export.merging.statistics import (
+    CalibrationSet,
+    CalibrationStats,
+    UnitAccumulator,
+    calibrate,
+    calibration_inputs,
+)
+from moe_export.reference.loading import load_without_model
 from tests.conftest import SAMPLES
 from tests.loop_reference import LoopLinear
 from tests.tiny import random_adapter
@@ -28,7 +35,7 @@ def save_checkpoint(directory: Path, base: Path, **kwargs: object) -> Path:
 def test_stats_match_direct_per_token_computation(tmp_path, tiny_base, kwargs) -> None:
     loaded = moe_export.load(save_checkpoint(tmp_path / "ckpt", tiny_base, seed=3, **kwargs))
     stats = calibrate(loaded, samples=3, seq_len=7, progress=False)
-    inputs, source = calibration_inputs(loaded, None, 3, 7, 0)
+    inputs, source = calibration_inputs(loaded, CalibrationSet(None, 3, 7, 0))
     assert source == "random" and stats.tokens == 21  # tiny_base has no tokenizer
 
     name = "model.layers.1.mlp.down_proj"
@@ -110,11 +117,11 @@ def test_text_data_is_tokenized_and_split(tmp_path) -> None:
     ]
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(lines) + "\n\n")
-    stats_inputs, source = calibration_inputs(loaded, data, 10, 64, 0, split="stats")
-    held_inputs, _ = calibration_inputs(loaded, data, 10, 64, 0, split="heldout")
+    stats_inputs, source = calibration_inputs(loaded, CalibrationSet(data, 10, 64, 0), split="stats")
+    held_inputs, _ = calibration_inputs(loaded, CalibrationSet(data, 10, 64, 0), split="heldout")
     assert source == str(data) and len(stats_inputs) == 3 and len(held_inputs) == 3
     assert not {tuple(t[0].tolist()) for t in stats_inputs} & {tuple(t[0].tolist()) for t in held_inputs}
-    short, _ = calibration_inputs(loaded, data, 2, 4, 0)
+    short, _ = calibration_inputs(loaded, CalibrationSet(data, 2, 4, 0))
     assert len(short) == 2 and all(t.shape[1] <= 4 for t in short)
     stats = calibrate(loaded, data, samples=2, seq_len=8, progress=False)
     assert stats.source == str(data) and stats.samples == 2
@@ -122,9 +129,17 @@ def test_text_data_is_tokenized_and_split(tmp_path) -> None:
     one = tmp_path / "one.txt"
     one.write_text("only one line\n")
     with pytest.raises(FormatError, match=r"one\.txt"):
-        calibration_inputs(loaded, one, 4, 8, 0, split="heldout")
+        calibration_inputs(loaded, CalibrationSet(one, 4, 8, 0), split="heldout")
     with pytest.raises(FormatError, match=r"missing\.txt"):
-        calibration_inputs(loaded, tmp_path / "missing.txt", 4, 8, 0)
+        calibration_inputs(loaded, CalibrationSet(tmp_path / "missing.txt", 4, 8, 0))
+
+
+def test_calibration_set_refuses_no_tokens() -> None:
+    """Checked when the set is built: `calibrate` names the option before it looks for a model."""
+    with pytest.raises(MergeError, match="--samples 0: must be >= 1"):
+        calibrate(load_without_model(SAMPLES / "goat"), samples=0)
+    with pytest.raises(MergeError, match="--seq-len -1: must be >= 1"):
+        CalibrationSet(seq_len=-1)
 
 
 def test_data_without_tokenizer_is_refused(tmp_path, tiny_base) -> None:

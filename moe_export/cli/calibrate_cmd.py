@@ -7,9 +7,8 @@ from typing import Any
 
 import typer
 
-from moe_export.cli import checks
+from moe_export.cli import checks, options
 from moe_export.cli.app import command, console, parse_int_list, print_json
-from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 from moe_export.errors import MoeExportError
 
 
@@ -41,33 +40,43 @@ def render_stats(stats: Any) -> None:
 
 @command("calibrate")
 def calibrate_cmd(
-    ckpt: Path = CKPT_ARGUMENT,
+    ckpt: Path = options.CKPT_ARGUMENT,
     out: Path = typer.Option(..., "-o", "--output", help="Where to write the statistics (JSON)."),
-    base: Path | None = BASE_OPTION,
-    family: str | None = FAMILY_OPTION,
-    top_k: str | None = TOP_K_OPTION,
-    task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
-    data: Path | None = typer.Option(None, "--data", help="Text file, one sample per line (default: built-in text)."),
-    samples: int = typer.Option(32, "--samples", help="Number of calibration samples."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Max tokens per sample."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample order (and of random tokens without a tokenizer)."),
+    base: Path | None = options.BASE_OPTION,
+    family: str | None = options.FAMILY_OPTION,
+    top_k: str | None = options.TOP_K_OPTION,
+    task_id: int | None = options.TASK_ID_OPTION,
+    data: Path | None = options.DATA_OPTION,
+    samples: int = options.SAMPLES_OPTION,
+    seq_len: int = options.SEQ_LEN_OPTION,
+    seed: int = options.SEED_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
+    device: str = options.DEVICE_OPTION,
+    forward: str = options.FORWARD_OPTION,
 ) -> None:
     """Run the reference over calibration text; record per unit and expert the mean gate, selection
-    frequency, gate entropy and the error of a static (mean-gate) merge."""
-    from moe_export.merging.statistics import calibrate
-    from moe_export.reference.loading import load
+    frequency, gate entropy and the error of a static (mean-gate) merge.
 
-    checks.at_least(samples, 1, "--samples")
-    checks.at_least(seq_len, 1, "--seq-len")
+    By default (--forward auto = layers) the reference runs one decoder layer at a time in the model's dtype,
+    so the process holds one layer's weights, not the model."""
+    from moe_export.merging.layerwise import calibrate_layerwise, check_forward, choose_streaming
+    from moe_export.merging.statistics import CalibrationSet, calibrate_whole
+    from moe_export.reference.loading import attach_model, load_without_model
+
+    calib = CalibrationSet(data, samples, seq_len, seed)  # checks --samples and --seq-len before anything loads
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
     checks.writable_files((out, "-o"))
     if data is not None and not data.is_file():
         raise MoeExportError(f"--data {data}: calibration text file not found")
-    loaded = load(ckpt, base, family, k, task_id)
-    stats = calibrate(loaded, data, samples, seq_len, seed, progress=not as_json)
+    check_forward(forward, device)
+    loaded = load_without_model(ckpt, base, family, k, task_id)
+    streaming = choose_streaming(forward, device, loaded.base_model_path)
+    if streaming is None:
+        stats = calibrate_whole(attach_model(loaded), calib, progress=not as_json)
+    else:
+        stats = calibrate_layerwise(loaded, calib, not as_json, streaming)
     stats.save(out)
     if as_json:
         print_json(stats.to_dict())

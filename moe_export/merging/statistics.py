@@ -41,19 +41,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 class UnitAccumulator:
     """Streaming sums for one routed LinearMoE unit (see the module docstring for the algebra)."""
 
-    def __init__(self, stack: ExpertStack) -> None:
+    def __init__(self, stack: ExpertStack, device: torch.device | str = "cpu") -> None:
         self.num_experts = stack.num_experts
-        self.a = stack.A.double()  # [E_A, R, D_in]
-        scaled_b = stack.B.double() * stack.scaling.double()[:, None, None]  # [E, D_out, R]
+        f64 = {"dtype": torch.float64, "device": device}
+        self.a = stack.A.to(**f64)  # [E_A, R, D_in]
+        scaled_b = stack.B.to(**f64) * stack.scaling.to(**f64)[:, None, None]  # [E, D_out, R]
         self.gram = torch.einsum("eor,fos->efrs", scaled_b, scaled_b)  # [E, E, R, R] s_e s_f B_eᵀ B_f
         e = self.num_experts
         self.tokens = 0
-        self.gate_sum = torch.zeros(e, dtype=torch.float64)  # [E]
-        self.selected = torch.zeros(e, dtype=torch.float64)  # [E]
+        self.gate_sum = torch.zeros(e, **f64)  # [E]
+        self.selected = torch.zeros(e, **f64)  # [E]
         self.entropy_sum = 0.0
-        self.p = torch.zeros(e, e, dtype=torch.float64)  # [E, E]
-        self.q = torch.zeros(e, dtype=torch.float64)  # [E]
-        self.r = torch.zeros(e, e, dtype=torch.float64)  # [E, E]
+        self.p = torch.zeros(e, e, **f64)  # [E, E]
+        self.q = torch.zeros(e, **f64)  # [E]
+        self.r = torch.zeros(e, e, **f64)  # [E, E]
         self.base_sq = 0.0
 
     @torch.no_grad()
@@ -75,6 +76,10 @@ class UnitAccumulator:
         mass = g.sum(-1, keepdim=True).clamp_min(1e-300)  # top-p gates need not sum to one
         probs = g / mass  # [T, E]
         self.entropy_sum += float(-torch.special.xlogy(probs, probs).sum())
+
+    def drop_inputs(self) -> None:
+        """Free the fp64 copies of A and the B Gram matrix once no more tokens come; the sums stay."""
+        self.a = self.gram = torch.empty(0)
 
     def to_stats(self, name: str, slots: int) -> UnitStats:
         n = max(self.tokens, 1)
@@ -217,38 +222,53 @@ def read_lines(data: str | Path) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Which calibration tokens a run takes: the text (a file, one sample per line; None: the built-in text, or
+    seeded random tokens when the base has no tokenizer), how many samples of at most `seq_len` tokens, and the
+    seed of their order. One value for calibration and the held-out check, which take its two halves."""
+
+    data: str | Path | None = None
+    samples: int = 32
+    seq_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for option, value in (("--samples", self.samples), ("--seq-len", self.seq_len)):
+            if value < 1:
+                raise MergeError(f"{option} {value}: must be >= 1")
+
+
 def calibration_inputs(
     loaded: LoadedAdapter,
-    data: str | Path | None,
-    samples: int,
-    seq_len: int,
-    seed: int,
+    calib: CalibrationSet,
     split: str = "stats",
+    vocab: int | None = None,
 ) -> tuple[list[torch.Tensor], str]:
     """Token id samples ([1, L] each) and a description of their source.
 
-    Lines are shuffled with `seed`; the 'stats' split takes even positions, 'heldout' odd ones, so a
+    Lines are shuffled with the seed; the 'stats' split takes even positions, 'heldout' odd ones, so a
     merge is measured on text its statistics never saw. Without a tokenizer: seeded random tokens
-    (another seed for the held-out split)."""
-    if samples < 1 or seq_len < 1:
-        raise MergeError(f"--samples ({samples}) and --seq-len ({seq_len}) must be positive")
-    vocab = int(loaded.model.get_input_embeddings().num_embeddings)
+    (another seed for the held-out split). `vocab` is needed when `loaded` has no model (a streamed reference)."""
+    data = calib.data
+    if vocab is None:
+        vocab = int(loaded.model.get_input_embeddings().num_embeddings)
     tokenizer = load_tokenizer(loaded.base_model_path)
     if tokenizer is None:
         if data is not None:
             raise FormatError(f"{loaded.base_model_path}: no tokenizer files, so --data {data} cannot be tokenized")
-        g = torch.Generator().manual_seed(seed if split == "stats" else seed + 7919)
-        ids = torch.randint(0, vocab, (samples, seq_len), generator=g)  # [N, L]
+        g = torch.Generator().manual_seed(calib.seed if split == "stats" else calib.seed + 7919)
+        ids = torch.randint(0, vocab, (calib.samples, calib.seq_len), generator=g)  # [N, L]
         return [row[None] for row in ids], "random"
     lines = read_lines(data) if data is not None else _builtin()
-    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed)).tolist()
-    picked = [lines[i] for i in order[(0 if split == "stats" else 1) :: 2]][:samples]
+    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(calib.seed)).tolist()
+    picked = [lines[i] for i in order[(0 if split == "stats" else 1) :: 2]][: calib.samples]
     source = str(data) if data is not None else "builtin"
     if not picked:
         raise FormatError(f"{source}: {len(lines)} line(s) leave no '{split}' split; give at least 2 lines")
     out = []
     for line in picked:
-        ids = tokenizer(line)["input_ids"][:seq_len]
+        ids = tokenizer(line)["input_ids"][: calib.seq_len]
         if not ids:
             continue
         if max(ids) >= vocab:
@@ -328,21 +348,43 @@ def calibrate(
     progress: bool = True,
 ) -> CalibrationStats:
     """Run the reference on calibration text and collect per-unit routing statistics."""
+    return calibrate_whole(loaded, CalibrationSet(data, samples, seq_len, seed), progress)
+
+
+def calibrate_whole(loaded: LoadedAdapter, calib: CalibrationSet, progress: bool = True) -> CalibrationStats:
+    """`calibrate` on the whole reference model (`loaded.model`); layerwise.py streams it instead."""
     if loaded.model is None:
         raise MergeError(f"{loaded.checkpoint}: calibration needs the reference model (load it with moe_export.load)")
     units = routed_linear_units(loaded.adapter)
-    inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="stats")
-    accumulators = {name: UnitAccumulator(u.experts) for name, u in units.items() if u.experts is not None}
+    inputs, source = calibration_inputs(loaded, calib, split="stats")
+    device = next(loaded.model.parameters()).device
+    accumulators = {name: UnitAccumulator(u.experts, device) for name, u in units.items() if u.experts is not None}
     with recording(loaded.model, accumulators):
         run_samples(loaded.model, inputs, progress, "calibrating")
-    stats = {name: acc.to_stats(name, units[name].router.slots) for name, acc in accumulators.items()}  # type: ignore[union-attr]
+    return collect_stats(loaded, accumulators, inputs, source, calib)
+
+
+def collect_stats(
+    loaded: LoadedAdapter,
+    accumulators: dict[str, UnitAccumulator],
+    inputs: list[torch.Tensor],
+    source: str,
+    calib: CalibrationSet,
+) -> CalibrationStats:
+    """The statistics file of a calibration run, units in the adapter's order (whole-model or layer-streamed)."""
+    units = routed_linear_units(loaded.adapter)
+    stats = {
+        name: accumulators[name].to_stats(name, unit.router.slots)  # type: ignore[union-attr]
+        for name, unit in units.items()
+        if name in accumulators
+    }
     return CalibrationStats(
         checkpoint=str(loaded.checkpoint),
         family=loaded.adapter.family,
         source=source,
         samples=len(inputs),
-        seq_len=seq_len,
-        seed=seed,
+        seq_len=calib.seq_len,
+        seed=calib.seed,
         tokens=sum(int(i.numel()) for i in inputs),
         units=stats,
         task_id=loaded.task_id,
