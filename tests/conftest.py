@@ -13,6 +13,13 @@ SAMPLES = REPO / "samples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread per test process (and per subprocess a test starts). The tiny models here are far too small
+# to gain from intra-op threads, and on a busy 2-core machine the second thread's spin-waits made them slow:
+# writing the goat sample took 0.15 s with one thread and 1.5-7.6 s (CPU time alike) with two. Under xdist
+# each worker is one process, so the workers split the cores instead of contending for them.
+TORCH_THREADS = 1
+os.environ.setdefault("OMP_NUM_THREADS", str(TORCH_THREADS))
+torch.set_num_threads(TORCH_THREADS)
 if not torch.cuda.is_available():
     # Triton reads TRITON_INTERPRET once, when its kernels are defined; torch.export and the TensorRT
     # plugin tests import triton early, so the choice must be made here, before any test module loads.
@@ -30,7 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init Llama (hidden 32, 2 layers, vocab 64) saved as a transformers directory."""
-    from tests.tiny import save_tiny_llama
+    """A random-init Llama (hidden 32, 2 layers, vocab 64) saved as a transformers directory, one per run."""
+    from tests.artifacts import tiny_base_dir
 
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return tiny_base_dir(tmp_path_factory)

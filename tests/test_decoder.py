@@ -21,7 +21,7 @@ from moe_export.runtimes.kv import position_ids
 from moe_export.runtimes.registry import make_runner
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.validation.generation import Prompts, default_prompts, greedy_decode, torch_reference
-from tests.artifacts import save_tiny_checkpoint, shared_export
+from tests.artifacts import shared_export, shared_scoring_run
 from tests.genai_check import assert_genai_matches_torch
 
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 8, 64  # tests/tiny.py's Llama (hidden 32, 4 heads)
@@ -195,17 +195,17 @@ def test_validate_fails_on_a_broken_kv_path(export_dir: Path, tmp_path: Path, ed
     assert all(f"first diverging unit {unit} " in g["message"] for g in data["generation"] if not g["passed"])
 
 
-def test_scoring_graph_option(tiny_base: Path, tmp_path: Path) -> None:
+def test_scoring_graph_option(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """--no-kv-cache keeps the scoring graph; validate then compares logits only."""
-    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", tiny_base, seed=4)
-    out = tmp_path / "scoring"
-    result = CliRunner().invoke(app, ["onnx", str(ckpt), "-o", str(out), "--no-kv-cache", "--json"])
-    assert result.exit_code == 0, result.output
+    run = shared_scoring_run(tmp_path_factory, tiny_base)  # `onnx CKPT --no-kv-cache --json`, once per run
+    assert run.exit_code == 0, run.stdout + run.stderr
+    out = run.out_dir
     model = onnx.load(str(out / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in model.graph.output] == ["logits"]
     assert not ExportManifest.load(out).kv_cache and not (out / "genai_config.json").exists()
-    assert json.loads(result.stdout)["validation"]["generation"] == []
+    validation = json.loads(run.stdout)["validation"]
+    assert validation["passed"] and validation["comparisons"] and validation["generation"] == []
 
 
 def test_genai_right_padded_batch(export_dir: Path, reference: torch.nn.Module) -> None:

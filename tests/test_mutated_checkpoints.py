@@ -70,7 +70,12 @@ def mutate(ckpt: Path, change: tuple) -> None:
         if kind == "config_text":
             config.write_text(change[1])
             return
-        data = json.loads(config.read_text())
+        try:
+            data = json.loads(config.read_text())
+        except ValueError:  # an earlier config_text change broke the file: nothing more to mutate
+            return
+        if not isinstance(data, dict):
+            return
         data[change[1]] = change[2]
         config.write_text(json.dumps(data))
         return

@@ -25,6 +25,7 @@ from moe_export.export.onnx_slots import grouped_lora_slots_body
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.runtimes import native
 from moe_export.runtimes.native import library as native_library
+from tests.artifacts import sample_export
 
 ISAS = ("avx512", "avx2", "portable")
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
@@ -183,7 +184,9 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["goat", "hydralora", "mixlora", "loramoe"])
-def test_whole_model_parity_with_and_without_library(library: Path, family: str, tmp_path: Path, monkeypatch) -> None:
+def test_whole_model_parity_with_and_without_library(
+    library: Path, family: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+) -> None:
     """top-k (GOAT), shared A (HydraLoRA), slots (MixLoRA), dense k = E (LoRAMoE): both ways match torch,
     and so does the fused-residual rewrite (GroupedLoRAAdd) with its kernel and with its function body."""
     import torch
@@ -195,8 +198,7 @@ def test_whole_model_parity_with_and_without_library(library: Path, family: str,
     from moe_export.runtimes.kv import complete_feeds
     from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner
 
-    loaded = moe_export.load(SAMPLES / family)
-    result = moe_export.export_onnx(loaded, tmp_path / "out", validate=False, progress=False)
+    result = sample_export(tmp_path_factory, SAMPLES / family)  # the run's plain export of the sample (read only)
     fused = onnx.load(str(result.model_path))
     routed = sum(n.op_type == "GroupedLoRA" for n in fused.graph.node)
     assert fuse_residual_add(fused) == routed  # every routed linear's residual Add is fused

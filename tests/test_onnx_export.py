@@ -1,6 +1,7 @@
 """`export_onnx` / `moe-export onnx` end to end on tiny models: graph structure, ORT parity, manifest, atomicity.
 
-Exports are slow (torch.export), so each module-scoped fixture exports once and many tests read it.
+Exports are slow (torch.export), so each export the tests share is made once per run (tests/artifacts.py)
+and many tests read it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from moe_export.reference.loading import load_base_model
 from moe_export.reference.model import cast_reference_model
 from moe_export.runtimes.kv import complete_feeds
 from moe_export.validation.generation import default_prompts
-from tests.artifacts import SAMPLE_TASK_IDS, sample_export
+from tests.artifacts import SAMPLE_TASK_IDS, export_result, merged_sample_run, sample_export, shared_dir
 from tests.conftest import SAMPLES
 from tests.genai_check import assert_genai_matches_torch
 from tests.tiny import random_adapter
@@ -75,15 +76,29 @@ def assert_parity(got: np.ndarray, want: np.ndarray, rtol: float, min_top1: floa
     assert top1 >= min_top1, f"top-1 agreement {top1:.3f}"
 
 
-@pytest.fixture(scope="module")
-def mixed_ckpt(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mixed_adapter(tiny_base).save(tmp_path_factory.mktemp("mixed") / "ckpt")
+RETURNED_MANIFEST = "returned-manifest.json"  # the manifest export_onnx returned, next to the export it wrote
 
 
 @pytest.fixture(scope="module")
-def fp32_export(mixed_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> onnx_export.ExportResult:
-    loaded = moe_export.load(mixed_ckpt)
-    return moe_export.export_onnx(loaded, tmp_path_factory.mktemp("out") / "fp32", validate=False, progress=False)
+def mixed(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The mixed adapter's checkpoint (ckpt/) and its default export (fp32/), made once per run."""
+
+    def build(root: Path) -> None:
+        ckpt = mixed_adapter(tiny_base).save(root / "ckpt")
+        result = moe_export.export_onnx(moe_export.load(ckpt), root / "fp32", validate=False, progress=False)
+        (root / RETURNED_MANIFEST).write_text(json.dumps(result.manifest.to_dict()))
+
+    return shared_dir(tmp_path_factory, "mixed", build)
+
+
+@pytest.fixture(scope="module")
+def mixed_ckpt(mixed: Path) -> Path:
+    return mixed / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def fp32_export(mixed: Path) -> onnx_export.ExportResult:
+    return export_result(mixed / "fp32")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +154,8 @@ def test_adapter_changes_the_logits(fp32_export: onnx_export.ExportResult, tiny_
 def test_manifest(fp32_export: onnx_export.ExportResult, mixed_ckpt: Path, tiny_base: Path) -> None:
     out = fp32_export.out_dir
     manifest = ExportManifest.load(out)
-    assert manifest == fp32_export.manifest == ExportManifest.from_dict(manifest.to_dict())
+    returned = ExportManifest.from_dict(json.loads((out.parent / RETURNED_MANIFEST).read_text()))
+    assert manifest == returned == ExportManifest.from_dict(manifest.to_dict())
     # Recorded relative to the export when they share a parent (issue 14); Artifact.open resolves them.
     resolved = Artifact.open(out).manifest
     assert resolved.source_checkpoint == str(mixed_ckpt.resolve()) and resolved.base_model == str(tiny_base.resolve())
@@ -271,32 +287,38 @@ MERGE_PATH_SAMPLES = {"goat", "mmoelora"}
 @pytest.mark.parametrize("sample", SAMPLE_DIRS, ids=lambda p: p.name)
 def test_sample_export_validates(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every family sample exports, passes the full ONNX checker with one GroupedLoRA node per routed linear, and
-    passes the `validate` gate (outputs + per-unit routing, top-p MixLoRA included)."""
+    passes the `validate` gate (outputs + per-unit routing, top-p MixLoRA included): once, by `validate` here
+    for the plain exports, and by the `onnx` command's own closing validate (exit 0) for the merged ones."""
     if sample.name in MERGE_PATH_SAMPLES:
-        result, reference = _merged_sample_export(sample, tmp_path_factory.mktemp(sample.name) / "out")
+        result, reference = _merged_sample_export(sample, tmp_path_factory)
     else:
         result = sample_export(tmp_path_factory, sample)
         reference = moe_export.load(sample, task_id=SAMPLE_TASK_IDS.get(sample.name)).model
+        report = moe_export.validate(result.out_dir)
+        assert report.passed, report.to_dict()
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
     assert sorted(n.name for n in model.graph.node if n.op_type == "GroupedLoRA") == routed
-    report = moe_export.validate(result.out_dir)
-    assert report.passed, report.to_dict()
     # onnxruntime-genai generates the reference's tokens from the export folder as it is.
     vocab = int(json.loads((result.out_dir / "config.json").read_text())["vocab_size"])
     pad = json.loads((result.out_dir / "genai_config.json").read_text())["model"]["pad_token_id"]
     assert_genai_matches_torch(result.out_dir, reference, default_prompts(vocab, pad)[0])
 
 
-def _merged_sample_export(sample: Path, out: Path) -> tuple[onnx_export.ExportResult, torch.nn.Module]:
-    """The headline `--merge-threshold 0.9` export, checked in ORT against the merged reference rebuilt from the
-    plan in export.json (as `validate` does), independently of validate's own comparison."""
+def _merged_sample_export(
+    sample: Path, factory: pytest.TempPathFactory
+) -> tuple[onnx_export.ExportResult, torch.nn.Module]:
+    """The headline `moe-export onnx --merge-threshold 0.9` export (its closing validate gate passed: exit 0),
+    checked in ORT against the merged reference rebuilt from the plan in export.json (as `validate` does),
+    independently of validate's own comparison."""
     from moe_export.merging import MergePlan, apply_merge_plan
 
+    run = merged_sample_run(factory, sample)
+    assert run.exit_code == 0, run.stdout + run.stderr
+    assert "PASSED parity passed" in run.stderr, run.stderr  # the validate report (on stderr; stdout: the summary)
+    result = export_result(run.out_dir)
     task_id = SAMPLE_TASK_IDS.get(sample.name)
-    loaded = moe_export.load(sample, task_id=task_id)
-    result = moe_export.export_onnx(loaded, out, merge_threshold=0.9, validate=False, progress=False)
     assert result.manifest.merge_plan is not None
     reloaded = moe_export.load(sample, family=result.manifest.family, task_id=task_id)
     reference = apply_merge_plan(reloaded, MergePlan.from_dict(result.manifest.merge_plan)).model

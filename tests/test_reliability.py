@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from moe_export.cli import app
 from moe_export.export.manifest import ExportManifest, portable_path
 from moe_export.formats.checkpoint import read_tensor_file
+from tests.artifacts import merged_sample_run, sample_export, shared_dir
 from tests.conftest import SAMPLES
 
 UNWRITABLE = Path("/sys/moe-export-test/out")
@@ -185,20 +186,36 @@ def test_portable_path_is_relative_inside_a_tree_and_absolute_across_roots(tmp_p
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project tree: the lora sample and its base model copied in, exported next to them."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(SAMPLES / "tiny-llama", root / "tiny-llama")
-    shutil.copytree(SAMPLES / "lora", root / "lora")
-    code, _, err = run(["onnx", root / "lora", "-o", root / "export", "--no-validate"])
-    assert code == 0, err
-    return root
+    """A project tree: the lora sample and its base model copied in, exported next to them, once per run.
+
+    export/ starts as a copy of the run's plain export of samples/lora (tests/artifacts.py), and the tree's
+    `onnx` (no --force) is written over it: test_reexport_over_our_own_export_needs_no_force checks that run.
+    """
+    previous = sample_export(tmp_path_factory, SAMPLES / "lora").out_dir
+
+    def build(root: Path) -> None:
+        tree = root / "tree"
+        shutil.copytree(SAMPLES / "tiny-llama", tree / "tiny-llama")
+        shutil.copytree(SAMPLES / "lora", tree / "lora")
+        shutil.copytree(previous, tree / "export")
+        code, _, err = run(["onnx", tree / "lora", "-o", tree / "export", "--no-validate"])
+        (root / "reexport.json").write_text(json.dumps({"exit_code": code, "stderr": err}))
+
+    return shared_dir(tmp_path_factory, "reliability-project", build) / "tree"
 
 
 def test_export_records_relative_sources_and_validate_takes_overrides(project: Path, tmp_path: Path) -> None:
+    # The fixture exported inside its tree (export/ beside lora/ and tiny-llama/). In a copy of that tree the
+    # absolute source paths are pointed at the copy, as an export made there records them, so that moving the
+    # copy below leaves nothing at the recorded absolute paths (the fixture's tree must stay for other tests).
     tree = shutil.copytree(project, tmp_path / "tree")
-    shutil.rmtree(tree / "export")
-    assert run(["onnx", tree / "lora", "-o", tree / "export", "--no-validate"])[0] == 0
-    relative = json.loads((tree / "export" / "export.json").read_text())["relative_sources"]
+    manifest_path = tree / "export" / "export.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["source_checkpoint"] == str((project / "lora").resolve())
+    assert manifest["base_model"] == str((project / "tiny-llama").resolve())
+    manifest.update(source_checkpoint=str(tree / "lora"), base_model=str(tree / "tiny-llama"))
+    manifest_path.write_text(json.dumps(manifest))
+    relative = manifest["relative_sources"]
     assert relative == {"source_checkpoint": "../lora", "base_model": "../tiny-llama"}
     moved = tmp_path / "moved"
     shutil.move(tree, moved)  # the whole tree moves (the absolute paths are gone): nothing to say
@@ -225,14 +242,21 @@ def test_reexport_never_deletes_a_users_file(project: Path, tmp_path: Path) -> N
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_reexport_over_our_own_export_needs_no_force(project: Path, tmp_path: Path) -> None:
-    export = shutil.copytree(project / "export", tmp_path / "export")
-    code, _, err = run(["onnx", project / "lora", "-o", export, "--no-validate"])
-    assert code == 0, err
+def test_reexport_over_our_own_export_needs_no_force(project: Path) -> None:
+    """The fixture's `onnx` ran over an earlier export of ours (of samples/lora) without --force."""
+    reexport = json.loads((project.parent / "reexport.json").read_text())
+    assert reexport["exit_code"] == 0, reexport["stderr"]
+    manifest = json.loads((project / "export" / "export.json").read_text())
+    assert manifest["source_checkpoint"] == str((project / "lora").resolve())  # replaced: was samples/lora's
+    assert not [p for p in project.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_non_tty_tables_are_not_cut_and_onnx_run_has_no_merge_titled_table(tmp_path: Path) -> None:
-    code, out, err = run(["onnx", SAMPLES / "goat", "-o", tmp_path / "o", "--merge-threshold", "0.9"])
+def test_non_tty_tables_are_not_cut_and_onnx_run_has_no_merge_titled_table(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The quick start's command line, run once per test run (test_onnx_export checks the same export's parity).
+    quick_start = merged_sample_run(tmp_path_factory, SAMPLES / "goat")
+    code, out, err = quick_start.exit_code, quick_start.stdout, quick_start.stderr
     assert code == 0, err
     assert "…" not in out + err
     assert "moe-export merge" not in out + err

@@ -79,7 +79,16 @@ def _available() -> list[str]:
     return onnxruntime.get_available_providers()
 
 
-def test_onnxruntime_runner_errors(tmp_path: Path) -> None:
+@pytest.fixture(params=["as-configured", "off"], ids=["kernels", "function-bodies"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """ORT sessions as configured (CI builds the native kernel library, so it is registered) and with
+    MOE_EXPORT_KERNELS=off: the function bodies. (Was a second pytest run of this file in .ci/run.)"""
+    if request.param == "off":
+        monkeypatch.setenv("MOE_EXPORT_KERNELS", "off")
+    return request.param
+
+
+def test_onnxruntime_runner_errors(tmp_path: Path, kernels: str) -> None:
     with pytest.raises(FormatError, match="not found"):
         OnnxRuntimeRunner.from_path(tmp_path / "missing.onnx")
     broken = tmp_path / "broken.onnx"
@@ -89,7 +98,9 @@ def test_onnxruntime_runner_errors(tmp_path: Path) -> None:
         runner.activate()
 
 
-def test_torch_and_onnxruntime_runners_agree(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> None:
+def test_torch_and_onnxruntime_runners_agree(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, kernels: str
+) -> None:
     artifact = Artifact.open(shared_export(tmp_path_factory, tiny_base))
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 5))
     feeds = complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, artifact.manifest)
@@ -100,6 +111,8 @@ def test_torch_and_onnxruntime_runners_agree(tmp_path_factory: pytest.TempPathFa
         with runner:
             outputs[name] = runner.infer(feeds)["logits"]
             assert runner.last_inference_time() > 0
+            if name == "onnxruntime" and kernels == "off":
+                assert not runner.kernel_note.startswith("native"), runner.kernel_note
     assert outputs["torch"].shape == outputs["onnxruntime"].shape == (2, 5, 64)
     np.testing.assert_allclose(outputs["onnxruntime"], outputs["torch"], rtol=0, atol=1e-4)
     with make_runner("onnxruntime", artifact) as runner, pytest.raises(InternalError, match="inference failed"):

@@ -23,7 +23,7 @@ from moe_export.export.manifest import Artifact
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.serving.backend import runtime
 from moe_export.validation.generation import Prompts, torch_greedy
-from tests.artifacts import save_tiny_checkpoint, shared_export
+from tests.artifacts import shared_export, shared_scoring_run
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,9 @@ def kv_export(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path
 
 @pytest.fixture(scope="module")
 def scoring_export(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    root = tmp_path_factory.mktemp("triton-scoring")
-    ckpt = save_tiny_checkpoint(root / "ckpt", tiny_base)
-    args = ["onnx", str(ckpt), "--base", str(tiny_base), "-o", str(root / "onnx"), "--no-kv-cache", "--no-validate"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return root / "onnx"
+    run = shared_scoring_run(tmp_path_factory, tiny_base)  # `onnx --no-kv-cache`, shared with test_decoder
+    assert run.exit_code == 0, run.stdout + run.stderr
+    return run.out_dir
 
 
 def _triton(*args: str) -> object:
