@@ -184,3 +184,17 @@ def load(
     model = load_base_model(base_path, dtype)
     apply_adapter(model, adapter, task_id=task_id)
     return LoadedAdapter(adapter, model.eval(), Path(ckpt_dir), base_path, task_id, options, loader_family)
+
+
+def load_without_model(
+    ckpt_dir: str | Path,
+    base_model: str | Path | None = None,
+    family: str | None = None,
+    top_k: int | list[int] | None = None,
+    task_id: int | None = None,
+) -> LoadedAdapter:
+    """`load` without the reference model (`.model` is None): for work that needs the adapter and where the base
+    model is, never the model itself (a --base-only export loads the base on its own)."""
+    options = LoadOptions(top_k=top_k, task_id=task_id)
+    adapter, base_path, loader_family = _read_checkpoint(ckpt_dir, base_model, family, options)
+    return LoadedAdapter(adapter, None, Path(ckpt_dir), base_path, task_id, options, loader_family)
