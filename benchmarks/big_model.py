@@ -4,7 +4,8 @@ Generates in a scratch directory (default /tmp/moe-export-big-<preset>, never co
   base/   a Llama-shaped model with random bf16 weights, written shard by shard (one decoder layer per shard)
           without ever building the model in memory
   ckpt/   a canonical adapter: E experts of rank R, top-2 linear routers on all 7 projections of every layer,
-          plus one always-on shared LoRA per projection (as GOAT's base correction and MixLoRA's attention LoRA)
+          plus one always-on shared LoRA per projection (as GOAT's base correction and MixLoRA's attention LoRA);
+          7b: every third router collapsed onto one expert (bias), so `merge --merge-threshold 0.9` folds a third
 then runs each step in its own subprocess and reports peak RSS (getrusage(RUSAGE_CHILDREN) of a fresh wrapper),
 wall time, CPU time (user + sys) and the size of what it wrote.
 
@@ -42,6 +43,7 @@ class Shape:
     experts: int
     rank: int
     top_k: int = 2
+    collapsed_every: int = 0  # every n-th router's bias favours one expert (a collapsed router merge can fold)
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of every adapted linear of one decoder layer."""
@@ -63,7 +65,17 @@ class Shape:
 
 PRESETS = {
     "1b": Shape(hidden=2048, layers=22, intermediate=5632, heads=32, kv_heads=4, vocab=32000, experts=8, rank=8),
-    "7b": Shape(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000, experts=8, rank=16),
+    "7b": Shape(
+        hidden=4096,
+        layers=32,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        vocab=32000,
+        experts=8,
+        rank=16,
+        collapsed_every=3,
+    ),
 }
 STEPS = {
     "1b": ("onnx-fp32", "onnx-fp16", "onnx-fp32-validate", "onnx-fp16-validate"),
@@ -133,6 +145,9 @@ def make_adapter(ckpt: Path, base: Path, shape: Shape) -> None:
                 torch.randn(shape.experts, d_out, shape.rank, generator=g) * 0.01,
                 torch.full((shape.experts,), 2.0),
             )
+            bias = torch.zeros(shape.experts)
+            if shape.collapsed_every and len(units) % shape.collapsed_every == 0:
+                bias[len(units) % shape.experts] = 12.0  # softmax mass ~1 on one expert, whatever the input
             router = Router(
                 "linear",
                 shape.experts,
@@ -140,6 +155,7 @@ def make_adapter(ckpt: Path, base: Path, shape: Shape) -> None:
                 shape.top_k,
                 renormalize=True,
                 weight=torch.randn(shape.experts, d_in, generator=g) * 0.05,
+                bias=bias,
             )
             shared = SharedLoRA(
                 torch.randn(8, d_in, generator=g) * 0.01, torch.randn(d_out, 8, generator=g) * 0.01, 1.0
@@ -200,7 +216,7 @@ def main() -> None:
     parser.add_argument("--steps", help="comma-separated steps (default: all of the preset's, in order)")
     parser.add_argument("--samples", type=int, default=8, help="calibrate: calibration samples")
     parser.add_argument("--seq-len", type=int, default=64, help="calibrate: tokens per sample")
-    parser.add_argument("--threshold", type=float, default=0.5, help="merge: --merge-threshold")
+    parser.add_argument("--threshold", type=float, default=0.9, help="merge: --merge-threshold")
     parser.add_argument("--merged-dtype", default="bf16", help="onnx-merged: --dtype")
     parser.add_argument("--keep", action="store_true", help="keep each step's output (default: delete after measuring)")
     parser.add_argument("--clean", action="store_true", help="remove the scratch directory and exit")
@@ -212,7 +228,9 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         return
     base, ckpt = root / "base", root / "ckpt"
-    if not (ckpt / "manifest.json").is_file():
+    steps = args.steps.split(",") if args.steps else list(STEPS[args.preset])
+    needs_base = any(step != "onnx-merged" for step in steps)
+    if not (ckpt / "manifest.json").is_file() or (needs_base and not base.is_dir()):
         shutil.rmtree(root, ignore_errors=True)
         t = time.perf_counter()
         make_base(base, shape)
@@ -224,17 +242,16 @@ def main() -> None:
         "shape": shape.__dict__,
         "parameters": params,
         "fp32_weight_mib": params * 4 / 2**20,
-        "base_on_disk_mib": size_mib(base),
-        "largest_shard_mib": max(size_mib(p) for p in base.glob("*.safetensors")),
+        "base_on_disk_mib": size_mib(base) if base.is_dir() else None,
+        "largest_shard_mib": max((size_mib(p) for p in base.glob("*.safetensors")), default=None),
         "adapter_on_disk_mib": size_mib(ckpt),
     }
     cli = [shutil.which("moe-export") or "moe-export"]
     floor = [sys.executable, "-c", "import torch, transformers, moe_export.cli, moe_export.export.onnx"]
     figures["import_floor_mib"] = measure(floor, root / "floor.log")["peak_rss_mib"]
-    steps = args.steps.split(",") if args.steps else list(STEPS[args.preset])
     for step in steps:
         command, out = step_command(step, root, cli, args)
-        if out.is_dir() and step != "merge":
+        if out.is_dir():
             shutil.rmtree(out)
         print(f"{step}: {' '.join(command[1:])}", flush=True)
         result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
@@ -253,6 +270,8 @@ def main() -> None:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         if result["rc"] != 0:
             break
+        if step == "merge" and "onnx-merged" in steps and not args.keep:
+            shutil.rmtree(base)  # the export reads merged/ only: free the disk before it writes the ONNX model
     fp32 = figures["fp32_weight_mib"]
     for step in steps:
         if isinstance(figures.get(step), dict):

@@ -51,8 +51,12 @@ def initializers(model_path: Path) -> dict[str, np.ndarray]:
 def test_consume_takes_the_model_and_exports_the_same_graph(ckpt: Path, tmp_path: Path) -> None:
     kept = moe_export.export_onnx(moe_export.load(ckpt), tmp_path / "kept", validate=False, progress=False)
     loaded = moe_export.load(ckpt)
+    # Loaded in the file's dtype, the weights are pages of the safetensors mapping: a fold in place must write
+    # to private copies of them, never to the user's base model on disk.
+    files = {p: p.read_bytes() for p in loaded.base_model_path.iterdir() if p.is_file()}
     taken = moe_export.export_onnx(loaded, tmp_path / "taken", validate=False, progress=False, consume=True)
     assert loaded.model is None, "a consumed model must not stay reachable half-folded"
+    assert all(p.read_bytes() == data for p, data in files.items()), "the base model on disk changed"
     want, got = initializers(kept.model_path), initializers(taken.model_path)
     assert sorted(got) == sorted(want)
     differ = [k for k in want if not np.array_equal(want[k], got[k])]
