@@ -4,12 +4,14 @@ Generates in a scratch directory (default /tmp/moe-export-merge-bench, never com
   base/   Llama, hidden 4096, intermediate 11008, 4 layers, vocab 8000, bf16, one ~400 MB shard per layer
   ckpt/   canonical adapter: E=8, r=16, top-2 routers on all 7 projections of every layer, + a shared LoRA
   stats.json  synthetic calibration statistics (mean gates; a few units dominated by one expert)
-then runs, each in its own subprocess, with peak RSS from getrusage(RUSAGE_CHILDREN):
+then runs, each in its own subprocess, with peak RSS and CPU time from getrusage(RUSAGE_CHILDREN):
   1. the import floor (python + torch + transformers + moe_export.merging),
   2. `moe-export merge --stats stats.json --no-eval` (the streaming writer alone, no reference model),
-  3. optionally (--calibrate) `moe-export calibrate`, which builds the fp32 reference model.
+  3. with --calibrate: `moe-export calibrate` and `moe-export merge --merge-threshold` (calibration, held-out
+     check and writer), both layer-streamed (the default --forward): one decoder layer's bf16 weights at a time;
+     --whole adds `calibrate --forward whole` (the fp32 model in memory) for comparison.
 
-    python benchmarks/merge_memory.py [--dir D] [--calibrate] [--json out.json]
+    python benchmarks/merge_memory.py [--dir D] [--calibrate [--whole]] [--samples N --seq-len L] [--json out.json]
 """
 
 from __future__ import annotations
@@ -121,20 +123,32 @@ def make_adapter_and_stats(ckpt: Path, base: Path, stats_path: Path) -> None:
 
 def peak_rss(command: list[str]) -> tuple[float, float, int]:
     """(peak RSS in MiB, wall seconds, exit code) of `command`, measured in a fresh wrapper process."""
+    rss, seconds, _, rc = measure(command)
+    return rss, seconds, rc
+
+
+def measure(command: list[str]) -> tuple[float, float, float, int]:
+    """(peak RSS in MiB, wall seconds, CPU seconds user+sys, exit code) of `command` in a fresh wrapper process."""
     wrapper = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t, rc)"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(u.ru_maxrss, time.perf_counter() - t, u.ru_utime + u.ru_stime, rc)"
     )
     out = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True)
-    kib, seconds, rc = out.stdout.split()
-    return int(kib) / 1024, float(seconds), int(rc)
+    kib, seconds, cpu, rc = out.stdout.split()
+    return int(kib) / 1024, float(seconds), float(cpu), int(rc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moe-export-merge-bench"))
-    parser.add_argument("--calibrate", action="store_true", help="also measure `moe-export calibrate` (fp32 reference)")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="also measure layer-streamed `calibrate` and `merge` with calibration"
+    )
+    parser.add_argument("--whole", action="store_true", help="with --calibrate: also `calibrate --forward whole`")
+    parser.add_argument("--samples", type=int, default=4, help="calibration (and held-out) samples")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sample")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     args = parser.parse_args()
     root: Path = args.dir
@@ -176,14 +190,27 @@ def main() -> None:
         shared_folds=sum(1 for u in merged["units"] if u["fold_shared"]),
     )
     if args.calibrate:
-        cal = [*cli, "calibrate", str(ckpt), "-o", str(root / "calib.json"), "--samples", "2", "--seq-len", "32"]
-        figures["calibrate_peak_rss_mib"], figures["calibrate_seconds"], _ = peak_rss(cal)
+        tokens = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+        runs = {"calibrate": [*cli, "calibrate", str(ckpt), "-o", str(root / "calib.json"), *tokens]}
+        merged_calibrated = root / "merged-calibrated"
+        shutil.rmtree(merged_calibrated, ignore_errors=True)
+        runs["merge_calibrated"] = [
+            *cli, "merge", str(ckpt), "--merge-threshold", "0.5", "-o", str(merged_calibrated), *tokens
+        ]  # fmt: skip
+        if args.whole:
+            runs["calibrate_whole"] = [*runs["calibrate"], "--forward", "whole", "-o", str(root / "calib-whole.json")]
+        for name, command in runs.items():
+            rss, seconds, cpu, rc = measure(command)
+            assert rc == 0, f"{name} failed: {' '.join(command)}"
+            figures.update({f"{name}_peak_rss_mib": rss, f"{name}_seconds": seconds, f"{name}_cpu_seconds": cpu})
+        figures["calibration_tokens"] = json.loads((root / "calib.json").read_text())["tokens"]
+        shutil.rmtree(merged_calibrated, ignore_errors=True)
     for key, value in figures.items():
         print(f"{key:>24}: {value:.1f}" if isinstance(value, float) else f"{key:>24}: {value}")
-    print(
-        f"merge peak RSS = {figures['merge_peak_rss_mib'] / max(shard_mib):.2f} x largest shard, "
-        f"{figures['merge_peak_rss_mib'] / total:.2f} x model size"
-    )
+    for name in ("merge", "calibrate", "merge_calibrated", "calibrate_whole"):
+        if f"{name}_peak_rss_mib" in figures:
+            rss = float(figures[f"{name}_peak_rss_mib"])  # type: ignore[arg-type]
+            print(f"{name} peak RSS = {rss / max(shard_mib):.2f} x largest shard, {rss / total:.2f} x model size")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

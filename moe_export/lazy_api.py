@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy_getattr(package: str, api: dict[str, tuple[str, str]]) -> Callable[[str], Any]:
-    """A module-level `__getattr__` that imports `api[name] = (module, attribute)` on first use."""
+def lazy_exports(package: str, api: dict[str, tuple[str, ...]]) -> tuple[list[str], Callable[[str], Any]]:
+    """The public names of `api` ({module: names it defines}) and a module-level `__getattr__` that imports
+    each name from its module on first use."""
+    home = {name: module for module, names in api.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name not in api:
+        if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        module_name, attr = api[name]
-        return getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(home[name]), name)
 
-    return __getattr__
+    return list(home), __getattr__

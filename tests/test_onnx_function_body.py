@@ -128,3 +128,16 @@ def test_body_runs_at_other_opsets(opset: int) -> None:
     """The body is written in the model's own opset; the oldest supported and a newer one both run."""
     body = function_bodies({"GroupedLoRA"}, opset)[0]
     assert [o.version for o in body.opset_import if o.domain == ""] == [opset]
+
+
+@pytest.mark.parametrize("shared_a", [False, True])
+def test_zero_tokens_give_an_empty_output(shared_a: bool) -> None:
+    """T = 0 (an empty batch) is a valid call of the eager op; the body must return [0, D_out], not fail on
+    a Reshape whose -1 cannot be inferred from zero elements."""
+    a = torch.randn(1 if shared_a else 3, 2, 4)  # [E_A, R, D_in]
+    b = torch.randn(3, 5, 2)  # [E, D_out, R]
+    x, ids, gates = torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)
+    assert grouped_lora(x, ids, gates, a, b).shape == (0, 5)
+    feeds = {"x": x.numpy(), "expert_ids": ids.numpy(), "gates": gates.numpy(), "A": a.numpy(), "B": b.numpy()}
+    (got,) = session(torch.float32).run(None, feeds)
+    assert got.shape == (0, 5)

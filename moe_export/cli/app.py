@@ -9,6 +9,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -143,13 +144,20 @@ def _show_traceback_if_debug() -> None:
         traceback.print_exc(file=sys.stderr)
 
 
-def show_report(report: Any, as_json: bool) -> None:
-    """A report as JSON on stdout, or as rich tables (at least 120 columns: a pipe reports 80 and would fold
-    every cell)."""
+def finish_report(report: Any, as_json: bool, files: list[tuple[Path | None, Callable[[Path], Any]]]) -> None:
+    """Write the files asked for (path, writer), show the report, then `report.check()` (exit 1 on a failure).
+
+    Shown as JSON on stdout, or as rich tables at least 120 columns wide (a pipe reports 80 and would fold
+    every cell).
+    """
+    for path, write in files:
+        if path is not None:
+            write(path)
     if as_json:
         print_json(report.to_dict())
     else:
         report.render(Console(width=max(console.width, 120)))
+    report.check()
 
 
 def print_json(data: Any) -> None:

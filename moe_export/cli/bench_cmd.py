@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moe_export.cli import checks
-from moe_export.cli.app import command, err_console, parse_int_list, show_report
+from moe_export.cli.app import command, err_console, finish_report, parse_int_list
 from moe_export.cli.validate_cmd import parse_runtimes
 
 
@@ -77,9 +77,4 @@ def bench_command(
             advance=lambda n: progress.advance(task, n),
             max_ratio=max_ratio,
         )
-    if report_path is not None:
-        report.write_json(report_path)
-    if plot is not None:
-        report.plot(plot)
-    show_report(report, as_json)
-    report.check()
+    finish_report(report, as_json, [(report_path, report.write_json), (plot, report.plot)])

@@ -9,7 +9,15 @@ import typer
 
 from moe_export.cli import checks
 from moe_export.cli.app import command, console, parse_int_list, print_json
-from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
+from moe_export.cli.options import (
+    BASE_OPTION,
+    CKPT_ARGUMENT,
+    DEVICE_OPTION,
+    FAMILY_OPTION,
+    FORWARD_OPTION,
+    TASK_ID_OPTION,
+    TOP_K_OPTION,
+)
 from moe_export.errors import MoeExportError
 
 
@@ -46,17 +54,23 @@ def calibrate_cmd(
     base: Path | None = BASE_OPTION,
     family: str | None = FAMILY_OPTION,
     top_k: str | None = TOP_K_OPTION,
-    task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
+    task_id: int | None = TASK_ID_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Text file, one sample per line (default: built-in text)."),
     samples: int = typer.Option(32, "--samples", help="Number of calibration samples."),
     seq_len: int = typer.Option(64, "--seq-len", help="Max tokens per sample."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample order (and of random tokens without a tokenizer)."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
+    device: str = DEVICE_OPTION,
+    forward: str = FORWARD_OPTION,
 ) -> None:
     """Run the reference over calibration text; record per unit and expert the mean gate, selection
-    frequency, gate entropy and the error of a static (mean-gate) merge."""
+    frequency, gate entropy and the error of a static (mean-gate) merge.
+
+    By default (--forward auto = layers) the reference runs one decoder layer at a time in the model's dtype,
+    so the process holds one layer's weights, not the model."""
+    from moe_export.merging.layerwise import calibrate_layerwise, check_forward, choose_streaming
     from moe_export.merging.statistics import calibrate
-    from moe_export.reference.loading import load
+    from moe_export.reference.loading import attach_model, load_without_model
 
     checks.at_least(samples, 1, "--samples")
     checks.at_least(seq_len, 1, "--seq-len")
@@ -66,8 +80,13 @@ def calibrate_cmd(
     checks.writable_files((out, "-o"))
     if data is not None and not data.is_file():
         raise MoeExportError(f"--data {data}: calibration text file not found")
-    loaded = load(ckpt, base, family, k, task_id)
-    stats = calibrate(loaded, data, samples, seq_len, seed, progress=not as_json)
+    check_forward(forward, device)
+    loaded = load_without_model(ckpt, base, family, k, task_id)
+    streaming = choose_streaming(forward, device, loaded.base_model_path)
+    if streaming is None:
+        stats = calibrate(attach_model(loaded), data, samples, seq_len, seed, progress=not as_json)
+    else:
+        stats = calibrate_layerwise(loaded, data, samples, seq_len, seed, not as_json, streaming)
     stats.save(out)
     if as_json:
         print_json(stats.to_dict())

@@ -8,7 +8,14 @@ import typer
 
 from moe_export.cli import checks
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
-from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
+from moe_export.cli.options import (
+    BASE_OPTION,
+    CKPT_ARGUMENT,
+    DEVICE_OPTION,
+    FAMILY_OPTION,
+    FORWARD_OPTION,
+    TOP_K_OPTION,
+)
 
 
 @command("merge")
@@ -36,18 +43,21 @@ def merge_cmd(
         False, "--no-eval", help="Skip the held-out measurement; with --stats the reference model is never built."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON on stdout."),
+    device: str = DEVICE_OPTION,
+    forward: str = FORWARD_OPTION,
 ) -> None:
     """Write OUT: a transformers model with exact folds and selected units merged, plus OUT/adapter (the rest).
 
-    Exact folds: shared LoRAs, E=1, a fixed task id, constant routers.
+    Exact folds: shared LoRAs, E=1, a fixed task id, constant routers. Calibration and the held-out check run
+    the reference one decoder layer at a time by default (--forward); the merged weights stream shard by shard.
     """
     from moe_export.errors import MergeError
     from moe_export.files import check_writable
-    from moe_export.formats import LoadOptions
     from moe_export.merging.apply import merge, save_merged
+    from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
     from moe_export.merging.statistics import CalibrationStats
-    from moe_export.reference.loading import LoadedAdapter, load, load_adapter
+    from moe_export.reference.loading import attach_model, load_without_model
 
     check_options(threshold, budget)
     checks.at_least(samples, 1, "--samples")
@@ -60,14 +70,13 @@ def merge_cmd(
     check_writable(out, "-o", directory=True)
     if data is not None and not data.is_file():
         raise MergeError(f"--data {data}: calibration text file not found")
+    check_forward(forward, device)
     stats = CalibrationStats.load(stats_path) if stats_path is not None else None
     needs_model = not no_eval or (stats is None and (threshold is not None or budget is not None))
-    if needs_model:
-        loaded = load(ckpt, base, family, k, task_id)
-    else:
-        options = LoadOptions(top_k=k, task_id=task_id)
-        adapter, base_path = load_adapter(ckpt, base, family, options)
-        loaded = LoadedAdapter(adapter, None, Path(ckpt), base_path, task_id, options)
+    loaded = load_without_model(ckpt, base, family, k, task_id)
+    streaming = choose_streaming(forward, device, loaded.base_model_path)
+    if needs_model and streaming is None:
+        loaded = attach_model(loaded)
     if threshold is None and budget is None:
         err_console.print("note: no --merge-threshold/--merge-budget: only exact folds are merged", highlight=False)
     result = merge(
@@ -81,6 +90,7 @@ def merge_cmd(
         seq_len=seq_len,
         seed=seed,
         evaluate=not no_eval,
+        streaming=streaming,
     )
     save_merged(result, out, progress=not as_json)
     if as_json:

@@ -12,7 +12,15 @@ import typer
 
 from moe_export.cli import checks
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
-from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
+from moe_export.cli.options import (
+    BASE_OPTION,
+    CKPT_ARGUMENT,
+    DEVICE_OPTION,
+    FAMILY_OPTION,
+    FORWARD_OPTION,
+    TASK_ID_OPTION,
+    TOP_K_OPTION,
+)
 from moe_export.errors import MoeExportError
 
 
@@ -25,7 +33,7 @@ def onnx_command(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (routers stay fp32)."),
     opset: int = typer.Option(20, "--opset", help="Standard ONNX opset (>= 18)."),
     top_k: str | None = TOP_K_OPTION,
-    task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA)."),
+    task_id: int | None = TASK_ID_OPTION,
     base_only: bool = typer.Option(False, "--base-only", help="Export the base model without the adapter (the floor)."),
     merge_threshold: float | None = typer.Option(
         None, "--merge-threshold", help="Merge units whose dominant expert's mean gate is >= T."
@@ -40,11 +48,17 @@ def onnx_command(
         False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
+    device: str = DEVICE_OPTION,
+    forward: str = FORWARD_OPTION,
 ) -> None:
-    """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity."""
+    """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity.
+
+    With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
+    holds anyway when on the CPU, and streams layer by layer on a GPU."""
     import moe_export
     from moe_export.api import export_onnx
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
+    from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
     from moe_export.reference.loading import load_without_model
 
@@ -59,6 +73,7 @@ def onnx_command(
     checks.input_dir(ckpt, "checkpoint")
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
     check_out_dir(out.resolve(), force)
+    check_forward(forward, device)
     # The CLI exits after the export, so it hands the model over (consume=True: folds and the cast happen in
     # place) and, unless a merge calibrates it in fp32, loads it in the export dtype: one copy of the weights.
     # --base-only exports the base model alone and builds no adapter model.
@@ -68,6 +83,7 @@ def onnx_command(
         merging = merge_threshold is not None or merge_budget is not None
         load_dtype = TORCH_DTYPES["fp32" if merging else dtype]
         loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id, dtype=load_dtype)
+    streaming = choose_streaming(forward, device, loaded.base_model_path, whole_model_loaded=True)
     result = export_onnx(
         loaded,
         out,
@@ -82,6 +98,7 @@ def onnx_command(
         console=err_console,
         kv_cache=not no_kv_cache,
         force=force,
+        merge_streaming=streaming,
         consume=True,
     )
     if as_json:

@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 
 from moe_export.cli import checks
-from moe_export.cli.app import command, err_console, show_report
-from moe_export.errors import MoeExportError, ParityError
+from moe_export.cli.app import command, err_console, finish_report
+from moe_export.errors import MoeExportError
 
 
 def parse_runtimes(value: str) -> list[str]:
@@ -97,10 +97,4 @@ def validate_command(
             checkpoint=ckpt,
             base_model=base,
         )
-    if report_path is not None:
-        report.write_json(report_path)
-    if junit_path is not None:
-        report.write_junit(junit_path)
-    show_report(report, as_json)
-    if not report.passed:
-        raise ParityError(report.summary(), report)
+    finish_report(report, as_json, [(report_path, report.write_json), (junit_path, report.write_junit)])

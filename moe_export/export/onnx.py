@@ -108,6 +108,7 @@ def export_onnx(
     console: Console | None = None,
     kv_cache: bool = True,
     force: bool = False,
+    merge_streaming: Any = None,
     consume: bool = False,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
@@ -118,6 +119,7 @@ def export_onnx(
     needs no second copy of the weights, and `loaded.model` is None afterwards, never half-folded.
     An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
     write is refused unless `force`, which replaces our files and leaves the others alone.
+    `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -134,7 +136,14 @@ def export_onnx(
     if merge_threshold is not None or merge_budget is not None:
         from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
 
-        result = merge(loaded, threshold=merge_threshold, budget=merge_budget, data=calibration_data, progress=progress)
+        result = merge(
+            loaded,
+            threshold=merge_threshold,
+            budget=merge_budget,
+            data=calibration_data,
+            progress=progress,
+            streaming=merge_streaming,
+        )
         result.report.render(console)
         loaded, merge_plan = result.loaded, result.plan.to_dict()
     source = loaded.model

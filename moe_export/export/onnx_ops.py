@@ -58,16 +58,20 @@ def grouped_lora_dense_body(opset: int) -> FunctionProto:
     nodes = [
         *_dense_gate_nodes(),
         const_ints("minus1_1", [-1]),
-        const_ints("keep_minus1", [0, -1]),  # Reshape: 0 keeps T, so these shapes fold to constants
+        # Reshape: 0 keeps T, so these shapes fold to constants. No -1 next to T: with T = 0 it could not be
+        # inferred from zero elements; the other dims come from A and B (initializers, so they fold too).
+        const_ints("keep_t", [0]),
         const_ints("axis_last", [-1]),
+        node("Shape", ["A"], ["experts_a"], end=1),  # [1] = E_A
         node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
         node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
         *shrink_all_nodes(),
-        node("Concat", ["keep_minus1", "rank"], ["h_shape"], axis=0),
+        node("Concat", ["keep_t", "experts_a", "rank"], ["h_shape"], axis=0),
         node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, E_A, R]
         node("Unsqueeze", ["g", "axis_last"], ["g3"]),  # [T, E, 1]
         node("Mul", ["h", "g3"], ["hg"]),  # [T, E, R]
-        node("Reshape", ["hg", "keep_minus1"], ["hg_flat"]),  # [T, E*R]
+        # Flatten, not Reshape: ORT's optimizer rewrites a [T, E*R] Reshape target to [0, -1], which fails at T = 0.
+        node("Flatten", ["hg"], ["hg_flat"], axis=1),  # [T, E*R]
         node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
         *b_cat_nodes(),
         node("MatMul", ["hg_flat", "b_cat"], ["y"]),  # [T, D_out]

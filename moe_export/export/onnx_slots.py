@@ -29,13 +29,15 @@ def grouped_lora_slots_body(opset: int) -> FunctionProto:
         node("Shape", ["x"], ["num_tokens"], end=1),  # [1] = T
         node("Shape", ["expert_ids"], ["num_slots"], start=1, end=2),  # [1] = K
         node("Shape", ["B"], ["num_experts"], end=1),  # [1] = E
+        node("Shape", ["A"], ["experts_a"], end=1),  # [1] = E_A
         node("Shape", ["A"], ["rank"], start=1, end=2),  # [1] = R
         node("Shape", ["A"], ["d_in"], start=2, end=3),  # [1] = D_in
         node("Shape", ["B"], ["d_out"], start=1, end=2),  # [1] = D_out
         # h = x A_cat^T, viewed per expert: [T, 1, E_A, R]
         *shrink_all_nodes(),
         const_ints("one_1", [1]),
-        node("Concat", ["num_tokens", "one_1", "minus1_1", "rank"], ["h_shape"], axis=0),
+        # Explicit dims, no -1: with T = 0 a -1 could not be inferred from zero elements.
+        node("Concat", ["num_tokens", "one_1", "experts_a", "rank"], ["h_shape"], axis=0),
         node("Reshape", ["h_flat", "h_shape"], ["h"]),  # [T, 1, E_A, R]
         # one-hot of each slot's expert: [T, K, E, 1] in x's type
         helper.make_node("Constant", [], ["zero_i"], value_int=0),
@@ -47,7 +49,8 @@ def grouped_lora_slots_body(opset: int) -> FunctionProto:
         node("CastLike", ["onehot_bool", "x"], ["onehot"]),  # [T, K, E]
         node("Unsqueeze", ["onehot", "axis_last"], ["onehot4"]),  # [T, K, E, 1]
         node("Mul", ["h", "onehot4"], ["hk"]),  # [T, K, E, R]
-        node("Concat", ["num_tokens", "num_slots", "minus1_1"], ["hk_flat_shape"], axis=0),
+        node("Mul", ["num_experts", "rank"], ["experts_rank"]),  # [1] = E*R
+        node("Concat", ["num_tokens", "num_slots", "experts_rank"], ["hk_flat_shape"], axis=0),
         node("Reshape", ["hk", "hk_flat_shape"], ["hk_flat"]),  # [T, K, E*R]
         *b_cat_nodes(),
         node("MatMul", ["hk_flat", "b_cat"], ["y"]),  # [T, K, D_out]

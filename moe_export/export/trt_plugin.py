@@ -84,13 +84,15 @@ def register_plugin() -> str:
         # Strong typing: the output dtype is declared, equal to x's.
         return trtp.from_shape_expr((x.shape_expr[0], B.shape_expr[1]), dtype=x.dtype)  # [T, D_out]
 
+    # The input types are declared once, above: TensorRT matches the autotune and aot_impl functions to the
+    # registered schema by parameter name, and their input annotations are optional.
     @trtp.autotune(PLUGIN_ID)
     def grouped_lora_autotune(
-        x: trtp.TensorDesc,
-        expert_ids: trtp.TensorDesc,
-        gates: trtp.TensorDesc,
-        A: trtp.TensorDesc,
-        B: trtp.TensorDesc,
+        x,
+        expert_ids,
+        gates,
+        A,
+        B,
         outputs: Tuple[trtp.TensorDesc],  # noqa: UP006
     ) -> List[trtp.AutoTuneCombination]:  # noqa: UP006
         # The types are fixed by the (strongly typed) network; only the tile tactic is free.
@@ -99,11 +101,11 @@ def register_plugin() -> str:
 
     @trtp.aot_impl(PLUGIN_ID)
     def grouped_lora_aot(
-        x: trtp.TensorDesc,
-        expert_ids: trtp.TensorDesc,
-        gates: trtp.TensorDesc,
-        A: trtp.TensorDesc,
-        B: trtp.TensorDesc,
+        x,
+        expert_ids,
+        gates,
+        A,
+        B,
         outputs: Tuple[trtp.TensorDesc],  # noqa: UP006
         tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:  # noqa: UP006,UP007

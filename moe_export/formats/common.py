@@ -12,6 +12,7 @@ import torch
 
 from moe_export.errors import FormatError
 from moe_export.formats.checkpoint import Checkpoint
+from moe_export.formats.registry import Signature
 from moe_export.ir import Adapter, ExpertStack, LinearMoE, Router, SharedLoRA, rank_scaling
 
 PEFT_PREFIX = "base_model.model."
@@ -210,6 +211,11 @@ def softmax_topk_router(weight: torch.Tensor, top_k: int, compute_dtype: str = "
         compute_dtype=compute_dtype,
         weight=weight,
     )
+
+
+def old_peft_signature(keys: tuple[str, ...], forbidden: tuple[str, ...] = ()) -> Signature:
+    """LoRAMoE's and HydraLoRA's layout: their vendored old peft writes peft_type LORA, or none at all."""
+    return Signature(("LORA",), keys, forbidden, peft_type_required=False)
 
 
 StackBuilder = Callable[[str, dict[str, torch.Tensor], float], ExpertStack]

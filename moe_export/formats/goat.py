@@ -4,12 +4,13 @@ docs/formats.md ("goat"). The checkpoint holds only the LoRA experts and routers
 subtracted `init_cof * s * B0 A0` from W, and GOAT's own loader re-does that on the original W. We
 recompute the same term by SVD of the original base weight and keep it as an always-on shared LoRA.
 Legend: E experts, R total rank (config `r`), R_e = R // E expert rank, D_in / D_out linear sizes.
+Layout source: Facico/GOAT-PEFT (peft 0.14 layout).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from moe_export.formats.common import (
     require_int,
     softmax_topk_router,
 )
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.registry import Family, Signature, register
 from moe_export.ir import Adapter, SharedLoRA
 
 # peft's clones of lora_A/B, dropped (key tails after the module path).
@@ -78,17 +79,14 @@ def base_correction(weight: torch.Tensor, init_type: str, rank: int, num_experts
 
 @register
 class Goat(Family):
-    name: ClassVar[str] = "goat"
-    title: ClassVar[str] = "GOAT"
-    source: ClassVar[str] = "Facico/GOAT-PEFT (peft 0.14 layout)"
-    peft_types: ClassVar[tuple[str, ...]] = ("GOAT",)
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_gating\.weight$", r"\.lora_A\.\d+\.weight$")
-    specificity: ClassVar[int] = 20
-    default_top_k: ClassVar[int | None] = 2
-    needs_base_weights: ClassVar[bool] = True
+    name = "goat"
+    title = "GOAT"
+    signature = Signature(("GOAT",), keys=(r"\.lora_gating\.weight$", r"\.lora_A\.\d+\.weight$"))
+    default_top_k = 2
+    needs_base_weights = True
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha", "num_experts")
         where = str(ckpt.config_path)
         rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)

@@ -5,19 +5,18 @@ Layout (docs/formats.md, "hydralora"): vendored-peft `adapter_model.bin` + `adap
     {module}.lora_A.weight [R, D_in] (shared), {module}.lora_B{e}.weight [D_out, R], {module}.lora_route.weight [E, D_in]
 Forward: `y = W x + b + sum_e p_e (alpha / r) B_e A x`, `p = softmax(G x, dtype=fp32).to(y.dtype)`.
 The canonical stack has E_A = 1.
+Layout source: Clin0212/HydraLoRA @ afb693b (peft/tuners/lora.py Linear).
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import indexed, routed_units, stack_experts
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.common import indexed, old_peft_signature, routed_units, stack_experts
+from moe_export.formats.registry import Family, register
 from moe_export.ir import Adapter, ExpertStack
 
 PARTS: dict[str, str | None] = {
@@ -37,16 +36,14 @@ def _shared_a(module: str, parts: dict[str, torch.Tensor], scaling: float) -> Ex
 
 @register
 class HydraLoRA(Family):
-    name: ClassVar[str] = "hydralora"
-    title: ClassVar[str] = "HydraLoRA"
-    source: ClassVar[str] = "Clin0212/HydraLoRA @ afb693b (peft/tuners/lora.py Linear)"
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_route\.weight$", r"\.lora_A\.weight$", r"\.lora_B\d+\.weight$")
-    forbidden_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_A\d+\.weight$",)
-    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)  # its vendored old peft writes LORA, or nothing
-    peft_type_required: ClassVar[bool] = False
-    specificity: ClassVar[int] = 20  # above plain LoRA, which also sees lora_A.weight keys
+    name = "hydralora"
+    title = "HydraLoRA"
+    signature = old_peft_signature(
+        keys=(r"\.lora_route\.weight$", r"\.lora_A\.weight$", r"\.lora_B\d+\.weight$"),
+        forbidden=(r"\.lora_A\d+\.weight$",),  # LoRAMoE's per-expert A
+    )
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         units = routed_units(ckpt, cls.title, PARTS, _shared_a)
         return Adapter(cls.name, list(units), source_config=ckpt.config or {})

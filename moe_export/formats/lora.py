@@ -3,18 +3,19 @@
 Keys `base_model.model.<module>.lora_A.weight` [R, D_in] / `.lora_B.weight` [D_out, R]; scaling
 alpha / R, or alpha / sqrt(R) with `use_rslora`; PEFT's `rank_pattern` / `alpha_pattern` give
 per-module values (the rank is read from the tensors, alpha from the pattern that matches).
+Layout source: huggingface/peft LoraConfig (adapter_model.safetensors or .bin).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Any
 
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import split_module_keys
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.registry import Family, Signature, register
 from moe_export.ir import Adapter, LinearMoE, SharedLoRA, rank_scaling
 
 PARTS: dict[str, str | None] = {r"lora_A\.weight": "A", r"lora_B\.weight": "B"}
@@ -30,25 +31,26 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 @register
 class Lora(Family):
-    name: ClassVar[str] = "lora"
-    title: ClassVar[str] = "LoRA (PEFT)"
-    source: ClassVar[str] = "huggingface/peft LoraConfig (adapter_model.safetensors or .bin)"
-    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_A\.weight$", r"\.lora_B\.weight$")
-    # Families that also say peft_type LORA but add experts or routers (MoLA, LoRAMoE, HydraLoRA, MoE-PEFT).
-    forbidden_patterns: ClassVar[tuple[str, ...]] = (
-        r"\.lora_route\.weight$",
-        r"\.lora_[AB]_?\d+\.weight$",
-        r"\.router\.router\.weight$",
-        r"\.lora_(router|gating)\.weight$",
-        r"\.moe_gate\.weight$",
-        r"\.experts\.\d+\.lora_[AB]\.weight$",
-        r"^(mixlora|mola|loramoe)\.",
+    name = "lora"
+    title = "LoRA (PEFT)"
+    signature = Signature(
+        ("LORA",),
+        keys=(r"\.lora_A\.weight$", r"\.lora_B\.weight$"),
+        # Families that also say peft_type LORA but add experts or routers (MoLA, LoRAMoE, HydraLoRA, MoE-PEFT).
+        forbidden=(
+            r"\.lora_route\.weight$",
+            r"\.lora_[AB]_?\d+\.weight$",
+            r"\.router\.router\.weight$",
+            r"\.lora_(router|gating)\.weight$",
+            r"\.moe_gate\.weight$",
+            r"\.experts\.\d+\.lora_[AB]\.weight$",
+            r"^(mixlora|mola|loramoe)\.",
+        ),
     )
-    specificity: ClassVar[int] = 5
+    specificity = 5
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("lora_alpha")
         where = str(ckpt.config_path)
         if config.get("use_dora"):

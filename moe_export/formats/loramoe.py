@@ -5,18 +5,17 @@ Layout (docs/formats.md, "loramoe"): vendored-peft `adapter_model.bin` + `adapte
     {module}.lora_A{e}.weight [R, D_in], {module}.lora_B{e}.weight [D_out, R], {module}.lora_route.weight [E, D_in]
 Forward: `y = W x + b + sum_e p_e (alpha / r) B_e A_e x`, `p = softmax(G x, dtype=fp32).to(y.dtype)` with
 G x in the model dtype: dense, no top-k, no renormalisation.
+Layout source: Ablustrund/LoRAMoE @ 1177288 (peft/tuners/lora.py Linear).
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import expert_pairs, routed_units, stack_experts
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.common import expert_pairs, old_peft_signature, routed_units, stack_experts
+from moe_export.formats.registry import Family, register
 from moe_export.ir import Adapter, ExpertStack
 
 # Key tails after `{module}.` -> part names; `e` is the expert index (HydraLoRA adds a shared `lora_A`).
@@ -34,15 +33,11 @@ def _separate_a(module: str, parts: dict[str, torch.Tensor], scaling: float) -> 
 
 @register
 class LoRAMoE(Family):
-    name: ClassVar[str] = "loramoe"
-    title: ClassVar[str] = "LoRAMoE"
-    source: ClassVar[str] = "Ablustrund/LoRAMoE @ 1177288 (peft/tuners/lora.py Linear)"
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_route\.weight$", r"\.lora_A\d+\.weight$")
-    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)  # its vendored old peft writes LORA, or nothing
-    peft_type_required: ClassVar[bool] = False
-    specificity: ClassVar[int] = 20  # above plain LoRA (which forbids lora_route anyway)
+    name = "loramoe"
+    title = "LoRAMoE"
+    signature = old_peft_signature(keys=(r"\.lora_route\.weight$", r"\.lora_A\d+\.weight$"))
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         units = routed_units(ckpt, cls.title, PARTS, _separate_a)
         return Adapter(cls.name, list(units), source_config=ckpt.config or {})

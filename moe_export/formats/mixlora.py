@@ -8,11 +8,12 @@ Layout (docs/formats.md, "mixlora"): `adapter_model.bin` + `adapter_config.json`
 Each MLP block becomes an `FFNMoE` unit; each attention LoRA a `LinearMoE` with one `SharedLoRA`.
 Expert LoRAs follow `expert_lora` when the config has it (MoE-PEFT semantics; mixlora 0.2.3's own
 loader ignores it and uses the top-level r / lora_alpha).
+Layout source: TUDB-Labs/MoE-PEFT 2.0.2 adapters/mixlora (read by mixlora 0.2.3).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
@@ -23,11 +24,13 @@ from moe_export.formats.moe_peft_layout import (
     check_num_experts,
     dora_notice,
     expert_stack,
+    layout_signature,
     lora_scaling,
     parse_state_dict,
     plain_lora,
+    topk_routing,
 )
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.registry import Family, register
 from moe_export.ir import Adapter, FFNMoE, LinearMoE, Router, Unit
 
 # MLP projection names -> the FFNMoE layout they belong to (the reference supports llama_gated).
@@ -38,10 +41,7 @@ def routing(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Router fields for `routing_strategy` (MixLoraConfig.from_config defaults for absent keys)."""
     strategy = cfg.get("routing_strategy")
     if strategy == "mixlora":
-        top_k = cfg.get("top_k", MixLoRA.default_top_k)
-        if not isinstance(top_k, int) or isinstance(top_k, bool):
-            raise FormatError(f"{where}: top_k must be an integer, got {top_k!r}")
-        return {"select": "topk", "top_k": top_k, "renormalize": True}
+        return topk_routing(cfg, MixLoRA.default_top_k, where)
     if strategy == "mixlora-dynamic":
         top_p, temperature = cfg.get("top_p", 0.8), cfg.get("temperature", 0.0)
         if not isinstance(top_p, (int, float)) or not isinstance(temperature, (int, float)) or temperature < 0:
@@ -70,18 +70,14 @@ def expert_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @register
 class MixLoRA(Family):
-    name: ClassVar[str] = "mixlora"
-    title: ClassVar[str] = "MixLoRA"
-    source: ClassVar[str] = "TUDB-Labs/MoE-PEFT 2.0.2 adapters/mixlora (read by mixlora 0.2.3)"
-    peft_types: ClassVar[tuple[str, ...]] = ("MIXLORA",)
-    peft_type_required: ClassVar[bool] = False
-    key_patterns: ClassVar[tuple[str, ...]] = (r"^mixlora\.layers\.\d+\.",)
-    specificity: ClassVar[int] = 20
-    default_top_k: ClassVar[int | None] = 2
-    needs_base_weights: ClassVar[bool] = True  # only its config.json: hidden_act when act_fn is not saved
+    name = "mixlora"
+    title = "MixLoRA"
+    signature = layout_signature("mixlora")
+    default_top_k = 2
+    needs_base_weights = True  # only its config.json: hidden_act when act_fn is not saved
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         cfg = check_config(ckpt, "MIXLORA", "num_experts", "routing_strategy")
         where = str(ckpt.config_path)
         router_fields = routing(cfg, where)

@@ -9,11 +9,10 @@ The original runs on ChatGLM with sequence-first activations and broadcasts the 
 which is only right per sequence when batch = 1. Our base models are batch-first; we implement the
 intended per-sequence gate (one task id for the whole batch) and do not reproduce that broadcast quirk.
 Legend: E experts, R total rank, D_task task-embedding size.
+Layout source: liuqidong07/MOELoRA-peft (MMOELORAS, adapter_model.bin).
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 
@@ -21,7 +20,7 @@ from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import expert_linear, expert_pairs, require_float, require_int, split_module_keys
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.registry import Family, Signature, register
 from moe_export.ir import Adapter, Router, TaskGate
 
 # The global gate, at the top level of the PeftModel (the one the `S` forward uses).
@@ -43,15 +42,12 @@ PARTS: dict[str, str | None] = {
 
 @register
 class MMoELoRA(Family):
-    name: ClassVar[str] = "mmoelora"
-    title: ClassVar[str] = "MOELoRA (task-gated)"
-    source: ClassVar[str] = "liuqidong07/MOELoRA-peft (MMOELORAS, adapter_model.bin)"
-    peft_types: ClassVar[tuple[str, ...]] = ("MMOELORAS",)
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.loraA\.\d+\.mlp\.weight$", r"(^|\.)lora_task_embedding\.weight$")
-    specificity: ClassVar[int] = 20
+    name = "mmoelora"
+    title = "MOELoRA (task-gated)"
+    signature = Signature(("MMOELORAS",), keys=(r"\.loraA\.\d+\.mlp\.weight$", r"(^|\.)lora_task_embedding\.weight$"))
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha")
         where, weights_where = str(ckpt.config_path), str(ckpt.weights_path)
         rank, alpha = require_int(config, "r", where), require_float(config, "lora_alpha", where)

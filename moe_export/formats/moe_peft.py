@@ -7,6 +7,7 @@ Layout (docs/formats.md, "MoE-PEFT layout"): `adapter_model.bin`
     {prefix}.layers.{i}.{self_attn|mlp}.{proj}.lora_A|lora_B.weight            plain always-on LoRA
 MoLA routes every targeted linear top-k (renormalised); LoRAMoE routes the MLP linears densely and gives
 the attention linears a plain LoRA. Both route in fp32. The key parsing (moe_peft_layout.py) is shared with MixLoRA.
+Layout source: TUDB-Labs/MoE-PEFT 2.0.2 (moe_peft/model.py get_lora_layer_weight).
 """
 
 from __future__ import annotations
@@ -15,24 +16,24 @@ from typing import Any, ClassVar
 
 import torch
 
-from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.moe_peft_layout import check_config, dora_notice, linear_units, parse_state_dict
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.moe_peft_layout import (
+    check_config,
+    dora_notice,
+    layout_signature,
+    linear_units,
+    parse_state_dict,
+    topk_routing,
+)
+from moe_export.formats.registry import Family, register
 from moe_export.ir import Adapter, Router
 
 
 class _MoePeftFamily(Family):
-    """Shared facts: a `{prefix}.layers.` key (key_patterns), and a matching peft_type when the config names one.
+    """Both families load the same way; a subclass supplies its key prefix and its routing (`router_fields`)."""
 
-    Both families load the same way; a subclass supplies only its routing (`router_fields`).
-    """
-
-    prefix: ClassVar[str]
-    source: ClassVar[str] = "TUDB-Labs/MoE-PEFT 2.0.2 (moe_peft/model.py get_lora_layer_weight)"
-    specificity: ClassVar[int] = 20
-    peft_type_required: ClassVar[bool] = False
+    prefix: ClassVar[str]  # the state dict's first key component, e.g. "mola"
 
     @classmethod
     def router_fields(cls, cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -40,8 +41,8 @@ class _MoePeftFamily(Family):
         raise NotImplementedError
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
-        cfg = check_config(ckpt, cls.peft_types[0], "num_experts")
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
+        cfg = check_config(ckpt, cls.signature.peft_types[0], "num_experts")
         fields = cls.router_fields(cfg, str(ckpt.config_path))
 
         def router(num_experts: int, weight: torch.Tensor) -> Router:
@@ -53,28 +54,23 @@ class _MoePeftFamily(Family):
 
 @register
 class MoePeftMola(_MoePeftFamily):
-    name: ClassVar[str] = "moe_peft_mola"
-    title: ClassVar[str] = "MoE-PEFT MoLA"
-    prefix: ClassVar[str] = "mola"
-    key_patterns: ClassVar[tuple[str, ...]] = (r"^mola\.layers\.\d+\.",)
-    peft_types: ClassVar[tuple[str, ...]] = ("MOLA",)
-    default_top_k: ClassVar[int | None] = 2  # MolaConfig.from_config default
+    name = "moe_peft_mola"
+    title = "MoE-PEFT MoLA"
+    prefix = "mola"
+    signature = layout_signature(prefix)
+    default_top_k = 2  # MolaConfig.from_config default
 
     @classmethod
     def router_fields(cls, cfg: dict[str, Any], where: str) -> dict[str, Any]:
-        top_k = cfg.get("top_k", cls.default_top_k)
-        if not isinstance(top_k, int) or isinstance(top_k, bool):
-            raise FormatError(f"{where}: top_k must be one integer, got {top_k!r}")
-        return {"select": "topk", "top_k": top_k, "renormalize": True}
+        return topk_routing(cfg, cls.default_top_k, where)
 
 
 @register
 class MoePeftLoraMoE(_MoePeftFamily):
-    name: ClassVar[str] = "moe_peft_loramoe"
-    title: ClassVar[str] = "MoE-PEFT LoRAMoE"
-    prefix: ClassVar[str] = "loramoe"
-    key_patterns: ClassVar[tuple[str, ...]] = (r"^loramoe\.layers\.\d+\.",)
-    peft_types: ClassVar[tuple[str, ...]] = ("LORAMOE",)
+    name = "moe_peft_loramoe"
+    title = "MoE-PEFT LoRAMoE"
+    prefix = "loramoe"
+    signature = layout_signature(prefix)
 
     @classmethod
     def router_fields(cls, cfg: dict[str, Any], where: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from moe_export.errors import FormatError
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import stack_experts
+from moe_export.formats.registry import Signature
 from moe_export.ir import ExpertStack, LinearMoE, Router, SharedLoRA, Unit, rank_scaling
 
 KEY_RX = re.compile(
@@ -86,6 +87,19 @@ def lora_scaling(cfg: dict[str, Any], where: str) -> tuple[int, float]:
     if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise FormatError(f"{where}: 'r' ({rank!r}) and 'lora_alpha' ({alpha!r}) must be positive numbers")
     return rank, rank_scaling(float(alpha), rank, bool(cfg.get("use_rslora", False)))
+
+
+def layout_signature(prefix: str) -> Signature:
+    """Keys `{prefix}.layers.N...`; the peft_type, which MoE-PEFT may leave out, is the prefix in upper case."""
+    return Signature((prefix.upper(),), keys=(rf"^{prefix}\.layers\.\d+\.",), peft_type_required=False)
+
+
+def topk_routing(cfg: dict[str, Any], default_top_k: int | None, where: str) -> dict[str, Any]:
+    """Router fields of MoE-PEFT's top-k routing (MixLoRA, MoLA): renormalised; `top_k` absent -> the default."""
+    top_k = cfg.get("top_k", default_top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise FormatError(f"{where}: top_k must be one integer, got {top_k!r}")
+    return {"select": "topk", "top_k": top_k, "renormalize": True}
 
 
 def check_config(ckpt: Checkpoint, peft_type: str, *keys: str) -> dict[str, Any]:

@@ -16,8 +16,6 @@ p = softmax(G x) in fp32, top-k, renormalised; y = W x + sum_j w_j (alpha / R) B
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
@@ -27,21 +25,18 @@ from moe_export.formats.common import (
     require_int,
     softmax_topk_router,
 )
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.registry import Family, Signature, register
 from moe_export.ir import Adapter, rank_scaling
 
 
 @register
 class MoELoRA(Family):
-    name: ClassVar[str] = "moelora"
-    title: ClassVar[str] = "MoELoRA (Luo et al.)"
-    source: ClassVar[str] = "no official code; moe-export's PEFT-style layout (see formats/moelora.py)"
-    peft_types: ClassVar[tuple[str, ...]] = ("MOELORA",)
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.lora_router\.weight$", r"\.lora_A\.\d+\.weight$")
-    specificity: ClassVar[int] = 20
+    name = "moelora"
+    title = "MoELoRA (Luo et al.)"
+    signature = Signature(("MOELORA",), keys=(r"\.lora_router\.weight$", r"\.lora_A\.\d+\.weight$"))
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha", "num_experts", "top_k")
         where = str(ckpt.config_path)
         rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)

@@ -5,11 +5,10 @@ recovered from the tensors, top-k comes from the user (`--top-k`, one value or o
 defaults to 2 (MoLA's README setting), with a notice. The router matmul runs in the model dtype
 (MoLA casts the model to fp16), its softmax in fp32, and the selected weights are renormalised.
 Legend: E_l experts of layer l, R_l rank of layer l.
+Layout source: GCYZSL/MoLA (peft 0.4 fork, adapter_model.bin).
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
@@ -22,7 +21,7 @@ from moe_export.formats.common import (
     softmax_topk_router,
     split_module_keys,
 )
-from moe_export.formats.registry import Family, LoadOptions, register
+from moe_export.formats.registry import Family, Signature, register
 from moe_export.ir import Adapter
 
 # Key tail after the module path -> part name (MoLA's saver strips `.default` from `lora_A.default_3`).
@@ -45,17 +44,14 @@ def layer_value(value: int | list[int], layer: int, what: str, where: str) -> in
 
 @register
 class Mola(Family):
-    name: ClassVar[str] = "mola"
-    title: ClassVar[str] = "MoLA"
-    source: ClassVar[str] = "GCYZSL/MoLA (peft 0.4 fork, adapter_model.bin)"
-    peft_types: ClassVar[tuple[str, ...]] = ("LORA",)
-    key_patterns: ClassVar[tuple[str, ...]] = (r"\.router\.router\.weight$", r"\.lora_A_\d+\.weight$")
-    specificity: ClassVar[int] = 20
-    default_top_k: ClassVar[int | None] = DEFAULT_TOP_K
-    top_k_saved: ClassVar[bool] = False
+    name = "mola"
+    title = "MoLA"
+    signature = Signature(("LORA",), keys=(r"\.router\.router\.weight$", r"\.lora_A_\d+\.weight$"))
+    default_top_k = DEFAULT_TOP_K
+    top_k_saved = False
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("r", "lora_alpha")
         where = str(ckpt.config_path)
         ranks, alpha = config["r"], require_float(config, "lora_alpha", where)

@@ -1,7 +1,7 @@
 """Family registry: each family is one class in formats/<family>.py, registered with `@register`.
 
-Facts are class attributes (how the family is recognised, its default top-k, whether it saves top-k);
-code is `load()`. Lookup and detection over every registered family: `detection.py`.
+Facts are class attributes (how the family is recognised: its `Signature`; its default top-k, whether it
+saves top-k); code is `load()`. Lookup and detection over every registered family: `detection.py`.
 """
 
 from __future__ import annotations
@@ -26,35 +26,46 @@ class LoadOptions:
     )
 
 
+@dataclass(frozen=True)
+class Signature:
+    """How a checkpoint shows its family: the adapter_config.json peft_type and the tensor keys it holds."""
+
+    peft_types: tuple[str, ...] = ()  # peft_type values that may mean the family (upper case)
+    keys: tuple[str, ...] = ()  # regexes; every one must match some tensor key
+    forbidden: tuple[str, ...] = ()  # regexes that must match no key
+    peft_type_required: bool = True  # False: a config without peft_type is decided by the keys alone
+
+    def matches(self, ckpt: Checkpoint) -> bool:
+        peft_type = ckpt.config_value("peft_type")
+        type_matters = peft_type is not None or self.peft_type_required
+        if self.peft_types and type_matters and str(peft_type or "").upper() not in self.peft_types:
+            return False
+        if ckpt.weights_path is None:
+            return False
+        if not all(ckpt.has_key(p) for p in self.keys):
+            return False
+        return not any(ckpt.has_key(p) for p in self.forbidden)
+
+
 class Family:
-    """One checkpoint family. Subclasses set the facts and implement `load`."""
+    """One checkpoint family. Subclasses set the facts that differ from these defaults and implement `load`."""
 
     name: ClassVar[str]
     title: ClassVar[str]  # how people call it, for tables and messages
-    source: ClassVar[str] = ""  # the code base whose layout this reads
-    peft_types: ClassVar[tuple[str, ...]] = ()  # adapter_config.json peft_type values that may mean this family
-    peft_type_required: ClassVar[bool] = True  # False: a config without peft_type is decided by the keys alone
-    key_patterns: ClassVar[tuple[str, ...]] = ()  # regexes; every one must match some tensor key
-    forbidden_patterns: ClassVar[tuple[str, ...]] = ()  # regexes that must match no key
-    specificity: ClassVar[int] = 10  # among several matches, the highest wins
+    signature: ClassVar[Signature]
+    # Among several matches the highest wins: a MoE family (20) over plain LoRA (5), canonical (100) over all.
+    specificity: ClassVar[int] = 20
     default_top_k: ClassVar[int | None] = None  # top-k when the checkpoint does not say
     top_k_saved: ClassVar[bool] = True  # False: the checkpoint never records top-k (MoLA); a notice says so
     needs_base_weights: ClassVar[bool] = False  # load() reads base weights (GOAT's SVD correction)
 
     @classmethod
     def detect(cls, ckpt: Checkpoint) -> bool:
-        peft_type = ckpt.config_value("peft_type")
-        type_matters = peft_type is not None or cls.peft_type_required
-        if cls.peft_types and type_matters and str(peft_type or "").upper() not in cls.peft_types:
-            return False
-        if ckpt.weights_path is None:
-            return False
-        if not all(ckpt.has_key(p) for p in cls.key_patterns):
-            return False
-        return not any(ckpt.has_key(p) for p in cls.forbidden_patterns)
+        return cls.signature.matches(ckpt)
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, options: LoadOptions, base: BaseWeights | None) -> Adapter:
+    def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
+        """The checkpoint as read; load options (top-k, task id) are applied after, by reference/loading.py."""
         raise NotImplementedError
 
 

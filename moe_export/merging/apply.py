@@ -9,7 +9,6 @@ save_merged(result, out_dir)     -> Path           (write.py: streaming HF model
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,9 @@ import torch
 
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE
-from moe_export.ir.fold import fold_into_weight
+from moe_export.merging.layerwise import Streaming, calibrate_layerwise, measure_layerwise
+from moe_export.merging.logits_agreement import LogitsAgreement
+from moe_export.merging.module_folds import check_plan, fold_entries
 from moe_export.merging.plan import (
     MergePlan,
     UnitMerge,
@@ -67,35 +68,13 @@ def remaining_adapter(adapter: Adapter, plan: MergePlan) -> Adapter:
     )
 
 
-def _check_plan(loaded: LoadedAdapter, plan: MergePlan) -> dict[str, LinearMoE]:
-    """Every entry must fit the loaded adapter; checked before anything is mutated."""
-    units = {u.name: u for u in loaded.adapter.units if isinstance(u, LinearMoE)}
-    where = f"merge plan for {loaded.checkpoint}"
-    for entry in plan.units:
-        unit = units.get(entry.name)
-        if unit is None:
-            raise MergeError(f"{where}: unit {entry.name} is not a linear unit of this adapter; was it already merged?")
-        if entry.fold_shared and not unit.shared:
-            raise MergeError(f"{where}: unit {entry.name} has no shared LoRA to fold")
-        num_experts = unit.experts.num_experts if unit.experts is not None else 0
-        if entry.expert_weights is not None and len(entry.expert_weights) != num_experts:
-            raise MergeError(
-                f"{where}: unit {entry.name} has {num_experts} experts, the plan {len(entry.expert_weights)}"
-            )
-        if entry.reason == "exact-task" and plan.task_id != loaded.task_id:
-            raise MergeError(
-                f"{where}: the plan folds task {plan.task_id}, the model was loaded for task {loaded.task_id}"
-            )
-    return units
-
-
 @torch.no_grad()
 def apply_merge_plan(loaded: LoadedAdapter, plan: MergePlan) -> LoadedAdapter:
     """Apply a plan to a copy of the reference model and return it with the adapter that stays routed;
     `loaded` is not changed. The copy shares every weight the plan does not touch (model_copy.py).
     Folded units become plain nn.Linear with W + Δ̄ (fp32 sum, cast once).
     The result depends on the plan only, so a plan read back from JSON rebuilds the same weights."""
-    units = _check_plan(loaded, plan)
+    units = check_plan(loaded.adapter, plan, loaded.checkpoint, loaded.task_id)
     model = loaded.model
     if model is not None:
         modules = {e.name: model.get_submodule(e.name) for e in plan.units}
@@ -103,16 +82,7 @@ def apply_merge_plan(loaded: LoadedAdapter, plan: MergePlan) -> LoadedAdapter:
         if wrong:
             raise MergeError(f"{loaded.checkpoint}: {wrong[0]} is not an adapter module in the model (merged twice?)")
         model = copy_for_edit(model, [m.base.weight for m in modules.values()])
-        modules = {e.name: model.get_submodule(e.name) for e in plan.units}
-        for entry in plan.units:
-            module, unit = modules[entry.name], units[entry.name]
-            fold_into_weight(module.base.weight, unit, entry)
-            if entry.becomes_linear:
-                parent, _, child = entry.name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.base)
-            else:
-                # Shared LoRAs are already in W: a unit without them only drops the shared branch.
-                module.fold_shared_into_base(dataclasses.replace(unit, shared=[]))
+        fold_entries(model, plan.units, units)
     return dataclasses.replace(loaded, adapter=remaining_adapter(loaded.adapter, plan), model=model)
 
 
@@ -132,21 +102,29 @@ def merge(
     seq_len: int = 64,
     seed: int = 0,
     evaluate: bool = True,
+    streaming: Streaming | None = None,
 ) -> MergeResult:
     """Plan and apply a merge (calibrating first when the plan needs statistics), then measure it on
     held-out calibration tokens. `loaded` is not changed (the merge works on a copy); `loaded.model` may be None when
     `stats` are given (or only exact folds are asked) and `evaluate=False`: then only the plan and the
-    remaining adapter are produced, for `save_merged`."""
+    remaining adapter are produced, for `save_merged`. With `streaming`, calibration and the held-out measurement
+    run the reference one decoder layer at a time (layerwise.py) and `loaded.model` may be None throughout."""
     check_options(threshold, budget)
     adapter = loaded.adapter
     if stats is None and (threshold is not None or budget is not None) and _needs_stats(adapter, loaded.task_id):
-        stats = calibrate(loaded, data, samples, seq_len, seed, progress)
+        if streaming is not None:
+            stats = calibrate_layerwise(loaded, data, samples, seq_len, seed, progress, streaming)
+        else:
+            stats = calibrate(loaded, data, samples, seq_len, seed, progress)
     if stats is not None:
         stats.check_matches(adapter)
     plan = plan_merge(adapter, stats, threshold, budget, loaded.task_id)
     measured: dict[str, float | None] = {}
     whole: dict[str, Any] = {}
-    if evaluate:
+    if evaluate and streaming is not None:
+        measured, whole = measure_layerwise(loaded, plan, data, samples, seq_len, seed, progress, streaming)
+        merged = apply_merge_plan(loaded, plan)
+    elif evaluate:
         if loaded.model is None:
             raise MergeError(f"{loaded.checkpoint}: measuring a merge needs the reference model (or evaluate=False)")
         merged, measured, whole = _merge_and_measure(loaded, plan, data, samples, seq_len, seed, progress)
@@ -169,32 +147,24 @@ def _merge_and_measure(
     inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="heldout")
     units = routed_linear_units(loaded.adapter)
     folded = {e.name: e for e in plan.units if e.expert_weights and e.name in units}
-    accumulators = {n: UnitAccumulator(units[n].experts) for n in folded}  # type: ignore[arg-type]
+    device = next(loaded.model.parameters()).device
+    accumulators = {n: UnitAccumulator(units[n].experts, device) for n in folded}  # type: ignore[arg-type]
     reference: list[torch.Tensor] = []
     with recording(loaded.model, accumulators):
         run_samples(loaded.model, inputs, progress, "held-out: reference", lambda _i, lg: reference.append(lg.float()))
     merged = apply_merge_plan(loaded, plan)
-    sums = {"diff": 0.0, "ref": 0.0, "agree": 0, "tokens": 0}
+    agreement = LogitsAgreement()
 
     def compare(i: int, logits: torch.Tensor) -> None:
-        ref, got = reference[i].double(), logits.double()  # [1, L, V]
-        sums["diff"] += float((got - ref).pow(2).sum())
-        sums["ref"] += float(ref.pow(2).sum())
-        sums["agree"] += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        sums["tokens"] += ref.shape[0] * ref.shape[1]
-        reference[i] = ref[:0]  # free as we go
+        agreement.add(reference[i], logits)
+        reference[i] = reference[i][:0]  # free as we go
 
     run_samples(merged.model, inputs, progress, "held-out: merged", compare)
     measured = {
         n: acc.to_stats(n, units[n].router.slots).error_for(folded[n].expert_weights)  # type: ignore[arg-type,union-attr]
         for n, acc in accumulators.items()
     }
-    whole = {
-        "logits_rel_error": math.sqrt(sums["diff"] / sums["ref"]) if sums["ref"] > 0 else None,
-        "top1_agreement": sums["agree"] / sums["tokens"] if sums["tokens"] else None,
-        "heldout_tokens": sums["tokens"],
-        "heldout_source": source,
-    }
+    whole = agreement.summary(source)
     return merged, measured, whole
 
 

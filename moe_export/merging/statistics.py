@@ -41,19 +41,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 class UnitAccumulator:
     """Streaming sums for one routed LinearMoE unit (see the module docstring for the algebra)."""
 
-    def __init__(self, stack: ExpertStack) -> None:
+    def __init__(self, stack: ExpertStack, device: torch.device | str = "cpu") -> None:
         self.num_experts = stack.num_experts
-        self.a = stack.A.double()  # [E_A, R, D_in]
-        scaled_b = stack.B.double() * stack.scaling.double()[:, None, None]  # [E, D_out, R]
+        f64 = {"dtype": torch.float64, "device": device}
+        self.a = stack.A.to(**f64)  # [E_A, R, D_in]
+        scaled_b = stack.B.to(**f64) * stack.scaling.to(**f64)[:, None, None]  # [E, D_out, R]
         self.gram = torch.einsum("eor,fos->efrs", scaled_b, scaled_b)  # [E, E, R, R] s_e s_f B_eᵀ B_f
         e = self.num_experts
         self.tokens = 0
-        self.gate_sum = torch.zeros(e, dtype=torch.float64)  # [E]
-        self.selected = torch.zeros(e, dtype=torch.float64)  # [E]
+        self.gate_sum = torch.zeros(e, **f64)  # [E]
+        self.selected = torch.zeros(e, **f64)  # [E]
         self.entropy_sum = 0.0
-        self.p = torch.zeros(e, e, dtype=torch.float64)  # [E, E]
-        self.q = torch.zeros(e, dtype=torch.float64)  # [E]
-        self.r = torch.zeros(e, e, dtype=torch.float64)  # [E, E]
+        self.p = torch.zeros(e, e, **f64)  # [E, E]
+        self.q = torch.zeros(e, **f64)  # [E]
+        self.r = torch.zeros(e, e, **f64)  # [E, E]
         self.base_sq = 0.0
 
     @torch.no_grad()
@@ -75,6 +76,10 @@ class UnitAccumulator:
         mass = g.sum(-1, keepdim=True).clamp_min(1e-300)  # top-p gates need not sum to one
         probs = g / mass  # [T, E]
         self.entropy_sum += float(-torch.special.xlogy(probs, probs).sum())
+
+    def drop_inputs(self) -> None:
+        """Free the fp64 copies of A and the B Gram matrix once no more tokens come; the sums stay."""
+        self.a = self.gram = torch.empty(0)
 
     def to_stats(self, name: str, slots: int) -> UnitStats:
         n = max(self.tokens, 1)
@@ -224,15 +229,17 @@ def calibration_inputs(
     seq_len: int,
     seed: int,
     split: str = "stats",
+    vocab: int | None = None,
 ) -> tuple[list[torch.Tensor], str]:
     """Token id samples ([1, L] each) and a description of their source.
 
     Lines are shuffled with `seed`; the 'stats' split takes even positions, 'heldout' odd ones, so a
     merge is measured on text its statistics never saw. Without a tokenizer: seeded random tokens
-    (another seed for the held-out split)."""
+    (another seed for the held-out split). `vocab` is needed when `loaded` has no model (a streamed reference)."""
     if samples < 1 or seq_len < 1:
         raise MergeError(f"--samples ({samples}) and --seq-len ({seq_len}) must be positive")
-    vocab = int(loaded.model.get_input_embeddings().num_embeddings)
+    if vocab is None:
+        vocab = int(loaded.model.get_input_embeddings().num_embeddings)
     tokenizer = load_tokenizer(loaded.base_model_path)
     if tokenizer is None:
         if data is not None:
@@ -332,10 +339,28 @@ def calibrate(
         raise MergeError(f"{loaded.checkpoint}: calibration needs the reference model (load it with moe_export.load)")
     units = routed_linear_units(loaded.adapter)
     inputs, source = calibration_inputs(loaded, data, samples, seq_len, seed, split="stats")
-    accumulators = {name: UnitAccumulator(u.experts) for name, u in units.items() if u.experts is not None}
+    device = next(loaded.model.parameters()).device
+    accumulators = {name: UnitAccumulator(u.experts, device) for name, u in units.items() if u.experts is not None}
     with recording(loaded.model, accumulators):
         run_samples(loaded.model, inputs, progress, "calibrating")
-    stats = {name: acc.to_stats(name, units[name].router.slots) for name, acc in accumulators.items()}  # type: ignore[union-attr]
+    return collect_stats(loaded, accumulators, inputs, source, seq_len, seed)
+
+
+def collect_stats(
+    loaded: LoadedAdapter,
+    accumulators: dict[str, UnitAccumulator],
+    inputs: list[torch.Tensor],
+    source: str,
+    seq_len: int,
+    seed: int,
+) -> CalibrationStats:
+    """The statistics file of a calibration run, units in the adapter's order (whole-model or layer-streamed)."""
+    units = routed_linear_units(loaded.adapter)
+    stats = {
+        name: accumulators[name].to_stats(name, unit.router.slots)  # type: ignore[union-attr]
+        for name, unit in units.items()
+        if name in accumulators
+    }
     return CalibrationStats(
         checkpoint=str(loaded.checkpoint),
         family=loaded.adapter.family,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def _read_checkpoint(
     base = BaseWeights(base_path) if fam.needs_base_weights else None
     try:
         with torch.no_grad():  # loaders compute on saved parameters that may still require grad
-            adapter = finish_adapter(fam.load(ckpt, options, base))
+            adapter = finish_adapter(fam.load(ckpt, base))
     except FormatError as exc:
         # The IR's own checks (shapes, expert counts) do not know the file: name it here.
         if str(ckpt.path) in str(exc):
@@ -178,12 +179,15 @@ def load(
     dtype: torch.dtype = torch.float32,
 ) -> LoadedAdapter:
     """Load a checkpoint and build the faithful reference model (see DESIGN.md section 3)."""
-    options = LoadOptions(top_k=top_k, task_id=task_id)
-    adapter, base_path, loader_family = _read_checkpoint(ckpt_dir, base_model, family, options)
-    require_task_id(adapter, task_id, ckpt_dir)
-    model = load_base_model(base_path, dtype)
-    apply_adapter(model, adapter, task_id=task_id)
-    return LoadedAdapter(adapter, model.eval(), Path(ckpt_dir), base_path, task_id, options, loader_family)
+    return attach_model(load_without_model(ckpt_dir, base_model, family, top_k, task_id), dtype)
+
+
+def attach_model(loaded: LoadedAdapter, dtype: torch.dtype = torch.float32) -> LoadedAdapter:
+    """`loaded` with the base model built and the adapter applied (the whole-model reference)."""
+    require_task_id(loaded.adapter, loaded.task_id, loaded.checkpoint)
+    model = load_base_model(loaded.base_model_path, dtype)
+    apply_adapter(model, loaded.adapter, task_id=loaded.task_id)
+    return dataclasses.replace(loaded, model=model.eval())
 
 
 def load_without_model(
@@ -193,8 +197,8 @@ def load_without_model(
     top_k: int | list[int] | None = None,
     task_id: int | None = None,
 ) -> LoadedAdapter:
-    """`load` without the reference model (`.model` is None): for work that needs the adapter and where the base
-    model is, never the model itself (a --base-only export loads the base on its own)."""
+    """`load` without building the base model (model=None): for the streaming merge writer and the
+    layer-streamed reference (streamed.py), which read the base weights themselves."""
     options = LoadOptions(top_k=top_k, task_id=task_id)
     adapter, base_path, loader_family = _read_checkpoint(ckpt_dir, base_model, family, options)
     return LoadedAdapter(adapter, None, Path(ckpt_dir), base_path, task_id, options, loader_family)

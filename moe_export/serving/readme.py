@@ -7,6 +7,18 @@ from typing import Any
 from moe_export.export.manifest import Artifact
 from moe_export.serving.model_config import GraphIO, GraphTensor
 
+# The models written next to the scoring graph, by their name's suffix (repository.py names them).
+EXTRA_MODELS = {
+    "_generate": "generates greedily inside the model (it loops over the decoder, feeding each step's present as "
+    "the next past): request `input_ids` INT64 [prompt length] and optionally `max_new_tokens` INT32 [1]; "
+    "response `output_ids` INT64, the new tokens up to and including an EOS. No dynamic batching: a decoder step "
+    "cannot batch requests with different pasts.",
+    "_trt": "is the engine from `moe-export trt` (`platform: tensorrt_plan`). It runs only on the GPU model and "
+    "TensorRT version it was built with (see engine.json in the export). Built with `--plugin on`, the GroupedLoRA "
+    "kernels are compiled ahead of time into the engine, so no plugin library needs loading; built with "
+    "`--plugin off`, the engine holds standard layers only.",
+}
+
 
 def repository_readme(
     artifact: Artifact, name: str, models: dict[str, dict[str, Any]], notes: list[str], backend: str, io: GraphIO
@@ -49,22 +61,9 @@ def repository_readme(
             '(`pip install onnxruntime "numpy<2"` in the server\'s Python; CUDA: `onnxruntime-gpu`).',
             "",
         ]
-    if any(m.endswith("_generate") for m in models):
-        lines += [
-            f"`{name}_generate` generates greedily inside the model (it loops over the decoder, feeding each "
-            "step's present as the next past): request `input_ids` INT64 [prompt length] and optionally "
-            "`max_new_tokens` INT32 [1]; response `output_ids` INT64, the new tokens up to and including "
-            "an EOS. No dynamic batching: a decoder step cannot batch requests with different pasts.",
-            "",
-        ]
-    if any(m.endswith("_trt") for m in models):
-        lines += [
-            f"`{name}_trt` is the engine from `moe-export trt` (`platform: tensorrt_plan`). It runs only on the "
-            "GPU model and TensorRT version it was built with (see engine.json in the export). Built with "
-            "`--plugin on`, the GroupedLoRA kernels are compiled ahead of time into the engine, so no plugin "
-            "library needs loading; built with `--plugin off`, the engine holds standard layers only.",
-            "",
-        ]
+    for suffix, what in EXTRA_MODELS.items():
+        if any(m.endswith(suffix) for m in models):
+            lines += [f"`{name}{suffix}` {what}", ""]
     lines += [
         "## Native kernels",
         "",

@@ -7,21 +7,15 @@ assert report.passed
 
 from __future__ import annotations
 
-from moe_export.lazy_api import lazy_getattr
+from moe_export.lazy_api import lazy_exports
 
 # Imported lazily so `import moe_export.validation` stays cheap (no torch / onnxruntime at import time).
-_API = {
-    "validate": ("moe_export.validation.validate_artifact", "validate"),
-    "DEFAULT_TOLERANCES": ("moe_export.validation.validate_artifact", "DEFAULT_TOLERANCES"),
-    "ValidationReport": ("moe_export.validation.report", "ValidationReport"),
-    "compare_func": ("moe_export.validation.parity", "compare_func"),
-    "CompareResult": ("moe_export.validation.parity", "CompareResult"),
-    "Tolerance": ("moe_export.validation.parity", "Tolerance"),
-    "bench": ("moe_export.validation.bench", "bench"),
-    "BenchReport": ("moe_export.validation.bench", "BenchReport"),
-}
-
-__all__ = list(_API)
-
-
-__getattr__ = lazy_getattr(__name__, _API)
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "moe_export.validation.validate_artifact": ("validate", "DEFAULT_TOLERANCES"),
+        "moe_export.validation.report": ("ValidationReport",),
+        "moe_export.validation.parity": ("compare_func", "CompareResult", "Tolerance"),
+        "moe_export.validation.bench": ("bench", "BenchReport"),
+    },
+)

@@ -81,14 +81,9 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "artifact": self.artifact,
-            "base": self.base,
-            "dtype": self.dtype,
-            "settings": self.settings,
-            "results": [r.to_dict() for r in self.rows],
-            "notes": self.notes,
-        }
+        data = asdict(self)
+        data["rows"] = [r.to_dict() for r in self.rows]  # with each row's ratio to the floor
+        return {"results" if key == "rows" else key: value for key, value in data.items()}
 
     def over_gate(self) -> list[BenchRow]:
         """Rows whose p50 exceeds the latency gate (settings["max_ratio"] times the floor); [] without a gate."""

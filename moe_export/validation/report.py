@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from moe_export.errors import ParityError
 from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance
@@ -83,6 +84,11 @@ class ValidationReport:
         bad += [f"{g.runtime} generation {g.message}" for g in self.generation if not g.passed]
         shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
         return f"parity failed vs {self.reference}: {shown or 'no comparison ran'}"
+
+    def check(self) -> None:
+        """Raise ParityError (exit 1) when parity failed; its message names what diverged."""
+        if not self.passed:
+            raise ParityError(self.summary(), self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
