@@ -57,9 +57,10 @@ def onnx_command(
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
     import moe_export
     from moe_export.api import export_onnx
-    from moe_export.export.onnx import check_export_options, check_out_dir
+    from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
+    from moe_export.reference.loading import load_without_model
 
     if data is not None and merge_threshold is None and merge_budget is None:
         raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")
@@ -73,7 +74,15 @@ def onnx_command(
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
     check_out_dir(out.resolve(), force)
     check_forward(forward, device)
-    loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
+    # The CLI exits after the export, so it hands the model over (consume=True: folds and the cast happen in
+    # place) and, unless a merge calibrates it in fp32, loads it in the export dtype: one copy of the weights.
+    # --base-only exports the base model alone and builds no adapter model.
+    if base_only:
+        loaded = load_without_model(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
+    else:
+        merging = merge_threshold is not None or merge_budget is not None
+        load_dtype = TORCH_DTYPES["fp32" if merging else dtype]
+        loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id, dtype=load_dtype)
     streaming = choose_streaming(forward, device, loaded.base_model_path, whole_model_loaded=True)
     result = export_onnx(
         loaded,
@@ -90,6 +99,7 @@ def onnx_command(
         kv_cache=not no_kv_cache,
         force=force,
         merge_streaming=streaming,
+        consume=True,
     )
     if as_json:
         print_json(result.to_dict())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import shutil
 import time
 from collections.abc import Iterator
@@ -110,11 +109,14 @@ def export_onnx(
     kv_cache: bool = True,
     force: bool = False,
     merge_streaming: Any = None,
+    consume: bool = False,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
     `loaded` is never changed: the shared LoRAs fold into a copy of the weights they touch (model_copy.py),
-    a fp16/bf16 export casts a full copy, and a merge works on its own copy.
+    a fp16/bf16 export casts a copy of the weights, and a merge works on its own copy. `consume=True` hands the
+    model over instead (the CLI, which exits after the export): folds and casts happen in place, so the export
+    needs no second copy of the weights, and `loaded.model` is None afterwards, never half-folded.
     An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
     write is refused unless `force`, which replaces our files and leaves the others alone.
     `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
@@ -124,6 +126,11 @@ def export_onnx(
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
     out_dir = Path(out_dir).resolve()
     ours = check_out_dir(out_dir, force)
+    if loaded.model is None and not base_only:
+        raise ExportError(
+            f"{loaded.checkpoint}: this LoadedAdapter has no model (an earlier export_onnx(consume=True) took it, "
+            "or it was loaded without one); load the checkpoint again"
+        )
     merge_plan = None
     original = loaded
     if merge_threshold is not None or merge_budget is not None:
@@ -139,9 +146,15 @@ def export_onnx(
         )
         result.report.render(console)
         loaded, merge_plan = result.loaded, result.plan.to_dict()
+    source = loaded.model
+    if consume:
+        # Handed over: only `source` holds the model now, so an in-place cast frees each fp32 weight as it goes,
+        # and nobody can reuse a half-folded model.
+        original.model = loaded.model = None
 
     with _status(console, progress, "preparing the model") as status:
-        model = _prepare_model(loaded, dtype, base_only)
+        model = _prepare_model(source, loaded, dtype, base_only, consume)
+        del source
         units = [] if base_only else _unit_records(original, model)
         tmp = make_staging_dir(out_dir)
         try:
@@ -228,23 +241,33 @@ def _previous_export_files(out_dir: Path) -> set[str]:
     return {MANIFEST_NAME, old.model_file, *([old.external_data] if old.external_data else []), *old.copied_files}
 
 
-def _prepare_model(loaded: LoadedAdapter, dtype: str, base_only: bool) -> torch.nn.Module:
+def _prepare_model(
+    source: torch.nn.Module | None, loaded: LoadedAdapter, dtype: str, base_only: bool, consume: bool
+) -> torch.nn.Module:
+    """The model to trace: shared LoRAs folded into W (fp32 sums), cast to `dtype` with routers kept as they are.
+
+    Unless `consume`, the caller's model is left as it was (a later merge or export would fold again): the new
+    module tree shares every weight, a folded weight is cloned, folded and cast one at a time, and the cast
+    rebinds the copy's parameters. Extra memory: the weights in `dtype` (nothing for fp32 without folds).
+    With `consume` everything happens in place, so the model in memory is the only copy."""
     torch_dtype = TORCH_DTYPES[dtype]
     if base_only:
         return load_base_model(Path(loaded.base_model_path), torch_dtype)
-    # Never fold into the caller's model (a later merge or export would fold again): folds go into a copy.
-    folded = [m for _, m in moe_modules(loaded.model) if isinstance(m, MoELoRALinear) and m.shared_scalings]
-    if torch_dtype != torch.float32:
-        model = copy.deepcopy(loaded.model)  # the cast rewrites every weight: a full copy
-    else:
-        model = copy_for_edit(loaded.model, [m.base.weight for m in folded])
+    assert source is not None  # export_onnx refuses a LoadedAdapter without a model
+    model = source if consume else copy_for_edit(source, [])
     for name, module in moe_modules(model):
-        if isinstance(module, MoELoRALinear) and module.shared_scalings:
-            unit = loaded.adapter.unit(name)
-            module.fold_shared_into_base(unit)  # type: ignore[arg-type]
-    if torch_dtype != torch.float32:
-        model = cast_reference_model(model, torch_dtype)
-    return model.eval()
+        if not (isinstance(module, MoELoRALinear) and module.shared_scalings):
+            continue
+        if not consume:
+            module.base.weight = _new_parameter(module.base.weight.detach().clone())
+        module.fold_shared_into_base(loaded.adapter.unit(name))  # type: ignore[arg-type]
+        if module.base.weight.dtype != torch_dtype:  # now: one weight-sized temporary, not a model-sized one
+            module.base.weight = _new_parameter(module.base.weight.detach().to(torch_dtype))
+    return cast_reference_model(model, torch_dtype).eval()
+
+
+def _new_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(tensor, requires_grad=False)  # traced under no_grad: nothing needs a gradient
 
 
 def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRecord]:
