@@ -38,51 +38,12 @@ PROJECTIONS = {
 
 
 def make_base(directory: Path) -> None:
-    """Write random bf16 weights shard by shard (one decoder layer per shard) without building the model."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    """Random bf16 weights shard by shard (one decoder layer per shard) without building the model."""
+    from big_model import Shape  # benchmarks/ is sys.path[0] when this runs as a script
+    from big_model import make_base as write_base
 
-    directory.mkdir(parents=True)
-    config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    )
-    config.save_pretrained(str(directory))
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    def group(i: int) -> dict[str, torch.Tensor]:
-        """Shard i: the embeddings, then one decoder layer each (the last one also holds norm + head)."""
-        if i == 0:
-            return {"model.embed_tokens.weight": rand(VOCAB, HIDDEN)}
-        prefix = f"model.layers.{i - 1}"
-        tensors = {f"{prefix}.{p}.weight": rand(d_out, d_in) for p, (d_in, d_out) in PROJECTIONS.items()}
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{prefix}.{norm}.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-        if i == LAYERS:
-            tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-            tensors["lm_head.weight"] = rand(VOCAB, HIDDEN)
-        return tensors
-
-    weight_map, total, count = {}, 0, LAYERS + 1
-    for i in range(count):  # one shard in memory at a time
-        tensors = group(i)
-        name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    # Positional, in big_model.Shape's field order (hidden, layers, intermediate, heads, kv_heads, vocab, E, r, k).
+    write_base(directory, Shape(HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, VOCAB, EXPERTS, RANK, TOP_K))
 
 
 def make_adapter_and_stats(ckpt: Path, base: Path, stats_path: Path) -> None:
