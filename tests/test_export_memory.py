@@ -2,9 +2,9 @@
 
 `export_onnx(consume=True)` folds and casts the caller's model in place and takes it (`loaded.model` is None);
 without it the caller's model is never changed, and a fp16 export casts a copy of the weights, not of the model.
-The CLI consumes, and loads the model straight in the export dtype when no merge needs fp32: its fp16 export
-then rounds W to fp16 before the shared LoRAs fold in (fp16(fp16(W) + Δ)) where the API rounds once
-(fp16(W + Δ)). Memory figures are in benchmarks/big_model.py, never asserted here.
+The CLI consumes, and loads the model straight in the export dtype when the base is stored in it and no merge
+needs fp32; otherwise in fp32, cast in place after the folds. Either way a folded weight is fp16(W + Δ), rounded
+once, as the API's. Memory figures are in benchmarks/big_model.py, never asserted here.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ def test_consume_takes_the_model_and_exports_the_same_graph(ckpt: Path, tmp_path
         moe_export.export_onnx(loaded, tmp_path / "again", validate=False, progress=False)
 
 
-def test_cli_fp16_loads_in_fp16_with_the_api_parity(
-    ckpt: Path, api_fp16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _cli_fp16_export(ckpt: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> list[torch.dtype]:
+    """Run `onnx --dtype fp16` in-process; returns the dtypes the base models were built in."""
     dtypes: list[torch.dtype] = []
     real = loading.load_base_model
 
@@ -76,31 +75,52 @@ def test_cli_fp16_loads_in_fp16_with_the_api_parity(
         return real(path, dtype)
 
     monkeypatch.setattr(loading, "load_base_model", spy)
-    out = tmp_path / "cli"
-    res = CliRunner().invoke(app, ["onnx", str(ckpt), "--dtype", "fp16", "--no-validate", "-o", str(out)])
+    res = CliRunner().invoke(app, ["onnx", str(ckpt), "--dtype", "fp16", "--no-validate", "-o", str(out), *extra])
     assert res.exit_code == 0, res.output
-    assert dtypes == [torch.float16], "the CLI builds one model, in the export dtype"
+    return dtypes
 
-    # Weight by weight, from the fp32 base and the adapter's shared LoRAs: the API rounds once, the CLI rounds W
-    # to fp16 as it loads and then folds (the same fp32 sum, fp16(fp16(W) + d)); both exports hold W^T.
-    fresh = moe_export.load(ckpt)
-    for unit in fresh.adapter.units:
-        w = fresh.model.get_submodule(unit.name).base.weight.detach()  # [D_out, D_in] fp32
+
+def _holds_folded(path: Path, loaded: moe_export.LoadedAdapter) -> None:
+    """Every folded weight in the export is fp16(W + Δ): W as the base stores it, the fp32 sum rounded once."""
+    for unit in loaded.adapter.units:
+        w = loaded.model.get_submodule(unit.name).base.weight.detach().float()  # [D_out, D_in]
         delta = shared_delta(unit)  # type: ignore[arg-type]
         assert delta is not None, "every unit of this checkpoint has a shared LoRA"
-        for path, folded in ((api_fp16, w + delta), (out / "model.onnx", w.half().float() + delta)):
-            want = folded.half().T.numpy()
-            held = [a for a in initializers(path).values() if a.shape == want.shape and np.array_equal(a, want)]
-            assert held, f"{path.parent.name}: no initializer holds the folded {unit.name}"
+        want = (w + delta).half().T.numpy()
+        held = [a for a in initializers(path).values() if a.shape == want.shape and np.array_equal(a, want)]
+        assert held, f"{path.parent.name}: no initializer holds the folded {unit.name}"
+
+
+def test_cli_fp16_of_a_fp32_base_folds_in_fp32_like_the_api(
+    ckpt: Path, api_fp16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fp32-stored base is loaded in fp32 (loading it in fp16 would round W before the fold, twice in all:
+    that flipped a near-tie route on samples/goat's fp16 export), then cast in place after the folds."""
+    out = tmp_path / "cli"
+    assert _cli_fp16_export(ckpt, out, monkeypatch) == [torch.float32], "one model, in fp32"
+    fresh = moe_export.load(ckpt)
+    _holds_folded(api_fp16, fresh)
+    _holds_folded(out / "model.onnx", fresh)
 
     # And the logits hold the same parity with the fp16 reference as test_fp16_export's (see its tolerance note).
     feeds = feeds_for((3, 33), vocab=64, seed=5)
-    reference = torch_logits(cast_reference_model(moe_export.load(ckpt).model, torch.float16), feeds)
+    reference = torch_logits(cast_reference_model(fresh.model, torch.float16), feeds)
     for path in (api_fp16, out / "model.onnx"):
         logits = ort_logits(path, feeds)
         err = np.abs(logits.astype(np.float32) - reference).max(-1) / np.abs(reference).max()  # [B, S]
         assert (err < 1e-2).mean() >= 0.9, f"{path}: positions within 1e-2: {(err < 1e-2).mean():.2f}"
         assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+
+
+def test_cli_fp16_of_a_fp16_base_loads_in_fp16(
+    ckpt: Path, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base stored in the export dtype is loaded in it: one copy of the weights, W exact, one rounding."""
+    base16 = tmp_path / "base16"
+    loading.load_base_model(tiny_base, torch.float16).save_pretrained(str(base16))
+    out = tmp_path / "cli16"
+    assert _cli_fp16_export(ckpt, out, monkeypatch, "--base", str(base16)) == [torch.float16]
+    _holds_folded(out / "model.onnx", moe_export.load(ckpt, base_model=base16))
 
 
 def test_cli_base_only_builds_no_adapter_model(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

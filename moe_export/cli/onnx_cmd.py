@@ -55,12 +55,11 @@ def onnx_command(
 
     With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
-    import moe_export
     from moe_export.api import export_onnx
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
-    from moe_export.reference.loading import load_without_model
+    from moe_export.reference.loading import attach_model, load_without_model
 
     if data is not None and merge_threshold is None and merge_budget is None:
         raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")
@@ -75,14 +74,15 @@ def onnx_command(
     check_out_dir(out.resolve(), force)
     check_forward(forward, device)
     # The CLI exits after the export, so it hands the model over (consume=True: folds and the cast happen in
-    # place) and, unless a merge calibrates it in fp32, loads it in the export dtype: one copy of the weights.
+    # place). It loads the model in the export dtype when the base is stored in it and no merge calibrates in
+    # fp32: one copy of the weights, and the shared LoRAs still fold into exact W (one rounding, as the API).
+    # Otherwise fp32, cast in place after the folds (a fp32 base loaded in fp16 would round W twice).
     # --base-only exports the base model alone and builds no adapter model.
-    if base_only:
-        loaded = load_without_model(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
-    else:
+    loaded = load_without_model(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
+    if not base_only:
         merging = merge_threshold is not None or merge_budget is not None
-        load_dtype = TORCH_DTYPES["fp32" if merging else dtype]
-        loaded = moe_export.load(ckpt, base_model=base, family=family, top_k=k, task_id=task_id, dtype=load_dtype)
+        direct = not merging and _stored_dtypes(loaded.base_model_path) == {TORCH_DTYPES[dtype]}
+        loaded = attach_model(loaded, TORCH_DTYPES[dtype if direct else "fp32"])
     streaming = choose_streaming(forward, device, loaded.base_model_path, whole_model_loaded=True)
     result = export_onnx(
         loaded,
@@ -117,3 +117,14 @@ def onnx_command(
         f"      moe-export trt {where}   (TensorRT engine, on a machine with an NVIDIA GPU)",
         highlight=False,
     )
+
+
+def _stored_dtypes(base: Path) -> set[object]:
+    """The base's stored weight dtypes; empty when it has no safetensors weights (transformers reads other files)."""
+    from moe_export.errors import FormatError
+    from moe_export.formats.base_weights import BaseWeights
+
+    try:
+        return set(BaseWeights(base).stored_dtypes())
+    except FormatError:
+        return set()

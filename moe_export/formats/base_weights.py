@@ -11,6 +11,7 @@ from moe_export.errors import FormatError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class BaseWeights:
@@ -60,6 +61,17 @@ class BaseWeights:
             return None
         with safe_open(str(self.key_to_file[key]), framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
+
+    def stored_dtypes(self) -> set[torch.dtype | str]:
+        """The dtypes the weights are stored in, from the headers (no data read); a code without a torch float
+        dtype here ("I64", ...) stays its safetensors code."""
+        from safetensors import safe_open
+
+        codes: set[str] = set()
+        for shard in self.shards():
+            with safe_open(str(shard), framework="pt") as f:
+                codes.update(f.get_slice(key).get_dtype() for key in f.keys())  # noqa: SIM118
+        return {FLOAT_CODES.get(code, code) for code in codes}
 
     def linear_weight(self, module: str) -> torch.Tensor:
         """The [D_out, D_in] weight of the nn.Linear at HF module path `module`."""
