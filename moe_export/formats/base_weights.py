@@ -11,7 +11,8 @@ from moe_export.errors import FormatError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors header dtype codes of the float types (the merge writer patches tensors in these in place).
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class BaseWeights:
@@ -71,7 +72,7 @@ class BaseWeights:
         for shard in self.shards():
             with safe_open(str(shard), framework="pt") as f:
                 codes.update(f.get_slice(key).get_dtype() for key in f.keys())  # noqa: SIM118
-        return {FLOAT_CODES.get(code, code) for code in codes}
+        return {FLOAT_DTYPES.get(code, code) for code in codes}
 
     def linear_weight(self, module: str) -> torch.Tensor:
         """The [D_out, D_in] weight of the nn.Linear at HF module path `module`."""

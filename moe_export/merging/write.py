@@ -21,7 +21,7 @@ import torch
 
 from moe_export.errors import FormatError, MergeError
 from moe_export.files import make_staging_dir, replace_directory
-from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
+from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
 from moe_export.merging.plan import UnitMerge
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 ADAPTER_DIR = "adapter"
 MERGE_MANIFEST = "moe_export_merge.json"
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Other weight formats of the base model would hold stale, unmerged weights: never copied.
 _WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|data)$|\.index\.json$")
 
