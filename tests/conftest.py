@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
+
+
+def copy_sample(tmp_path: Path, name: str) -> Path:
+    """A sample checkpoint copied to tmp_path, its base model reference made absolute (samples/tiny-llama)."""
+    out = tmp_path / name
+    shutil.copytree(SAMPLES / name, out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str((SAMPLES / "tiny-llama").resolve())
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,20 +15,9 @@ from moe_export.cli import app
 from moe_export.errors import MoeExportError
 from moe_export.formats.checkpoint import read_tensor_file
 from moe_export.reference.loading import load_adapter
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, copy_sample
 
 BASE = (SAMPLES / "tiny-llama").resolve()
-
-
-def _copy(tmp_path: Path, name: str) -> Path:
-    """A sample copied to tmp, its base model reference made absolute."""
-    out = tmp_path / name
-    shutil.copytree(SAMPLES / name, out)
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(BASE)
-    cfg_path.write_text(json.dumps(cfg))
-    return out
 
 
 def _rewrite_tensors(ckpt: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
@@ -53,13 +40,13 @@ class _Payload:
 
 
 def missing_config(tmp_path: Path) -> tuple[Path, list[str], str]:
-    ckpt = _copy(tmp_path, "goat")
+    ckpt = copy_sample(tmp_path, "goat")
     (ckpt / "adapter_config.json").unlink()
     return ckpt, [], "adapter_config.json"
 
 
 def unexpected_keys(tmp_path: Path) -> tuple[Path, list[str], str]:
-    ckpt = _copy(tmp_path, "goat")
+    ckpt = copy_sample(tmp_path, "goat")
     _rewrite_tensors(
         ckpt, lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_E.weight": torch.ones(2, 2)})
     )
@@ -67,11 +54,11 @@ def unexpected_keys(tmp_path: Path) -> tuple[Path, list[str], str]:
 
 
 def shape_mismatch(tmp_path: Path, tiny_base: Path) -> tuple[Path, list[str], str]:
-    return _copy(tmp_path, "lora"), ["--base", str(tiny_base)], "the adapter expects"
+    return copy_sample(tmp_path, "lora"), ["--base", str(tiny_base)], "the adapter expects"
 
 
 def nan_weights(tmp_path: Path) -> tuple[Path, list[str], str]:
-    ckpt = _copy(tmp_path, "lora")
+    ckpt = copy_sample(tmp_path, "lora")
 
     def poison(t: dict[str, torch.Tensor]) -> None:
         key = sorted(t)[0]
@@ -147,7 +134,7 @@ def test_bad_input_cli(name: str, tmp_path: Path, tiny_base: Path) -> None:
 
 def test_malicious_pickle_is_not_executed(tmp_path: Path) -> None:
     marker = Path(f"/tmp/pwned_{uuid.uuid4().hex}")
-    ckpt = _copy(tmp_path, "mola")
+    ckpt = copy_sample(tmp_path, "mola")
     torch.save(
         {"base_model.model.model.layers.0.self_attn.q_proj.lora_A_0.weight": _Payload(marker)},
         ckpt / "adapter_model.bin",

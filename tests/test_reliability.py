@@ -22,7 +22,7 @@ from moe_export.cli import app
 from moe_export.export.manifest import ExportManifest, portable_path
 from moe_export.formats.checkpoint import read_tensor_file
 from tests.artifacts import merged_sample_run, sample_export, shared_dir
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, copy_sample
 
 UNWRITABLE = Path("/sys/moe-export-test/out")
 BASE = (SAMPLES / "tiny-llama").resolve()
@@ -41,16 +41,6 @@ def assert_one_line_error(args: list[str], *needles: str) -> None:
     assert "Traceback" not in out + err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-
-
-def copy_sample(tmp_path: Path, name: str) -> Path:
-    out = tmp_path / name
-    shutil.copytree(SAMPLES / name, out)
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(BASE)
-    cfg_path.write_text(json.dumps(cfg))
-    return out
 
 
 def retype(dtype: torch.dtype) -> Callable[[Path], Path]:
