@@ -10,8 +10,6 @@ place, the merged stream.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +27,7 @@ from moe_export.merging.statistics import (
     UnitAccumulator,
     calibration_inputs,
     collect_stats,
+    progress_bar,
     recording,
     routed_linear_units,
 )
@@ -76,16 +75,6 @@ def choose_streaming(forward: str, device: str, base_path: Path, whole_model_loa
     return Streaming(device=resolved)
 
 
-@contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True, disable=not enabled) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
-
-
 def _stream(loaded: LoadedAdapter, streaming: Streaming) -> StreamedReference:
     require_task_id(loaded.adapter, loaded.task_id, loaded.checkpoint)
     unmap_large_frees()  # freed layers and temporaries go back to the OS instead of staying in the heap
@@ -106,7 +95,7 @@ def calibrate_layerwise(
     accumulators: dict[str, UnitAccumulator] = {}
     states = stream.embed(inputs)
     steps = stream.num_layers * len(PARTS) * len(states)
-    with _progress(progress, "calibrating (layer by layer)", steps) as advance:
+    with progress_bar(progress, "calibrating (layer by layer)", steps) as advance:
         for i in range(stream.num_layers):
             # One layer's accumulators at a time: their fp64 copies of A are as big as the layer's experts.
             layer_accs = {
@@ -143,7 +132,7 @@ def measure_layerwise(
     merged = [dataclasses.replace(state) for state in reference]  # same embeddings, own hidden state from here
     measured: dict[str, float | None] = {}
     steps = stream.num_layers * len(PARTS) * 2 * len(inputs)
-    with _progress(progress, "held-out (layer by layer)", steps) as advance:
+    with progress_bar(progress, "held-out (layer by layer)", steps) as advance:
         for i in range(stream.num_layers):
             names = {u.name for u in stream.units_by_layer[i]}
             accs = {n: UnitAccumulator(routed[n].experts, stream.device) for n in folded if n in names}  # type: ignore[arg-type]

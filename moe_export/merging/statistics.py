@@ -325,18 +325,25 @@ def run_samples(
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
 ) -> None:
     """Run the model over each [1, L] sample (no padding, so every recorded token is real)."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     device = next(model.parameters()).device
-    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
-        task = bar.add_task(description, total=len(inputs))
+    with progress_bar(progress, description, len(inputs)) as advance:
         for i, ids in enumerate(inputs):
             ids = ids.to(device)
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             if on_logits is not None:
                 on_logits(i, logits)
-            bar.advance(task)
+            advance()
+
+
+@contextmanager
+def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+    """A transient progress bar on stderr; yields the function that advances it by one step."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True, disable=not enabled) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
 
 
 def calibrate(
