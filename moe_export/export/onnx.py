@@ -31,6 +31,12 @@ from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
+from moe_export.export.quantize import (
+    DEFAULT_BLOCK_SIZE,
+    base_linear_names,
+    check_quantize_options,
+    quantize_saved_model,
+)
 from moe_export.files import check_writable, make_staging_dir, replace_directory, replace_files
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, load_base_model
@@ -110,6 +116,8 @@ def export_onnx(
     force: bool = False,
     merge_streaming: Any = None,
     consume: bool = False,
+    quantize: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
@@ -120,10 +128,13 @@ def export_onnx(
     An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
     write is refused unless `force`, which replaces our files and leaves the others alone.
     `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
+    `quantize` ("int4" | "int8") rewrites the base linears (lm_head included) into MatMulNBits blocks of
+    `block_size` after the folds and the merge (export/quantize.py); routers and experts stay fp32.
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_quantize_options(quantize, block_size, dtype)
     out_dir = Path(out_dir).resolve()
     ours = check_out_dir(out_dir, force)
     if loaded.model is None and not base_only:
@@ -161,6 +172,10 @@ def export_onnx(
             status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
             routed = {u.name for u in units if u.status == "routed"}
             model_path, program = _export(model, tmp, opset, routed, kv_cache)
+            scheme = None
+            if quantize is not None:
+                status.update(f"quantizing the base weights ({quantize}, blocks of {block_size})")
+                scheme = quantize_saved_model(model_path, base_linear_names(model), quantize, block_size)
             status.update("checking the ONNX model")
             _check_saved(model_path, units)
             manifest = ExportManifest(
@@ -185,6 +200,7 @@ def export_onnx(
                 custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
                 copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
                 kv_cache=kv_cache,
+                quantization=scheme.to_dict() if scheme is not None else None,
             )
             if kv_cache:
                 manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE)
