@@ -83,7 +83,9 @@ def onnx_command(
     check_quantize_options(quantize, block_size, dtype)
     checks.fraction(max_top1_drop, "--max-top1-drop")
     if max_top1_drop is not None and (quantize is None or no_validate):
-        raise MoeExportError("--max-top1-drop gates a quantized export's validation: pass --quantize, not --no-validate")
+        raise MoeExportError(
+            "--max-top1-drop gates a quantized export's validation: pass --quantize, not --no-validate"
+        )
     check_options(merge_threshold, merge_budget)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)

@@ -7,7 +7,8 @@ genai_config.json from export/client_files.py); `kv_cache=False` writes the scor
 Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
 (routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
 custom node after its unit, attach the model-local function bodies -> save (external data above 2 GB)
--> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
+-> RMSNorm rewritten so ORT fuses it (export/base_fusions.py) -> optional int4/int8 base weights
+(export/quantize.py) -> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
 next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_onnx`) runs it afterwards.
 """
 
@@ -27,6 +28,7 @@ from rich.console import Console
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, InternalError, MoeExportError
+from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
@@ -172,6 +174,7 @@ def export_onnx(
             status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
             routed = {u.name for u in units if u.status == "routed"}
             model_path, program = _export(model, tmp, opset, routed, kv_cache)
+            fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
             scheme = None
             if quantize is not None:
                 status.update(f"quantizing the base weights ({quantize}, blocks of {block_size})")

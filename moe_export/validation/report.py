@@ -137,8 +137,11 @@ class ValidationReport:
                 highlight=False,
             )
         if self.quantization is not None:
-            verdict = "" if self.quantization.max_top1_drop is None else (
-                "; [green]pass[/]" if self.quantization.passed else "; [red]FAIL[/]")
+            verdict = (
+                ""
+                if self.quantization.max_top1_drop is None
+                else ("; [green]pass[/]" if self.quantization.passed else "; [red]FAIL[/]")
+            )
             console.print(f"quantization cost: {self.quantization.message}{verdict}", highlight=False)
         for note in self.notes:
             console.print(f"[dim]note: {note}[/]")
