@@ -7,6 +7,8 @@ model builder and torch, in one interleaved run.
 The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style E=8 r=8 top-2 on
 all 7 projections). Variants:
   ours-base          `moe-export onnx --base-only` (KV-cache decoder of the base model), fp32
+  ours-base-unfused  the same graph with export/base_fusions.py undone (RMSNorm as Reciprocal + Mul, which ORT
+                     does not fuse): what the rewrite is worth
   ours-moe-body      `moe-export onnx` of the MoE-LoRA checkpoint, ORT running the GroupedLoRA function bodies
   ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)
   ours-moe-int4      `moe-export onnx --quantize int4` (MatMulNBits, block 32, accuracy level 4), native kernels
@@ -45,10 +47,20 @@ from bench_model import write_base, write_bench_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the builder wants a tokenizer next to the model
-VARIANTS = ("ours-base", "ours-moe-body", "ours-moe-native", "ours-moe-int4", "builder-fp32", "builder-int4", "torch")
+VARIANTS = (
+    "ours-base",
+    "ours-base-unfused",
+    "ours-moe-body",
+    "ours-moe-native",
+    "ours-moe-int4",
+    "builder-fp32",
+    "builder-int4",
+    "torch",
+)
 # variant -> (export directory, native kernels)
 ORT_VARIANTS = {
     "ours-base": ("ours-base", False),
+    "ours-base-unfused": ("ours-base-unfused", False),
     "ours-moe-body": ("ours-moe", False),
     "ours-moe-native": ("ours-moe", True),
     "ours-moe-int4": ("ours-moe-int4", True),
@@ -76,6 +88,10 @@ def prepare(work: Path) -> dict[str, Path]:
             print(f"exporting {name}", flush=True)
             loaded = moe_export.load(ckpt, base_model=base)
             moe_export.export_onnx(loaded, dirs[name], validate=False, progress=False, consume=True, **options)
+    unfused = work / "ours-base-unfused"
+    if not (unfused / "model.onnx").is_file():
+        unfuse_rms(dirs["ours-base"], unfused)
+    dirs["ours-base-unfused"] = unfused
     for precision in ("fp32", "int4"):
         out = dirs[f"builder-{precision}"]
         if not (out / "model.onnx").is_file():
@@ -84,6 +100,30 @@ def prepare(work: Path) -> dict[str, Path]:
                    "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")]  # fmt: skip
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return dirs
+
+
+def unfuse_rms(source: Path, out: Path) -> None:
+    """A copy of the export in `source` with each `Div(x, Sqrt(v))` of base_fusions.py written back as
+    `Mul(x, Reciprocal(Sqrt(v)))`, as torch.onnx exported it (the weights file is hard-linked)."""
+    import onnx
+    from onnx import helper
+
+    out.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Div" and node.name.endswith("_div_rms"):
+            reciprocal = node.output[0] + "_reciprocal"
+            nodes.append(helper.make_node("Reciprocal", [node.input[1]], [reciprocal], name=node.name + "_r"))
+            nodes.append(helper.make_node("Mul", [node.input[0], reciprocal], list(node.output), name=node.name + "_m"))
+        else:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for name in ("model.onnx.data", "genai_config.json", "config.json"):
+        if (source / name).is_file() and not (out / name).exists():
+            (out / name).hardlink_to(source / name)
+    onnx.save_model(proto, str(out / "model.onnx"))
 
 
 def native_library() -> str:
@@ -95,13 +135,18 @@ def native_library() -> str:
     return str(library)
 
 
-def ort_step(path: Path, threads: int, native: bool) -> Callable[[int, int, int], Callable[[], object]]:
+def ort_step(
+    path: Path, threads: int, native: bool, profile_prefix: str | None = None
+) -> Callable[[int, int, int], Callable[[], object]]:
     """(batch, seq, past) -> a callable running one step of the decoder in `path` on random feeds."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if native:
         options.register_custom_ops_library(native_library())
     session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -123,7 +168,32 @@ def ort_step(path: Path, threads: int, native: bool) -> Callable[[int, int, int]
                 feeds[value.name] = rng.standard_normal((batch, heads, past, head_dim), dtype=np.float32)
         return lambda: session.run(None, feeds)
 
+    make.session = session  # type: ignore[attr-defined]  # for --profile's end_profiling
     return make
+
+
+def profile(dirs: dict[str, Path], variants: list[str], args: argparse.Namespace) -> None:
+    """ms per op type of one decode step (batch 1, past `--past`), from ORT's profiler, per ORT variant."""
+    for variant in variants:
+        if variant not in ORT_VARIANTS:
+            continue
+        folder, native = ORT_VARIANTS[variant]
+        make = ort_step(dirs[folder], args.threads, native, str(args.work / f"profile-{variant}"))
+        run = make(1, 1, args.past)
+        rounds = args.warmup + args.runs * 3
+        for _ in range(rounds):
+            run()
+        events = json.loads(Path(make.session.end_profiling()).read_text())  # type: ignore[attr-defined]
+        per_op: dict[str, float] = {}
+        kernels = 0
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                op = event.get("args", {}).get("op_name", "?")
+                per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1e3 / rounds
+                kernels += 1
+        total = sum(per_op.values())
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:10])
+        print(f"{variant}: {kernels // rounds} kernels, {total:.2f} ms per step; {top}", flush=True)
 
 
 def torch_step(model: torch.nn.Module, threads: int) -> Callable[[int, int, int], Callable[[], object]]:
@@ -205,6 +275,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--no-quality", action="store_true", help="skip the int4 export's top-1 / perplexity check")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", action="store_true", help="instead: per-op ORT profile of a b1 decode step")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.variants.split(",")
@@ -212,6 +283,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     dirs = prepare(args.work)
+    if args.profile:
+        profile(dirs, variants, args)
+        return
     makers = {}
     for variant in variants:
         if variant == "torch":
@@ -222,12 +296,12 @@ def main() -> None:
             makers[variant] = ort_step(dirs[folder], args.threads, native)
     results: dict[str, dict[str, tuple[float, float]]] = {v: {} for v in variants}
     for batch in batches:
-        for phase, seq, past, runs in (("prefill", args.past, 0, args.runs), ("decode", 1, args.past, args.runs * 3)):
+        for phase, seq, past, runs in (("decode", 1, args.past, args.runs * 3), ("prefill", args.past, 0, args.runs)):
             cell = f"{phase} b{batch}"
             measured = time_rounds({v: makers[v](batch, seq, past) for v in variants}, runs, args.warmup)
             for variant, value in measured.items():
                 results[variant][cell] = value
-            print(cell, {v: round(w, 1) for v, (w, _) in measured.items()}, flush=True)
+            print(cell, "wall/cpu ms", {v: (round(w, 1), round(c, 1)) for v, (w, c) in measured.items()}, flush=True)
     cells = list(next(iter(results.values())))
     print(f"\nms per call, wall / cpu (user+sys); {args.threads} ORT/torch threads, past {args.past}")
     print(f"| variant | {' | '.join(cells)} |")

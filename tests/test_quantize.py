@@ -232,3 +232,15 @@ def test_bad_quantize_options(tmp_path: Path, args: list[str], message: str) -> 
     result = CliRunner().invoke(app, ["onnx", str(SAMPLES / "goat"), "-o", str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_triton_repository(int4_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`moe-export triton` takes the int4 export: the decoder step and the generation model, the graph's I/O."""
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(
+        app, ["triton", str(int4_run.out_dir), "-o", str(repo), "--name", "g4", "--backend", "python"]
+    )
+    assert result.exit_code == 0, result.output
+    config = (repo / "g4" / "config.pbtxt").read_text()
+    assert "past_key_values.0.key" in config and (repo / "g4_generate" / "config.pbtxt").is_file()
+    assert (repo / "g4" / "1" / "model.onnx").is_file()
