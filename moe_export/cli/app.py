@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -163,6 +164,11 @@ def finish_report(report: Any, as_json: bool, files: list[tuple[Path | None, Cal
 def print_json(data: Any) -> None:
     """Machine output on stdout: plain JSON, nothing else."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def shell_command(*words: object) -> str:
+    """A command line to suggest, quoted for a POSIX shell (a path with spaces stays one word)."""
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 def parse_int_list(value: str | None, option: str) -> int | list[int] | None:
