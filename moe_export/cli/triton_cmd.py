@@ -14,7 +14,9 @@ from moe_export.cli.app import command, console, print_json, shell_command
 
 @command("triton")
 def triton_command(
-    export_dir: Path = typer.Argument(..., help="Directory written by `moe-export onnx` (export.json + model.onnx)."),
+    export_dir: Path = typer.Argument(
+        ..., metavar="EXPORT_DIR", help="Directory written by `moe-export onnx` (export.json + model.onnx)."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Model repository folder to write (new, or an earlier one)."),
     name: str | None = typer.Option(None, "--name", help="Model name (default: the export folder's name)."),
     max_batch_size: int | None = typer.Option(
