@@ -95,3 +95,24 @@ def test_progress_leaves_no_blank_lines_in_a_log(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert not proc.stderr.startswith("\n") and "\n\n" not in proc.stderr, repr(proc.stderr[:200])
     assert re.search(r"^wrote .*s\.json$", proc.stdout, flags=re.M)  # the result on stdout
+
+
+def test_readme_commands_block_names_only_real_options() -> None:
+    """Every flag the README's Commands block shows is one its command accepts (issue 24: the block had drifted);
+    the block lists every command."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("moe-export inspect   CKPT") :]
+    block = block[: block.index("```")]
+    flags: dict[str, set[str]] = {}
+    command = ""
+    for line in block.splitlines():
+        found = re.match(r"moe-export (\w+)", line)
+        command = found.group(1) if found else command
+        flags.setdefault(command, set()).update(re.findall(r"--[a-z0-9-]+", line.replace("/--", " --")))
+    assert sorted(flags) == sorted(COMMANDS)
+    # What the issue found missing (a check of the other direction would fail each time someone adds an option).
+    assert "--json" in flags["merge"] and {"--base", "--family", "--data"} <= flags["onnx"]
+    assert "onnxruntime-body" in block[block.index("moe-export validate") :]
+    for command, shown in flags.items():
+        accepted = set(re.findall(r"--[a-z0-9-]+", _help(command)))
+        assert shown <= accepted, (command, sorted(shown - accepted))

@@ -165,13 +165,17 @@ def finish_report(report: Any, as_json: bool, files: list[tuple[Path | None, Cal
 
     Shown as JSON on stdout, or as rich tables on the report console.
     """
+    written = []
     for path, write in files:
         if path is not None:
             write(path)
+            written.append(path)
     if as_json:
         print_json(report.to_dict())
     else:
         report.render(report_console())
+    for path in written:  # with --json on stderr: stdout holds the JSON alone
+        (err_console if as_json else console).print(f"wrote {path}", highlight=False, markup=False)
     report.check()
 
 
