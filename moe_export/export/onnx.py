@@ -14,7 +14,6 @@ next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_on
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import shutil
 import time
@@ -32,6 +31,7 @@ from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
+from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
 from moe_export.export.quantize import (
     DEFAULT_BLOCK_SIZE,
@@ -345,17 +345,9 @@ def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], kv_
     return model_path, program
 
 
-def _unit_scope(node: Any, units: set[str], prefix: str = "model.") -> str | None:
+def _unit_scope(node: Any, units: set[str]) -> str | None:
     """The unit whose module emitted `node`, from the exporter's name-scope metadata (deepest match)."""
-    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not raw:
-        return None
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return None
-    for scope in reversed(scopes):
-        name = scope[len(prefix) :] if scope.startswith(prefix) else scope
+    for name in reversed(module_scopes(node.metadata_props.get(SCOPES_KEY))):
         if name in units:
             return name
     return None

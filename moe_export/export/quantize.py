@@ -13,7 +13,6 @@ dequantized weights, which is what parity uses to check the export's arithmetic 
 
 from __future__ import annotations
 
-import ast
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import ExportError, FormatError
+from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
 
 QUANTIZE_BITS = {"int4": 4, "int8": 8}
 # MatMulNBits' CPU kernels take these block sizes (a power of two, >= 16).
@@ -30,7 +30,6 @@ FAST_ACCURACY_LEVEL = 4  # int8 activations: 3.6x faster than level 0 at one tok
 EXACT_ACCURACY_LEVEL = 0  # fp32 activations, the same dequantized weights
 NBITS_OP = "MatMulNBits"
 MS_DOMAIN = "com.microsoft"
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 @dataclass
@@ -81,19 +80,10 @@ def base_linear_names(model: Any) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def _innermost_module(node: Any, prefix: str = "model.") -> str | None:
+def _innermost_module(node: Any) -> str | None:
     """The deepest module scope of an exported node (onnx.NodeProto), without the export wrapper's prefix."""
-    raw = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
-    if not raw:
-        return None
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return None
-    if len(scopes) < 2:
-        return None
-    scope = scopes[-2]  # the last entry names the op inside the module
-    return scope[len(prefix) :] if scope.startswith(prefix) else scope
+    scopes = module_scopes(next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None))
+    return scopes[-2] if len(scopes) >= 2 else None  # the last entry names the op inside the module
 
 
 def quantize_saved_model(model_path: Path, linears: set[str], quantize: str, block_size: int) -> QuantScheme:
