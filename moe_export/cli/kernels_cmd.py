@@ -56,3 +56,4 @@ def kernels_command(
     say(f"  python: options.register_custom_ops_library({str(state.library)!r})")
     genai = {"session_options": {"custom_ops_library": str(state.library)}}
     say(f"  onnxruntime-genai (genai_config.json, model.decoder): {json.dumps(genai)}")
+    say("  (KV-cache exports made here ship a copy and name it in their genai_config.json already)")

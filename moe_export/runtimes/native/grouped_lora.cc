@@ -18,6 +18,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -76,6 +77,10 @@ namespace moe_avx512 {
 #endif
 
 namespace {
+
+// Kernel calls since the library was loaded (all sessions of the process): lets a test see that a client
+// which registers the library by itself (onnxruntime-genai, from genai_config.json) really runs the kernels.
+std::atomic<unsigned long long> g_compute_calls{0};
 
 using ShrinkFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using ExpandFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t, const float*, float*);
@@ -360,6 +365,7 @@ struct Kernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    g_compute_calls.fetch_add(1, std::memory_order_relaxed);
     try {
       Compute(context);
       return nullptr;
@@ -546,3 +552,5 @@ MOE_EXPORT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 // For `moe-export kernels`: the instruction set this CPU gets and the ORT API version built against.
 MOE_EXPORT_API const char* MoeExportKernelIsa() { return select_isa().name; }
 MOE_EXPORT_API int MoeExportOrtApiVersion() { return ORT_API_VERSION; }
+// How many times ONNX Runtime ran one of these kernels in this process (any session, any client).
+MOE_EXPORT_API unsigned long long MoeExportKernelCalls() { return g_compute_calls.load(); }

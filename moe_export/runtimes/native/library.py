@@ -203,6 +203,19 @@ def probe(path: Path) -> tuple[str, int]:
     return lib.MoeExportKernelIsa().decode(), int(lib.MoeExportOrtApiVersion())
 
 
+def kernel_calls(path: Path) -> int:
+    """How many kernel calls the library at `path` ran in this process, in any session of any client.
+
+    The dynamic loader maps one file once per process, so this reads the same counter that a client which
+    registered the library by itself (onnxruntime-genai, from genai_config.json) increments.
+    """
+    import ctypes
+
+    lib = ctypes.CDLL(str(Path(path).resolve()))
+    lib.MoeExportKernelCalls.restype = ctypes.c_ulonglong
+    return int(lib.MoeExportKernelCalls())
+
+
 _session_library: dict[str, tuple[Path | None, str]] = {}
 
 
