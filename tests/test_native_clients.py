@@ -25,15 +25,13 @@ from moe_export.runtimes.native import library as native_library
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.validation.generation import Prompts, torch_reference
 from tests.artifacts import shared_export
+from tests.conftest import native_library_or_skip
 from tests.genai_check import genai_greedy
 
 
 @pytest.fixture(scope="module")
 def library() -> Path:
-    try:
-        return native.build()
-    except native.KernelBuildError as exc:
-        pytest.skip(f"native kernels not buildable here: {exc}")
+    return native_library_or_skip()
 
 
 @pytest.fixture(scope="module")

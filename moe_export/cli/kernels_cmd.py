@@ -50,7 +50,8 @@ def kernels_command(
     say(f"library: {state.library}")
     say(
         f"status: {'off (' + state.reason + ')' if state.reason else 'on'}; instruction set {state.isa}; "
-        f"ORT API {state.api_version} (works with onnxruntime >= 1.{state.api_version})"
+        f"ORT API {state.api_version} (works with onnxruntime >= 1.{state.api_version}); "
+        f"compiler {state.compiler_version}"
     )
     say("use it in your own sessions:")
     say(f"  python: options.register_custom_ops_library({str(state.library)!r})")

@@ -13,6 +13,7 @@ MOE_EXPORT_KERNELS=off (never use the library: the model's function bodies run).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -31,6 +32,13 @@ HEADER = "onnxruntime_cxx_api.h"
 FLAGS = ("-O3", "-std=gnu++17", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 DEBIAN_SUITE = "trixie"  # the first Debian release that packages the ONNX Runtime headers
+# The one version fetched, and its .deb's SHA-256 per architecture (from trixie's Packages index, 2026-12):
+# a newer upload is not taken silently, and a file that differs from the pinned one is refused.
+DEBIAN_VERSION = "1.21.0+dfsg-1"
+DEBIAN_SHA256 = {
+    "amd64": "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08",
+    "arm64": "d4b1967893865756c0fa8536be165259a8eb0e9068e60d322ba707ef4527e44e",
+}
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
@@ -91,6 +99,12 @@ def fetch_headers(timeout_s: float = 120) -> Path:
             "cannot fetch the ONNX Runtime headers: apt-get/dpkg-deb not found; "
             "set MOE_EXPORT_ORT_INCLUDE to a folder holding onnxruntime_cxx_api.h"
         )
+    arch = _debian_arch(dpkg_deb)
+    if arch not in DEBIAN_SHA256:
+        raise KernelBuildError(
+            f"no pinned {DEBIAN_PACKAGE} checksum for architecture {arch!r} (pinned: {', '.join(DEBIAN_SHA256)}); "
+            "set MOE_EXPORT_ORT_INCLUDE to a folder holding onnxruntime_cxx_api.h"
+        )
     dest = _fetched_headers_dir()
     with tempfile.TemporaryDirectory(prefix="moe-export-apt-") as tmp:
         work = Path(tmp)
@@ -105,12 +119,14 @@ def fetch_headers(timeout_s: float = 120) -> Path:
             f"-oDir::Cache={work / 'cache'}",
             "-oAPT::Sandbox::User=root" if os.geteuid() == 0 else "-oDebug::NoLocking=1",
         ]
-        steps = [[apt, *options, "-qq", "update"], [apt, *options, "-qq", "download", DEBIAN_PACKAGE]]
+        pinned = f"{DEBIAN_PACKAGE}={DEBIAN_VERSION}"
+        steps = [[apt, *options, "-qq", "update"], [apt, *options, "-qq", "download", pinned]]
         for step in steps:
             _run(step, cwd=work / "download", timeout_s=timeout_s, what=f"apt-get {step[-1]} ({DEBIAN_SUITE})")
         debs = sorted((work / "download").glob(f"{DEBIAN_PACKAGE}_*.deb"))
         if not debs:
-            raise KernelBuildError(f"apt-get download {DEBIAN_PACKAGE}: no .deb was written")
+            raise KernelBuildError(f"apt-get download {pinned}: no .deb was written")
+        _check_sha256(debs[-1], DEBIAN_SHA256[arch])
         unpacked = work / "unpacked"
         _run([dpkg_deb, "-x", str(debs[-1]), str(unpacked)], cwd=work, timeout_s=timeout_s, what="dpkg-deb -x")
         if not (unpacked / "usr/include/onnxruntime" / HEADER).is_file():
@@ -120,6 +136,20 @@ def fetch_headers(timeout_s: float = 120) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(unpacked / "usr/include", dest / "usr/include")
     return dest / "usr/include/onnxruntime"
+
+
+def _debian_arch(dpkg_deb: str) -> str:
+    dpkg = shutil.which("dpkg") or str(Path(dpkg_deb).with_name("dpkg"))
+    try:
+        return subprocess.run([dpkg, "--print-architecture"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"dpkg --print-architecture: {exc}") from None
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != expected:
+        raise KernelBuildError(f"{path.name}: SHA-256 {got} is not the pinned {expected}; refusing to use it")
 
 
 def _run(cmd: list[str], cwd: Path, timeout_s: float, what: str) -> None:
@@ -133,12 +163,33 @@ def _run(cmd: list[str], cwd: Path, timeout_s: float, what: str) -> None:
         raise KernelBuildError(f"{what} failed (exit {done.returncode}): {detail.strip()[:300]}")
 
 
+def compiler_version(cxx: str) -> str:
+    """`cxx --version` as printed: part of the build key, so an upgraded compiler at the same path rebuilds."""
+    try:
+        stat = os.stat(cxx)
+    except OSError as exc:
+        raise KernelBuildError(f"compiler {cxx}: {exc.strerror}") from None
+    return _version_output(cxx, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_output(cxx: str, mtime_ns: int, size: int) -> str:  # keyed by the file's identity: a new binary reruns
+    try:
+        done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"{cxx} --version: {exc}") from None
+    if done.returncode != 0:
+        raise KernelBuildError(f"{cxx} --version failed (exit {done.returncode})")
+    return (done.stdout or done.stderr).strip()
+
+
 def _build_key(cxx: str, headers: Path) -> str:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((source_dir() / name).read_bytes())
     digest.update((headers / "onnxruntime_c_api.h").read_bytes())
     digest.update(" ".join([cxx, *FLAGS, platform.machine(), sys.platform]).encode())
+    digest.update(compiler_version(cxx).encode())
     return digest.hexdigest()[:16]
 
 
@@ -169,17 +220,30 @@ def build(fetch: bool = False, force: bool = False) -> Path:
     if target.is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    compile_library(cxx, headers, target)
+    return target
+
+
+def compile_library(cxx: str, headers: Path, target: Path, defines: tuple[str, ...] = ()) -> None:
+    """Compile grouped_lora.cc to `target` (`defines`: extra -D options, for tests)."""
     # Compile next to the target and rename: a concurrent first use never loads a half-written file.
     fd, tmp_name = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{headers}", str(source_dir() / SOURCES[0]), "-o", tmp_name]
+        cmd = [
+            cxx,
+            *FLAGS,
+            *(f"-D{d}" for d in defines),
+            f"-I{headers}",
+            str(source_dir() / SOURCES[0]),
+            "-o",
+            tmp_name,
+        ]
         _run(cmd, cwd=target.parent, timeout_s=300, what=f"{Path(cxx).name} {SOURCES[0]}")
         os.replace(tmp_name, target)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return target
 
 
 @dataclass(frozen=True)
@@ -192,6 +256,7 @@ class KernelStatus:
     compiler: str | None
     isa: str | None = None  # the instruction set the kernels run with on this CPU
     api_version: int | None = None  # ORT_API_VERSION the library asks for (works with ORT >= it)
+    compiler_version: str | None = None  # first line of `compiler --version` (part of the build key)
 
 
 def probe(path: Path) -> tuple[str, int]:
@@ -216,6 +281,18 @@ def kernel_calls(path: Path) -> int:
     return int(lib.MoeExportKernelCalls())
 
 
+def registration_error(path: Path) -> str:
+    """Why this process's onnxruntime refuses the library (its API version check), or "" when it registers."""
+    import onnxruntime
+
+    try:
+        onnxruntime.SessionOptions().register_custom_ops_library(str(path))
+    except Exception as exc:  # ORT's own exception classes
+        text = str(exc).strip()
+        return text.splitlines()[-1][:300] if text else type(exc).__name__
+    return ""
+
+
 _session_library: dict[str, tuple[Path | None, str]] = {}
 
 
@@ -230,9 +307,12 @@ def session_library() -> tuple[Path | None, str]:
     if "outcome" not in _session_library:
         try:
             path: Path | None = build(fetch=False)
-            reason = ""
+            assert path is not None
+            reason = registration_error(path)
         except KernelBuildError as exc:
             path, reason = None, str(exc)
+        if reason:
+            path = None
             print(
                 f"note: native GroupedLoRA kernels unavailable ({reason}); running the function bodies", file=sys.stderr
             )
@@ -243,11 +323,12 @@ def session_library() -> tuple[Path | None, str]:
 def status() -> KernelStatus:
     """Status without building anything."""
     cxx = compiler()
+    headers = None
     try:
         headers = find_headers()
+        path = library_path(cxx, headers)
     except KernelBuildError as exc:
-        return KernelStatus(None, str(exc), None, cxx)
-    path = library_path(cxx, headers)
+        return KernelStatus(None, str(exc), headers, cxx)
     if path is None or not path.is_file():
         if cxx is None:
             reason = "no C++ compiler"
@@ -257,5 +338,6 @@ def status() -> KernelStatus:
             reason = "not built yet (moe-export kernels build; sessions build it on first use)"
         return KernelStatus(None, reason, headers, cxx)
     isa, api = probe(path)
-    reason = "disabled by MOE_EXPORT_KERNELS=off" if disabled() else ""
-    return KernelStatus(path, reason, headers, cxx, isa, api)
+    reason = "disabled by MOE_EXPORT_KERNELS=off" if disabled() else registration_error(path)
+    version = compiler_version(cxx).splitlines()[0] if cxx else None
+    return KernelStatus(path, reason, headers, cxx, isa, api, version)
