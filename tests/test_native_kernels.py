@@ -207,7 +207,7 @@ def test_api_version_mismatch_registers_nothing_and_sessions_say_bodies(
 
     monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)
     monkeypatch.setattr(native_library, "_session_library", {})
-    monkeypatch.setattr(native_library, "build", lambda fetch=False: mismatched)
+    monkeypatch.setattr(native_library, "build", lambda **_: mismatched)
     rng = np.random.default_rng(1)
     p = {"x": rng.standard_normal((5, 8), dtype=np.float32), "ids": rng.integers(0, 3, (5, 2)).astype(np.int64)}
     p["gates"] = rng.random((5, 2), dtype=np.float32)

@@ -13,6 +13,7 @@ MOE_EXPORT_KERNELS=off (never use the library: the model's function bodies run).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import os
@@ -106,6 +107,9 @@ def fetch_headers(timeout_s: float = 120) -> Path:
             "set MOE_EXPORT_ORT_INCLUDE to a folder holding onnxruntime_cxx_api.h"
         )
     dest = _fetched_headers_dir()
+    problem = cache_problem(dest.parent)
+    if problem:  # before any download: the headers would have nowhere to go
+        raise KernelBuildError(f"{problem}; set MOE_EXPORT_CACHE to a writable folder")
     with tempfile.TemporaryDirectory(prefix="moe-export-apt-") as tmp:
         work = Path(tmp)
         for sub in ("lists/partial", "cache/archives/partial", "download"):
@@ -202,8 +206,11 @@ def library_path(cxx: str | None = None, headers: Path | None = None) -> Path | 
     return cache_root() / "kernels" / _build_key(cxx, headers) / LIBRARY_NAME
 
 
-def build(fetch: bool = False, force: bool = False) -> Path:
-    """Compile the library (if not already built) and return its path; errors say what is missing."""
+def build(fetch: bool = False, force: bool = False, temp_ok: bool = False) -> Path:
+    """Compile the library (if not already built) and return its path; errors say what is missing.
+
+    The cache is optional: when it cannot take the build (read-only, a file, no permission), `temp_ok` builds in
+    a temporary folder for this process (what sessions do) instead of failing (what `kernels build` does)."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler (g++, c++ or clang++; or set CXX)")
@@ -218,10 +225,48 @@ def build(fetch: bool = False, force: bool = False) -> Path:
     target = library_path(cxx, headers)
     assert target is not None
     if target.is_file() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+        return target  # a read-only cache that holds the library is fine: it is only read
+    problem = cache_problem(target.parent)
+    if problem and temp_ok:
+        target = _temp_build_dir(problem) / target.parent.name / LIBRARY_NAME
+        if target.is_file():
+            return target
+        problem = cache_problem(target.parent)
+    if problem:
+        raise KernelBuildError(f"{problem}; set MOE_EXPORT_CACHE to a writable folder")
     compile_library(cxx, headers, target)
     return target
+
+
+def cache_problem(folder: Path) -> str:
+    """Why `folder` (created here if missing) cannot take the build's files, or "" when it can.
+
+    A read-only or full file system, a file where a folder should be, or a folder we may not write: each is
+    a fact about this machine, not a bug, and decides between the cache and a temporary folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe_name = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe_name)
+    except OSError as exc:
+        return f"kernel cache {cache_root()} is not usable ({exc.strerror or type(exc).__name__}: {exc.filename or folder})"
+    return ""
+
+
+_temp_dirs: dict[str, Path] = {}
+
+
+def _temp_build_dir(problem: str) -> Path:
+    """One temporary folder per process for builds the cache cannot hold, removed at exit; says so once."""
+    if "dir" not in _temp_dirs:
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="moe-export-kernels-"))
+        except OSError as exc:
+            raise KernelBuildError(f"{problem}, and no temporary folder either ({exc.strerror})") from None
+        atexit.register(shutil.rmtree, folder, True)
+        _temp_dirs["dir"] = folder
+        print(f"note: {problem}; building the native kernels in {folder} for this run", file=sys.stderr)
+    return _temp_dirs["dir"]
 
 
 def compile_library(cxx: str, headers: Path, target: Path, defines: tuple[str, ...] = ()) -> None:
@@ -306,11 +351,13 @@ def session_library() -> tuple[Path | None, str]:
         return None, "disabled by MOE_EXPORT_KERNELS=off"
     if "outcome" not in _session_library:
         try:
-            path: Path | None = build(fetch=False)
+            path: Path | None = build(fetch=False, temp_ok=True)
             assert path is not None
             reason = registration_error(path)
         except KernelBuildError as exc:
             path, reason = None, str(exc)
+        except OSError as exc:  # never an error for a session: the function bodies compute the same
+            path, reason = None, f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}"
         if reason:
             path = None
             print(
