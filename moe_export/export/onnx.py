@@ -411,7 +411,9 @@ def _copy_base_files(base: Path, tmp: Path) -> list[str]:
 
 @contextlib.contextmanager
 def _status(console: Console, enabled: bool, message: str) -> Iterator[Any]:
-    """A rich spinner with a changing message, or a no-op when progress is off."""
+    """A rich spinner with a changing message on stderr, or a no-op when progress is off. Always stderr: the
+    `console` the caller passes gets the reports (tables), which the CLI shows on stdout."""
+    console = Console(stderr=True) if not console.stderr else console
     if not enabled:
 
         class _Quiet:
