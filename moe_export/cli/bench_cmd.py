@@ -16,7 +16,9 @@ def bench_command(
     artifact_dir: Path = typer.Argument(
         ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
     ),
-    runtimes: str = typer.Option("onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, onnxruntime-body, torch, tensorrt."),
+    runtimes: str = typer.Option(
+        "onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, onnxruntime-body, torch, tensorrt."
+    ),
     batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
     seq: int = typer.Option(128, "--seq", help="Sequence length."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),

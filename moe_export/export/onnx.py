@@ -356,7 +356,15 @@ def _name_custom_nodes(model: Any, routed: set[str]) -> None:
         if unit is None:
             raise ExportError(f"custom node {node.name} ({node.op_type}) cannot be mapped to an adapter unit")
         seen[unit] = seen.get(unit, 0) + 1
-        node.name = unit if seen[unit] == 1 else f"{unit}#{seen[unit]}"
+        node.name = unit if seen[unit] == 1 else f"{unit}{NODE_SUFFIX}{seen[unit]}"
+
+
+NODE_SUFFIX = "#"  # a unit's second, third... node (MixLoRA: one GroupedLoRASlots per gate/up/down projection)
+
+
+def unit_of_node(name: str) -> str:
+    """The adapter unit a moe_export node (as `_name_custom_nodes` named it) belongs to."""
+    return name.split(NODE_SUFFIX, 1)[0]
 
 
 def _attach_function_bodies(model: Any, opset: int) -> None:
