@@ -120,6 +120,7 @@ def export_onnx(
     consume: bool = False,
     quantize: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    kernel_library: Path | None = None,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
@@ -132,6 +133,8 @@ def export_onnx(
     `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
     `quantize` ("int4" | "int8") rewrites the base linears (lm_head included) into MatMulNBits blocks of
     `block_size` after the folds and the merge (export/quantize.py); routers and experts stay fp32.
+    `kernel_library` (the native GroupedLoRA library; the API passes the one built here) ships with a KV-cache
+    export that has custom ops, and genai_config.json names it (export/client_files.py).
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -206,7 +209,8 @@ def export_onnx(
                 quantization=scheme.to_dict() if scheme is not None else None,
             )
             if kv_cache:
-                manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE)
+                library = kernel_library if manifest.custom_ops else None
+                manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE, library)
             manifest.save(tmp)
             if ours is None:
                 replace_directory(tmp, out_dir)
@@ -363,7 +367,15 @@ def _name_custom_nodes(model: Any, routed: set[str]) -> None:
         if unit is None:
             raise ExportError(f"custom node {node.name} ({node.op_type}) cannot be mapped to an adapter unit")
         seen[unit] = seen.get(unit, 0) + 1
-        node.name = unit if seen[unit] == 1 else f"{unit}#{seen[unit]}"
+        node.name = unit if seen[unit] == 1 else f"{unit}{NODE_SUFFIX}{seen[unit]}"
+
+
+NODE_SUFFIX = "#"  # a unit's second, third... node (MixLoRA: one GroupedLoRASlots per gate/up/down projection)
+
+
+def unit_of_node(name: str) -> str:
+    """The adapter unit a moe_export node (as `_name_custom_nodes` named it) belongs to."""
+    return name.split(NODE_SUFFIX, 1)[0]
 
 
 def _attach_function_bodies(model: Any, opset: int) -> None:

@@ -134,9 +134,10 @@ def _plan(artifact: Artifact, out: Path, options: TritonOptions) -> _Plan:
 
 
 def _native_library() -> Path | None:
+    """The native kernel library built for this machine (built now when a compiler and the headers are here)."""
     from moe_export.runtimes import native
 
-    return native.status().library
+    return native.session_library()[0]
 
 
 def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOptions, plan: _Plan) -> RepositoryReport:
@@ -144,7 +145,9 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
     ort_params = {"intra_op_thread_count": str(options.threads), "inter_op_thread_count": "1"}
     library_name = plan.library.name if plan.library else None
     if plan.library is None:
-        report.notes.append("native kernel library not built (`moe-export kernels build`): function bodies run")
+        report.notes.append(
+            "native kernel library unavailable here (`moe-export kernels` says why): function bodies run"
+        )
 
     main = staging / plan.name
     _place_onnx(artifact, main / "1")

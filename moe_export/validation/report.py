@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_export.errors import ParityError
+from moe_export.export.onnx import unit_of_node
 from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance
@@ -196,7 +197,10 @@ def _units_summary(runtime: str, reference: str, per_unit: dict[str, UnitCompari
     agreements = [(u.agreement, name) for name, u in per_unit.items() if u.agreement is not None]
     failed = sum(not u.passed for u in per_unit.values())
     flips = sum(u.tokens - u.agreeing for u in per_unit.values())
-    text = f"routing ({runtime} vs {reference}): {len(per_unit)} units"
+    # Counted as `onnx` counts them: a MixLoRA unit has a node per projection (captured as unit, unit#2, unit#3).
+    units = len({unit_of_node(name) for name in per_unit})
+    nodes = f" ({len(per_unit)} GroupedLoRA nodes)" if units != len(per_unit) else ""
+    text = f"routing ({runtime} vs {reference}): {units} units{nodes}"
     if agreements:
         worst, name = min(agreements)
         text += f", lowest agreement {worst:.4f} ({name}), {flips} flipped token-units"
