@@ -21,7 +21,9 @@ import triton_python_backend_utils as pb_utils  # provided by the python backend
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        _config, params, self.session = runtime.open_model(args, os.path.dirname(os.path.abspath(__file__)))
+        config, params, self.session = runtime.open_model(args, os.path.dirname(os.path.abspath(__file__)))
+        # The prompt tensor's name as config.pbtxt declares it (serving/model_config.py, from the graph interface).
+        self.prompt_input = config["input"][0]["name"]
         self.eos = [int(t) for t in params.get("eos_token_ids", "").split(",") if t.strip()]
         self.vocab = int(params["vocab_size"])
         self.limit = int(params.get("max_new_tokens_limit", "512"))
@@ -31,14 +33,14 @@ class TritonPythonModel:
         return [self._one(request) for request in requests]
 
     def _one(self, request: Any) -> Any:
-        prompt = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
+        prompt = pb_utils.get_input_tensor_by_name(request, self.prompt_input).as_numpy().reshape(-1)
         wanted = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
         new = int(wanted.as_numpy().reshape(-1)[0]) if wanted is not None else self.default_new
         problem = None
         if prompt.size == 0:
-            problem = "input_ids: empty prompt"
+            problem = f"{self.prompt_input}: empty prompt"
         elif prompt.min() < 0 or prompt.max() >= self.vocab:
-            problem = f"input_ids: token ids must be in [0, {self.vocab})"
+            problem = f"{self.prompt_input}: token ids must be in [0, {self.vocab})"
         elif not 1 <= new <= self.limit:
             problem = f"max_new_tokens {new}: expected 1..{self.limit}"
         if problem is not None:
