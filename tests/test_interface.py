@@ -23,6 +23,9 @@ from tests.artifacts import shared_export, shared_scoring_run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_export"
 OWNER = PACKAGE / "export" / "interface.py"
+# Copied into a Triton model repository, where it runs with numpy and onnxruntime only: it cannot import the
+# interface. tests/test_triton.py runs it on exports made through the interface, so a drift fails there.
+STANDALONE = PACKAGE / "serving" / "backend"
 # A graph name as a word anywhere in a string, the past/present patterns, or the output name as a whole string
 # ("logits" alone is too common a word in messages to forbid inside a sentence).
 SPELLED = re.compile(r"\b(input_ids|attention_mask|position_ids)\b|past_key_values\.|\bpresent\.[{%0-9]|^logits$")
@@ -68,7 +71,7 @@ def f(feeds, out, i, option=Option(help="e.g. input_ids:1x128")):
 def test_no_module_outside_the_interface_spells_a_graph_name() -> None:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path == OWNER:
+        if path == OWNER or STANDALONE in path.parents:
             continue
         found += [
             f"{path.relative_to(PACKAGE.parent)}:{line}: {text!r}" for line, text in spelled_names(path.read_text())
