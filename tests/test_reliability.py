@@ -271,16 +271,15 @@ def test_fp16_export_passes_its_own_gate_against_the_fp32_reference(tmp_path: Pa
 
 
 def test_underflowed_dense_gate_is_not_a_routing_flip() -> None:
-    from moe_export.validation.routing_capture import UnitCapture
-    from moe_export.validation.units import routing_diff
+    from moe_export.validation.units import selection_mask
 
     ids = np.array([[0, 1, 2]])
     probs = np.array([[0.6, 0.4 - 1e-9, 1e-9]], dtype=np.float32)
-    reference = UnitCapture(None, ids, probs, probs)
-    candidate = UnitCapture(None, ids, np.array([[0.6, 0.4, 0.0]], dtype=np.float16))
-    assert routing_diff(reference, candidate).agreeing == 1
-    dropped = UnitCapture(None, ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16))  # a real flip still counts
-    assert routing_diff(reference, dropped).agreeing == 0
+    reference = selection_mask(ids, probs, 3)
+    candidate = selection_mask(ids, np.array([[0.6, 0.4, 0.0]], dtype=np.float16), 3)
+    assert (reference == candidate).all()
+    dropped = selection_mask(ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16), 3)  # a real flip still counts
+    assert not (reference == dropped).all()
 
 
 def test_shape_error_from_the_adapter_ir_names_the_file(tmp_path: Path) -> None:

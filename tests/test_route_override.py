@@ -39,7 +39,9 @@ def _own_routes(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, ForcedRo
 # dense soft routing (hydralora), task-gated (mmoelora).
 @pytest.mark.parametrize("sample", ["goat", "mixlora", "mixlora_dynamic", "hydralora", "mmoelora"])
 def test_forcing_own_routing_reproduces_logits_exactly(sample: str) -> None:
-    loaded = moe_export.load(SAMPLES / sample, base_model=SAMPLES / "tiny-llama", task_id=0 if sample == "mmoelora" else None)
+    loaded = moe_export.load(
+        SAMPLES / sample, base_model=SAMPLES / "tiny-llama", task_id=0 if sample == "mmoelora" else None
+    )
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     own = _forward(loaded.model, ids)
     routes = _own_routes(loaded.model, ids)

@@ -64,6 +64,12 @@ def validate_command(
     ),
     base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from export.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    save_results: Path | None = typer.Option(
+        None, "--save-results", help="Also write each candidate's run (outputs, unit taps, generation) to DIR/<runtime>/."
+    ),
+    load_results: Path | None = typer.Option(
+        None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
+    ),
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
     from moe_export.runtimes.registry import RunnerOptions
@@ -80,6 +86,8 @@ def validate_command(
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
+    if load_results is not None:
+        checks.input_dir(load_results, "--load-results directory")
     status = err_console.status("validating", spinner="dots")
     with status:
         report = validate(
@@ -96,5 +104,7 @@ def validate_command(
             new_tokens=new_tokens,
             checkpoint=ckpt,
             base_model=base,
+            save_results=save_results,
+            load_results=load_results,
         )
     finish_report(report, as_json, [(report_path, report.write_json), (junit_path, report.write_junit)])

@@ -40,6 +40,8 @@ class MoEFFN(nn.Module):
         self.forced_route: ForcedRoute | None = None  # as MoELoRALinear.forced_route
         dtype = self.gate_proj.weight.dtype
         self.adapted = sorted(unit.experts)
+        # The order forward() runs the adapted projections in: the export names their op nodes unit, unit#2, ...
+        self.execution_order = [p for p in ARCH_PROJECTIONS[unit.arch] if p in unit.experts]
         for proj, stack in unit.experts.items():
             self.register_buffer(f"{proj}_A", stack.A.to(dtype), persistent=False)  # [E_A, R, D_in]
             self.register_buffer(f"{proj}_B", stack.scaled_b(dtype), persistent=False)  # [E, D_out, R]

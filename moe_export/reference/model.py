@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -158,6 +159,33 @@ def force_routing(model: nn.Module, routes: dict[str, ForcedRoute]) -> Iterator[
     finally:
         for module, _ in modules:
             module.forced_route = None
+
+
+@dataclass
+class ReferenceUnit:
+    """What a comparator needs from one reference unit: its router (token-routed units) and expert weights."""
+
+    router: Router | None  # None: nothing input dependent (task routing, unrouted)
+    router_weight: torch.Tensor | None  # [E, D_in]
+    router_bias: torch.Tensor | None  # [E]
+    experts: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B scaled) of each routed op the unit runs, in order
+
+
+def reference_units(model: nn.Module) -> dict[str, ReferenceUnit]:
+    """unit name -> ReferenceUnit of every adapter module of `model` (per projection for FFN units)."""
+    units = {}
+    for name, m in moe_modules(model):
+        router = getattr(m, "router", None)
+        token_routed = router is not None and router.kind == "linear"
+        experts = [(m.expert_A, m.expert_B)] if getattr(m, "expert_A", None) is not None else []
+        experts += [(getattr(m, f"{p}_A"), getattr(m, f"{p}_B")) for p in getattr(m, "execution_order", [])]
+        units[name] = ReferenceUnit(
+            router if token_routed else None,
+            m.router_weight if token_routed else None,
+            getattr(m, "router_bias", None) if token_routed else None,
+            experts,
+        )
+    return units
 
 
 def moe_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

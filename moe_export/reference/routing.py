@@ -80,7 +80,9 @@ def select_forced(router: Router, probs: torch.Tensor, forced: ForcedRoute) -> t
         return select_experts(router, probs)  # nothing is decided: every expert, every token
     ids = forced.expert_ids.to(device=probs.device, dtype=torch.int64)
     if ids.shape[0] != probs.shape[0] or ids.shape[1] != router.slots:
-        raise ValueError(f"forced routing {list(ids.shape)} does not fit {probs.shape[0]} tokens x {router.slots} slots")
+        raise ValueError(
+            f"forced routing {list(ids.shape)} does not fit {probs.shape[0]} tokens x {router.slots} slots"
+        )
     kept = forced.kept.to(probs.device)
     if router.select == "top_p" and router.temperature > 0:
         probs = probs / router.temperature  # as _top_p: the kept weights are the tempered probabilities

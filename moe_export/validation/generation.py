@@ -16,6 +16,7 @@ exceed the tolerance, fails and names the first bad step and row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,8 +28,11 @@ import numpy as np
 from moe_export.errors import MoeExportError
 from moe_export.export.client_files import GENAI_CONFIG
 from moe_export.export.decoder import cache_argument, returned_cache
+from moe_export.reference.model import force_routing
+from moe_export.reference.routing import ForcedRoute
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.kv import complete_feeds, position_ids
+from moe_export.runtimes.taps import UnitCapture, record_torch_routing
 from moe_export.validation.parity import Tolerance
 
 DEFAULT_NEW_TOKENS = 16
@@ -77,19 +81,24 @@ StepLogits = Callable[[np.ndarray, int, np.ndarray | None], np.ndarray]
 
 
 def _greedy_loop(
-    step: StepLogits, mask: np.ndarray, new_tokens: int, stop_ids: set[int] | None
+    step: StepLogits,
+    mask: np.ndarray,
+    new_tokens: int,
+    stop_ids: set[int] | None,
+    forced_tokens: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The greedy loop of both decoders: tokens [B, N] and logits [N, B, V].
 
     `step(mask, past, token)` runs one decoder step and returns its next-token logits [B, V]; `token` is None
     on the first step (the prompt, past length 0), then the previous step's tokens [B] with the mask grown by
-    one column and `past` the attended length before it.
+    one column and `past` the attended length before it. `forced_tokens` [B, N] replaces the argmax (teacher
+    forcing: the reference replays a candidate's tokens).
     """
     tokens, logits = [], []
     past, token = 0, None
-    for _ in range(new_tokens):
+    for index in range(new_tokens):
         logits.append(step(mask, past, token))
-        token = logits[-1].argmax(-1).astype(np.int64)
+        token = logits[-1].argmax(-1).astype(np.int64) if forced_tokens is None else forced_tokens[:, index]
         tokens.append(token)
         if stop_ids and _all_stopped(tokens, stop_ids):
             break
@@ -105,6 +114,7 @@ class Decoded:
     tokens: np.ndarray
     logits: np.ndarray
     feeds: list[Feeds] = field(default_factory=list)  # each step's feeds, when asked for (keep_feeds)
+    taps: list[dict[str, UnitCapture]] = field(default_factory=list)  # each step's unit taps, when the runner taps
 
 
 def greedy_decode(
@@ -123,6 +133,7 @@ def greedy_decode(
     past_names = [t.name for t in manifest.inputs if t.name.startswith("past_key_values.")]
     present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
     kept: list[Feeds] = []
+    taps: list[dict[str, UnitCapture]] = []
     out: dict[str, Any] = {}
 
     def step(mask: np.ndarray, past: int, token: np.ndarray | None) -> np.ndarray:
@@ -135,10 +146,12 @@ def greedy_decode(
         if keep_feeds:
             kept.append(feeds)
         out = runner.infer(feeds)
+        if runner.taps_requested:
+            taps.append(dict(runner.last_taps))
         return next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
 
     tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
-    return Decoded(tokens, logits, kept)
+    return Decoded(tokens, logits, kept, taps)
 
 
 def torch_reference(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -> Decoded:
@@ -154,28 +167,44 @@ def torch_reference(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) 
     return torch_greedy(model, prompts, new_tokens)
 
 
-def torch_greedy(model: Any, prompts: Prompts, new_tokens: int, stop_ids: set[int] | None = None) -> Decoded:
-    """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py)."""
+def torch_greedy(
+    model: Any,
+    prompts: Prompts,
+    new_tokens: int,
+    stop_ids: set[int] | None = None,
+    forced_tokens: np.ndarray | None = None,
+    routes: list[dict[str, ForcedRoute]] | None = None,
+) -> Decoded:
+    """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py).
+
+    Route replay: `forced_tokens` [B, N] are fed instead of the argmax and `routes` (one per step) force each
+    step's routing decisions; each step's own decisions are then tapped into `Decoded.taps`."""
     import torch
 
     cache = None
+    taps: list[dict[str, UnitCapture]] = []
 
     def step(mask: np.ndarray, past: int, token: np.ndarray | None) -> np.ndarray:
         nonlocal cache
         ids = prompts.input_ids.astype(np.int64) if token is None else token[:, None]
-        out = model(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            position_ids=torch.from_numpy(position_ids(mask, past)),
-            use_cache=True,
-            **{cache_argument(model): cache},
-        )
+        with contextlib.ExitStack() as stack:
+            if routes is not None:
+                stack.enter_context(force_routing(model, routes[len(taps)]))
+                taps.append(stack.enter_context(record_torch_routing(model)))
+            out = model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(position_ids(mask, past)),
+                use_cache=True,
+                **{cache_argument(model): cache},
+            )
         cache = returned_cache(out)
         return next_token_logits(out.logits.float().numpy(), mask)
 
     with torch.no_grad():
-        tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
-    return Decoded(tokens, logits)
+        mask = prompts.attention_mask.astype(np.int64)
+        tokens, logits = _greedy_loop(step, mask, new_tokens, stop_ids, forced_tokens)
+    return Decoded(tokens, logits, taps=taps)
 
 
 def torch_generate(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -> Decoded:
