@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.runtimes.taps import UnitCapture, match_unit, node_index
 from moe_export.validation.margins import Decision, margins_and_bounds
+from moe_export.validation.parity import Tolerance, compare_func
 from moe_export.validation.units import TokenLayout, UnitComparison, judge_flips, selection_mask
 
 
