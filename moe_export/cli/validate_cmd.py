@@ -65,7 +65,9 @@ def validate_command(
     base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from export.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     save_results: Path | None = typer.Option(
-        None, "--save-results", help="Also write each candidate's run (outputs, unit taps, generation) to DIR/<runtime>/."
+        None,
+        "--save-results",
+        help="Also write each candidate's run (outputs, unit taps, generation) to DIR/<runtime>/.",
     ),
     load_results: Path | None = typer.Option(
         None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."

@@ -169,6 +169,7 @@ class ReferenceUnit:
     router_weight: torch.Tensor | None  # [E, D_in]
     router_bias: torch.Tensor | None  # [E]
     experts: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B scaled) of each routed op the unit runs, in order
+    constant_route: tuple[torch.Tensor, torch.Tensor] | None = None  # task routing: (ids [1, K], gates [1, K])
 
 
 def reference_units(model: nn.Module) -> dict[str, ReferenceUnit]:
@@ -179,11 +180,15 @@ def reference_units(model: nn.Module) -> dict[str, ReferenceUnit]:
         token_routed = router is not None and router.kind == "linear"
         experts = [(m.expert_A, m.expert_B)] if getattr(m, "expert_A", None) is not None else []
         experts += [(getattr(m, f"{p}_A"), getattr(m, f"{p}_B")) for p in getattr(m, "execution_order", [])]
+        constant = None
+        if router is not None and router.kind == "task":
+            constant = route_constant(router, m.task_weights, 1)
         units[name] = ReferenceUnit(
             router if token_routed else None,
             m.router_weight if token_routed else None,
             getattr(m, "router_bias", None) if token_routed else None,
             experts,
+            constant,
         )
     return units
 

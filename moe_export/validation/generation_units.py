@@ -82,31 +82,34 @@ def _judge_replayed(
     tol: Tolerance,
 ) -> GenerationComparison:
     steps, width = got.tokens.shape[1], prompt.input_ids.shape[1]
-    per_unit: dict[str, UnitComparison] = {}
+    problems: list[tuple[int, int, str]] = []
+    flips: list[Flip] = []
     for step in range(steps):
+        per_unit: dict[str, UnitComparison] = {}
         layout = TokenLayout(f"{prompt.label} step {step}", width if step == 0 else 1)
         compare_taps(per_unit, got.step_taps[step], replayed.taps[step], units, export_dtype, tol, layout)
+        problems += [(step, 0, f"unit {u.name}: {m}") for u in per_unit.values() for m in u.messages]
+        flips += [f for u in per_unit.values() for f in u.flips + u.router_flips]
     bound = tol.bound(float(np.abs(replayed.logits).max()))
     diff = np.abs(replayed.logits.astype(np.float64) - got.logits.astype(np.float64)).max(-1)  # [N, B]
     result = GenerationComparison(
         runtime, prompt.label, steps, True, float(diff.max()), bound,
         reference_tokens=free.tokens.tolist(), candidate_tokens=got.tokens.tolist(),
     )  # fmt: skip
-    problems: list[tuple[int, int, str]] = []
     if (diff > bound).any():
         step, row = (int(i) for i in np.argwhere(diff > bound)[0])
         where = first_diverging_unit(got.step_taps[step], replayed.taps[step], units, tol)
         problems.append(
             (step, row, f"logits differ by {float(diff[step, row]):.3g} > {bound:.3g} under replay; {where}")
         )
-    problems += [(0, 0, f"unit {u.name}: {m}") for u in per_unit.values() for m in u.messages]
-    flips = [f for u in per_unit.values() for f in u.flips + u.router_flips]
     for row in range(got.tokens.shape[0]):
         problems += _row_problems(row, got, free, replayed, flips, bound, result.near_ties)
     if problems:
+        problems.sort(key=lambda p: p[0])
         result.passed = False
-        result.first_bad_step, result.first_bad_row, _ = min(problems, key=lambda p: p[0])
-        result.message = f"{prompt.label}: " + "; ".join(p[2] for p in problems[:3])
+        result.first_bad_step, result.first_bad_row, reason = problems[0]
+        also = "".join(f"; also step {p[0]}: {p[2]}" for p in problems[1:3])
+        result.message = f"{prompt.label}: first bad step {problems[0][0]} (row {problems[0][1]}): {reason}{also}"
     return result
 
 

@@ -14,7 +14,9 @@ logit l_e = G_e x moves by at most d_e = sum_i |G_ei| (|x_c - x_r|_i + KAPPA u |
 exact effect of the input the reference saw instead (zero on the same-input check), the second the rounding of
 the router matmul in the export's dtype (u its unit roundoff). With every logit within d = max_e d_e, each
 probability stays within a factor exp(+-2d), so p_(k) - p_(k+1) cannot close by more than
-(p_(k) + p_(k+1)) (exp(2d) - 1), and a cumulative sum c not by more than c (exp(2d) - 1).
+(p_(k) + p_(k+1)) (exp(2d) - 1), and a cumulative sum c not by more than c (exp(2d) - 1). The fp32 softmax
+itself (and the top-p cumulative sum) is evaluated in a different order on each side: each probability carries
+up to (E + 3) fp32 roundings (exp, the E-term sum, the division), added to the relative growth.
 A flip whose margin is within its bound is a near-tie (rounding can explain it); any other is an error.
 Legend: T tokens, E experts, K slots, D_in router input size.
 """
@@ -55,8 +57,8 @@ class Decision:
 
 def margins_and_bounds(decision: Decision, probs: np.ndarray, drift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([T] margin, [T] bound) of each token's decision; the pair whose margin is closest to its bound."""
-    growth = np.expm1(2.0 * drift)  # [T]
-    tokens = probs.shape[0]
+    tokens, experts = probs.shape
+    growth = np.expm1(2.0 * drift) + (experts + 3) * UNIT_ROUNDOFF["fp32"]  # [T] relative movement of p
     if decision.select == "dense" or tokens == 0:
         return np.full(tokens, np.inf), np.zeros(tokens)
     ordered = -np.sort(-probs.astype(np.float64), axis=-1)  # [T, E] descending

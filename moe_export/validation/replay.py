@@ -95,6 +95,15 @@ def compare_taps(
         index = node_index(node)
         if index < len(experts):
             judged.add_op_check(capture, *experts[index], tol, node)
+        constant = units[unit_name].constant_route
+        if constant is not None and capture.gates is not None:  # task routing: the gates are the task's weights
+            judged.add_gate_error(
+                _gate_error(
+                    constant[0].expand(len(capture.expert_ids), -1).numpy(),
+                    constant[1].expand(len(capture.expert_ids), -1).numpy(),
+                    capture,
+                )
+            )
     for unit_name, capture in routing_taps(candidate, units).items():
         _judge_routing(per_unit[unit_name], capture, reference.get(unit_name), units[unit_name], export_dtype, layout)
 
@@ -107,10 +116,6 @@ def _judge_routing(
     export_dtype: str,
     layout: TokenLayout,
 ) -> None:
-    import torch
-
-    from moe_export.ops.grouped_lora import dense_gates
-
     assert unit.router is not None and unit.router_weight is not None and capture.x is not None
     decision, roundoff = decision_of(unit.router), router_roundoff(unit, export_dtype)
     weight = unit.router_weight.detach().float().cpu().numpy()  # [E, D_in]
@@ -125,17 +130,7 @@ def _judge_routing(
     judged.add_flips(flips, tokens, same_input=True)
     if capture.gates is not None:
         agree = (selection_mask(same.expert_ids, same.gates, num_experts) == chosen).all(-1)
-        if agree.any():
-            want = dense_gates(
-                torch.from_numpy(same.expert_ids), torch.from_numpy(same.gates), num_experts, torch.float64
-            )
-            got = dense_gates(
-                torch.from_numpy(capture.expert_ids.astype(np.int64)),
-                torch.from_numpy(capture.gates.astype(np.float64)),
-                num_experts,
-                torch.float64,
-            )
-            judged.add_gate_error(float((want - got)[torch.from_numpy(agree)].abs().max()))
+        judged.add_gate_error(_gate_error(same.expert_ids, same.gates, capture, agree))
     if replayed is not None and replayed.probs is not None and replayed.x is not None:
         flips, tokens = judge_flips(
             judged.name, decision, chosen, replayed, weight, capture.x, replayed.x, roundoff, layout
@@ -143,18 +138,43 @@ def _judge_routing(
         judged.add_flips(flips, tokens, same_input=False)
 
 
+def _gate_error(
+    ids: np.ndarray, gates: np.ndarray, capture: UnitCapture, tokens: np.ndarray | None = None
+) -> float | None:
+    """max |reference gates - candidate gates| as dense [T, E] rows (over `tokens` [T] bool), None when none."""
+    import torch
+
+    from moe_export.ops.grouped_lora import dense_gates
+
+    assert capture.gates is not None
+    num_experts = 1 + int(max(ids.max(initial=0), capture.expert_ids.max(initial=0)))
+    want = dense_gates(
+        torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(gates.astype(np.float64)), num_experts, torch.float64
+    )
+    got = dense_gates(
+        torch.from_numpy(capture.expert_ids.astype(np.int64)),
+        torch.from_numpy(capture.gates.astype(np.float64)),
+        num_experts,
+        torch.float64,
+    )
+    diff = (want - got).abs()
+    if tokens is not None:
+        diff = diff[torch.from_numpy(tokens)]
+    return float(diff.max()) if diff.numel() else None
+
+
 def first_diverging_unit(candidate: Taps, reference: Taps, units: dict[str, ReferenceUnit], tol: Tolerance) -> str:
-    """A phrase naming the first unit (reference execution order) whose input differs beyond `tol` under replay:
-    the error lies between it and the unit before it."""
+    """A phrase naming the first unit (reference execution order) whose input differs beyond `tol` under replay, and
+    the units run just before it: the error lies after the last input that agreed, in one of those."""
     by_unit = {match_unit(node, set(units)) or node: c for node, c in reversed(list(candidate.items()))}
-    previous = None
+    before: list[str] = []
     for name, want in reference.items():
         got = by_unit.get(name)
         if got is None or got.x is None or want.x is None or got.x.shape != want.x.shape:
             continue
         diff = np.abs(got.x.astype(np.float64) - want.x.astype(np.float64))
         if diff.size and float(diff.max()) > tol.bound(float(np.abs(want.x).max())):
-            after = f" (after unit {previous})" if previous else " (before the first routed unit)"
-            return f"first unit whose input diverges under route replay: {name}{after}, max abs {float(diff.max()):.3g}"
-        previous = name
+            after = f"after units {', '.join(before[-3:])}" if before else "before the first routed unit"
+            return f"first diverging unit {name} (its input differs by {float(diff.max()):.3g} under route replay; {after})"
+        before.append(name)
     return "every routed unit's input agrees under route replay: the divergence is after the last routed unit"

@@ -115,13 +115,13 @@ def validate(
     replay = routing and reference_name == "torch" and not artifact.base_only
     generate = artifact.manifest.kv_cache and new_tokens > 0
     prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
+    feeds_list = make_feeds(artifact, inputs, shapes, seed) if load_results is None else []
     # Build every runner first so unknown/unavailable runtimes fail before any slow work.
     runners = {name: make_runner(name, artifact, options) for name in runtimes}
     if load_results is not None:
         results = {name: RunResult.load(load_results, name) for name in candidates}
         generate = generate and all(r.generation for r in results.values())  # judged as they were run
     else:
-        feeds_list = make_feeds(artifact, inputs, shapes, seed)
         results = {}
         for name in candidates:
             say(f"running {name}")
