@@ -24,7 +24,7 @@ def generate_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
 ) -> None:
     """Generate greedily from a prompt and print the new tokens and tokens/s."""
-    from moe_export.validation.generate_run import generate
+    from moe_export.runtimes.generate import generate
 
     if (prompt_ids is None) == (prompt is None):
         raise MoeExportError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT")

@@ -22,10 +22,10 @@ from moe_export import __version__
 from moe_export.errors import MoeExportError
 from moe_export.export.manifest import Artifact
 from moe_export.files import make_staging_dir, replace_directory, write_text_atomic
+from moe_export.runtimes.generate import eos_ids
 from moe_export.serving import model_config
 from moe_export.serving.pbtxt import Message, render
 from moe_export.serving.readme import repository_readme
-from moe_export.validation.generate_run import eos_ids
 
 BACKENDS = ("onnxruntime", "python")
 DEVICES = ("cpu", "gpu")

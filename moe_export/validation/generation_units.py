@@ -20,15 +20,8 @@ import numpy as np
 
 from moe_export.reference.model import ReferenceUnit
 from moe_export.runtimes.base import Runner
-from moe_export.validation.generation import (
-    Decoded,
-    GenerationComparison,
-    Prompts,
-    compare_generation,
-    greedy_decode,
-    torch_greedy,
-    torch_reference,
-)
+from moe_export.runtimes.decoding import Decoded, Prompts, greedy_decode, torch_greedy, torch_reference
+from moe_export.validation.generation import GenerationComparison, compare_generation
 from moe_export.validation.parity import Tolerance
 from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes
 from moe_export.validation.results import DecodeResult

@@ -19,10 +19,11 @@ from moe_export.errors import MoeExportError
 from moe_export.export.manifest import Artifact
 from moe_export.reference.model import ReferenceUnit
 from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.decoding import pad_token_id
 from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
-from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts, pad_token_id
+from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts
 from moe_export.validation.generation_units import check_generation, decode_candidate
 from moe_export.validation.parity import CompareFunc, Tolerance, compare_func
 from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes

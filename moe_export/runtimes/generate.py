@@ -12,8 +12,8 @@ import numpy as np
 
 from moe_export.errors import MoeExportError
 from moe_export.export.manifest import Artifact
+from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_greedy
 from moe_export.runtimes.registry import RunnerOptions, make_runner
-from moe_export.validation.generation import Prompts, greedy_decode, torch_greedy
 
 RUNTIMES = ("onnxruntime", "onnxruntime-genai", "torch")
 
