@@ -192,3 +192,22 @@ def test_match_unit() -> None:
     assert match_unit("model.layers.0.mlp#3", units) == "model.layers.0.mlp"
     assert node_index("model.layers.0.mlp#3") == 2 and node_index("model.layers.0.mlp") == 0
     assert match_unit("model.layers.1.mlp", units) is None
+
+
+def test_no_flip_where_nothing_is_decided() -> None:
+    """Dense routing decides nothing (a gate crossing the 1e-6 selection threshold is no flip), and a top-k choice is
+    its ids, however small a renormalised gate (issue 20: the loramoe fp16 export failed on 'margin inf')."""
+    ids = np.array([[0, 1, 2]])
+    probs = np.array([[0.6, 0.4 - 9e-7, 9e-7]])
+    reference = UnitCapture(None, ids, probs, probs)
+    crossed = selection_mask(ids, np.array([[0.6, 0.4, 1.1e-6]]), 3)  # the candidate's gate rounded up across 1e-6
+    flips, tokens = judge_flips(
+        "u", Decision("dense"), crossed, reference, np.eye(3), np.zeros((1, 3)), None, 0.0, _layout()
+    )
+    assert flips == [] and tokens == 1
+    top2 = UnitCapture(None, np.array([[0, 2]]), np.array([[1.0 - 1e-9, 1e-9]]), np.array([[0.5, 0.1, 0.4]]))
+    chosen = selection_mask(np.array([[0, 2]]), None, 3)
+    flips, _ = judge_flips(
+        "u", Decision("topk", top_k=2), chosen, top2, np.eye(3), np.zeros((1, 3)), None, 0.0, _layout()
+    )
+    assert flips == []

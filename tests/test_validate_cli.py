@@ -193,3 +193,26 @@ def test_saved_results_give_the_same_verdict_in_another_process(export_dir: Path
     np.savez(npz, **arrays)
     code, tampered = load(saved, tmp_path / "third.json")
     assert code == 1 and not tampered["passed"]
+
+
+def test_an_already_built_reference_is_judged_with_route_replay(export_dir: Path) -> None:
+    """`reference_runner` stands in for the torch reference (how an int4 export is judged against its dequantized
+    base): the same model passes, the same model with one base weight substituted fails."""
+    import torch
+
+    import moe_export
+    from moe_export.export.manifest import Artifact
+    from moe_export.runtimes.torch_runner import TorchRunner, reference_model_loader
+
+    model = reference_model_loader(Artifact.open(export_dir), "fp32")()
+    names = ("input_ids", "attention_mask", "position_ids")
+    report = moe_export.validate(
+        export_dir, new_tokens=0, reference_runner=TorchRunner(lambda: model, input_names=names)
+    )
+    assert report.passed and report.units["onnxruntime"], report.failures()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.01)  # a substituted base weight
+    report = moe_export.validate(
+        export_dir, new_tokens=0, reference_runner=TorchRunner(lambda: model, input_names=names)
+    )
+    assert not report.passed and "logits" in " ".join(report.failures())

@@ -70,7 +70,7 @@ def forced_routes(taps: Taps, units: dict[str, ReferenceUnit]) -> dict[str, Forc
     routes = {}
     for name, capture in routing_taps(taps, units).items():
         own = reference_route(units[name], capture.x) if capture.gates is None else None  # type: ignore[arg-type]
-        kept = kept_slots(capture, None if own is None else own.gates)
+        kept = kept_slots(capture, None if own is None else own.gates, units[name].router.select)  # type: ignore[union-attr]
         routes[name] = ForcedRoute(torch.from_numpy(capture.expert_ids.astype(np.int64)), torch.from_numpy(kept))
     return routes
 
@@ -121,7 +121,7 @@ def _judge_routing(
     weight = unit.router_weight.detach().float().cpu().numpy()  # [E, D_in]
     num_experts = weight.shape[0]
     same = reference_route(unit, capture.x)
-    kept = kept_slots(capture, same.gates if capture.gates is None else None)
+    kept = kept_slots(capture, same.gates if capture.gates is None else None, decision.select)
     chosen = selection_mask(capture.expert_ids, kept, num_experts)  # [T, E]
     # The same-input check compares every token (padding does not matter: both sides see the same x).
     flips, tokens = judge_flips(
@@ -129,7 +129,10 @@ def _judge_routing(
     )
     judged.add_flips(flips, tokens, same_input=True)
     if capture.gates is not None:
-        agree = (selection_mask(same.expert_ids, same.gates, num_experts) == chosen).all(-1)
+        own_gates = None if decision.select == "topk" else same.gates
+        agree = (selection_mask(same.expert_ids, own_gates, num_experts) == chosen).all(-1)
+        if decision.select == "dense":
+            agree[:] = True  # a gate straddling SELECTED_GATE_MIN is no choice: compare every token's gates
         judged.add_gate_error(_gate_error(same.expert_ids, same.gates, capture, agree))
     if replayed is not None and replayed.probs is not None and replayed.x is not None:
         flips, tokens = judge_flips(

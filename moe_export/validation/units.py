@@ -52,11 +52,14 @@ def selection_mask(ids: np.ndarray, gates: np.ndarray | None, num_experts: int) 
     return mask
 
 
-def kept_slots(candidate: UnitCapture, own_route_gates: np.ndarray | None) -> np.ndarray:
-    """[T, K] bool: the candidate's slots that carry weight. Without gates (GroupedLoRASlots: MixLoRA applies them
-    after the op) the slots are ranked experts: keep the first m, m = the count the reference router keeps on the
-    candidate's own input (all K for top-k; for top-p the kept prefix of the candidate's ranking)."""
+def kept_slots(candidate: UnitCapture, own_route_gates: np.ndarray | None, select: str = "top_p") -> np.ndarray:
+    """[T, K] bool: the candidate's slots that carry weight. Top-k keeps its K slots whatever their gates (a tiny
+    renormalised gate is still a choice). Otherwise a slot is kept by its gate; without gates (GroupedLoRASlots:
+    MixLoRA applies them after the op) the slots are ranked experts: keep the first m, m = the count the
+    reference router keeps on the candidate's own input (the kept prefix of the candidate's ranking)."""
     ids = candidate.expert_ids
+    if select == "topk":
+        return np.ones(ids.shape, dtype=bool)
     if candidate.gates is not None:
         return np.abs(candidate.gates.astype(np.float64)) > SELECTED_GATE_MIN
     if own_route_gates is None:
@@ -226,10 +229,13 @@ def judge_flips(
     """Flips of the candidate's selection `chosen` [T, E] against the reference's decision (with probs), and the
     number of tokens compared. `x_ref` None: the same-input check (rounding bound only)."""
     assert reference.probs is not None
-    own = selection_mask(reference.expert_ids, reference.gates, chosen.shape[1])  # [T, E]
+    own_gates = None if decision.select == "topk" else reference.gates  # top-k: the ids are the choice
+    own = selection_mask(reference.expert_ids, own_gates, chosen.shape[1])  # [T, E]
+    keep = layout.valid if layout.valid is not None and layout.valid.shape == (own.shape[0],) else None
+    if decision.select == "dense":  # every expert, every token: nothing decided, nothing can flip
+        return [], int(own.shape[0] if keep is None else keep.sum())
     if own.shape != chosen.shape:
         return [], 0
-    keep = layout.valid if layout.valid is not None and layout.valid.shape == (own.shape[0],) else None
     differs = (own != chosen).any(-1)
     if keep is not None:
         differs &= keep

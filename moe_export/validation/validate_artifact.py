@@ -92,12 +92,15 @@ def validate(
     base_model: str | Path | None = None,
     save_results: str | Path | None = None,
     load_results: str | Path | None = None,
+    reference_runner: Runner | None = None,
 ) -> ValidationReport:
     """Run `runtimes[1:]` on an export directory, then judge each against `runtimes[0]` run with its routing replayed.
 
     `checkpoint` / `base_model` replace the source paths export.json recorded (the sources have moved).
     `save_results` writes each candidate's run (outputs, taps, generation) to DIR/<runtime>/; `load_results` reads
-    them from there instead of running the candidates (validation/results.py)."""
+    them from there instead of running the candidates (validation/results.py). `reference_runner` (inactive) stands
+    in for `runtimes[0]`: e.g. a TorchRunner over an already-built model, or one with substituted base weights
+    (a dequantized int4 base), so any reference model gets the same route replay and judgement."""
     runtimes = list(dict.fromkeys(runtimes))
     if len(runtimes) < 2:
         raise MoeExportError(
@@ -113,30 +116,58 @@ def validate(
     tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
     say = progress or (lambda _msg: None)
     reference_name, candidates = runtimes[0], runtimes[1:]
-    replay = routing and reference_name == "torch" and not artifact.base_only
-    generate = artifact.manifest.kv_cache and new_tokens > 0
-    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
     feeds_list = make_feeds(artifact, inputs, shapes, seed) if load_results is None else []
     # Build every runner first so unknown/unavailable runtimes fail before any slow work.
-    runners = {name: make_runner(name, artifact, options) for name in runtimes}
+    runners = {name: make_runner(name, artifact, options) for name in candidates}
+    reference = reference_runner or make_runner(reference_name, artifact, options)
+    replay = routing and not artifact.base_only and callable(getattr(reference, "units", None))
+    generate = artifact.manifest.kv_cache and new_tokens > 0
+    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
     if load_results is not None:
         results = {name: RunResult.load(load_results, name) for name in candidates}
-        generate = generate and all(r.generation for r in results.values())  # judged as they were run
+        prompts = prompts if all(r.generation for r in results.values()) else []  # judged as they were run
     else:
         results = {}
         for name in candidates:
             say(f"running {name}")
             results[name] = run_candidate(runners[name], feeds_list, taps=replay)
-            if generate:
+            if prompts:
                 say(f"greedy generation on {name} ({new_tokens} tokens)")
-                runners[name] = make_runner(name, artifact, options)
-                results[name].generation = decode_candidate(
-                    runners[name], artifact.manifest, prompts, new_tokens, replay
-                )
+                fresh = make_runner(name, artifact, options)
+                results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
             if save_results is not None:
                 results[name].save(save_results)
+    report = _new_report(artifact, reference_name, tol, results, replay, options)
+    say(f"running the reference ({reference_name}) with each candidate's routing replayed")
+    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
+    if replay:
+        reference.request_taps()
+    with reference:
+        units = reference.units() if replay else {}  # type: ignore[attr-defined]
+        for result in results.values():
+            judge_run(report, reference, result, units, compare, artifact.dtype, default)
+        model = getattr(reference, "model", None)
+        if prompts and model is None:
+            report.notes.append("generation parity needs a torch reference: not compared")
+        elif prompts:
+            say(f"comparing greedy generation ({new_tokens} tokens)")
+            for name, result in results.items():
+                report.generation += check_generation(
+                    model, name, result.generation, prompts, tol, pad_token_id(artifact.path), units, artifact.dtype
+                )
+    return report
+
+
+def _new_report(
+    artifact: Artifact,
+    reference: str,
+    tol: Tolerance,
+    results: dict[str, RunResult],
+    replay: bool,
+    options: RunnerOptions,
+) -> ValidationReport:
     first = next(iter(results.values()))
-    report = ValidationReport(str(artifact.path), artifact.dtype, reference_name, candidates, tol, first.labels)
+    report = ValidationReport(str(artifact.path), artifact.dtype, reference, list(results), tol, first.labels)
     report.torch_dtype = options.torch_dtype
     padded = sum(int((~v).sum()) for f in first.feeds if (v := valid_positions(f)) is not None)
     if padded:
@@ -145,25 +176,6 @@ def validate(
         report.notes += [f"{name}: {note}" for note in result.notes]
         if replay and not result.tapped:
             report.notes.append(f"{name}: this runtime cannot tap its units: outputs compared without route replay")
-    say(f"running the reference ({reference_name}) with each candidate's routing replayed")
-    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
-    reference = runners[reference_name]
-    if replay:
-        reference.request_taps()
-    with reference:
-        units = reference.units() if replay else {}  # type: ignore[attr-defined]
-        for result in results.values():
-            judge_run(report, reference, result, units, compare, artifact.dtype, default)
-        if generate:
-            model = getattr(reference, "model", None)
-            if reference_name != "torch" or model is None:
-                report.notes.append("generation parity needs torch as the reference runtime: not compared")
-            else:
-                say(f"comparing greedy generation ({new_tokens} tokens)")
-                for name, result in results.items():
-                    report.generation += check_generation(
-                        model, name, result.generation, prompts, tol, pad_token_id(artifact.path), units, artifact.dtype
-                    )
     return report
 
 
