@@ -316,7 +316,7 @@ def _merged_sample_export(
 
     run = merged_sample_run(factory, sample)
     assert run.exit_code == 0, run.stdout + run.stderr
-    assert "PASSED parity passed" in run.stderr, run.stderr  # the validate report (on stderr; stdout: the summary)
+    assert "PASSED parity passed" in run.stdout, run.stdout  # the validate report: results on stdout
     result = export_result(run.out_dir)
     task_id = SAMPLE_TASK_IDS.get(sample.name)
     assert result.manifest.merge_plan is not None
@@ -344,7 +344,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
         def render(self, console: Console) -> None:
             console.print("failing table")
 
-    monkeypatch.setattr(validate_pkg, "validate", lambda out_dir: Failing(), raising=False)
+    monkeypatch.setattr(validate_pkg, "validate", lambda out_dir, **options: Failing(), raising=False)
     with pytest.raises(ParityError) as info:
         api.validate_export(fp32_export.out_dir, Console(quiet=True))
     assert info.value.exit_code == 1 and isinstance(info.value.report, Failing)

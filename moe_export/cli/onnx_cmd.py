@@ -11,13 +11,15 @@ from pathlib import Path
 import typer
 
 from moe_export.cli import checks
-from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.app import command, console, err_console, parse_int_list, print_json, report_console, shell_command
 from moe_export.cli.options import (
     BASE_OPTION,
     CKPT_ARGUMENT,
     DEVICE_OPTION,
     FAMILY_OPTION,
-    FORWARD_OPTION,
+    MERGE_BUDGET_OPTION,
+    MERGE_THRESHOLD_OPTION,
+    ONNX_FORWARD_OPTION,
     TASK_ID_OPTION,
     TOP_K_OPTION,
 )
@@ -35,10 +37,8 @@ def onnx_command(
     top_k: str | None = TOP_K_OPTION,
     task_id: int | None = TASK_ID_OPTION,
     base_only: bool = typer.Option(False, "--base-only", help="Export the base model without the adapter (the floor)."),
-    merge_threshold: float | None = typer.Option(
-        None, "--merge-threshold", help="Merge units whose dominant expert's mean gate is >= T."
-    ),
-    merge_budget: float | None = typer.Option(None, "--merge-budget", help="Merge units while predicted error <= B."),
+    merge_threshold: float | None = MERGE_THRESHOLD_OPTION,
+    merge_budget: float | None = MERGE_BUDGET_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Calibration text file (one sample per line) for merging."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the parity check against PyTorch."),
     no_kv_cache: bool = typer.Option(
@@ -47,9 +47,22 @@ def onnx_command(
     force: bool = typer.Option(
         False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
     ),
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        help="int4 or int8: base linears and lm_head become MatMulNBits (symmetric blocks, int8 activations on "
+        "CPU); routers, experts and GroupedLoRA stay fp32. Needs --dtype fp32.",
+    ),
+    block_size: int = typer.Option(32, "--block-size", help="Weights per quantization scale along K (--quantize)."),
+    max_top1_drop: float | None = typer.Option(
+        None,
+        "--max-top1-drop",
+        help="With --quantize: fail (exit 1) when more than this fraction of held-out positions change argmax "
+        "against the fp32 reference (reported, not gated, without it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
-    forward: str = FORWARD_OPTION,
+    forward: str = ONNX_FORWARD_OPTION,
 ) -> None:
     """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity.
 
@@ -57,6 +70,7 @@ def onnx_command(
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
     from moe_export.api import export_onnx
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
+    from moe_export.export.quantize import check_quantize_options
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
     from moe_export.reference.loading import attach_model, load_without_model
@@ -66,6 +80,12 @@ def onnx_command(
     if data is not None and not data.is_file():
         raise MoeExportError(f"{data}: calibration data file not found (--data)")
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_quantize_options(quantize, block_size, dtype)
+    checks.fraction(max_top1_drop, "--max-top1-drop")
+    if max_top1_drop is not None and (quantize is None or no_validate):
+        raise MoeExportError(
+            "--max-top1-drop gates a quantized export's validation: pass --quantize, not --no-validate"
+        )
     check_options(merge_threshold, merge_budget)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
@@ -95,11 +115,14 @@ def onnx_command(
         calibration_data=data,
         validate=not no_validate,
         progress=not as_json,
-        console=err_console,
+        console=err_console if as_json else report_console(),  # --json: stdout holds the JSON alone
         kv_cache=not no_kv_cache,
         force=force,
         merge_streaming=streaming,
         consume=True,
+        quantize=quantize,
+        block_size=block_size,
+        max_top1_drop=max_top1_drop,
     )
     if as_json:
         print_json(result.to_dict())
@@ -112,10 +135,12 @@ def onnx_command(
     )
     where = result.out_dir
     console.print(
-        f"next: moe-export validate {where}   (parity again, other inputs: --inputs/--batch/--seq; --junit for CI)\n"
-        f"      moe-export bench {where}   (latency; --base DIR of a --base-only export for the floor)\n"
-        f"      moe-export trt {where}   (TensorRT engine, on a machine with an NVIDIA GPU)",
+        f"next: {shell_command('moe-export', 'validate', where)}   (parity again, other inputs: --inputs/--batch/--seq; "
+        "--junit for CI)\n"
+        f"      {shell_command('moe-export', 'bench', where)}   (latency; --base DIR of a --base-only export for the floor)\n"
+        f"      {shell_command('moe-export', 'trt', where)}   (TensorRT engine, on a machine with an NVIDIA GPU)",
         highlight=False,
+        markup=False,
     )
 
 
@@ -128,3 +153,8 @@ def _stored_dtypes(base: Path) -> set[object]:
         return set(BaseWeights(base).stored_dtypes())
     except FormatError:
         return set()
+
+
+def _quant_label(manifest: object) -> str:
+    scheme = getattr(manifest, "quant_scheme", None)
+    return f", {scheme.scheme} base weights in blocks of {scheme.block_size}" if scheme is not None else ""

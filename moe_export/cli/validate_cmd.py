@@ -37,7 +37,7 @@ def validate_command(
     runtimes: str = typer.Option(
         "torch,onnxruntime",
         "--runtimes",
-        help="Comma-separated; the first is the reference (torch, onnxruntime, tensorrt).",
+        help="Comma-separated; the first is the reference (torch, onnxruntime, onnxruntime-body: the function bodies without the native kernels, tensorrt).",
     ),
     inputs: Path | None = typer.Option(None, "--inputs", help=".npz with input_ids [B,S] (and attention_mask)."),
     batch: int | None = typer.Option(
@@ -52,6 +52,12 @@ def validate_command(
         help="Tolerance relative to max|reference| per output (default: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
     ),
     min_top1: float | None = typer.Option(None, "--min-top1", help="Also require this top-1 token agreement."),
+    max_top1_drop: float | None = typer.Option(
+        None,
+        "--max-top1-drop",
+        help="Quantized exports: fail when more than this fraction of held-out positions change argmax against "
+        "the fp32 reference (the quantization's cost; reported, not gated, without it).",
+    ),
     new_tokens: int = typer.Option(
         16, "--new-tokens", help="Greedy tokens compared per prompt on a KV-cache export (0: skip generation)."
     ),
@@ -84,6 +90,7 @@ def validate_command(
     checks.at_least(atol, 0, "--atol")
     checks.at_least(rtol, 0, "--rtol")
     checks.fraction(min_top1, "--min-top1")
+    checks.fraction(max_top1_drop, "--max-top1-drop")
     checks.at_least(threads, 1, "--threads")
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.input_dir(artifact_dir, "export directory")
@@ -101,6 +108,7 @@ def validate_command(
             atol=atol,
             rtol=rtol,
             min_top1=min_top1,
+            max_top1_drop=max_top1_drop,
             options=RunnerOptions(device=device, threads=threads),
             progress=lambda message: status.update(message),
             new_tokens=new_tokens,

@@ -26,6 +26,7 @@ from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_f
 from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts
 from moe_export.validation.generation_units import check_generation, decode_candidate
 from moe_export.validation.parity import CompareFunc, Tolerance, compare_func
+from moe_export.validation.quantized import exact_arithmetic_artifact, quantization_cost
 from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes
 from moe_export.validation.report import RunComparison, ValidationReport
 from moe_export.validation.results import RunResult
@@ -93,6 +94,7 @@ def validate(
     save_results: str | Path | None = None,
     load_results: str | Path | None = None,
     reference_runner: Runner | None = None,
+    max_top1_drop: float | None = None,
 ) -> ValidationReport:
     """Run `runtimes[1:]` on an export directory, then judge each against `runtimes[0]` run with its routing replayed.
 
@@ -100,7 +102,10 @@ def validate(
     `save_results` writes each candidate's run (outputs, taps, generation) to DIR/<runtime>/; `load_results` reads
     them from there instead of running the candidates (validation/results.py). `reference_runner` (inactive) stands
     in for `runtimes[0]`: e.g. a TorchRunner over an already-built model, or one with substituted base weights
-    (a dequantized int4 base), so any reference model gets the same route replay and judgement."""
+    (a dequantized int4 base), so any reference model gets the same route replay and judgement.
+    A quantized export (`onnx --quantize`) is checked in two parts (validation/quantized.py): its arithmetic
+    against the reference with its dequantized base weights, at the fp32 tolerance, and the quantization's
+    cost against the fp32 reference on held-out text (a gate only with `max_top1_drop`)."""
     runtimes = list(dict.fromkeys(runtimes))
     if len(runtimes) < 2:
         raise MoeExportError(
@@ -108,7 +113,10 @@ def validate(
         )
     if save_results is not None and load_results is not None:
         raise MoeExportError("--save-results and --load-results are exclusive")
-    artifact = Artifact.open(artifact_dir, checkpoint, base_model)
+    deployed = Artifact.open(artifact_dir, checkpoint, base_model)
+    if max_top1_drop is not None and deployed.manifest.quant_scheme is None:
+        raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
+    artifact = exact_arithmetic_artifact(deployed)  # itself unless quantized
     options = options or RunnerOptions()
     if options.torch_dtype is None:
         options = replace(options, torch_dtype=REFERENCE_DTYPE)
@@ -137,7 +145,7 @@ def validate(
                 results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
             if save_results is not None:
                 results[name].save(save_results)
-    report = _new_report(artifact, reference_name, tol, results, replay, options)
+    report = _new_report(deployed, artifact.dtype, reference_name, tol, results, replay, options)
     say(f"running the reference ({reference_name}) with each candidate's routing replayed")
     compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
     if replay:
@@ -155,6 +163,13 @@ def validate(
                 report.generation += check_generation(
                     model, name, result.generation, prompts, tol, pad_token_id(artifact.path), units, artifact.dtype
                 )
+    if deployed.manifest.quant_scheme is not None:
+        say("measuring the quantization's cost against the fp32 reference (held-out text)")
+        report.notes.append(
+            f"{deployed.manifest.quant_scheme.scheme} export: parity is against the reference with the export's "
+            "dequantized base weights, the export computing in fp32 (MatMulNBits accuracy level 0)"
+        )
+        report.quantization = quantization_cost(deployed, options, max_top1_drop)
     return report
 
 
