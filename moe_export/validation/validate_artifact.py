@@ -174,7 +174,8 @@ def validate(
 
 
 def _new_report(
-    artifact: Artifact,
+    deployed: Artifact,
+    dtype: str,
     reference: str,
     tol: Tolerance,
     results: dict[str, RunResult],
@@ -182,7 +183,7 @@ def _new_report(
     options: RunnerOptions,
 ) -> ValidationReport:
     first = next(iter(results.values()))
-    report = ValidationReport(str(artifact.path), artifact.dtype, reference, list(results), tol, first.labels)
+    report = ValidationReport(str(deployed.path), dtype, reference, list(results), tol, first.labels)
     report.torch_dtype = options.torch_dtype
     padded = sum(int((~v).sum()) for f in first.feeds if (v := valid_positions(f)) is not None)
     if padded:
