@@ -244,3 +244,10 @@ def test_triton_repository(int4_run, tmp_path: Path) -> None:  # type: ignore[no
     config = (repo / "g4" / "config.pbtxt").read_text()
     assert "past_key_values.0.key" in config and (repo / "g4_generate" / "config.pbtxt").is_file()
     assert (repo / "g4" / "1" / "model.onnx").is_file()
+
+
+def test_max_top1_drop_needs_a_quantized_export(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On an fp32 export the cost gate has nothing to gate: bad usage (exit 2), not a silent pass."""
+    fp32 = merged_sample_run(tmp_path_factory, SAMPLES / "goat")
+    result = CliRunner().invoke(app, ["validate", str(fp32.out_dir), "--max-top1-drop", "0.1"])
+    assert result.exit_code == 2 and "not a quantized export" in result.output, result.output

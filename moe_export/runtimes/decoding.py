@@ -5,7 +5,7 @@ contract (first step with past length 0, then one token per step feeding the pre
 transformers' own `generate` (greedy, with its KV cache) on the faithful PyTorch model (for right-padded prompts
 an explicit-cache loop on the same model, see `torch_reference`). Both follow the same right-padding rule as
 onnxruntime-genai: the first token comes from each row's last real token, new tokens are appended after the
-padding, attention_mask marks the pads 0 and positions count attended tokens (runtimes/kv.py), so every row of
+padding, attention_mask marks the pads 0 and positions count attended tokens (export/interface.py), so every row of
 a padded batch generates what it would alone.
 """
 
@@ -23,10 +23,10 @@ import numpy as np
 from moe_export.errors import MoeExportError
 from moe_export.export.client_files import GENAI_CONFIG
 from moe_export.export.decoder import cache_argument, returned_cache
+from moe_export.export.interface import position_ids
 from moe_export.reference.model import force_routing
 from moe_export.reference.routing import ForcedRoute
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.kv import complete_feeds, position_ids
 from moe_export.runtimes.taps import UnitCapture, record_torch_routing
 
 
@@ -104,8 +104,7 @@ def greedy_decode(
     With `stop_ids`, decoding ends once every row has produced one of them (later tokens of a finished
     row are still decoded, as a batch must be, and are the caller's to drop).
     """
-    past_names = [t.name for t in manifest.inputs if t.name.startswith("past_key_values.")]
-    present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
+    interface = manifest.interface
     kept: list[Feeds] = []
     taps: list[dict[str, UnitCapture]] = []
     out: dict[str, Any] = {}
@@ -113,16 +112,16 @@ def greedy_decode(
     def step(mask: np.ndarray, past: int, token: np.ndarray | None) -> np.ndarray:
         nonlocal out
         if token is None:
-            feeds = complete_feeds({"input_ids": prompts.input_ids.astype(np.int64), "attention_mask": mask}, manifest)
+            first = {interface.tokens_name: prompts.input_ids.astype(np.int64), interface.mask_name: mask}
+            feeds = interface.complete_feeds(first)
         else:
-            feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position_ids(mask, past)}
-            feeds.update({p: out[q] for p, q in zip(past_names, present_names, strict=True)})
+            feeds = interface.next_step_feeds(token, mask, past, out)
         if keep_feeds:
             kept.append(feeds)
         out = runner.infer(feeds)
         if runner.taps_requested:
             taps.append(dict(runner.last_taps))
-        return next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
+        return next_token_logits(np.asarray(out[interface.logits_name]), mask).astype(np.float32)
 
     tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
     return Decoded(tokens, logits, kept, taps)
@@ -149,7 +148,7 @@ def torch_greedy(
     forced_tokens: np.ndarray | None = None,
     routes: list[dict[str, ForcedRoute]] | None = None,
 ) -> Decoded:
-    """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py).
+    """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (export/interface.py).
 
     Route replay: `forced_tokens` [B, N] are fed instead of the argmax and `routes` (one per step) force each
     step's routing decisions; each step's own decisions are then tapped into `Decoded.taps`."""

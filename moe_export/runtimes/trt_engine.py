@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import FormatError, InternalError, MoeExportError
-from moe_export.export.trt_engine import import_tensorrt, require_cuda
+from moe_export.export.trt_engine import check_bindings, import_tensorrt, require_cuda
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:
@@ -72,9 +72,7 @@ class EngineSession:
         """Copy feeds to the GPU (cast to the engine's dtypes), set shapes, allocate the outputs."""
         import torch
 
-        missing = [n for n in self.inputs if n not in feeds]
-        if missing:
-            raise MoeExportError(f"{self.source}: missing inputs {missing}; got {sorted(feeds)}")
+        check_bindings(self.source, self.inputs, feeds, self.profile_range)
         # Copies and allocations on the execution stream, so execute_async_v3 is ordered after them.
         with torch.cuda.stream(self.stream):
             self._bind_on_stream(feeds)

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from moe_export.errors import MoeExportError
+from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact
 from moe_export.reference.model import ReferenceUnit
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.decoding import pad_token_id
-from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts
@@ -61,18 +61,14 @@ def make_feeds(
 ) -> list[Feeds]:
     """The validation inputs: an .npz file, or random token ids of each (batch, seq) shape."""
     if inputs is not None:
-        return [
-            complete_feeds(
-                load_npz_feeds(inputs, artifact.input_names(), artifact.model_config("vocab_size")), artifact.manifest
-            )
-        ]
+        npz = load_npz_feeds(inputs, artifact.interface, artifact.model_config("vocab_size"))
+        return [artifact.interface.complete_feeds(npz)]
     shapes = list(shapes or DEFAULT_SHAPES)
     if not shapes:
         raise MoeExportError("no input shapes to validate with")
     vocab = artifact.vocab_size()
-    names = set(artifact.input_names())
-    feeds = [complete_feeds(random_feeds(b, s, vocab, seed), artifact.manifest) for b, s in shapes]
-    return [{k: v for k, v in f.items() if k in names} for f in feeds]
+    interface = artifact.interface
+    return [interface.select(interface.complete_feeds(random_feeds(interface, b, s, vocab, seed))) for b, s in shapes]
 
 
 def validate(
@@ -138,7 +134,7 @@ def validate(
         results = {}
         for name in candidates:
             say(f"running {name}")
-            results[name] = run_candidate(runners[name], feeds_list, taps=replay)
+            results[name] = run_candidate(runners[name], feeds_list, artifact.interface, taps=replay)
             if prompts:
                 say(f"greedy generation on {name} ({new_tokens} tokens)")
                 fresh = make_runner(name, artifact, options)
@@ -153,7 +149,7 @@ def validate(
     with reference:
         units = reference.units() if replay else {}  # type: ignore[attr-defined]
         for result in results.values():
-            judge_run(report, reference, result, units, compare, artifact.dtype, default)
+            judge_run(report, reference, result, units, compare, artifact, default)
         model = getattr(reference, "model", None)
         if prompts and model is None:
             report.notes.append("generation parity needs a torch reference: not compared")
@@ -185,9 +181,10 @@ def _new_report(
     first = next(iter(results.values()))
     report = ValidationReport(str(deployed.path), dtype, reference, list(results), tol, first.labels)
     report.torch_dtype = options.torch_dtype
-    padded = sum(int((~v).sum()) for f in first.feeds if (v := valid_positions(f)) is not None)
+    padded = sum(int((~v).sum()) for f in first.feeds if (v := valid_positions(f, deployed.interface)) is not None)
     if padded:
-        report.notes.append(f"{padded} padded positions (attention_mask 0) are excluded: their outputs are unspecified")
+        mask = deployed.interface.mask_name
+        report.notes.append(f"{padded} padded positions ({mask} 0) are excluded: their outputs are unspecified")
     for name, result in results.items():
         report.notes += [f"{name}: {note}" for note in result.notes]
         if replay and not result.tapped:
@@ -195,10 +192,10 @@ def _new_report(
     return report
 
 
-def run_candidate(runner: Runner, feeds_list: list[Feeds], taps: bool) -> RunResult:
+def run_candidate(runner: Runner, feeds_list: list[Feeds], interface: GraphInterface, taps: bool) -> RunResult:
     """Run one candidate on every input (with its per-unit taps when asked and it can)."""
     tapped = taps and runner.request_taps()
-    result = RunResult(runner.name, [shape_label(f) for f in feeds_list], feeds_list, [], [], [], tapped)
+    result = RunResult(runner.name, [shape_label(f, interface) for f in feeds_list], feeds_list, [], [], [], tapped)
     with runner:
         for feeds in feeds_list:
             result.outputs.append(runner.infer(feeds))
@@ -215,7 +212,7 @@ def judge_run(
     result: RunResult,
     units: dict[str, ReferenceUnit],
     compare: CompareFunc,
-    export_dtype: str,
+    artifact: Artifact,
     unit_tol: Tolerance,
 ) -> None:
     """Run the reference on each of `result`'s inputs with its routing replayed, and judge outputs and units.
@@ -229,13 +226,13 @@ def judge_run(
         if replayed:
             reference.forced_routes = forced_routes(taps, units)  # type: ignore[attr-defined]
         expected = reference.infer(feeds)
-        valid = valid_positions(feeds)
+        valid = valid_positions(feeds, artifact.interface)
         compared = compare(drop_padding(expected, valid), drop_padding(got, valid))
         before = {n: u.flip_count for n, u in per_unit.items()}
         if replayed:
-            seq = int(np.asarray(feeds["input_ids"]).shape[1])
+            seq = int(np.asarray(feeds[artifact.interface.tokens_name]).shape[1])
             layout = TokenLayout(label, seq, None if valid is None else valid.reshape(-1))
-            compare_taps(per_unit, taps, reference.last_taps, units, export_dtype, unit_tol, layout)
+            compare_taps(per_unit, taps, reference.last_taps, units, artifact.dtype, unit_tol, layout)
             if not compared.passed:
                 compared.messages.append(first_diverging_unit(taps, reference.last_taps, units, unit_tol))
         flips = [f for u in per_unit.values() for f in u.flips if f.input == label]
@@ -249,9 +246,9 @@ def judge_run(
         _note_unmatched(report, result.runtime, units, per_unit)
 
 
-def valid_positions(feeds: Feeds) -> np.ndarray | None:
+def valid_positions(feeds: Feeds, interface: GraphInterface) -> np.ndarray | None:
     """[B, S] bool of the non-padded positions, or None when nothing is padded."""
-    mask = feeds.get("attention_mask")
+    mask = feeds.get(interface.mask_name)
     if mask is None or mask.all():
         return None
     return np.asarray(mask).astype(bool)
