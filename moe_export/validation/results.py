@@ -71,7 +71,7 @@ class RunResult:
                 op_types.append({node: c.op_type for node, c in taps.items()})
             generation = []
             for j, decoded in enumerate(self.generation):
-                arrays = {"tokens": decoded.tokens, "logits": decoded.logits}
+                arrays = {"tokens": decoded.tokens, "step_logits": decoded.logits}
                 for step, taps in enumerate(decoded.step_taps):
                     arrays |= _tap_arrays(f"step{step}", taps)
                 np.savez(staging / f"gen_{j}.npz", **{k: _storable(v) for k, v in arrays.items()})
@@ -120,7 +120,7 @@ class RunResult:
         for j, entry in enumerate(meta["generation"]):
             arrays = _read_npz(source / f"gen_{j}.npz")
             taps = [_captures(f"step{s}", arrays, ops) for s, ops in enumerate(entry["op_types"])]
-            result.generation.append(DecodeResult(entry["label"], arrays["tokens"], arrays["logits"], taps))
+            result.generation.append(DecodeResult(entry["label"], arrays["tokens"], arrays["step_logits"], taps))
         return result
 
 
