@@ -108,6 +108,21 @@ def replace_files(staging: Path, out_dir: Path, stale: set[str], last: str) -> P
     return out_dir
 
 
+def name_inside(directory: str | Path, name: object, where: str) -> Path:
+    """`directory / name` for a file name read from a file we did not write ourselves (export.json, a shard
+    index); a one-line FormatError (exit 2) for anything that is not a plain relative name inside `directory`.
+
+    The check is on the name, not the resolved target: a Hugging Face cache directory holds its shards as
+    symlinks into a sibling blob store, which is fine to read; what must never happen is a name such as
+    `../victim.txt` or `/etc/passwd` steering a read, or a delete, outside the directory."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise FormatError(f"{where}: {name!r} is not a file name")
+    normal = os.path.normpath(name)
+    if os.path.isabs(normal) or normal == "." or normal.split(os.sep)[0] == "..":
+        raise FormatError(f"{where}: {name!r} is outside {directory}; only names inside it are allowed")
+    return Path(directory) / normal
+
+
 def read_json_object(path: str | Path, missing_hint: str) -> dict[str, Any]:
     """A JSON file whose top level is an object; a one-line FormatError naming the file otherwise."""
     path = Path(path)
