@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -87,6 +89,28 @@ def check_writable(path: str | Path, option: str, *, directory: bool = False) ->
         os.unlink(probe)
 
 
+def check_not_input(path: str | Path, option: str, inputs: list[str | Path | None], *, directory: bool = False) -> None:
+    """Refuse (one line, exit 2) an output that is one of the command's inputs or lies inside an input
+    directory: writing it would destroy what the command reads (`calibrate CKPT -o CKPT/adapter_config.json`,
+    `validate OUT --report OUT/export.json`). A directory output (`directory=True`) replaced whole must not
+    hold an input either. Compared after resolving symlinks and `..`, so no spelling gets around it."""
+    target = Path(path).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if target == src or (src.is_dir() and target.is_relative_to(src)):
+            where = "is" if target == src else "is inside"
+        elif directory and src.is_relative_to(target):
+            where = "holds"
+        else:
+            continue
+        raise MoeExportError(
+            f"{option} {path}: {where} {source}, an input of this command; writing there would change or delete "
+            "what it reads: choose an output outside the inputs"
+        )
+
+
 def replace_files(staging: Path, out_dir: Path, stale: set[str], last: str) -> Path:
     """Move every file of a finished `staging` directory into the existing `out_dir`, one atomic rename each,
     then delete the names in `stale` that the new output no longer has; nothing else in `out_dir` is touched.
@@ -95,12 +119,17 @@ def replace_files(staging: Path, out_dir: Path, stale: set[str], last: str) -> P
     that no reader takes for a complete output. `--force` on an occupied output directory uses this: the
     user's own files next to ours survive.
     """
+    # `stale` comes from the previous export.json: a name in it must not reach outside out_dir (`../x`, `/x`, or
+    # a path through a symlinked directory), whatever that file says.
+    inside = [name_inside(out_dir, name, f"{out_dir / last}: file name") for name in sorted(stale)]
+    root = out_dir.resolve()
     (out_dir / last).unlink(missing_ok=True)
     new = {p.name for p in staging.iterdir()}
     for name in sorted(new - {last}):
         os.replace(staging / name, out_dir / name)
-    for name in sorted(stale - new):
-        target = out_dir / name
+    for target in inside:
+        if (target.name in new and target.parent == out_dir) or not target.parent.resolve().is_relative_to(root):
+            continue
         if target.is_file() or target.is_symlink():
             target.unlink()
     os.replace(staging / last, out_dir / last)
@@ -137,6 +166,51 @@ def read_json_object(path: str | Path, missing_hint: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def check_field_types(obj: Any, where: str) -> None:
+    """Every field of dataclass `obj` holds what its annotation says: a one-line FormatError otherwise.
+
+    JSON written by hand (or by another tool) holds `"false"` where a bool belongs and `null` where an object
+    does; Python would take the string as true and fail on the null somewhere far away. Checked where the
+    JSON becomes a dataclass, in `__post_init__`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise FormatError(f"{where}: '{f.name}' is {shown}, expected {_type_name(hints[f.name])}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        )
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # JSON has no int/bool split: True is not a count, 2 is a fine float
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    return {list: "a list", dict: "an object"}.get(origin, getattr(hint, "__name__", str(hint)))
 
 
 def known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:

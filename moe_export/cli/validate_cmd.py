@@ -80,6 +80,7 @@ def validate_command(
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
+    checks.outputs_apart([(report_path, "--report"), (junit_path, "--junit")], [artifact_dir, inputs, ckpt, base])
     status = err_console.status("validating", spinner="dots")
     with status:
         report = validate(

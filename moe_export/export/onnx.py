@@ -31,7 +31,7 @@ from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
 from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
-from moe_export.files import check_writable, make_staging_dir, replace_directory, replace_files
+from moe_export.files import check_not_input, check_writable, make_staging_dir, replace_directory, replace_files
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, load_base_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -126,6 +126,8 @@ def export_onnx(
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
     out_dir = Path(out_dir).resolve()
     ours = check_out_dir(out_dir, force)
+    # the base a checkpoint names is known only now: -o must not be it, or inside it, either
+    check_not_input(out_dir, "-o", [loaded.checkpoint, loaded.base_model_path, calibration_data], directory=True)
     if loaded.model is None and not base_only:
         raise ExportError(
             f"{loaded.checkpoint}: this LoadedAdapter has no model (an earlier export_onnx(consume=True) took it, "

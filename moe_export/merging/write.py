@@ -21,7 +21,7 @@ import torch
 
 from moe_export.errors import FormatError, MergeError
 from moe_export.files import make_staging_dir, replace_directory
-from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE
+from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, BaseWeights
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
 from moe_export.merging.plan import UnitMerge
@@ -52,22 +52,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def base_shards(base_dir: Path) -> list[Path]:
-    """The base model's safetensors files (every shard of the index, or the single file)."""
-    index = base_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise FormatError(f"{index}: not a safetensors index (no 'weight_map')") from exc
-        shards = [base_dir / f for f in files]
-    elif (base_dir / SINGLE_FILE).is_file():
-        shards = [base_dir / SINGLE_FILE]
-    else:
+    """The base model's safetensors files (every shard of the index, or the single file), checked by BaseWeights."""
+    if not (base_dir / INDEX_FILE).is_file() and not (base_dir / SINGLE_FILE).is_file():
         raise MergeError(f"{base_dir}: no {SINGLE_FILE} or {INDEX_FILE}; merging streams safetensors base models only")
-    missing = [p for p in shards if not p.is_file()]
-    if missing:
-        raise FormatError(f"{missing[0]}: shard listed in {INDEX_FILE} is missing")
-    return shards
+    return BaseWeights(base_dir).shards()
 
 
 def _locate(result: MergeResult, shards: list[Path]) -> dict[Path, list[tuple[str, LinearMoE, UnitMerge]]]:
