@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moe_export.errors import ParityError
+from moe_export.errors import ExportError, ParityError
 from moe_export.export.onnx import ExportResult
 from moe_export.export.onnx import export_onnx as _export_only
 from moe_export.reference.loading import LoadedAdapter
@@ -29,11 +29,23 @@ def export_onnx(
 
     A failed gate raises ParityError (exit 1) with the report; the export stays on disk for inspection.
     """
+    check_validation_possible(options.get("dtype", "fp32"), validate)
     console = console or Console(stderr=True)
     result = _export_only(loaded, out_dir, console=console, **options)
     if validate:
         result.validation = validate_export(result.out_dir, console)
     return result
+
+
+def check_validation_possible(dtype: str, validate: bool) -> None:
+    """Refuse, before any work, an export whose parity check cannot run: onnxruntime has no bfloat16 kernels
+    for the exported graph on the CPU, so a bf16 export with validation would be written and then fail (exit 2)
+    with the export left behind."""
+    if validate and dtype == "bf16":
+        raise ExportError(
+            "--dtype bf16: onnxruntime cannot run a bf16 export on the CPU, so its parity cannot be checked; "
+            "pass --no-validate to export it without the check"
+        )
 
 
 def validate_export(out_dir: Path, console: Console) -> Any:

@@ -7,6 +7,8 @@ into place last.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,26 +16,63 @@ import tempfile
 import types
 import typing
 import warnings
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError, MoeExportError
 
+# The environment's faults, not the input's and not ours: what the user can do about each (exit 2).
+ENVIRONMENT_FAULTS = {
+    errno.ENOSPC: "no space left on the device: free some space or choose another output path",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another output path",
+    errno.EROFS: "read-only file system: choose an output path on a writable one",
+    errno.EACCES: "permission denied: choose a path you may write to, or change its permissions",
+    errno.EPERM: "operation not permitted: choose a path you may write to, or change its permissions",
+    errno.EBUSY: "busy (a mount point or a file in use): choose another output path",
+}
+
+
+def environment_fault(exc: OSError, path: str | Path | None = None) -> MoeExportError | None:
+    """The one-line error for an OSError the environment caused (full disk, read-only mount, permissions,
+    EBUSY) naming `path` (else the file the OSError names); None for any other OSError."""
+    hint = ENVIRONMENT_FAULTS.get(exc.errno or 0)
+    if hint is None:
+        return None
+    where = path if path is not None else (exc.filename or "output")
+    return MoeExportError(f"{where}: {hint}; nothing was written")
+
+
+@contextlib.contextmanager
+def output_errors(path: str | Path) -> Iterator[None]:
+    """Turn an environment fault while writing the output `path` into its one-line error (exit 2).
+
+    Wrap the whole write, staging included: the OSError then names the final output the user asked for, not
+    a temporary file that the cleanup has already removed."""
+    try:
+        yield
+    except OSError as exc:
+        fault = environment_fault(exc, path)
+        if fault is None:
+            raise
+        raise fault from exc
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary sibling; on failure nothing is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -42,22 +81,50 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def make_staging_dir(out_dir: Path) -> Path:
-    """An empty temporary sibling of `out_dir` to build a directory output in (see `replace_directory`)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+    """An empty temporary directory to build a directory output in (see `replace_directory`): a sibling of
+    `out_dir`, or inside it when `out_dir` is a mount point (a Docker volume), whose entries can only be
+    renamed into it from the same file system."""
+    with output_errors(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        where = out_dir if out_dir.is_dir() and os.path.ismount(out_dir) else out_dir.parent
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=where))
+        staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
     return staging
 
 
 def replace_directory(staging: Path, out_dir: Path) -> Path:
-    """Rename a finished staging directory onto `out_dir`; a previous `out_dir` is removed only after the swap."""
+    """Rename a finished staging directory onto `out_dir`; a previous `out_dir` is removed only after the swap.
+
+    An `out_dir` that must stay itself (a mount point, which cannot be renamed: EBUSY; or an existing empty
+    directory, whose owner, permissions or bind mount the user chose) keeps its identity: its contents are
+    replaced instead (see `_replace_contents`)."""
+    if out_dir.is_dir() and (os.path.ismount(out_dir) or not any(p != staging for p in out_dir.iterdir())):
+        return _replace_contents(staging, out_dir)
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(old)
+        try:
+            out_dir.rename(old)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:  # a bind mount on the same file system: ismount cannot tell
+                raise
+            return _replace_contents(staging, out_dir)
     staging.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _replace_contents(staging: Path, out_dir: Path) -> Path:
+    """Move the entries of `staging` into `out_dir`, which stays; its previous entries go first (callers
+    refuse an out_dir that holds anything but an earlier output of theirs). Not atomic as a whole, unlike
+    the swap: each entry is one rename."""
+    for entry in out_dir.iterdir():
+        if entry != staging:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in staging.iterdir():
+        os.replace(entry, out_dir / entry.name)
+    staging.rmdir()
     return out_dir
 
 

@@ -57,7 +57,7 @@ def merge_cmd(
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
-    if out.exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an empty one (a mount point) is fine
         raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
     check_writable(out, "-o", directory=True)
     check_not_input(out, "-o", [ckpt, base, stats_path, data], directory=True)

@@ -55,7 +55,7 @@ def onnx_command(
 
     With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
-    from moe_export.api import export_onnx
+    from moe_export.api import check_validation_possible, export_onnx
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
     from moe_export.files import check_not_input
     from moe_export.merging.layerwise import check_forward, choose_streaming
@@ -67,6 +67,7 @@ def onnx_command(
     if data is not None and not data.is_file():
         raise MoeExportError(f"{data}: calibration data file not found (--data)")
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_validation_possible(dtype, not no_validate)
     check_options(merge_threshold, merge_budget)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)

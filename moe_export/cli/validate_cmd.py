@@ -77,6 +77,7 @@ def validate_command(
     checks.at_least(rtol, 0, "--rtol")
     checks.fraction(min_top1, "--min-top1")
     checks.at_least(threads, 1, "--threads")
+    checks.at_least(new_tokens, 0, "--new-tokens")
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe_export.errors import FormatError, MergeError
-from moe_export.files import make_staging_dir, replace_directory
+from moe_export.files import make_staging_dir, output_errors, replace_directory
 from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, BaseWeights
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
@@ -104,32 +104,33 @@ def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True)
     from rich.progress import Progress
 
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an empty one (a mount point) is fine
         raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
     base_dir = Path(result.loaded.base_model_path)
     shards = base_shards(base_dir)
     todo = _locate(result, shards)
-    tmp = make_staging_dir(out)
-    try:
-        with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
-            task = bar.add_task("writing merged shards", total=len(shards))
-            for shard in shards:
-                shutil.copyfile(shard, tmp / shard.name)  # copy_file_range/sendfile: no user-space buffer
-                _patch_shard(tmp / shard.name, todo.get(shard, []))
-                bar.advance(task)
-        for item in sorted(base_dir.iterdir()):
-            if item.is_file() and not item.name.startswith(".") and not _WEIGHT_FILE.search(item.name):
-                shutil.copy2(item, tmp / item.name)
-        if (base_dir / INDEX_FILE).is_file():
-            shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
-        remaining = result.loaded.adapter
-        if remaining.units:
-            dataclasses.replace(remaining, base_model="..").save(tmp / ADAPTER_DIR)
-        manifest = {"source": str(result.loaded.checkpoint), "base_model": str(base_dir)}
-        manifest.update(plan=result.plan.to_dict(), report=result.report.to_dict())
-        (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_errors(out):  # a full disk or read-only -o: one line naming -o, exit 2
+        tmp = make_staging_dir(out)
+        try:
+            with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+                task = bar.add_task("writing merged shards", total=len(shards))
+                for shard in shards:
+                    shutil.copyfile(shard, tmp / shard.name)  # copy_file_range/sendfile: no user-space buffer
+                    _patch_shard(tmp / shard.name, todo.get(shard, []))
+                    bar.advance(task)
+            for item in sorted(base_dir.iterdir()):
+                if item.is_file() and not item.name.startswith(".") and not _WEIGHT_FILE.search(item.name):
+                    shutil.copy2(item, tmp / item.name)
+            if (base_dir / INDEX_FILE).is_file():
+                shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
+            remaining = result.loaded.adapter
+            if remaining.units:
+                dataclasses.replace(remaining, base_model="..").save(tmp / ADAPTER_DIR)
+            manifest = {"source": str(result.loaded.checkpoint), "base_model": str(base_dir)}
+            manifest.update(plan=result.plan.to_dict(), report=result.report.to_dict())
+            (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+            replace_directory(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

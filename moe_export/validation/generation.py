@@ -77,7 +77,11 @@ StepLogits = Callable[[np.ndarray, int, np.ndarray | None], np.ndarray]
 
 
 def _greedy_loop(
-    step: StepLogits, mask: np.ndarray, new_tokens: int, stop_ids: set[int] | None
+    step: StepLogits,
+    mask: np.ndarray,
+    new_tokens: int,
+    stop_ids: set[int] | None,
+    advance: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The greedy loop of both decoders: tokens [B, N] and logits [N, B, V].
 
@@ -91,6 +95,8 @@ def _greedy_loop(
         logits.append(step(mask, past, token))
         token = logits[-1].argmax(-1).astype(np.int64)
         tokens.append(token)
+        if advance is not None:
+            advance()
         if stop_ids and _all_stopped(tokens, stop_ids):
             break
         past = mask.shape[1]
@@ -114,6 +120,7 @@ def greedy_decode(
     new_tokens: int,
     stop_ids: set[int] | None = None,
     keep_feeds: bool = False,
+    advance: Callable[[], None] | None = None,
 ) -> Decoded:
     """Greedy decoding through the export's decoder interface; `runner` must be active.
 
@@ -137,7 +144,7 @@ def greedy_decode(
         out = runner.infer(feeds)
         return next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
 
-    tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
+    tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids, advance)
     return Decoded(tokens, logits, kept)
 
 
@@ -154,7 +161,13 @@ def torch_reference(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) 
     return torch_greedy(model, prompts, new_tokens)
 
 
-def torch_greedy(model: Any, prompts: Prompts, new_tokens: int, stop_ids: set[int] | None = None) -> Decoded:
+def torch_greedy(
+    model: Any,
+    prompts: Prompts,
+    new_tokens: int,
+    stop_ids: set[int] | None = None,
+    advance: Callable[[], None] | None = None,
+) -> Decoded:
     """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py)."""
     import torch
 
@@ -174,7 +187,7 @@ def torch_greedy(model: Any, prompts: Prompts, new_tokens: int, stop_ids: set[in
         return next_token_logits(out.logits.float().numpy(), mask)
 
     with torch.no_grad():
-        tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
+        tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids, advance)
     return Decoded(tokens, logits)
 
 
