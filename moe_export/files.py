@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import types
 import typing
@@ -241,12 +243,30 @@ def check_field_types(obj: Any, where: str) -> None:
     JSON written by hand (or by another tool) holds `"false"` where a bool belongs and `null` where an object
     does; Python would take the string as true and fail on the null somewhere far away. Checked where the
     JSON becomes a dataclass, in `__post_init__`."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _field_hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if not _matches(value, hints[f.name]):
+        if f.name in hints and not _matches(value, hints[f.name]):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise FormatError(f"{where}: '{f.name}' is {shown}, expected {_type_name(hints[f.name])}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass; a field whose annotation names a type imported only for type
+    checking cannot be resolved at run time and is left unchecked rather than failing every load."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        hints = {}
+        for f in fields(cls):
+            try:
+                hints[f.name] = typing.get_type_hints(
+                    type("_One", (), {"__annotations__": {f.name: f.type}}), vars(sys.modules[cls.__module__])
+                )[f.name]
+            except NameError:
+                continue
+        return hints
 
 
 def _matches(value: Any, hint: Any) -> bool:

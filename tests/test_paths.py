@@ -192,3 +192,16 @@ def test_onnx_into_the_declared_base_is_refused(tmp_path: Path) -> None:
     (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
     assert_one_line_error(["onnx", ckpt, "-o", base / "onnx", "--no-validate"], "an input of this command")
     assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in (SAMPLES / "tiny-llama").iterdir())
+
+
+def test_field_type_check_leaves_unresolvable_annotations_alone() -> None:
+    """A field annotated with a name imported only for type checkers is skipped; the others are still checked."""
+    from moe_export.files import check_field_types
+
+    namespace: dict = {}
+    source = "from __future__ import annotations\nfrom dataclasses import dataclass\n"
+    source += "@dataclass\nclass Options:\n    count: int\n    engine: OnlyForTypeCheckers\n"
+    exec(source, namespace)
+    check_field_types(namespace["Options"](3, object()), "options")
+    with pytest.raises(FormatError, match="'count' is '3', expected an integer"):
+        check_field_types(namespace["Options"]("3", object()), "options")
