@@ -36,14 +36,17 @@ ENVIRONMENT_FAULTS = {
 }
 
 
-def environment_fault(exc: OSError, path: str | Path | None = None) -> MoeExportError | None:
+def environment_fault(exc: OSError, output: str | Path | None = None) -> MoeExportError | None:
     """The one-line error for an OSError the environment caused (full disk, read-only mount, permissions,
-    EBUSY) naming `path` (else the file the OSError names); None for any other OSError."""
+    EBUSY): naming `output` and what to do while writing it, else the file the OSError names (a read, or a
+    write no caller wrapped); None for any other OSError."""
     hint = ENVIRONMENT_FAULTS.get(exc.errno or 0)
     if hint is None:
         return None
-    where = path if path is not None else (exc.filename or "output")
-    return MoeExportError(f"{where}: {hint}; nothing was written")
+    if output is not None:
+        return MoeExportError(f"{output}: {hint}; nothing was written")
+    reason = (exc.strerror or hint.split(":")[0]).lower()
+    return MoeExportError(f"{exc.filename or 'a file'}: {reason}; check that file system's space and permissions")
 
 
 @contextlib.contextmanager
@@ -122,8 +125,12 @@ def _replace_contents(staging: Path, out_dir: Path) -> Path:
     refuse an out_dir that holds anything but an earlier output of theirs). Not atomic as a whole, unlike
     the swap: each entry is one rename."""
     for entry in out_dir.iterdir():
-        if entry != staging:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if entry == staging:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     for entry in staging.iterdir():
         os.replace(entry, out_dir / entry.name)
     staging.rmdir()
