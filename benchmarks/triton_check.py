@@ -2,12 +2,16 @@
 
 Imports no moe_export: every expectation comes from outside the code under test (a local onnxruntime
 session of the same ONNX file; the torch reference's greedy tokens computed by triton_check.sh).
-Exit 0 when every check passes, 1 otherwise; prints one line per check.
+Also the bad requests: ids outside the vocabulary, requests past the context (each 400 / INVALID_ARGUMENT),
+one bad request among 8 batched ones (fails alone), and a repository whose backend this server lacks (its
+model is unavailable for the backend the repository names). Exit 0 when every check passes, 1 otherwise;
+prints one line per check.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import threading
@@ -100,6 +104,7 @@ def main() -> int:
     parser.add_argument("--score-model", required=True)
     parser.add_argument("--step-model", required=True)
     parser.add_argument("--generate-model", required=True)
+    parser.add_argument("--unloadable", default="", help="a repository the server lacks a backend for (served too)")
     args = parser.parse_args()
     import tritonclient.grpc as grpc
     import tritonclient.http as http
@@ -114,10 +119,13 @@ def main() -> int:
     gen_config = text_format.Parse(repo_of[args.generate_model].read_text(), mc.ModelConfig())
     eos = {int(t) for t in gen_config.parameters["eos_token_ids"].string_value.split(",") if t}
 
-    server = Server(args.work, [str(p) for p in serve], args.work / "tritonserver.log")
+    unloadable = [Path(args.unloadable)] if args.unloadable else []
+    repositories = [str(p) for p in serve + unloadable]
+    server = Server(args.work, repositories, args.work / "tritonserver.log", exit_on_error=not unloadable)
     try:
         ready = server.wait_ready([args.score_model, args.step_model, args.generate_model])
         print(f"server ready in {ready:.1f} s (http {server.http_url}, grpc {server.grpc_url})", flush=True)
+        check_backends(server, serve, unloadable)
         clients = {"http": (http.InferenceServerClient(server.http_url), http),
                    "grpc": (grpc.InferenceServerClient(server.grpc_url), grpc)}  # fmt: skip
         rng = np.random.default_rng(0)
@@ -147,6 +155,8 @@ def main() -> int:
                 check(generate_ok(got, case, eos), f"{proto}: generate {case['prompt']} -> {got} (torch reference)")
 
         concurrent(server, args, cases, eos, score_local)
+        bad_requests(clients, args, step_feeds)
+        bad_request_alone(server, args, score_local)
         for client, _ in clients.values():
             client.close()  # an open connection would hold the server's shutdown until its exit timeout
     finally:
@@ -155,6 +165,154 @@ def main() -> int:
         check(not leftover, f"no processes left in the server's group ({leftover})")
     print(f"{len(FAILED)} failed" if FAILED else "all checks passed")
     return 1 if FAILED else 0
+
+
+def needed_backends(root: Path) -> set[str]:
+    """The backends a repository's configs name (parsed by Triton's own ModelConfig, not by moe-export)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    platforms = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+    names = set()
+    for path in root.glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        names.add(config.backend or platforms[config.platform])
+    return names
+
+
+def check_backends(server: Server, served: list[Path], unloadable: list[Path]) -> None:
+    """Each repository names the backends its configs need (README and marker); the server loads the models
+    of those it has, and a model whose backend it lacks fails to load for exactly that reason."""
+    import tritonclient.http as http
+
+    have = {p.name for p in server.backends.iterdir() if p.is_dir()}
+    for root in served + unloadable:
+        marker = json.loads((root / ".moe-export-triton.json").read_text())
+        want = needed_backends(root)
+        named = set(marker.get("backends", []))
+        readme = (root / "README.md").read_text()
+        check(named == want and all(f"`{b}`" in readme for b in want),
+              f"{root.name}: the repository names the backends it needs {sorted(named)} (configs: {sorted(want)})")  # fmt: skip
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+    finally:
+        client.close()
+    for root in unloadable:
+        missing = needed_backends(root) - have
+        for path in root.glob("*/config.pbtxt"):
+            state = index.get(path.parent.name, {})
+            reason = state.get("reason", "")
+            check(bool(missing) and state.get("state") == "UNAVAILABLE" and any(f"'{b}'" in reason for b in missing),
+                  f"{path.parent.name}: not loaded for the backend it names and the server lacks: {reason[:120]}")  # fmt: skip
+
+
+def expect_client_error(call: object, what: str, words: str) -> None:
+    """A request the server must refuse as the client's fault: HTTP 400 / gRPC INVALID_ARGUMENT, naming why."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call()  # type: ignore[operator]
+    except InferenceServerException as exc:
+        status, message = str(exc.status()), exc.message()
+        ok = status in ("400", "StatusCode.INVALID_ARGUMENT") and words in message
+        check(ok, f"{what}: refused with {status}: {message[:150]}")
+    else:
+        check(False, f"{what}: accepted (expected 400 / INVALID_ARGUMENT)")
+
+
+def bad_requests(clients: dict, args: argparse.Namespace, step_feeds: dict[str, np.ndarray]) -> None:
+    """Ids outside the vocabulary and requests longer than the context (256 tokens for the GOAT sample)."""
+    ids = np.asarray([[5, 17, -1, 9]], np.int64)
+    step = dict(step_feeds, input_ids=step_feeds["input_ids"].copy())
+    step["input_ids"][0, 3] = -1
+    long = np.ones((1, 300), np.int64)
+    past = {k: np.zeros((1, v.shape[1], 250, v.shape[3]), v.dtype) for k, v in step_feeds.items() if "past" in k}
+    cases = [
+        ("scoring, token id -1", args.score_model, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, "vocabulary"),
+        ("scoring, token id 256", args.score_model, {"input_ids": ids * 0 + 256, "attention_mask": np.ones_like(ids)}, "vocabulary"),
+        ("decoder step, token id -1", args.step_model, step, "vocabulary"),
+        ("scoring, 300 tokens", args.score_model, {"input_ids": long, "attention_mask": long}, "context"),
+        ("decoder step, 250 past + 10 tokens", args.step_model,
+         {"input_ids": np.ones((1, 10), np.int64), "attention_mask": np.ones((1, 260), np.int64),
+          "position_ids": np.arange(250, 260, dtype=np.int64)[None], **past}, "context"),
+        ("generate, 200-token prompt + 100 new", args.generate_model,
+         {"input_ids": np.ones(200, np.int64), "max_new_tokens": np.asarray([100], np.int32)}, "context"),
+        ("generate, token id -1", args.generate_model,
+         {"input_ids": np.asarray([3, -1], np.int64), "max_new_tokens": np.asarray([4], np.int32)}, "vocabulary"),
+    ]  # fmt: skip
+    for proto, (client, module) in clients.items():
+        for what, model, feeds, words in cases:
+            output = "output_ids" if model == args.generate_model else "logits"
+            call = functools.partial(infer, client, module, model, feeds, [output])
+            expect_client_error(call, f"{proto}: {what}", words)
+
+
+def bad_request_alone(server: Server, args: argparse.Namespace, local: object) -> None:
+    """8 same-shape scoring requests at once (dynamic batching merges them), one with an id outside the
+    vocabulary, 4 rounds: the 7 good ones are answered right every time and only the bad one fails."""
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    modules = [(http, server.http_url) if i % 2 else (grpc, server.grpc_url) for i in range(8)]
+    before = batch_executions(server, args.score_model)
+    wrong: list[str] = []
+    for round_ in range(4):
+        rng = np.random.default_rng(round_)
+        feeds = [{"input_ids": rng.integers(0, 256, size=(1, 7), dtype=np.int64),
+                  "attention_mask": np.ones((1, 7), np.int64)} for _ in range(8)]  # fmt: skip
+        bad = round_ * 2 + 1
+        feeds[bad]["input_ids"][0, 3] = 256
+        for i, got in enumerate(burst(modules, args.score_model, feeds)):
+            if i == bad:
+                ok = isinstance(got, Exception) and str(got.status()) in ("400", "StatusCode.INVALID_ARGUMENT")  # type: ignore[attr-defined]
+            else:  # as in `concurrent`: a batch's GEMM blocking may differ from a single run's
+                want = local.run(["logits"], feeds[i])[0]  # type: ignore[attr-defined]
+                ok = isinstance(got, np.ndarray) and np.allclose(got, want, rtol=1e-5, atol=1e-5)
+            if not ok:
+                wrong.append(f"round {round_} request {i}{' (the bad one)' if i == bad else ''}: {str(got)[:120]}")
+    merged = batch_executions(server, args.score_model) - before
+    check(not wrong, f"one bad request in 4 rounds of 8 concurrent scoring requests fails alone "
+          f"({merged} executions ran several requests as one batch) {wrong[:3]}")  # fmt: skip
+
+
+def burst(modules: list, model: str, feeds: list[dict[str, np.ndarray]]) -> list[object]:
+    """Each request from its own client thread, released together: logits, or the exception the client raised.
+    Each thread makes its own client (the http client's gevent loop belongs to the thread that made it)."""
+    from tritonclient.utils import InferenceServerException
+
+    barrier = threading.Barrier(len(feeds))
+    outcome: list[object] = [None] * len(feeds)
+
+    def send(i: int) -> None:
+        module, url = modules[i]
+        client = module.InferenceServerClient(url)
+        barrier.wait()
+        try:
+            outcome[i] = infer(client, module, model, feeds[i], ["logits"])["logits"]
+        except InferenceServerException as exc:
+            outcome[i] = exc
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(feeds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcome
+
+
+def batch_executions(server: Server, model: str) -> int:
+    """How many times the model ran a batch of more than one request (Triton's own statistics)."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+    finally:
+        client.close()
+    return sum(int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", []) if int(b["batch_size"]) > 1)
 
 
 def concurrent(server: Server, args: argparse.Namespace, cases: list, eos: set[int], local: object) -> None:

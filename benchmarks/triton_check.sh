@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real Triton Inference Server on 127.0.0.1 serving `moe-export triton` repositories (python backend):
 # scoring logits vs local ORT, generation vs the torch reference's greedy tokens, 8 concurrent clients x 20
-# requests, every config.pbtxt parsed into ModelConfig, clean shutdown. nvidia-pytriton (bundled
+# requests, bad requests refused with 400 and alone, every config.pbtxt parsed into ModelConfig, the backends
+# each repository names, clean shutdown. nvidia-pytriton (bundled
 # tritonserver + python backend) and tritonclient need numpy<2, so they get their own venv.
 #   bash benchmarks/triton_check.sh [WORK_DIR]     (run from the repo root with the project's venv active)
 set -euo pipefail
@@ -32,5 +33,6 @@ pylib=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_config_var(
 export LD_LIBRARY_PATH="$pylib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$venv/bin/python" benchmarks/triton_check.py --work "$work" \
     --serve "$work/repo-score,$work/repo-kv" --configs "$work/repo-ort,$work/repo-ort-kv,$work/repo-trt" \
-    --expect "$expect" --score-model goat_score --step-model goat --generate-model goat_generate
+    --expect "$expect" --score-model goat_score --step-model goat --generate-model goat_generate \
+    --unloadable "$work/repo-ort"
 echo "triton check: $((SECONDS - start)) s in all"

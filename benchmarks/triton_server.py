@@ -37,19 +37,23 @@ def prepare(work: Path) -> Path:
 
 
 class Server:
-    def __init__(self, work: Path, repositories: list[str], log: Path) -> None:
+    def __init__(self, work: Path, repositories: list[str], log: Path, exit_on_error: bool = True) -> None:
         self.http_port, self.grpc_port = free_port(), free_port()
         server = prepare(work)
         libs = Path(__import__("pytriton").__file__).parent.parent / "nvidia_pytriton.libs"
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH", ""), str(libs)) if p)
         env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-        command = [str(server / "bin" / "tritonserver"), f"--backend-directory={server / 'backends'}"]
+        self.backends = server / "backends"
+        command = [str(server / "bin" / "tritonserver"), f"--backend-directory={self.backends}"]
         command += [f"--model-repository={repo}" for repo in repositories]
         command += [
             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
             "--allow-metrics=false", "--log-verbose=0", "--exit-timeout-secs=20",
+            # A repository with a model the server cannot load (checked on purpose) must not stop the server or
+            # keep it "not ready": readiness then means the models that can load did.
+            f"--exit-on-error={str(exit_on_error).lower()}", f"--strict-readiness={str(exit_on_error).lower()}",
         ]  # fmt: skip
         self.log = log
         self.process = subprocess.Popen(

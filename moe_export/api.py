@@ -28,9 +28,15 @@ def export_onnx(
     """`export.onnx.export_onnx(loaded, out_dir, **options)`, then (unless `validate=False`) the parity gate.
 
     A failed gate raises ParityError (exit 1) with the report; the export stays on disk for inspection.
+    A KV-cache export ships the native kernel library when it is built or can be built here (unless
+    MOE_EXPORT_KERNELS=off), so onnxruntime-genai runs the native kernels from the export folder as it is.
     """
     check_validation_possible(options.get("dtype", "fp32"), validate)
     console = console or Console(stderr=True)
+    if options.get("kv_cache", True) and not options.get("base_only") and "kernel_library" not in options:
+        from moe_export.runtimes.native import session_library  # lazy: a later stage's file, located here
+
+        options["kernel_library"] = session_library()[0]
     result = _export_only(loaded, out_dir, console=console, **options)
     if validate:
         result.validation = validate_export(result.out_dir, console)

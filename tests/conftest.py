@@ -55,3 +55,17 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.artifacts import tiny_base_dir
 
     return tiny_base_dir(tmp_path_factory)
+
+
+def native_library_or_skip() -> Path:
+    """The native kernel library, built here; without a compiler or headers the test skips and says why, except
+    in CI (CI=true), which builds the library first (.ci/run): there a failed build fails the test instead, so a
+    green CI run always covers the native kernels."""
+    from moe_export.runtimes import native
+
+    try:
+        return native.build()
+    except native.KernelBuildError as exc:
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(f"CI=true: the native kernel library must build here ({exc})", pytrace=False)
+        pytest.skip(f"native kernels not buildable here: {exc}")

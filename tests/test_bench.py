@@ -43,6 +43,24 @@ def test_bench_writes_json_and_png(export_dir: Path, tmp_path: Path) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert not list(plot.parent.glob(".*"))  # no temporary left behind
     assert "vs floor" in result.output
+    assert f"wrote {plot}" in result.stdout and f"wrote {report}" in result.stdout  # where the files went
+
+
+def test_plot_axis_holds_every_whisker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: the y axis was scaled to the bars only, so a slow p90 run's whisker was cut off by the frame."""
+    from matplotlib.figure import Figure
+
+    from moe_export.validation.bench import BenchReport, BenchRow, plot_bench
+
+    figures: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    slow = Latency(p50_ms=10.0, p90_ms=40.0, p99_ms=45.0, mean_ms=12.0, min_ms=9.0, tokens_per_s=100.0)
+    floor = Latency(p50_ms=8.0, p90_ms=9.0, p99_ms=9.5, mean_ms=8.2, min_ms=7.9, tokens_per_s=125.0)
+    report = BenchReport("x", "y", "fp32", {"iters": 10, "warmup": 1}, [BenchRow("onnxruntime", 1, 8, slow, floor)])
+    plot_bench(report, tmp_path / "p.png")
+    (axis,) = [ax for ax in figures[0].axes if ax.has_data()]
+    assert axis.get_ylim()[1] >= slow.p90_ms  # the whole whisker is inside the frame
 
 
 def test_bench_json_and_latency_gate(export_dir: Path) -> None:

@@ -9,6 +9,7 @@ Without a compiler or the ORT headers the kernel tests skip and say why (CI fetc
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.runtimes import native
 from moe_export.runtimes.native import library as native_library
 from tests.artifacts import sample_export
+from tests.conftest import native_library_or_skip
 
 ISAS = ("avx512", "avx2", "portable")
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
@@ -33,10 +35,7 @@ NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
 @pytest.fixture(scope="module")
 def library() -> Path:
-    try:
-        return native.build()
-    except native.KernelBuildError as exc:
-        pytest.skip(f"native kernels not buildable here: {exc}")
+    return native_library_or_skip()
 
 
 def loop_reference(x, ids, gates, A, B) -> np.ndarray:
@@ -188,6 +187,81 @@ def test_bad_header_override_names_the_variable(monkeypatch, tmp_path: Path) -> 
     monkeypatch.setenv("MOE_EXPORT_ORT_INCLUDE", str(tmp_path))
     with pytest.raises(native.KernelBuildError, match="MOE_EXPORT_ORT_INCLUDE"):
         native.build()
+
+
+def test_api_version_mismatch_registers_nothing_and_sessions_say_bodies(
+    library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A library asking for an ORT API this runtime lacks (built here with a version no runtime offers) refuses
+    registration with its own message; moe-export's sessions then run the function bodies, say so in the kernel
+    note and print one notice; and the library's kernels never run. (Before: GetApi returned null, registration
+    "succeeded" with nothing registered, and the note claimed native kernels.)"""
+    from moe_export.runtimes.onnxruntime import session_builder
+
+    mismatched = tmp_path / "libmismatch.so"
+    native_library.compile_library(
+        native_library.compiler(), native_library.find_headers(), mismatched, ("MOE_EXPORT_ORT_API_VERSION=9999",)
+    )
+    with pytest.raises(Exception, match=r"need ONNX Runtime API 9999 .*nothing was registered"):
+        ort.SessionOptions().register_custom_ops_library(str(mismatched))
+
+    monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)
+    monkeypatch.setattr(native_library, "_session_library", {})
+    monkeypatch.setattr(native_library, "build", lambda **_: mismatched)
+    rng = np.random.default_rng(1)
+    p = {"x": rng.standard_normal((5, 8), dtype=np.float32), "ids": rng.integers(0, 3, (5, 2)).astype(np.int64)}
+    p["gates"] = rng.random((5, 2), dtype=np.float32)
+    A, B = rng.standard_normal((3, 4, 8), dtype=np.float32), rng.standard_normal((3, 6, 4), dtype=np.float32)
+    model = single_node_model("GroupedLoRA", p["x"], p["ids"], p["gates"], A, B, True)
+    capsys.readouterr()
+    for _ in range(2):
+        session = session_builder(model)()
+        assert session.moe_export_kernels.startswith("function bodies"), session.moe_export_kernels
+        assert "API 9999" in session.moe_export_kernels
+        got = session.run(None, {k: p[k] for k in ("x", "ids", "gates")})[0]
+        assert rel_err(got, loop_reference(p["x"], p["ids"], p["gates"], A, B)) <= 1e-5
+    assert capsys.readouterr().err.count("native GroupedLoRA kernels unavailable") == 1
+    assert native.kernel_calls(mismatched) == 0
+
+
+def test_build_key_follows_the_compiler_version(library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same compiler path reporting another version (an upgraded compiler) gets another build folder."""
+    real = native_library.compiler()
+    wrapper = tmp_path / "c++"
+
+    def install(version: str) -> Path:
+        wrapper.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; exit 0; fi\nexec {real} "$@"\n')
+        wrapper.chmod(0o755)
+        path = native_library.library_path()
+        assert path is not None
+        return path
+
+    monkeypatch.setenv("CXX", str(wrapper))
+    first = install("c++ (fake) 12.2.0")
+    upgraded = install("c++ (fake) 14.1.0 upgraded")
+    assert upgraded != first and upgraded.name == first.name
+    assert install("c++ (fake) 12.2.0") == first  # the key is the version, not the moment
+
+
+def test_ci_fails_instead_of_skipping_when_the_build_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MOE_EXPORT_ORT_INCLUDE", str(tmp_path))  # no headers there: the build fails
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: the native kernel library must build here"):
+        native_library_or_skip()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not buildable here"):
+        native_library_or_skip()
+
+
+def test_fetched_headers_are_pinned_and_checksummed(tmp_path: Path) -> None:
+    """The Debian package is fetched at one version and its .deb must match the pinned SHA-256."""
+    assert "=" not in native_library.DEBIAN_VERSION and native_library.DEBIAN_VERSION.startswith("1.21.")
+    assert all(len(v) == 64 for v in native_library.DEBIAN_SHA256.values())
+    deb = tmp_path / "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb"
+    deb.write_bytes(b"not the pinned package")
+    with pytest.raises(native.KernelBuildError, match="is not the pinned"):
+        native_library._check_sha256(deb, native_library.DEBIAN_SHA256["amd64"])
+    native_library._check_sha256(deb, hashlib.sha256(deb.read_bytes()).hexdigest())
 
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

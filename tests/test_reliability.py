@@ -272,6 +272,12 @@ def test_non_tty_tables_are_not_cut_and_onnx_run_has_no_merge_titled_table(
     found = re.search(r"(\d+) GroupedLoRA units, (\d+) folded/merged", out)
     assert found and int(found.group(1)) > 0 and int(found.group(2)) > 0, out
     assert "next: moe-export validate" in out
+    # Tables on stdout as for validate and merge (they were on stderr), each message one line in a log (the
+    # routing line was cut mid-sentence at 200 columns), and no empty lines left by progress bars on stderr.
+    assert "Merge plan" in out and "Parity of the fp32 export" in out and "PASSED parity passed" in out
+    routing = [line for line in out.splitlines() if line.startswith("routing (")]
+    assert routing and all(line.endswith("all units pass") for line in routing), routing
+    assert not err.startswith("\n") and "\n\n" not in err, repr(err[:300])
 
 
 @pytest.mark.parametrize("name", ["mola", "hydralora"])

@@ -126,6 +126,7 @@ def test_cli_without_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     out = tmp_path / "engine"
     result = _invoke(str(_fake_export(tmp_path / "onnx")), "-o", str(out))
     _assert_one_line_error(result, 2, "TensorRT is not installed", "pip install 'moe-export[gpu]'")
+    assert "benchmarks/" not in result.output  # an installed package has no benchmarks/ folder to point to
     assert not out.exists() and not list(tmp_path.glob(".engine*"))
 
 

@@ -108,6 +108,73 @@ def test_grouped_runs_equal_single_runs(scoring_export: Path) -> None:
     assert isinstance(grouped[4], Exception)
 
 
+def test_a_bad_request_in_a_merged_batch_fails_alone(scoring_export: Path) -> None:
+    """Issue 24: one request that ORT refuses (an id past the vocabulary, as if the request checks had missed it),
+    in a batch of same-shape requests, used to hand its exception to every batch-mate."""
+    session = ort.InferenceSession(str(scoring_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    vocab = session.get_outputs()[0].shape[2]
+    rng = np.random.default_rng(1)
+    requests = [{"input_ids": rng.integers(0, vocab, (1, 6), dtype=np.int64), "attention_mask": np.ones((1, 6), np.int64)}
+                for _ in range(4)]  # fmt: skip
+    requests[2]["input_ids"][0, 1] = vocab
+    grouped = runtime.run_grouped(session, requests, batched=True)
+    assert isinstance(grouped[2], Exception) and "indices" in str(grouped[2])
+    for index in (0, 1, 3):
+        want = session.run(["logits"], requests[index])[0]
+        np.testing.assert_allclose(grouped[index]["logits"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ({"input_ids": [[1, -1]], "attention_mask": [[1, 1]]}, "token id -1 is outside the vocabulary [0, 256)"),
+        ({"input_ids": [[1, 256]], "attention_mask": [[1, 1]]}, "token id 256 is outside"),
+        ({"input_ids": [[1] * 257], "attention_mask": [[1] * 257]}, "257 tokens exceed the model's context of 256"),
+        ({"input_ids": [[1, 2]], "attention_mask": [[1, 1, 1]]}, "attention_mask: shape [1, 3], expected [1, 2]"),
+        ({"input_ids": [[1, 2]], "attention_mask": [[1, 1]] * 2}, "attention_mask: shape [2, 2], expected [1, 2]"),
+        ({"input_ids": [[1]], "position_ids": [[256]], "attention_mask": [[1]]}, "position_ids: must be in [0, 256)"),
+    ],
+)
+def test_request_checks(feeds: dict, message: str) -> None:
+    """What the python-backend models refuse before ORT (answered 400 / INVALID_ARGUMENT in Triton)."""
+    with pytest.raises(runtime.RequestError, match=re.escape(message)):
+        runtime.check_feeds({k: np.asarray(v, np.int64) for k, v in feeds.items()}, 256, 256)
+
+
+def test_request_checks_past_and_generation() -> None:
+    """A decoder step counts its past against the context; `_generate` counts prompt plus new tokens."""
+    past = {
+        f"past_key_values.{i}.{kv}": np.zeros((1, 2, 250, 16), np.float32) for i in range(2) for kv in ("key", "value")
+    }
+    step = {"input_ids": np.ones((1, 6), np.int64), "attention_mask": np.ones((1, 256), np.int64),
+            "position_ids": np.arange(250, 256)[None], **past}  # fmt: skip
+    runtime.check_feeds(step, 256, 256)  # exactly the context: accepted
+    step.update(input_ids=np.ones((1, 7), np.int64), attention_mask=np.ones((1, 257), np.int64))
+    step["position_ids"] = np.arange(250, 257)[None]
+    with pytest.raises(runtime.RequestError, match=r"250 past \+ 7 new tokens exceed the model's context of 256"):
+        runtime.check_feeds(step, 256, 256)
+    runtime.check_generation(np.ones(200, np.int64), 56, 256, 256, 512)
+    with pytest.raises(runtime.RequestError, match=r"200-token prompt plus 57 new tokens exceed .* context of 256"):
+        runtime.check_generation(np.ones(200, np.int64), 57, 256, 256, 512)
+    with pytest.raises(runtime.RequestError, match="token id 300"):
+        runtime.check_generation(np.asarray([1, 300]), 5, 256, 256, 512)
+
+
+def test_repository_names_the_backends_it_needs(scoring_export: Path, kv_export: Path, tmp_path: Path) -> None:
+    """Issue 24: the default onnxruntime backend is missing from some servers (nvidia-pytriton's has python only);
+    the hint, the README and the marker name every backend the repository's models need."""
+    result = _triton(str(scoring_export), "-o", str(tmp_path / "my repo"), "--name", "m")
+    assert result.exit_code == 0, result.output
+    assert f"serve: tritonserver --model-repository '{tmp_path / 'my repo'}'" in result.stdout  # shell-quoted
+    assert "needs the Triton backends: onnxruntime\n" in result.stdout and "--backend python" in result.stdout
+    assert "Triton backend(s) `onnxruntime`" in (tmp_path / "my repo" / "README.md").read_text()
+    result = _triton(str(kv_export), "-o", str(tmp_path / "kv"), "--backend", "python", "--json")
+    assert json.loads(result.stdout)["backends"] == ["python"]
+    assert json.loads((tmp_path / "kv" / ".moe-export-triton.json").read_text())["backends"] == ["python"]
+    result = _triton(str(kv_export), "-o", str(tmp_path / "kv2"))  # onnxruntime decoder step + python generation
+    assert "needs the Triton backends: onnxruntime, python\n" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -37,7 +38,6 @@ app = typer.Typer(
     name="moe-export",
     rich_markup_mode=None,
     help="Deploy mixture-of-LoRA-experts checkpoints: inspect, calibrate, merge, export to ONNX/TensorRT, validate.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -47,8 +47,10 @@ LOG_WIDTH = 200
 
 
 def _make_console(stderr: bool) -> Console:
-    probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+    """Lines of text are never broken by rich (soft wrap): a terminal wraps them at its own width, and a log
+    keeps each message on one line (rich would break it mid-sentence at the console width)."""
+    probe = Console(stderr=stderr, soft_wrap=True)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=LOG_WIDTH, soft_wrap=True)
 
 
 console = _make_console(stderr=False)
@@ -85,11 +87,17 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _global_options(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
+    if ctx.invoked_subcommand is None:
+        # Bare `moe-export`: the help on stdout and exit 0, as pip does (asking what there is is not an error;
+        # click's no_args_is_help prints it on stderr with the usage-error code 2).
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
     _state["debug"] = debug
     if not debug:
         _quiet_third_party()
@@ -149,25 +157,41 @@ def _show_traceback_if_debug() -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def report_console(min_width: int = 120) -> Console:
+    """Where every command's tables and reports go: stdout (results on stdout, progress and notes on stderr,
+    as git and pip do), at least `min_width` columns in a terminal so that no cell is cut at 80."""
+    if not console.is_terminal:
+        return console
+    return Console(width=max(console.width, min_width), soft_wrap=True)
+
+
 def finish_report(report: Any, as_json: bool, files: list[tuple[Path | None, Callable[[Path], Any]]]) -> None:
     """Write the files asked for (path, writer), show the report, then `report.check()` (exit 1 on a failure).
 
-    Shown as JSON on stdout, or as rich tables at least 120 columns wide (a pipe reports 80 and would fold
-    every cell).
+    Shown as JSON on stdout, or as rich tables on the report console.
     """
+    written = []
     for path, write in files:
         if path is not None:
             write(path)
+            written.append(path)
     if as_json:
         print_json(report.to_dict())
     else:
-        report.render(Console(width=max(console.width, 120)))
+        report.render(report_console())
+    for path in written:  # with --json on stderr: stdout holds the JSON alone
+        (err_console if as_json else console).print(f"wrote {path}", highlight=False, markup=False)
     report.check()
 
 
 def print_json(data: Any) -> None:
     """Machine output on stdout: plain JSON, nothing else."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def shell_command(*words: object) -> str:
+    """A command line to suggest, quoted for a POSIX shell (a path with spaces stays one word)."""
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 def parse_int_list(value: str | None, option: str) -> int | list[int] | None:

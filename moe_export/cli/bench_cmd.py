@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moe_export.cli import checks
-from moe_export.cli.app import command, err_console, finish_report, parse_int_list
+from moe_export.cli.app import command, finish_report, parse_int_list
 from moe_export.cli.validate_cmd import parse_runtimes
 
 
@@ -17,7 +16,9 @@ def bench_command(
     artifact_dir: Path = typer.Argument(
         ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
     ),
-    runtimes: str = typer.Option("onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, torch, tensorrt."),
+    runtimes: str = typer.Option(
+        "onnxruntime", "--runtimes", help="Comma-separated: onnxruntime, onnxruntime-body, torch, tensorrt."
+    ),
     batch: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
     seq: int = typer.Option(128, "--seq", help="Sequence length."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
@@ -56,16 +57,9 @@ def bench_command(
             import matplotlib  # noqa: F401  checked before the slow part
         except ImportError:
             raise MoeExportError("--plot needs matplotlib; pip install 'moe-export[plot]'") from None
-    progress = Progress(
-        TextColumn("bench"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("bench", total=total_steps(names, batches, warmup, iters, base is not None))
+    from moe_export.merging.statistics import progress_bar
+
+    with progress_bar(True, "bench", total_steps(names, batches, warmup, iters, base is not None)) as advance:
         report = bench(
             artifact_dir,
             runtimes=names,
@@ -75,7 +69,7 @@ def bench_command(
             iters=iters,
             base_dir=base,
             options=RunnerOptions(device=device, threads=threads),
-            advance=lambda n: progress.advance(task, n),
+            advance=advance,
             max_ratio=max_ratio,
         )
     finish_report(report, as_json, [(report_path, report.write_json), (plot, report.plot)])

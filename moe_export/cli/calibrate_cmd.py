@@ -8,13 +8,12 @@ from typing import Any
 import typer
 
 from moe_export.cli import checks, options
-from moe_export.cli.app import command, console, parse_int_list, print_json
+from moe_export.cli.app import command, console, err_console, parse_int_list, print_json, report_console, shell_command
 from moe_export.errors import MoeExportError
 
 
 def render_stats(stats: Any) -> None:
     """A rich table of per-unit routing statistics."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -35,7 +34,7 @@ def render_stats(stats: Any) -> None:
             "-" if u.delta_rel is None else f"{u.delta_rel:.3g}",
             " ".join(f"{f:.2f}" for f in u.selection_frequency),
         )
-    Console(width=max(console.width, 140), highlight=False).print(table)
+    report_console(140).print(table, highlight=False)
 
 
 @command("calibrate")
@@ -51,8 +50,8 @@ def calibrate_cmd(
     seq_len: int = options.SEQ_LEN_OPTION,
     seed: int = options.SEED_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
-    device: str = options.DEVICE_OPTION,
-    forward: str = options.FORWARD_OPTION,
+    device: str = options.CALIBRATE_DEVICE_OPTION,
+    forward: str = options.CALIBRATE_FORWARD_OPTION,
 ) -> None:
     """Run the reference over calibration text; record per unit and expert the mean gate, selection
     frequency, gate entropy and the error of a static (mean-gate) merge.
@@ -60,7 +59,7 @@ def calibrate_cmd(
     By default (--forward auto = layers) the reference runs one decoder layer at a time in the model's dtype,
     so the process holds one layer's weights, not the model."""
     from moe_export.merging.layerwise import calibrate_layerwise, check_forward, choose_streaming
-    from moe_export.merging.statistics import CalibrationSet, calibrate_whole
+    from moe_export.merging.statistics import CalibrationSet, calibrate_whole, fewer_samples_notice
     from moe_export.reference.loading import attach_model, load_without_model
 
     calib = CalibrationSet(data, samples, seq_len, seed)  # checks --samples and --seq-len before anything loads
@@ -79,8 +78,19 @@ def calibrate_cmd(
     else:
         stats = calibrate_layerwise(loaded, calib, not as_json, streaming)
     stats.save(out)
+    notice = fewer_samples_notice(stats, samples)
+    if notice:
+        err_console.print(f"note: {notice}", highlight=False, markup=False)
     if as_json:
         print_json(stats.to_dict())
-    else:
-        render_stats(stats)
-        console.print(f"wrote {out}", highlight=False)
+        return
+    render_stats(stats)
+    console.print(f"wrote {out}", highlight=False, markup=False)
+    source = ["--base", base] if base is not None else []
+    merged = Path(f"{ckpt.resolve().name}-merged")
+    console.print(
+        f"next: {shell_command('moe-export', 'merge', ckpt, *source, '--stats', out, '--merge-threshold', '0.9', '-o', merged)}"
+        "   (fold the units whose dominance is >= 0.9; or --merge-budget B)",
+        highlight=False,
+        markup=False,
+    )

@@ -16,15 +16,23 @@ from moe_export.errors import FormatError, MoeExportError
 
 @command("generate")
 def generate_command(
-    export_dir: Path = typer.Argument(..., help="KV-cache export directory (model.onnx + genai_config.json)."),
-    prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="Prompt token ids, e.g. 1,2,3."),
-    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (needs tokenizer files in the export)."),
+    export_dir: Path = typer.Argument(
+        ..., metavar="EXPORT_DIR", help="KV-cache export directory (model.onnx + genai_config.json)."
+    ),
+    prompt_ids: str | None = typer.Option(
+        None, "--prompt-ids", help="Prompt token ids, e.g. 1,2,3 (give this or --prompt, not both)."
+    ),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Prompt text; needs tokenizer files in the export (give this or --prompt-ids)."
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="New tokens at most (an EOS stops earlier)."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, onnxruntime-genai or torch."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (onnxruntime, torch)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
 ) -> None:
-    """Generate greedily from a prompt and print the new tokens and tokens/s."""
+    """Generate greedily from a prompt and print the new tokens and tokens/s.
+
+    The prompt is exactly one of --prompt-ids or --prompt."""
     from moe_export.validation.generate_run import generate
 
     if (prompt_ids is None) == (prompt is None):

@@ -11,10 +11,9 @@ from typing import Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
-from moe_export.cli.app import command, console, parse_int_list, print_json
+from moe_export.cli.app import command, console, parse_int_list, print_json, report_console
 from moe_export.cli.options import BASE_OPTION, CKPT_ARGUMENT, FAMILY_OPTION, TOP_K_OPTION
 
 
@@ -49,8 +48,7 @@ def _render(info: dict[str, Any]) -> None:
             shared,
             f"{sum(row['params'].values()):,}",
         )
-    # A pipe reports 80 columns and would fold every row; tables stay readable at 120.
-    Console(width=max(console.width, 120), highlight=False).print(table)
+    report_console().print(table, highlight=False)
     params = info["parameters"]
     parts = ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total" and v)
     console.print(

@@ -50,9 +50,11 @@ def kernels_command(
     say(f"library: {state.library}")
     say(
         f"status: {'off (' + state.reason + ')' if state.reason else 'on'}; instruction set {state.isa}; "
-        f"ORT API {state.api_version} (works with onnxruntime >= 1.{state.api_version})"
+        f"ORT API {state.api_version} (works with onnxruntime >= 1.{state.api_version}); "
+        f"compiler {state.compiler_version}"
     )
     say("use it in your own sessions:")
     say(f"  python: options.register_custom_ops_library({str(state.library)!r})")
     genai = {"session_options": {"custom_ops_library": str(state.library)}}
     say(f"  onnxruntime-genai (genai_config.json, model.decoder): {json.dumps(genai)}")
+    say("  (KV-cache exports made here ship a copy and name it in their genai_config.json already)")

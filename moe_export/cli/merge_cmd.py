@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from moe_export.cli import checks, options
-from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.app import command, console, err_console, parse_int_list, print_json, report_console, shell_command
 
 
 @command("merge")
@@ -18,17 +18,13 @@ def merge_cmd(
     family: str | None = options.FAMILY_OPTION,
     top_k: str | None = options.TOP_K_OPTION,
     task_id: int | None = typer.Option(None, "--task-id", help="Task id (task-gated MOELoRA): folds exactly."),
-    threshold: float | None = typer.Option(
-        None, "--merge-threshold", help="Merge units whose dominance max_e mean-gate >= T (0 < T <= 1)."
-    ),
-    budget: float | None = typer.Option(
-        None, "--merge-budget", help="Merge the lowest-error units while the predicted total error stays <= B."
-    ),
+    threshold: float | None = options.MERGE_THRESHOLD_OPTION,
+    budget: float | None = options.MERGE_BUDGET_OPTION,
     stats_path: Path | None = typer.Option(
         None, "--stats", help="Statistics from `moe-export calibrate` (else run it)."
     ),
     data: Path | None = options.DATA_OPTION,
-    samples: int = options.SAMPLES_OPTION,
+    samples: int = options.MERGE_SAMPLES_OPTION,
     seq_len: int = options.SEQ_LEN_OPTION,
     seed: int = options.SEED_OPTION,
     no_eval: bool = typer.Option(
@@ -36,7 +32,7 @@ def merge_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON on stdout."),
     device: str = options.DEVICE_OPTION,
-    forward: str = options.FORWARD_OPTION,
+    forward: str = options.MERGE_FORWARD_OPTION,
 ) -> None:
     """Write OUT: a transformers model with exact folds and selected units merged, plus OUT/adapter (the rest).
 
@@ -48,7 +44,7 @@ def merge_cmd(
     from moe_export.merging.apply import merge, save_merged
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
-    from moe_export.merging.statistics import CalibrationStats
+    from moe_export.merging.statistics import CalibrationStats, fewer_samples_notice
     from moe_export.reference.loading import attach_model, load_without_model
 
     check_options(threshold, budget)
@@ -86,13 +82,26 @@ def merge_cmd(
         streaming=streaming,
     )
     save_merged(result, out, progress=not as_json)
+    notice = fewer_samples_notice(result.stats, samples) if result.stats is not None and stats is None else None
+    if notice:
+        err_console.print(f"note: {notice}", highlight=False, markup=False)
     if as_json:
         print_json({"output": str(out), "plan": result.plan.to_dict(), "report": result.report.to_dict()})
         return
-    from rich.console import Console
-
-    result.report.render(Console(width=max(console.width, 120)))
+    result.report.render(report_console())
     left = len(result.loaded.adapter.units)
     console.print(
-        f"wrote {out}" + (f" (+ {left} routed unit(s) in {out / 'adapter'})" if left else ""), highlight=False
+        f"wrote {out}" + (f" (+ {left} routed unit(s) in {out / 'adapter'})" if left else ""),
+        highlight=False,
+        markup=False,
     )
+    if left:
+        onnx_out = out.parent / f"{out.name}-onnx"
+        suggestion = (
+            f"{shell_command('moe-export', 'onnx', out / 'adapter', '-o', onnx_out)}   (export what stays routed)"
+        )
+    else:
+        suggestion = (
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r})   (a plain transformers model: nothing stays routed)"
+        )
+    console.print(f"next: {suggestion}", highlight=False, markup=False)

@@ -11,13 +11,15 @@ from pathlib import Path
 import typer
 
 from moe_export.cli import checks
-from moe_export.cli.app import command, console, err_console, parse_int_list, print_json
+from moe_export.cli.app import command, console, err_console, parse_int_list, print_json, report_console, shell_command
 from moe_export.cli.options import (
     BASE_OPTION,
     CKPT_ARGUMENT,
     DEVICE_OPTION,
     FAMILY_OPTION,
-    FORWARD_OPTION,
+    MERGE_BUDGET_OPTION,
+    MERGE_THRESHOLD_OPTION,
+    ONNX_FORWARD_OPTION,
     TASK_ID_OPTION,
     TOP_K_OPTION,
 )
@@ -35,10 +37,8 @@ def onnx_command(
     top_k: str | None = TOP_K_OPTION,
     task_id: int | None = TASK_ID_OPTION,
     base_only: bool = typer.Option(False, "--base-only", help="Export the base model without the adapter (the floor)."),
-    merge_threshold: float | None = typer.Option(
-        None, "--merge-threshold", help="Merge units whose dominant expert's mean gate is >= T."
-    ),
-    merge_budget: float | None = typer.Option(None, "--merge-budget", help="Merge units while predicted error <= B."),
+    merge_threshold: float | None = MERGE_THRESHOLD_OPTION,
+    merge_budget: float | None = MERGE_BUDGET_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Calibration text file (one sample per line) for merging."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the parity check against PyTorch."),
     no_kv_cache: bool = typer.Option(
@@ -49,7 +49,7 @@ def onnx_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
-    forward: str = FORWARD_OPTION,
+    forward: str = ONNX_FORWARD_OPTION,
 ) -> None:
     """Export a checkpoint to OUT/model.onnx + export.json (+ config, tokenizer) and check parity.
 
@@ -99,7 +99,7 @@ def onnx_command(
         calibration_data=data,
         validate=not no_validate,
         progress=not as_json,
-        console=err_console,
+        console=err_console if as_json else report_console(),  # --json: stdout holds the JSON alone
         kv_cache=not no_kv_cache,
         force=force,
         merge_streaming=streaming,
@@ -116,10 +116,12 @@ def onnx_command(
     )
     where = result.out_dir
     console.print(
-        f"next: moe-export validate {where}   (parity again, other inputs: --inputs/--batch/--seq; --junit for CI)\n"
-        f"      moe-export bench {where}   (latency; --base DIR of a --base-only export for the floor)\n"
-        f"      moe-export trt {where}   (TensorRT engine, on a machine with an NVIDIA GPU)",
+        f"next: {shell_command('moe-export', 'validate', where)}   (parity again, other inputs: --inputs/--batch/--seq; "
+        "--junit for CI)\n"
+        f"      {shell_command('moe-export', 'bench', where)}   (latency; --base DIR of a --base-only export for the floor)\n"
+        f"      {shell_command('moe-export', 'trt', where)}   (TensorRT engine, on a machine with an NVIDIA GPU)",
         highlight=False,
+        markup=False,
     )
 
 

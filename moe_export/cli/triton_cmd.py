@@ -9,12 +9,14 @@ from pathlib import Path
 
 import typer
 
-from moe_export.cli.app import command, console, print_json
+from moe_export.cli.app import command, console, print_json, shell_command
 
 
 @command("triton")
 def triton_command(
-    export_dir: Path = typer.Argument(..., help="Directory written by `moe-export onnx` (export.json + model.onnx)."),
+    export_dir: Path = typer.Argument(
+        ..., metavar="EXPORT_DIR", help="Directory written by `moe-export onnx` (export.json + model.onnx)."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Model repository folder to write (new, or an earlier one)."),
     name: str | None = typer.Option(None, "--name", help="Model name (default: the export folder's name)."),
     max_batch_size: int | None = typer.Option(
@@ -41,4 +43,12 @@ def triton_command(
         console.print(f"  {model}: {info['backend']} — {info['role']}", highlight=False, markup=False)
     for note in report.notes:
         console.print(f"  note: {note}", highlight=False, markup=False)
-    console.print(f"serve: tritonserver --model-repository {report.repository}", highlight=False, soft_wrap=True)
+    command_line = shell_command("tritonserver", "--model-repository", report.repository)
+    console.print(f"serve: {command_line}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"  needs the Triton backends: {', '.join(report.backends)}", highlight=False, markup=False)
+    if "onnxruntime" in report.backends:
+        console.print(
+            "  (a server without the onnxruntime backend, such as nvidia-pytriton's, needs --backend python)",
+            highlight=False,
+            markup=False,
+        )

@@ -37,7 +37,7 @@ def validate_command(
     runtimes: str = typer.Option(
         "torch,onnxruntime",
         "--runtimes",
-        help="Comma-separated; the first is the reference (torch, onnxruntime, tensorrt).",
+        help="Comma-separated; the first is the reference (torch, onnxruntime, onnxruntime-body: the function bodies without the native kernels, tensorrt).",
     ),
     inputs: Path | None = typer.Option(None, "--inputs", help=".npz with input_ids [B,S] (and attention_mask)."),
     batch: int | None = typer.Option(

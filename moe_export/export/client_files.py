@@ -3,11 +3,17 @@
 onnxruntime-genai refuses unknown keys anywhere in genai_config.json, so only its own schema goes there
 (our metadata stays in export.json). optimum reads config.json (copied from the base) and, optionally,
 generation_config.json, which is written from config.json when the base has none.
+
+When the native kernel library is given (the API passes the one built for this machine), it is copied into
+the export and genai_config.json names it in the decoder's session_options: onnxruntime-genai resolves that
+name against the export folder, so the folder stays self-contained. Without it the entry is left out and
+genai runs the model's function bodies (same results, slower on CPU).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,9 @@ def special_ids(config: Any, generation: dict[str, Any]) -> tuple[int | None, in
     return pick("bos_token_id"), eos, int(pad)
 
 
-def genai_config(config: Any, layout: KVLayout, model_file: str, generation: dict[str, Any]) -> dict[str, Any]:
+def genai_config(
+    config: Any, layout: KVLayout, model_file: str, generation: dict[str, Any], custom_ops_library: str | None = None
+) -> dict[str, Any]:
     bos, eos, pad = special_ids(config, generation)
     context = int(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
     model: dict[str, Any] = {
@@ -66,14 +74,20 @@ def genai_config(config: Any, layout: KVLayout, model_file: str, generation: dic
     }
     if bos is not None:
         model["bos_token_id"] = bos
+    if custom_ops_library:
+        model["decoder"]["session_options"] = {"custom_ops_library": custom_ops_library}
     # Concat-style presents (past + new): the shared-buffer mode expects in-place KV writes and fails.
     search = {"max_length": context, "do_sample": False, "num_beams": 1, "past_present_share_buffer": False}
     return {"model": model, "search": search}
 
 
-def write_client_files(directory: Path, config: Any, model_file: str) -> list[str]:
-    """Write genai_config.json (and generation_config.json when absent); returns the names written."""
+def write_client_files(directory: Path, config: Any, model_file: str, kernel_library: Path | None = None) -> list[str]:
+    """Write genai_config.json (and generation_config.json when absent, and a copy of `kernel_library` when
+    given); returns the names written."""
     written = []
+    if kernel_library is not None:
+        shutil.copyfile(kernel_library, directory / kernel_library.name)
+        written.append(kernel_library.name)
     generation_path = directory / GENERATION_CONFIG
     generation: dict[str, Any] = {}
     if generation_path.is_file():
@@ -89,8 +103,8 @@ def write_client_files(directory: Path, config: Any, model_file: str) -> list[st
         generation_path.write_text(json.dumps(generation, indent=2) + "\n")
         written.append(GENERATION_CONFIG)
     layout = KVLayout.from_config(config)
-    (directory / GENAI_CONFIG).write_text(
-        json.dumps(genai_config(config, layout, model_file, generation), indent=2) + "\n"
-    )
+    library_name = kernel_library.name if kernel_library is not None else None
+    genai = genai_config(config, layout, model_file, generation, library_name)
+    (directory / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
     written.append(GENAI_CONFIG)
     return written

@@ -117,6 +117,7 @@ def export_onnx(
     force: bool = False,
     merge_streaming: Any = None,
     consume: bool = False,
+    kernel_library: Path | None = None,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
@@ -127,6 +128,8 @@ def export_onnx(
     An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
     write is refused unless `force`, which replaces our files and leaves the others alone.
     `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
+    `kernel_library` (the native GroupedLoRA library; the API passes the one built here) ships with a KV-cache
+    export that has custom ops, and genai_config.json names it (export/client_files.py).
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -197,7 +200,8 @@ def export_onnx(
                     kv_cache=kv_cache,
                 )
                 if kv_cache:
-                    manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE)
+                    library = kernel_library if manifest.custom_ops else None
+                    manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE, library)
                 manifest.save(tmp)
                 if ours is None:
                     replace_directory(tmp, out_dir)
@@ -421,7 +425,9 @@ def _copy_base_files(base: Path, tmp: Path) -> list[str]:
 
 @contextlib.contextmanager
 def _status(console: Console, enabled: bool, message: str) -> Iterator[Any]:
-    """A rich spinner with a changing message, or a no-op when progress is off."""
+    """A rich spinner with a changing message on stderr, or a no-op when progress is off. Always stderr: the
+    `console` the caller passes gets the reports (tables), which the CLI shows on stdout."""
+    console = Console(stderr=True) if not console.stderr else console
     if not enabled:
 
         class _Quiet:

@@ -21,7 +21,8 @@ def import_tensorrt() -> Any:
         import tensorrt
     except ImportError as exc:
         raise RuntimeUnavailableError(
-            f"TensorRT is not installed ({exc}); on a CUDA machine: pip install 'moe-export[gpu]' (see benchmarks/GPU.md)"
+            f"TensorRT is not installed ({exc}); on a CUDA machine: pip uninstall -y onnxruntime && "
+            "pip install 'moe-export[gpu]' (README: GPU install)"
         ) from None
     return tensorrt
 

@@ -277,6 +277,17 @@ def calibration_inputs(
     return out, source
 
 
+def fewer_samples_notice(stats: CalibrationStats, asked: int) -> str | None:
+    """Said when calibration ran fewer samples than --samples asked for (the text ran out), else None."""
+    if stats.samples >= asked:
+        return None
+    source = "the built-in text" if stats.source == "builtin" else stats.source
+    return (
+        f"--samples {asked}: {source} gave {stats.samples} calibration samples (calibration takes every other "
+        "non-empty line, the held-out check the others); pass --data FILE with more lines for more"
+    )
+
+
 def _builtin() -> list[str]:
     from moe_export.merging.calibration_text import builtin_lines
 
@@ -336,14 +347,18 @@ def run_samples(
 
 
 @contextmanager
-def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """A transient progress bar on stderr; yields the function that advances it by one step."""
+def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A transient progress bar on stderr; yields the function that advances it (by one step, or by n).
+
+    Only on a terminal: elsewhere (CI logs, pipes) rich cannot redraw the bar, and a transient bar still leaves
+    an empty line behind when it ends."""
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True, disable=not enabled) as bar:
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not enabled or not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
+        yield lambda n=1: bar.advance(task, n)
 
 
 def calibrate(

@@ -25,6 +25,7 @@ from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FIL
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
 from moe_export.merging.plan import UnitMerge
+from moe_export.merging.statistics import progress_bar
 
 if TYPE_CHECKING:
     from moe_export.merging.report import MergeResult
@@ -100,9 +101,6 @@ def _patch_shard(path: Path, merges: list[tuple[str, LinearMoE, UnitMerge]]) -> 
 def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True) -> Path:
     """Write OUT: the base model with every fold of the plan merged into its weights (safetensors shards,
     index, config, generation config, tokenizer), plus OUT/adapter with the units that stay routed."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an empty one (a mount point) is fine
         raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
@@ -112,12 +110,11 @@ def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True)
     with output_errors(out):  # a full disk or read-only -o: one line naming -o, exit 2
         tmp = make_staging_dir(out)
         try:
-            with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
-                task = bar.add_task("writing merged shards", total=len(shards))
+            with progress_bar(progress, "writing merged shards", len(shards)) as advance:
                 for shard in shards:
                     shutil.copyfile(shard, tmp / shard.name)  # copy_file_range/sendfile: no user-space buffer
                     _patch_shard(tmp / shard.name, todo.get(shard, []))
-                    bar.advance(task)
+                    advance()
             for item in sorted(base_dir.iterdir()):
                 if item.is_file() and not item.name.startswith(".") and not _WEIGHT_FILE.search(item.name):
                     shutil.copy2(item, tmp / item.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,23 @@ def import_genai() -> Any:
     return onnxruntime_genai
 
 
+def genai_model_config(og: Any, export_dir: Path) -> Any:
+    """The export's genai config; one whose genai_config.json names no kernel library (an export written
+    without one) gets this machine's native library through an overlay, when it is built or can be built."""
+    import json
+
+    from moe_export.runtimes.native import session_library
+
+    config = og.Config(str(export_dir))
+    decoder = json.loads((export_dir / GENAI_CONFIG).read_text()).get("model", {}).get("decoder", {})
+    if "custom_ops_library" not in decoder.get("session_options", {}):
+        library = session_library()[0]
+        if library is not None:
+            overlay = {"model": {"decoder": {"session_options": {"custom_ops_library": str(library)}}}}
+            config.overlay(json.dumps(overlay))
+    return config
+
+
 def genai_generate(
     export_dir: Any, input_ids: np.ndarray, max_new_tokens: int, advance: Callable[[], None] | None = None
 ) -> tuple[np.ndarray, float]:
@@ -36,12 +54,10 @@ def genai_generate(
     Right-padded rows must use the export's pad_token_id: genai masks by it.
     """
     og = import_genai()
-    from pathlib import Path
-
     if not (Path(export_dir) / GENAI_CONFIG).is_file():
         raise FormatError(f"{export_dir}: no {GENAI_CONFIG}; export with the KV cache (the default of moe-export onnx)")
     try:
-        model = og.Model(str(export_dir))
+        model = og.Model(genai_model_config(og, Path(export_dir)))
     except Exception as exc:  # genai raises plain RuntimeError with its own message
         raise FormatError(f"{export_dir}: onnxruntime-genai cannot load the export ({str(exc)[:300]})") from exc
     batch, width = input_ids.shape

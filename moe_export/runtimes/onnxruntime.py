@@ -112,7 +112,10 @@ def register_native_kernels(options: Any) -> str:
     library, reason = session_library()
     if library is None:
         return f"function bodies ({reason})"
-    options.register_custom_ops_library(str(library))
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # the library's ORT API check (session_library already ran it once), or a dlopen error
+        return f"function bodies (registering {library} failed: {str(exc).strip()[:300]})"
     return f"native GroupedLoRA kernels ({library})"
 
 

@@ -11,7 +11,9 @@ from moe_export.serving.model_config import GraphIO, GraphTensor
 EXTRA_MODELS = {
     "_generate": "generates greedily inside the model (it loops over the decoder, feeding each step's present as "
     "the next past): request `input_ids` INT64 [prompt length] and optionally `max_new_tokens` INT32 [1]; "
-    "response `output_ids` INT64, the new tokens up to and including an EOS. No dynamic batching: a decoder step "
+    "response `output_ids` INT64, the new tokens up to and including an EOS. Prompt ids must be in [0, vocab) and "
+    "prompt plus `max_new_tokens` within the model's context (else 400 / INVALID_ARGUMENT); without "
+    "`max_new_tokens`, the default is cut to the room the context leaves. No dynamic batching: a decoder step "
     "cannot batch requests with different pasts.",
     "_trt": "is the engine from `moe-export trt` (`platform: tensorrt_plan`). It runs only on the GPU model and "
     "TensorRT version it was built with (see engine.json in the export). Built with `--plugin on`, the GroupedLoRA "
@@ -45,6 +47,8 @@ def repository_readme(
         "tritonserver --model-repository $PWD --http-address 127.0.0.1 --grpc-address 127.0.0.1",
         "```",
         "",
+        backends_line(sorted({info["backend"] for info in models.values()})),
+        "",
     ]
     if backend == "onnxruntime":
         lines += [
@@ -52,13 +56,18 @@ def repository_readme(
             "`nvcr.io/nvidia/tritonserver:<yy.mm>-py3` container. The graph carries `moe_export::GroupedLoRA` "
             "nodes with standard-op function bodies; ONNX Runtime inlines them when the session is created, "
             "so the backend's ORT must be recent enough for the export's opset "
-            f"({artifact.manifest.opset}).",
+            f"({artifact.manifest.opset}). The backend passes requests to ORT unchecked: a negative token id "
+            "indexes the embedding from its end (ONNX Gather) and answers with wrong logits; the python backend "
+            "checks ids and the context first.",
             "",
         ]
     else:
         lines += [
             f"`{name}` uses the python backend: `model.py` runs the ONNX file with onnxruntime "
-            '(`pip install onnxruntime "numpy<2"` in the server\'s Python; CUDA: `onnxruntime-gpu`).',
+            '(`pip install onnxruntime "numpy<2"` in the server\'s Python; CUDA: `onnxruntime-gpu`). '
+            "Each request is checked before ORT runs it: token ids in [0, vocab), shapes that agree (mask length "
+            "= past + new tokens), past + new tokens within the context; a bad request gets 400 / "
+            "INVALID_ARGUMENT and fails alone, never its dynamic-batching batch-mates.",
             "",
         ]
     for suffix, what in EXTRA_MODELS.items():
@@ -76,6 +85,22 @@ def repository_readme(
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def backends_line(backends: list[str]) -> str:
+    """Which Triton backends the server must have: a missing one fails that model's load with "unable to find
+    backend library for backend '...'" (the python-only tritonserver of nvidia-pytriton has `python` alone)."""
+    names = ", ".join(f"`{b}`" for b in backends)
+    hint = ""
+    if "onnxruntime" in backends:
+        hint = (
+            " A server without the onnxruntime backend (e.g. the python-only one of nvidia-pytriton) cannot load "
+            "`platform: onnxruntime_onnx` models: write the repository with `--backend python` for it."
+        )
+    return (
+        f"The server needs the Triton backend(s) {names}: each a folder in its `--backend-directory` "
+        f"(default `/opt/tritonserver/backends`).{hint}"
+    )
 
 
 def _describe(tensor: GraphTensor) -> str:

@@ -51,6 +51,7 @@ class RepositoryReport:
     repository: str
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)  # the Triton backends the server needs for these models
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,9 +135,10 @@ def _plan(artifact: Artifact, out: Path, options: TritonOptions) -> _Plan:
 
 
 def _native_library() -> Path | None:
+    """The native kernel library built for this machine (built now when a compiler and the headers are here)."""
     from moe_export.runtimes import native
 
-    return native.status().library
+    return native.session_library()[0]
 
 
 def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOptions, plan: _Plan) -> RepositoryReport:
@@ -144,7 +146,9 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
     ort_params = {"intra_op_thread_count": str(options.threads), "inter_op_thread_count": "1"}
     library_name = plan.library.name if plan.library else None
     if plan.library is None:
-        report.notes.append("native kernel library not built (`moe-export kernels build`): function bodies run")
+        report.notes.append(
+            "native kernel library unavailable here (`moe-export kernels` says why): function bodies run"
+        )
 
     main = staging / plan.name
     _place_onnx(artifact, main / "1")
@@ -154,9 +158,10 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
         _link_or_copy(plan.library, main / "1" / library_name)  # type: ignore[arg-type]
         # The onnxruntime backend dlopens the path as written: where the repository will be at serve time.
         op_library = str(final.resolve() / plan.name / "1" / library_name)
+    limits = _limits(artifact)
     if options.backend == "python":
         _place_backend(main / "1", "scoring_model.py")
-        params.update(onnx_file=artifact.manifest.model_file, custom_ops_library=library_name or "")
+        params.update(onnx_file=artifact.manifest.model_file, custom_ops_library=library_name or "", **limits)
     config = model_config.onnx_model_config(
         plan.name, plan.io, backend=options.backend, max_batch_size=plan.max_batch_size,
         instances=options.instances, device=options.device, params=params,
@@ -177,7 +182,7 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
             "onnx_file": artifact.manifest.model_file,
             "custom_ops_library": library_name or "",
             "eos_token_ids": ",".join(map(str, sorted(eos_ids(artifact.path)))),
-            "vocab_size": str(artifact.vocab_size()),
+            **limits,
             "max_new_tokens_limit": str(MAX_NEW_TOKENS_LIMIT),
             "default_max_new_tokens": "32",
         }
@@ -191,15 +196,28 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
         trt_name = f"{plan.name}_trt"
         _link_or_copy(plan.engine, staging / trt_name / "1" / "model.plan")
         _write_config(staging / trt_name, model_config.tensorrt_model_config(trt_name, plan.io, options.instances))
-        report.models[trt_name] = {"backend": "tensorrt_plan", "role": "the TensorRT engine (GPU)"}
+        report.models[trt_name] = {"backend": "tensorrt", "role": "the TensorRT engine (GPU)"}
 
+    report.backends = sorted({info["backend"] for info in report.models.values()})
     write_text_atomic(
         staging / "README.md",
         repository_readme(artifact, plan.name, report.models, report.notes, options.backend, plan.io),
     )
-    marker = {"moe_export_version": __version__, "export": str(artifact.path), "models": sorted(report.models)}
+    marker = {
+        "moe_export_version": __version__,
+        "export": str(artifact.path),
+        "models": sorted(report.models),
+        "backends": report.backends,
+    }
     write_text_atomic(staging / MARKER, json.dumps(marker, indent=2) + "\n")
     return report
+
+
+def _limits(artifact: Artifact) -> dict[str, str]:
+    """What the python-backend models check each request against: ids in [0, vocab), tokens within the context
+    (config.json's max_position_embeddings; "0" when the config has none: no context check)."""
+    context = artifact.model_config("max_position_embeddings")
+    return {"vocab_size": str(artifact.vocab_size()), "context_length": str(context or 0)}
 
 
 def _describe(backend: str, batch: int, kv: bool) -> dict[str, Any]:

@@ -240,17 +240,18 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
             bars = [("adapter", row.latency, ADAPTER_COLOR, None)]
             if row.floor is not None:
                 bars.append(("base floor", row.floor, FLOOR_COLOR, "//"))
-            top = 0.0
+            top = whisker = 0.0
             for x, (_label, lat, color, hatch) in enumerate(bars):
                 ax.bar(x, lat.p50_ms, 0.6, color=color, hatch=hatch, edgecolor="#505050")
                 ax.errorbar(x, lat.p50_ms, yerr=[[0], [lat.p90_ms - lat.p50_ms]], color="#404040", capsize=3, lw=1)
                 ax.annotate(_ms(lat.p50_ms), (x, lat.p50_ms), xytext=(0, 3), textcoords="offset points",
                             ha="center", va="bottom", fontsize=9)  # fmt: skip
-                top = max(top, lat.p50_ms)
+                top, whisker = max(top, lat.p50_ms), max(whisker, lat.p90_ms)
             ax.set_xticks(range(len(bars)), [b[0] for b in bars])
             ax.set_xlim(-0.6, len(bars) - 0.4)
-            # Scale to the bars, not the whiskers: one p90 outlier on a busy machine would flatten them.
-            ax.set_ylim(0, top * 1.35 if top > 0 else 1.0)
+            # Room for the p50 labels above the bars and for the whole p90 whisker: an axis that cuts a whisker
+            # hides how far the slow runs went (a p90 outlier does make the bars smaller; that is the data).
+            ax.set_ylim(0, max(top * 1.35, whisker * 1.08) if top > 0 else 1.0)
             ax.grid(axis="y", alpha=0.3)
             ax.set_axisbelow(True)
             headline = f"{runtime} · {shape.replace('x', ' × ')}"

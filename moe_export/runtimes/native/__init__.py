@@ -9,8 +9,9 @@ from moe_export.runtimes.native.library import (
     KernelStatus,
     build,
     fetch_headers,
+    kernel_calls,
     session_library,
     status,
 )
 
-__all__ = ["KernelBuildError", "KernelStatus", "build", "fetch_headers", "session_library", "status"]
+__all__ = ["KernelBuildError", "KernelStatus", "build", "fetch_headers", "kernel_calls", "session_library", "status"]

@@ -18,6 +18,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -76,6 +77,10 @@ namespace moe_avx512 {
 #endif
 
 namespace {
+
+// Kernel calls since the library was loaded (all sessions of the process): lets a test see that a client
+// which registers the library by itself (onnxruntime-genai, from genai_config.json) really runs the kernels.
+std::atomic<unsigned long long> g_compute_calls{0};
 
 using ShrinkFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using ExpandFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t, const float*, float*);
@@ -360,6 +365,7 @@ struct Kernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    g_compute_calls.fetch_add(1, std::memory_order_relaxed);
     try {
       Compute(context);
       return nullptr;
@@ -522,12 +528,25 @@ std::vector<Op>& all_ops() {
 
 }  // namespace
 
-// Called by ONNX Runtime for each SessionOptions the library is registered on. Asking for API
-// version ORT_API_VERSION means an older runtime returns no API: then nothing is registered and the
-// model's function bodies run.
+// The ORT API version the library asks for: that of its headers (tests build a variant that asks for a
+// version no runtime offers, to see the mismatch reported).
+#ifndef MOE_EXPORT_ORT_API_VERSION
+#define MOE_EXPORT_ORT_API_VERSION ORT_API_VERSION
+#endif
+
+// Called by ONNX Runtime for each SessionOptions the library is registered on. A runtime older than the
+// API version asked for returns no API: then nothing is registered and registration fails with a message
+// saying why (succeeding would let the caller believe the kernels run), so the caller can run the model's
+// function bodies and say so. API version 1, which every runtime offers, carries the error.
 MOE_EXPORT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;
+  const OrtApi* api = api_base->GetApi(MOE_EXPORT_ORT_API_VERSION);
+  if (api == nullptr) {
+    const OrtApi* v1 = api_base->GetApi(1);
+    const std::string want = std::to_string(MOE_EXPORT_ORT_API_VERSION);
+    const std::string msg = "moe_export kernels need ONNX Runtime API " + want + " (onnxruntime >= 1." + want +
+                            "); this onnxruntime is " + api_base->GetVersionString() + ", so nothing was registered";
+    return v1 != nullptr ? v1->CreateStatus(ORT_NOT_IMPLEMENTED, msg.c_str()) : nullptr;
+  }
   Ort::InitApi(api);
   static std::mutex mutex;
   static std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
@@ -545,4 +564,6 @@ MOE_EXPORT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 
 // For `moe-export kernels`: the instruction set this CPU gets and the ORT API version built against.
 MOE_EXPORT_API const char* MoeExportKernelIsa() { return select_isa().name; }
-MOE_EXPORT_API int MoeExportOrtApiVersion() { return ORT_API_VERSION; }
+MOE_EXPORT_API int MoeExportOrtApiVersion() { return MOE_EXPORT_ORT_API_VERSION; }
+// How many times ONNX Runtime ran one of these kernels in this process (any session, any client).
+MOE_EXPORT_API unsigned long long MoeExportKernelCalls() { return g_compute_calls.load(); }

@@ -3,6 +3,8 @@
 Written by `moe-export triton` as `model.py`. Request: `input_ids` (INT64, one prompt) and optionally
 `max_new_tokens` (INT32, one value); response: `output_ids` (INT64, the new tokens, up to and including an
 EOS). The decoding loop (moe_export_runtime.greedy) feeds the decoder its own present as the next past.
+Prompt ids outside the vocabulary, or a prompt plus new tokens longer than the context, are refused as the
+client's error (400 / INVALID_ARGUMENT) before anything runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         _config, params, self.session = runtime.open_model(args, os.path.dirname(os.path.abspath(__file__)))
         self.eos = [int(t) for t in params.get("eos_token_ids", "").split(",") if t.strip()]
-        self.vocab = int(params["vocab_size"])
+        self.vocab, self.context = runtime.limits(params)
         self.limit = int(params.get("max_new_tokens_limit", "512"))
         self.default_new = int(params.get("default_max_new_tokens", "32"))
 
@@ -33,18 +35,13 @@ class TritonPythonModel:
     def _one(self, request: Any) -> Any:
         prompt = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
         wanted = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
-        new = int(wanted.as_numpy().reshape(-1)[0]) if wanted is not None else self.default_new
-        problem = None
-        if prompt.size == 0:
-            problem = "input_ids: empty prompt"
-        elif prompt.min() < 0 or prompt.max() >= self.vocab:
-            problem = f"input_ids: token ids must be in [0, {self.vocab})"
-        elif not 1 <= new <= self.limit:
-            problem = f"max_new_tokens {new}: expected 1..{self.limit}"
-        if problem is not None:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
+        if wanted is not None:
+            new = int(wanted.as_numpy().reshape(-1)[0])
+        else:  # the default never asks for more than the context has room for
+            new = max(1, min(self.default_new, self.context - prompt.size)) if self.context else self.default_new
         try:
+            runtime.check_generation(prompt, new, self.vocab, self.context, self.limit)
             tokens = runtime.greedy(self.session, prompt.tolist(), new, self.eos)
-        except Exception as exc:  # ORT raises its own exception types; the request gets the message
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        except Exception as exc:  # a RequestError is the client's; ORT raises its own types (the server's)
+            return runtime.error_response(pb_utils, exc)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("output_ids", np.asarray(tokens, np.int64))])
