@@ -1,17 +1,27 @@
-"""Prefill and per-token decode latency on CPU: our decoders vs onnxruntime-genai's model builder vs torch.
+"""The decode benchmark: prefill and per-token decode latency on CPU, our decoders against onnxruntime-genai's
+model builder and torch, in one interleaved run.
 
-    python benchmarks/decode_cpu.py [--work /tmp/moe-export-decode-bench] [--batch 1,8] [--past 128] [--threads 2]
+    flock /tmp/heavy.lock python benchmarks/decode_cpu.py [--work /tmp/moe-export-decode-bench] [--batch 1,8]
+        [--past 128] [--threads 2] [--runs 7] [--variants ...] [--json out.json]
 
-One run, the bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style
-E=8 r=8 top-2 on all 7 projections). Variants:
-  ours-base   `moe-export onnx --base-only` (KV-cache decoder of the base model)
-  ours-moe    `moe-export onnx` of the MoE-LoRA checkpoint (KV-cache decoder, 56 GroupedLoRA nodes)
-  builder     `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` of the base model (fused qkv,
-              GroupQueryAttention, fused norms): the best base-model export there is
-  torch       the faithful PyTorch reference with a DynamicCache (transformers' own decode path)
-Prefill: S = past tokens at past length 0. Decode: one token at past length `--past` (random past).
-Median of `--runs` interleaved rounds (each round runs every variant once) after `--warmup`; ORT intra-op
-threads = torch threads = `--threads`.
+The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style E=8 r=8 top-2 on
+all 7 projections). Variants:
+  ours-base          `moe-export onnx --base-only` (KV-cache decoder of the base model), fp32
+  ours-base-unfused  the same graph with export/base_fusions.py undone (RMSNorm as Reciprocal + Mul, which ORT
+                     does not fuse): what the rewrite is worth
+  ours-moe-body      `moe-export onnx` of the MoE-LoRA checkpoint, ORT running the GroupedLoRA function bodies
+  ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)
+  ours-moe-int4      `moe-export onnx --quantize int4` (MatMulNBits, block 32, accuracy level 4), native kernels
+  builder-fp32       `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` of the base model's local
+                     directory (offline): fused qkv, GroupQueryAttention, fused norms
+  builder-int4       the same with `-p int4` (MatMulNBits, lm_head included)
+  torch              the faithful PyTorch reference with a DynamicCache (transformers' own decode path)
+Prefill: S = `--past` tokens at past length 0. Decode: one token at past length `--past` (random past).
+Median of `--runs` (prefill) / 3x `--runs` (decode) interleaved rounds, each round running every variant once in a
+rotating order, after `--warmup`; ORT intra-op threads = torch threads = `--threads`. Wall time and this process's
+CPU time (user+sys) per call are both printed: on a shared machine CPU time is the steadier of the two.
+Then the ratios the decode goals are stated in, the export sizes, and the int4 export's quantization cost
+(top-1 agreement, perplexity) against the fp32 reference on held-out text (validation/quantized.py).
 """
 
 from __future__ import annotations
@@ -37,9 +47,30 @@ from bench_model import write_base, write_bench_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the builder wants a tokenizer next to the model
+VARIANTS = (
+    "ours-base",
+    "ours-base-unfused",
+    "ours-moe-body",
+    "ours-moe-native",
+    "ours-moe-int4",
+    "builder-fp32",
+    "builder-int4",
+    "torch",
+)
+# variant -> (export directory, native kernels)
+ORT_VARIANTS = {
+    "ours-base": ("ours-base", False),
+    "ours-base-unfused": ("ours-base-unfused", False),
+    "ours-moe-body": ("ours-moe", False),
+    "ours-moe-native": ("ours-moe", True),
+    "ours-moe-int4": ("ours-moe-int4", True),
+    "builder-fp32": ("builder-fp32", False),
+    "builder-int4": ("builder-int4", False),
+}
 
 
 def prepare(work: Path) -> dict[str, Path]:
+    """The bench base + checkpoint and every export (each made once; later runs reuse them)."""
     base, ckpt = work / "base", work / "ckpt"
     if not (base / "config.json").is_file():
         write_base(base)
@@ -47,25 +78,77 @@ def prepare(work: Path) -> dict[str, Path]:
             shutil.copy2(REPO / "samples" / "tiny-llama" / name, base / name)
     if not (ckpt / "manifest.json").is_file():
         write_bench_checkpoint(work)
-    paths = {"ours-base": work / "ours-base", "ours-moe": work / "ours-moe", "builder": work / "builder"}
-    loaded = None
-    for name, base_only in (("ours-base", True), ("ours-moe", False)):
-        if not (paths[name] / "model.onnx").is_file():
-            loaded = loaded or moe_export.load(ckpt, base_model=base)
-            moe_export.export_onnx(loaded, paths[name], base_only=base_only, validate=False, progress=False)
-    if not (paths["builder"] / "model.onnx").is_file():
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(paths["builder"]),
-               "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")]  # fmt: skip
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return paths
+    dirs = {name: work / name for name in ("ours-base", "ours-moe", "ours-moe-int4", "builder-fp32", "builder-int4")}
+    for name, options in (
+        ("ours-base", {"base_only": True}),
+        ("ours-moe", {}),
+        ("ours-moe-int4", {"quantize": "int4"}),
+    ):
+        if not (dirs[name] / "export.json").is_file():
+            print(f"exporting {name}", flush=True)
+            loaded = moe_export.load(ckpt, base_model=base)
+            moe_export.export_onnx(loaded, dirs[name], validate=False, progress=False, consume=True, **options)
+    unfused = work / "ours-base-unfused"
+    if not (unfused / "model.onnx").is_file():
+        unfuse_rms(dirs["ours-base"], unfused)
+    dirs["ours-base-unfused"] = unfused
+    for precision in ("fp32", "int4"):
+        out = dirs[f"builder-{precision}"]
+        if not (out / "model.onnx").is_file():
+            print(f"building builder-{precision} (onnxruntime-genai model builder, offline)", flush=True)
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out),
+                   "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")]  # fmt: skip
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return dirs
 
 
-def ort_step(path: Path, threads: int) -> Callable[[int, int, int], Callable[[], object]]:
-    """(batch, seq, past) -> a callable running one step of the decoder at `path` on random feeds."""
+def unfuse_rms(source: Path, out: Path) -> None:
+    """A copy of the export in `source` with each `Div(x, Sqrt(v))` of base_fusions.py written back as
+    `Mul(x, Reciprocal(Sqrt(v)))`, as torch.onnx exported it (the weights file is hard-linked)."""
+    import onnx
+    from onnx import helper
+
+    out.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Div" and node.name.endswith("_div_rms"):
+            reciprocal = node.output[0] + "_reciprocal"
+            nodes.append(helper.make_node("Reciprocal", [node.input[1]], [reciprocal], name=node.name + "_r"))
+            nodes.append(helper.make_node("Mul", [node.input[0], reciprocal], list(node.output), name=node.name + "_m"))
+        else:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for name in ("model.onnx.data", "genai_config.json", "config.json"):
+        if (source / name).is_file() and not (out / name).exists():
+            (out / name).hardlink_to(source / name)
+    onnx.save_model(proto, str(out / "model.onnx"))
+
+
+def native_library() -> str:
+    from moe_export.runtimes.native import session_library
+
+    library, reason = session_library()
+    if library is None:
+        raise SystemExit(f"the native kernel library is not available ({reason}): `moe-export kernels build`")
+    return str(library)
+
+
+def ort_step(
+    path: Path, threads: int, native: bool, profile_prefix: str | None = None
+) -> Callable[[int, int, int], Callable[[], object]]:
+    """(batch, seq, past) -> a callable running one step of the decoder in `path` on random feeds."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    if native:
+        options.register_custom_ops_library(native_library())
     session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
 
@@ -85,7 +168,32 @@ def ort_step(path: Path, threads: int) -> Callable[[int, int, int], Callable[[],
                 feeds[value.name] = rng.standard_normal((batch, heads, past, head_dim), dtype=np.float32)
         return lambda: session.run(None, feeds)
 
+    make.session = session  # type: ignore[attr-defined]  # for --profile's end_profiling
     return make
+
+
+def profile(dirs: dict[str, Path], variants: list[str], args: argparse.Namespace) -> None:
+    """ms per op type of one decode step (batch 1, past `--past`), from ORT's profiler, per ORT variant."""
+    for variant in variants:
+        if variant not in ORT_VARIANTS:
+            continue
+        folder, native = ORT_VARIANTS[variant]
+        make = ort_step(dirs[folder], args.threads, native, str(args.work / f"profile-{variant}"))
+        run = make(1, 1, args.past)
+        rounds = args.warmup + args.runs * 3
+        for _ in range(rounds):
+            run()
+        events = json.loads(Path(make.session.end_profiling()).read_text())  # type: ignore[attr-defined]
+        per_op: dict[str, float] = {}
+        kernels = 0
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                op = event.get("args", {}).get("op_name", "?")
+                per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1e3 / rounds
+                kernels += 1
+        total = sum(per_op.values())
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:10])
+        print(f"{variant}: {kernels // rounds} kernels, {total:.2f} ms per step; {top}", flush=True)
 
 
 def torch_step(model: torch.nn.Module, threads: int) -> Callable[[int, int, int], Callable[[], object]]:
@@ -113,6 +221,49 @@ def torch_step(model: torch.nn.Module, threads: int) -> Callable[[int, int, int]
     return make
 
 
+def time_rounds(runners: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """variant -> (median wall ms, median CPU ms) over `runs` interleaved rounds in rotating order."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    wall: dict[str, list[float]] = {v: [] for v in runners}
+    cpu: dict[str, list[float]] = {v: [] for v in runners}
+    names = list(runners)
+    for i in range(runs):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runners[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {v: (statistics.median(wall[v]) * 1e3, statistics.median(cpu[v]) * 1e3) for v in runners}
+
+
+def export_bytes(directory: Path) -> int:
+    return sum(
+        p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")
+    )
+
+
+def ratio_lines(results: dict[str, dict[str, tuple[float, float]]], batches: list[int]) -> list[str]:
+    """The goals' ratios (wall / CPU time) for the cells that were measured."""
+    lines = []
+
+    def ratio(a: str, b: str, cell: str) -> None:
+        if a in results and b in results and cell in results[a] and cell in results[b]:
+            (wa, ca), (wb, cb) = results[a][cell], results[b][cell]
+            lines.append(f"{cell:11s} {a} / {b}: {wa / wb:.3f} wall, {ca / cb:.3f} cpu")
+
+    for batch in batches:
+        for phase in ("prefill", "decode"):
+            cell = f"{phase} b{batch}"
+            ratio("ours-moe-int4", "builder-int4", cell)
+            ratio("ours-moe-native", "builder-fp32", cell)
+            ratio("ours-moe-native", "ours-base", cell)
+            ratio("ours-base", "builder-fp32", cell)
+            ratio("ours-moe-native", "ours-moe-body", cell)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/moe-export-decode-bench"))
@@ -121,51 +272,62 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="ours-base,ours-moe,builder,torch")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--no-quality", action="store_true", help="skip the int4 export's top-1 / perplexity check")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", action="store_true", help="instead: per-op ORT profile of a b1 decode step")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
-    paths = prepare(args.work)
     variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    dirs = prepare(args.work)
+    if args.profile:
+        profile(dirs, variants, args)
+        return
     makers = {}
     for variant in variants:
         if variant == "torch":
             loaded = moe_export.load(args.work / "ckpt", base_model=args.work / "base")
             makers[variant] = torch_step(loaded.model.eval(), args.threads)
         else:
-            makers[variant] = ort_step(paths[variant], args.threads)
-    # Interleaved: every round runs each variant once, so a change in machine load hits all of them alike.
-    results: dict[str, dict[str, float]] = {v: {} for v in variants}
+            folder, native = ORT_VARIANTS[variant]
+            makers[variant] = ort_step(dirs[folder], args.threads, native)
+    results: dict[str, dict[str, tuple[float, float]]] = {v: {} for v in variants}
     for batch in batches:
-        for label, seq, past, runs in (("prefill", args.past, 0, args.runs), ("decode", 1, args.past, args.runs * 3)):
-            runners = {v: makers[v](batch, seq, past) for v in variants}
-            for run in runners.values():
-                for _ in range(args.warmup):
-                    run()
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for _ in range(runs):
-                for variant, run in runners.items():
-                    start = time.perf_counter()
-                    run()
-                    times[variant].append(time.perf_counter() - start)
-            for variant in variants:
-                results[variant][f"{label} b{batch}"] = statistics.median(times[variant]) * 1000
-            print(label, batch, {v: round(results[v][f"{label} b{batch}"], 1) for v in variants}, flush=True)
-    cols = list(next(iter(results.values())))
-    print(f"\n| variant | {' | '.join(c + ' (ms)' for c in cols)} |")
-    print("|---|" + "---|" * len(cols))
+        for phase, seq, past, runs in (("decode", 1, args.past, args.runs * 3), ("prefill", args.past, 0, args.runs)):
+            cell = f"{phase} b{batch}"
+            measured = time_rounds({v: makers[v](batch, seq, past) for v in variants}, runs, args.warmup)
+            for variant, value in measured.items():
+                results[variant][cell] = value
+            print(cell, "wall/cpu ms", {v: (round(w, 1), round(c, 1)) for v, (w, c) in measured.items()}, flush=True)
+    cells = list(next(iter(results.values())))
+    print(f"\nms per call, wall / cpu (user+sys); {args.threads} ORT/torch threads, past {args.past}")
+    print(f"| variant | {' | '.join(cells)} |")
+    print("|---|" + "---:|" * len(cells))
     for variant, row in results.items():
-        print(f"| {variant} | {' | '.join(f'{row[c]:.1f}' for c in cols)} |")
-    if {"ours-moe", "builder", "ours-base"} <= set(results):
-        for batch in batches:
-            key = f"decode b{batch}"
-            moe, base, builder = results["ours-moe"][key], results["ours-base"][key], results["builder"][key]
-            line = f"b{batch} decode: ours-moe / ours-base {moe / base:.2f}, ours-moe / builder {moe / builder:.2f}"
-            if "torch" in results:
-                line += f", torch / ours-moe {results['torch'][key] / moe:.2f}"
-            print(line)
+        print(f"| {variant} | {' | '.join(f'{row[c][0]:.1f} / {row[c][1]:.1f}' for c in cells)} |")
+    print()
+    for line in ratio_lines(results, batches):
+        print(line)
+    sizes = {name: export_bytes(path) for name, path in dirs.items()}
+    print("\nexport sizes (MB): " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sizes.items()))
+    print(f"ours-moe-int4 / ours-moe size: {sizes['ours-moe-int4'] / sizes['ours-moe']:.3f}; "
+          f"builder-int4 / builder-fp32: {sizes['builder-int4'] / sizes['builder-fp32']:.3f}")  # fmt: skip
+    quality = None
+    if not args.no_quality:
+        from moe_export.export.manifest import Artifact
+        from moe_export.runtimes.registry import RunnerOptions
+        from moe_export.validation.quantized import quantization_cost
+
+        cost = quantization_cost(Artifact.open(dirs["ours-moe-int4"]), RunnerOptions(threads=args.threads))
+        quality = cost.to_dict()
+        print(f"quantization cost: {cost.message}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        payload = {"results_ms_wall_cpu": results, "sizes_bytes": sizes, "quantization": quality,
+                   "threads": args.threads, "past": args.past}  # fmt: skip
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

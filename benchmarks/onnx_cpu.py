@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import moe_export
+from moe_export.export.manifest import ExportManifest
 from moe_export.reference.model import MoELoRALinear, moe_modules
 from moe_export.reference.routing import route_tokens
 
@@ -132,9 +133,14 @@ def prepare(work: Path) -> dict[str, Path]:
         write_bench_checkpoint(work / "model")
     paths = {"base-only": work / "base-onnx", "moe-export": work / "moe-onnx"}
     for name, out in paths.items():
-        if not (out / "model.onnx").is_file():
+        # The scoring graph (input_ids, attention_mask -> logits) that these forwards feed: the KV-cache decoder,
+        # `onnx`'s default, also wants position_ids and the past (benchmarks/decode_cpu.py times that one). A
+        # work directory from before holds decoders: they are exported again.
+        if not (out / "model.onnx").is_file() or ExportManifest.load(out).kv_cache:
             print(f"exporting {name} -> {out}", flush=True)
-            moe_export.export_onnx(moe_export.load(ckpt), out, base_only=name == "base-only", validate=False)
+            moe_export.export_onnx(
+                moe_export.load(ckpt), out, base_only=name == "base-only", validate=False, kv_cache=False
+            )
     return {
         "ckpt": ckpt,
         "base-only": paths["base-only"] / "model.onnx",

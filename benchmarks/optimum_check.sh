@@ -2,6 +2,8 @@
 # optimum's ORTModelForCausalLM on moe-export decoder folders, in its own venv (optimum-onnx pins
 # transformers < 4.58). Exports GOAT, MoLA and MixLoRA samples (merge threshold 0.9), takes the torch
 # reference's greedy tokens from `moe-export generate --runtime torch`, and checks optimum generates them.
+# goat:int4 is the GOAT export with --quantize int4: its expected tokens come from our own ORT loop on the same
+# file (`--runtime onnxruntime`: the deployed int8-activation kernels; the torch reference has fp32 activations).
 #   bash benchmarks/optimum_check.sh [WORK_DIR]     (run from the repo root with the project's venv active)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +17,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 prompt=5,17,42,9,100
 status=0
-for sample in goat mola mixlora; do
-    out=$work/$sample
-    moe-export onnx "samples/$sample" -o "$out" --merge-threshold 0.9 --no-validate --json > /dev/null
-    expect=$(moe-export generate "$out" --prompt-ids $prompt --max-new-tokens 12 --runtime torch --json \
+for spec in ${MOE_EXPORT_OPTIMUM_SAMPLES:-goat mola mixlora goat:int4}; do
+    sample=${spec%%:*}
+    quant=$([ "$spec" != "$sample" ] && echo "${spec#*:}" || true)
+    out=$work/${sample}${quant:+-$quant}
+    runtime=torch
+    extra=()
+    if [ -n "$quant" ]; then extra=(--quantize "$quant"); runtime=onnxruntime; fi
+    moe-export onnx "samples/$sample" -o "$out" --merge-threshold 0.9 --no-validate "${extra[@]}" --json > /dev/null
+    expect=$(moe-export generate "$out" --prompt-ids $prompt --max-new-tokens 12 --runtime $runtime --json \
         | python -c "import json,sys; print(','.join(map(str, json.load(sys.stdin)['tokens'])))")
     eos=$(python -c "import json,sys; e=json.load(open('$out/genai_config.json'))['model']['eos_token_id']; print(','.join(map(str, e if isinstance(e, list) else [e])))")
     "$venv/bin/python" benchmarks/optimum_check.py "$out" --prompt-ids $prompt --expect "$expect" --eos "$eos" || status=1

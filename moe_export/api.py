@@ -23,11 +23,13 @@ def export_onnx(
     *,
     validate: bool = True,
     console: Console | None = None,
+    max_top1_drop: float | None = None,
     **options: Any,
 ) -> ExportResult:
     """`export.onnx.export_onnx(loaded, out_dir, **options)`, then (unless `validate=False`) the parity gate.
 
     A failed gate raises ParityError (exit 1) with the report; the export stays on disk for inspection.
+    `max_top1_drop` gates a quantized export's cost (validation/quantized.py); it is reported either way.
     A KV-cache export ships the native kernel library when it is built or can be built here (unless
     MOE_EXPORT_KERNELS=off), so onnxruntime-genai runs the native kernels from the export folder as it is.
     """
@@ -39,7 +41,7 @@ def export_onnx(
         options["kernel_library"] = session_library()[0]
     result = _export_only(loaded, out_dir, console=console, **options)
     if validate:
-        result.validation = validate_export(result.out_dir, console)
+        result.validation = validate_export(result.out_dir, console, max_top1_drop)
     return result
 
 
@@ -54,11 +56,11 @@ def check_validation_possible(dtype: str, validate: bool) -> None:
         )
 
 
-def validate_export(out_dir: Path, console: Console) -> Any:
+def validate_export(out_dir: Path, console: Console, max_top1_drop: float | None = None) -> Any:
     """Parity against the PyTorch reference (validation/); ParityError (exit 1) when it fails."""
     from moe_export.validation import validate  # lazy: pulls in onnxruntime
 
-    report = validate(out_dir)
+    report = validate(out_dir, max_top1_drop=max_top1_drop)
     report.render(console)
     if not report.passed:
         raise ParityError(f"{out_dir}: ONNX parity check against the PyTorch reference failed", report)

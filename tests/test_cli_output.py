@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from moe_export.cli import app
 from moe_export.cli.app import shell_command
+from tests.artifacts import sample_export
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -116,3 +117,23 @@ def test_readme_commands_block_names_only_real_options() -> None:
     for command, shown in flags.items():
         accepted = set(re.findall(r"--[a-z0-9-]+", _help(command)))
         assert shown <= accepted, (command, sorted(shown - accepted))
+
+
+def test_mixlora_routing_line_counts_units_as_the_export_does(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 24: for MixLoRA, `onnx` said 2 GroupedLoRA units and the routing line 6 units: it counted the
+    GroupedLoRASlots nodes (one per gate/up/down projection of each unit)."""
+    import onnx
+    from rich.console import Console
+
+    import moe_export
+
+    result = sample_export(tmp_path_factory, SAMPLES / "mixlora")
+    routed = len(result.manifest.routed_units)
+    nodes = sum(
+        n.domain == "moe_export" for n in onnx.load(str(result.model_path), load_external_data=False).graph.node
+    )
+    assert routed == 2 and nodes == 6  # the sample's facts, read from export.json and the graph
+    console = Console(record=True, width=300, soft_wrap=True)
+    moe_export.validate(result.out_dir, new_tokens=0).render(console)
+    (line,) = [line for line in console.export_text().splitlines() if line.startswith("routing (")]
+    assert f": {routed} units ({nodes} GroupedLoRA nodes)" in line, line

@@ -87,6 +87,8 @@ def test_cache_is_a_file(
     code, out = _cli(["kernels", "build", "--fetch-headers"])  # fetching would have nowhere to go either
     assert code == 2 and "is not usable" in out, out
     assert cache.read_text() == "not a folder"
+    code, out = _cli(["kernels"])  # status says why and what sessions do instead
+    assert code == 0 and f"the kernel cache {cache} is a file: sessions build it in a temporary folder" in out, out
 
     code, out = _cli(["validate", export, "--batch", "1", "--seq", "4", "--new-tokens", "2"])
     assert code == 0, out
@@ -104,6 +106,8 @@ def test_read_only_cache(
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "is not usable (Read-only file system" in lines[0], done.stderr
+    done = _read_only(cache, ["kernels"], env)
+    assert done.returncode == 0 and f"{cache} is not writable" in done.stdout, done.stdout + done.stderr
 
     export = shared_export(tmp_path_factory, tiny_base)
     done = _read_only(cache, ["generate", export, "--prompt-ids", "3,17,42", "--max-new-tokens", "3"], env)

@@ -344,7 +344,7 @@ def test_validation_runs_and_gates(fp32_export: onnx_export.ExportResult, monkey
         def render(self, console: Console) -> None:
             console.print("failing table")
 
-    monkeypatch.setattr(validate_pkg, "validate", lambda out_dir: Failing(), raising=False)
+    monkeypatch.setattr(validate_pkg, "validate", lambda out_dir, **options: Failing(), raising=False)
     with pytest.raises(ParityError) as info:
         api.validate_export(fp32_export.out_dir, Console(quiet=True))
     assert info.value.exit_code == 1 and isinstance(info.value.report, Failing)

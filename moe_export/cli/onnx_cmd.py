@@ -47,6 +47,19 @@ def onnx_command(
     force: bool = typer.Option(
         False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
     ),
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        help="int4 or int8: base linears and lm_head become MatMulNBits (symmetric blocks, int8 activations on "
+        "CPU); routers, experts and GroupedLoRA stay fp32. Needs --dtype fp32.",
+    ),
+    block_size: int = typer.Option(32, "--block-size", help="Weights per quantization scale along K (--quantize)."),
+    max_top1_drop: float | None = typer.Option(
+        None,
+        "--max-top1-drop",
+        help="With --quantize: fail (exit 1) when more than this fraction of held-out positions change argmax "
+        "against the fp32 reference (reported, not gated, without it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
     forward: str = ONNX_FORWARD_OPTION,
@@ -57,6 +70,7 @@ def onnx_command(
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
     from moe_export.api import check_validation_possible, export_onnx
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
+    from moe_export.export.quantize import check_quantize_options
     from moe_export.files import check_not_input
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
@@ -68,6 +82,12 @@ def onnx_command(
         raise MoeExportError(f"{data}: calibration data file not found (--data)")
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
     check_validation_possible(dtype, not no_validate)
+    check_quantize_options(quantize, block_size, dtype)
+    checks.fraction(max_top1_drop, "--max-top1-drop")
+    if max_top1_drop is not None and (quantize is None or no_validate):
+        raise MoeExportError(
+            "--max-top1-drop gates a quantized export's validation: pass --quantize, not --no-validate"
+        )
     check_options(merge_threshold, merge_budget)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
@@ -104,6 +124,9 @@ def onnx_command(
         force=force,
         merge_streaming=streaming,
         consume=True,
+        quantize=quantize,
+        block_size=block_size,
+        max_top1_drop=max_top1_drop,
     )
     if as_json:
         print_json(result.to_dict())
@@ -134,3 +157,8 @@ def _stored_dtypes(base: Path) -> set[object]:
         return set(BaseWeights(base).stored_dtypes())
     except FormatError:
         return set()
+
+
+def _quant_label(manifest: object) -> str:
+    scheme = getattr(manifest, "quant_scheme", None)
+    return f", {scheme.scheme} base weights in blocks of {scheme.block_size}" if scheme is not None else ""

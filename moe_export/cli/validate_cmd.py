@@ -52,6 +52,12 @@ def validate_command(
         help="Tolerance relative to max|reference| per output (default: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
     ),
     min_top1: float | None = typer.Option(None, "--min-top1", help="Also require this top-1 token agreement."),
+    max_top1_drop: float | None = typer.Option(
+        None,
+        "--max-top1-drop",
+        help="Quantized exports: fail when more than this fraction of held-out positions change argmax against "
+        "the fp32 reference (the quantization's cost; reported, not gated, without it).",
+    ),
     new_tokens: int = typer.Option(
         16, "--new-tokens", help="Greedy tokens compared per prompt on a KV-cache export (0: skip generation)."
     ),
@@ -76,6 +82,7 @@ def validate_command(
     checks.at_least(atol, 0, "--atol")
     checks.at_least(rtol, 0, "--rtol")
     checks.fraction(min_top1, "--min-top1")
+    checks.fraction(max_top1_drop, "--max-top1-drop")
     checks.at_least(threads, 1, "--threads")
     checks.at_least(new_tokens, 0, "--new-tokens")
     checks.one_of(device, ("cpu", "cuda"), "--device")
@@ -93,6 +100,7 @@ def validate_command(
             atol=atol,
             rtol=rtol,
             min_top1=min_top1,
+            max_top1_drop=max_top1_drop,
             options=RunnerOptions(device=device, threads=threads),
             progress=lambda message: status.update(message),
             new_tokens=new_tokens,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError
+from moe_export.export.quantize import QuantScheme
 from moe_export.files import check_field_types, known_fields, name_inside, read_json_object
 
 MANIFEST_NAME = "export.json"
@@ -64,6 +65,9 @@ class ExportManifest:
     custom_ops: list[str] = field(default_factory=list, metadata={"help": "moe_export op types in the graph"})
     copied_files: list[str] = field(default_factory=list, metadata={"help": "config/tokenizer files copied"})
     kv_cache: bool = field(default=False, metadata={"help": "decoder with past key/values (export/decoder.py)"})
+    quantization: dict[str, Any] | None = field(
+        default=None, metadata={"help": "export/quantize.QuantScheme of the base weights, or null (not quantized)"}
+    )
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
     relative_sources: dict[str, str] = field(
         default_factory=dict,
@@ -86,6 +90,16 @@ class ExportManifest:
             raise FormatError(f"export manifest: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.format != MANIFEST_FORMAT:
             raise FormatError(f"export manifest: format {self.format!r}, expected {MANIFEST_FORMAT!r}")
+
+    @property
+    def quant_scheme(self) -> QuantScheme | None:
+        """The base weights' quantization (None: fp32/fp16/bf16 weights as `dtype` says)."""
+        if self.quantization is None:
+            return None
+        try:
+            return QuantScheme(**known_fields(QuantScheme, self.quantization, MANIFEST_NAME))
+        except TypeError as exc:
+            raise FormatError(f"{MANIFEST_NAME}: quantization record unreadable ({exc})") from exc
 
     @property
     def routed_units(self) -> list[UnitRecord]:

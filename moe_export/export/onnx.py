@@ -7,13 +7,13 @@ genai_config.json from export/client_files.py); `kv_cache=False` writes the scor
 Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
 (routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
 custom node after its unit, attach the model-local function bodies -> save (external data above 2 GB)
--> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
+-> RMSNorm rewritten so ORT fuses it (export/base_fusions.py) -> optional int4/int8 base weights
+(export/quantize.py) -> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
 next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_onnx`) runs it afterwards.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import shutil
 import time
@@ -27,10 +27,18 @@ from rich.console import Console
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, InternalError, MoeExportError
+from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
+from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
 from moe_export.export.onnx_ops import MAX_OPSET, MIN_OPSET, function_bodies, translation_table
+from moe_export.export.quantize import (
+    DEFAULT_BLOCK_SIZE,
+    base_linear_names,
+    check_quantize_options,
+    quantize_saved_model,
+)
 from moe_export.files import (
     check_not_input,
     check_writable,
@@ -117,6 +125,8 @@ def export_onnx(
     force: bool = False,
     merge_streaming: Any = None,
     consume: bool = False,
+    quantize: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     kernel_library: Path | None = None,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
@@ -128,12 +138,15 @@ def export_onnx(
     An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
     write is refused unless `force`, which replaces our files and leaves the others alone.
     `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
+    `quantize` ("int4" | "int8") rewrites the base linears (lm_head included) into MatMulNBits blocks of
+    `block_size` after the folds and the merge (export/quantize.py); routers and experts stay fp32.
     `kernel_library` (the native GroupedLoRA library; the API passes the one built here) ships with a KV-cache
     export that has custom ops, and genai_config.json names it (export/client_files.py).
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_quantize_options(quantize, block_size, dtype)
     out_dir = Path(out_dir).resolve()
     ours = check_out_dir(out_dir, force)
     # the base a checkpoint names is known only now: -o must not be it, or inside it, either
@@ -174,6 +187,11 @@ def export_onnx(
                 status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
                 routed = {u.name for u in units if u.status == "routed"}
                 model_path, program = _export(model, tmp, opset, routed, kv_cache)
+                fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
+                scheme = None
+                if quantize is not None:
+                    status.update(f"quantizing the base weights ({quantize}, blocks of {block_size})")
+                    scheme = quantize_saved_model(model_path, base_linear_names(model), quantize, block_size)
                 status.update("checking the ONNX model")
                 _check_saved(model_path, units)
                 manifest = ExportManifest(
@@ -198,6 +216,7 @@ def export_onnx(
                     custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
                     copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
                     kv_cache=kv_cache,
+                    quantization=scheme.to_dict() if scheme is not None else None,
                 )
                 if kv_cache:
                     library = kernel_library if manifest.custom_ops else None
@@ -344,17 +363,9 @@ def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], kv_
     return model_path, program
 
 
-def _unit_scope(node: Any, units: set[str], prefix: str = "model.") -> str | None:
+def _unit_scope(node: Any, units: set[str]) -> str | None:
     """The unit whose module emitted `node`, from the exporter's name-scope metadata (deepest match)."""
-    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not raw:
-        return None
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return None
-    for scope in reversed(scopes):
-        name = scope[len(prefix) :] if scope.startswith(prefix) else scope
+    for name in reversed(module_scopes(node.metadata_props.get(SCOPES_KEY))):
         if name in units:
             return name
     return None
@@ -370,7 +381,15 @@ def _name_custom_nodes(model: Any, routed: set[str]) -> None:
         if unit is None:
             raise ExportError(f"custom node {node.name} ({node.op_type}) cannot be mapped to an adapter unit")
         seen[unit] = seen.get(unit, 0) + 1
-        node.name = unit if seen[unit] == 1 else f"{unit}#{seen[unit]}"
+        node.name = unit if seen[unit] == 1 else f"{unit}{NODE_SUFFIX}{seen[unit]}"
+
+
+NODE_SUFFIX = "#"  # a unit's second, third... node (MixLoRA: one GroupedLoRASlots per gate/up/down projection)
+
+
+def unit_of_node(name: str) -> str:
+    """The adapter unit a moe_export node (as `_name_custom_nodes` named it) belongs to."""
+    return name.split(NODE_SUFFIX, 1)[0]
 
 
 def _attach_function_bodies(model: Any, opset: int) -> None:

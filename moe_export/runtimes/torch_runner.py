@@ -71,9 +71,14 @@ class TorchRunner(Runner):
         return {"logits": logits.cpu().numpy()}
 
 
-def reference_model_loader(artifact: Artifact, dtype_name: str | None = None) -> Callable[[], torch.nn.Module]:
+def reference_model_loader(
+    artifact: Artifact, dtype_name: str | None = None, base_weights: str = "export"
+) -> Callable[[], torch.nn.Module]:
     """A deferred builder of the PyTorch reference for an export, following its manifest, in `dtype_name`
-    (default: the export's dtype)."""
+    (default: the export's dtype).
+
+    `base_weights="export"`: for a quantized export the base linears carry the export's dequantized weights
+    (the reference for the export's arithmetic); "original": the checkpoint's weights (the quantization's cost)."""
     manifest = artifact.manifest
     where = artifact.path / "export.json"
     dtype = TORCH_DTYPES[dtype_name or manifest.dtype]  # ExportManifest checked the name
@@ -86,17 +91,34 @@ def reference_model_loader(artifact: Artifact, dtype_name: str | None = None) ->
             raise FormatError(
                 f"{where}: base model {manifest.base_model} not found; the torch reference needs it (--base DIR)"
             )
+        substitute = manifest.quant_scheme is not None and base_weights == "export"
         if artifact.base_only:
-            return load_base_model(Path(manifest.base_model), dtype)
+            model = load_base_model(Path(manifest.base_model), torch.float32 if substitute else dtype)
+            if substitute:
+                _substitute_dequantized(model, None, artifact)
+            return cast_reference_model(model, dtype) if substitute else model
         if not Path(manifest.source_checkpoint).is_dir():
             raise FormatError(
                 f"{where}: source checkpoint {manifest.source_checkpoint} not found; the torch reference needs "
                 "the original checkpoint (say where it is with --ckpt DIR, or leave torch out of --runtimes)"
             )
         loaded = _load_with_merge(manifest)
+        if substitute:
+            _substitute_dequantized(loaded.model, loaded.adapter, artifact)
         return cast_reference_model(loaded.model, dtype)
 
     return load
+
+
+def _substitute_dequantized(model: torch.nn.Module, adapter: Any, artifact: Artifact) -> None:
+    """The export's MatMulNBits weights, dequantized, in place of the reference's base linears."""
+    from moe_export.export.quantize import dequantized_weights
+    from moe_export.reference.substitute import substitute_base_weights
+
+    scheme = artifact.manifest.quant_scheme
+    assert scheme is not None
+    weights = dequantized_weights(artifact.onnx_path, scheme)
+    substitute_base_weights(model, adapter, {k: torch.from_numpy(v) for k, v in weights.items()})
 
 
 def _load_with_merge(manifest: ExportManifest) -> Any:

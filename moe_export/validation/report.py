@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_export.errors import ParityError
+from moe_export.export.onnx import unit_of_node
 from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance
@@ -49,6 +50,7 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
     generation: list[Any] = field(default_factory=list)  # generation.GenerationComparison, decoder exports
     torch_dtype: str | None = None  # the dtype the torch runner computed in (fp32 for the reference)
+    quantization: Any | None = None  # quantized.QuantizationCost of a quantized export
 
     @property
     def passed(self) -> bool:
@@ -57,7 +59,8 @@ class ValidationReport:
         outputs_ok = all(c.result.passed for c in self.comparisons)
         units_ok = all(u.passed for per_runtime in self.units.values() for u in per_runtime.values())
         generation_ok = all(g.passed for g in self.generation)
-        return outputs_ok and units_ok and generation_ok
+        quantization_ok = self.quantization is None or self.quantization.passed
+        return outputs_ok and units_ok and generation_ok and quantization_ok
 
     def __bool__(self) -> bool:
         return self.passed
@@ -71,6 +74,8 @@ class ValidationReport:
             for unit in per_unit.values():
                 lines += [f"{runtime} unit {unit.name}: {message}" for message in unit.messages]
         lines += [f"{g.runtime} generation {g.message}" for g in self.generation if not g.passed]
+        if self.quantization is not None and not self.quantization.passed:
+            lines.append(f"quantization cost over the gate: {self.quantization.message}")
         return lines
 
     def summary(self) -> str:
@@ -82,6 +87,8 @@ class ValidationReport:
         bad += [f"{c.runtime} [{c.shape}]" for c in self.comparisons if c.result.messages]
         bad += [f"{rt} unit {u.name}" for rt, units in self.units.items() for u in units.values() if not u.passed]
         bad += [f"{g.runtime} generation {g.message}" for g in self.generation if not g.passed]
+        if self.quantization is not None and not self.quantization.passed:
+            bad.append(f"quantization top-1 drop {self.quantization.top1_drop:.1%}")
         shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
         return f"parity failed vs {self.reference}: {shown or 'no comparison ran'}"
 
@@ -106,6 +113,7 @@ class ValidationReport:
             "units": {rt: {name: u.to_dict() for name, u in units.items()} for rt, units in self.units.items()},
             "notes": self.notes,
             "generation": [g.to_dict() for g in self.generation],
+            "quantization": self.quantization.to_dict() if self.quantization is not None else None,
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -129,6 +137,13 @@ class ValidationReport:
                 f"logits max abs {g.max_abs:.3g} <= {g.bound:.3g}{ties}; {verdict}",
                 highlight=False,
             )
+        if self.quantization is not None:
+            verdict = (
+                ""
+                if self.quantization.max_top1_drop is None
+                else ("; [green]pass[/]" if self.quantization.passed else "; [red]FAIL[/]")
+            )
+            console.print(f"quantization cost: {self.quantization.message}{verdict}", highlight=False)
         for note in self.notes:
             console.print(f"[dim]note: {note}[/]")
         if self.passed:
@@ -182,7 +197,10 @@ def _units_summary(runtime: str, reference: str, per_unit: dict[str, UnitCompari
     agreements = [(u.agreement, name) for name, u in per_unit.items() if u.agreement is not None]
     failed = sum(not u.passed for u in per_unit.values())
     flips = sum(u.tokens - u.agreeing for u in per_unit.values())
-    text = f"routing ({runtime} vs {reference}): {len(per_unit)} units"
+    # Counted as `onnx` counts them: a MixLoRA unit has a node per projection (captured as unit, unit#2, unit#3).
+    units = len({unit_of_node(name) for name in per_unit})
+    nodes = f" ({len(per_unit)} GroupedLoRA nodes)" if units != len(per_unit) else ""
+    text = f"routing ({runtime} vs {reference}): {units} units{nodes}"
     if agreements:
         worst, name = min(agreements)
         text += f", lowest agreement {worst:.4f} ({name}), {flips} flipped token-units"

@@ -24,6 +24,7 @@ from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_f
 from moe_export.validation.generation import DEFAULT_NEW_TOKENS, pad_token_id
 from moe_export.validation.generation_units import check_generation
 from moe_export.validation.parity import Tolerance, compare_func
+from moe_export.validation.quantized import exact_arithmetic_artifact, quantization_cost
 from moe_export.validation.report import RunComparison, ValidationReport
 from moe_export.validation.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
 from moe_export.validation.units import UnitComparison
@@ -94,16 +95,23 @@ def validate(
     new_tokens: int = DEFAULT_NEW_TOKENS,
     checkpoint: str | Path | None = None,
     base_model: str | Path | None = None,
+    max_top1_drop: float | None = None,
 ) -> ValidationReport:
     """Compare `runtimes[1:]` with `runtimes[0]` on an export directory; see DESIGN.md section 8.
 
-    `checkpoint` / `base_model` replace the source paths export.json recorded (the sources have moved)."""
+    `checkpoint` / `base_model` replace the source paths export.json recorded (the sources have moved).
+    A quantized export (`onnx --quantize`) is checked in two parts (validation/quantized.py): its arithmetic
+    against the reference with its dequantized base weights, at the fp32 tolerance, and the quantization's
+    cost against the fp32 reference on held-out text (a gate only with `max_top1_drop`)."""
     runtimes = list(dict.fromkeys(runtimes))
     if len(runtimes) < 2:
         raise MoeExportError(
             f"--runtimes {','.join(runtimes)}: name at least two runtimes (the first is the reference)"
         )
-    artifact = Artifact.open(artifact_dir, checkpoint, base_model)
+    deployed = Artifact.open(artifact_dir, checkpoint, base_model)
+    if max_top1_drop is not None and deployed.manifest.quant_scheme is None:
+        raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
+    artifact = exact_arithmetic_artifact(deployed)  # itself unless quantized
     options = options or RunnerOptions()
     if options.torch_dtype is None:
         options = replace(options, torch_dtype=REFERENCE_DTYPE)
@@ -116,7 +124,7 @@ def validate(
     say = progress or (lambda _msg: None)
 
     reference_name, candidates = runtimes[0], runtimes[1:]
-    report = ValidationReport(str(artifact.path), artifact.dtype, reference_name, candidates, tol, margin, labels)
+    report = ValidationReport(str(deployed.path), artifact.dtype, reference_name, candidates, tol, margin, labels)
     report.torch_dtype = options.torch_dtype
     padded = sum(int((~v).sum()) for f in feeds_list if (v := valid_positions(f)) is not None)
     if padded:
@@ -171,6 +179,13 @@ def validate(
                 reference_model, runners, artifact.manifest, tol, artifact.vocab_size(), pad_token_id(artifact.path),
                 new_tokens, seed, onnx_path=artifact.onnx_path,
             )  # fmt: skip
+    if deployed.manifest.quant_scheme is not None:
+        say("measuring the quantization's cost against the fp32 reference (held-out text)")
+        report.notes.append(
+            f"{deployed.manifest.quant_scheme.scheme} export: parity is against the reference with the export's "
+            "dequantized base weights, the export computing in fp32 (MatMulNBits accuracy level 0)"
+        )
+        report.quantization = quantization_cost(deployed, options, max_top1_drop)
     return report
 
 

@@ -253,6 +253,16 @@ def cache_problem(folder: Path) -> str:
     return ""
 
 
+def _unwritable(folder: Path) -> str:
+    """Why `folder` could not be created or written (judged without writing, for `status`), or ""."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"is under a file ({existing})" if existing != folder else "is a file"
+    return "" if os.access(existing, os.W_OK) else f"is not writable ({existing})"
+
+
 _temp_dirs: dict[str, Path] = {}
 
 
@@ -383,6 +393,11 @@ def status() -> KernelStatus:
             reason = "no ONNX Runtime headers (moe-export kernels build --fetch-headers)"
         else:
             reason = "not built yet (moe-export kernels build; sessions build it on first use)"
+            unusable = _unwritable(cache_root())
+            if unusable:
+                reason = (
+                    f"not built; the kernel cache {cache_root()} {unusable}: sessions build it in a temporary folder"
+                )
         return KernelStatus(None, reason, headers, cxx)
     isa, api = probe(path)
     reason = "disabled by MOE_EXPORT_KERNELS=off" if disabled() else registration_error(path)

@@ -1,0 +1,67 @@
+"""Standard-op rewrites of the exported base graph that let ONNX Runtime fuse it at session creation.
+
+transformers' RMSNorm exports as Pow -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x) -> Mul(weight).
+ORT's SimplifiedLayerNormFusion (the kernel onnxruntime-genai's builder writes directly) matches the same math
+written with a Div: ... -> Sqrt -> Div(x, .) -> Mul(weight). Rewriting Reciprocal + Mul into that Div keeps the
+graph in standard ops (TensorRT and any other runtime read it as before) and turns 7 kernels per norm into one
+on ORT. x / s and x * (1 / s) differ by at most one rounding: well inside the fp32 parity tolerance.
+
+Main-graph nodes only: the GroupedLoRA nodes and their model-local function bodies are not touched.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def divide_by_rms(proto: Any) -> int:
+    """Rewrite every `Mul(x, Reciprocal(Sqrt(v)))` of the main graph into `Div(x, Sqrt(v))`, in place.
+
+    Only when the Reciprocal feeds that one Mul and is not a graph output. Returns the number rewritten."""
+    from onnx import helper
+
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    users: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            users[name].append(node)
+    outputs = {v.name for v in graph.output}
+    reciprocals: set[int] = set()
+    divides: dict[int, Any] = {}  # id of the Mul -> the Div that replaces it (and its Reciprocal)
+    for node in graph.node:
+        sqrt = producers.get(node.input[0]) if node.op_type == "Reciprocal" and node.domain == "" else None
+        if sqrt is None or sqrt.op_type != "Sqrt" or sqrt.domain != "" or node.output[0] in outputs:
+            continue
+        consumers = users[node.output[0]]
+        if len(consumers) != 1 or consumers[0].op_type != "Mul" or consumers[0].domain != "":
+            continue
+        mul = consumers[0]
+        if list(mul.input).count(node.output[0]) != 1:
+            continue
+        x = mul.input[0] if mul.input[1] == node.output[0] else mul.input[1]
+        div = helper.make_node("Div", [x, node.input[0]], [mul.output[0]], name=f"{mul.name}_div_rms")
+        div.metadata_props.extend(mul.metadata_props)
+        divides[id(mul)] = div
+        reciprocals.add(id(node))
+    if not divides:
+        return 0
+    # The Div takes the Mul's place: x and Sqrt's output were both computed before the Mul, so the order holds.
+    nodes = [divides.get(id(n), n) for n in graph.node if id(n) not in reciprocals]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(divides)
+
+
+def fuse_saved_model(model_path: Path) -> int:
+    """Apply the rewrites to a saved export (its weights, in external data or not, are not rewritten)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    count = divide_by_rms(proto)
+    if count:
+        # Initializers keep their external_data references: only the graph proto is written again.
+        onnx.save_model(proto, str(model_path))
+    return count
