@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 import moe_export
-from moe_export.export.decoder import KVLayout, cache_argument
+from moe_export.export.decoder import cache_argument
+from moe_export.export.interface import KVLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import write_base, write_bench_checkpoint

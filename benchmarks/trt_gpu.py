@@ -4,7 +4,8 @@
 
 WORK_DIR is reused between runs: the bench checkpoint (benchmarks/bench_model.py: Llama hidden 1024,
 8 layers, E=8, r=8, top-2 on all 7 projections), the fp16 ONNX exports and the engines are made once.
-Latency is device time per forward (CUDA events; inputs already on the GPU) at batch x seq tokens.
+Latency is device time per forward (CUDA events; inputs already on the GPU) at batch x seq tokens: the
+first step (empty past) of the exports' KV-cache decoder, feeds and profile shapes from its graph interface.
 Goal (issue 7): MoE-LoRA engine / base-only engine <= 1.10. Needs a CUDA GPU, tensorrt and triton.
 """
 
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import VOCAB, write_bench_checkpoint
 
 import moe_export
+from moe_export.export.interface import GraphInterface
+from moe_export.export.manifest import Artifact
 from moe_export.export.tensorrt import TrtBuildOptions, build_engine
 from moe_export.reference.model import cast_reference_model
 from moe_export.runtimes.tensorrt import TensorRTRunner
@@ -45,10 +48,11 @@ def _engine(work: Path, name: str, batches: list[int], seq: int) -> tuple[Path, 
     onnx_dir, plugin = ENGINES[name]
     out = work / f"engine-{name}"
     if not (out / "engine.json").is_file():
-        shapes = {n: (max(batches), seq) for n in ("input_ids", "attention_mask")}
+        interface = Artifact.open(work / onnx_dir).interface
+        shapes = interface.input_shapes(max(batches), seq)
         options = TrtBuildOptions(
             plugin=plugin,
-            min_shapes={n: (1, 1) for n in shapes},
+            min_shapes=interface.input_shapes(1, 1),
             opt_shapes=shapes,
             max_shapes=shapes,
             timing_cache=str(work / "timing.cache"),
@@ -57,19 +61,22 @@ def _engine(work: Path, name: str, batches: list[int], seq: int) -> tuple[Path, 
     return out / "model.engine", json.loads((out / "engine.json").read_text())
 
 
-def _feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
+def _feeds(interface: GraphInterface, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """A first step of the export's interface: random token ids, full mask (+ positions, empty past)."""
     ids = np.random.default_rng(batch).integers(0, VOCAB, size=(batch, seq), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return interface.complete_feeds({interface.tokens_name: ids})
 
 
 def _torch_times(model: torch.nn.Module, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> list[float]:
-    inputs = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+    ids, mask = (
+        torch.from_numpy(feeds[name]).cuda() for name in (GraphInterface.tokens_name, GraphInterface.mask_name)
+    )
     times = []
     with torch.no_grad():
         for i in range(warmup + iterations):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(**inputs, use_cache=False)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
             end.record()
             end.synchronize()
             if i >= warmup:
@@ -115,21 +122,24 @@ def main() -> None:
     parity: dict[str, np.ndarray] = {}
     for name in ENGINES:
         engine, info = _engine(work, name, batches, args.seq)
+        interface = Artifact.open(work / ENGINES[name][0]).interface
         report["engines"][name] = {
             k: info.get(k) for k in ("tensorrt_version", "plugin", "plugin_layers", "build_seconds")
         }
         with TensorRTRunner(engine) as runner:
-            parity[name] = runner.infer(_feeds(1, args.seq))["logits"].astype(np.float32)
+            parity[name] = runner.infer(_feeds(interface, 1, args.seq))[interface.logits_name].astype(np.float32)
             for batch in batches:
                 stats = _stats(
-                    runner.time_execute(_feeds(batch, args.seq), args.warmup, args.iterations), batch * args.seq
+                    runner.time_execute(_feeds(interface, batch, args.seq), args.warmup, args.iterations),
+                    batch * args.seq,
                 )
                 latency[(name, batch)] = stats["p50_ms"]
                 report["rows"].append({"runtime": f"tensorrt {name}", "batch": batch, **stats})
     for name, base_only in (("torch-eager base-only", True), ("torch-eager moe", False)):
         model = _eager_model(ckpt, base_only)
         for batch in batches:
-            stats = _stats(_torch_times(model, _feeds(batch, args.seq), args.warmup, args.iterations), batch * args.seq)
+            feeds = _feeds(GraphInterface.scoring(), batch, args.seq)
+            stats = _stats(_torch_times(model, feeds, args.warmup, args.iterations), batch * args.seq)
             latency[(name, batch)] = stats["p50_ms"]
             report["rows"].append({"runtime": name, "batch": batch, **stats})
         del model

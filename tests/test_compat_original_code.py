@@ -180,11 +180,10 @@ def _ort_logits(model_path: Path, ids: torch.Tensor) -> torch.Tensor:
     import onnxruntime as ort
 
     from moe_export.export.manifest import ExportManifest
-    from moe_export.runtimes.kv import complete_feeds
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
-    feeds = complete_feeds(feeds, ExportManifest.load(model_path.parent))  # a decoder's first step (past 0)
+    feeds = ExportManifest.load(model_path.parent).interface.complete_feeds(feeds)  # a decoder's first step (past 0)
     return torch.from_numpy(session.run(["logits"], feeds)[0])
 
 

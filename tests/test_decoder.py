@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import moe_export
 from moe_export.cli import app
+from moe_export.export.interface import position_ids
 from moe_export.export.manifest import Artifact, ExportManifest
-from moe_export.runtimes.kv import position_ids
 from moe_export.runtimes.registry import make_runner
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.validation.generation import Prompts, default_prompts, greedy_decode, torch_reference

@@ -280,7 +280,6 @@ def test_whole_model_parity_with_and_without_library(
     monkeypatch.setattr(native_library, "_session_library", {})  # forget an earlier "not built yet"
 
     import moe_export
-    from moe_export.runtimes.kv import complete_feeds
     from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner
 
     result = sample_export(tmp_path_factory, SAMPLES / family)  # the run's plain export of the sample (read only)
@@ -295,7 +294,7 @@ def test_whole_model_parity_with_and_without_library(
     for batch, seq in ((1, 1), (2, 17), (3, 40)):
         ids = np.random.default_rng(seq).integers(0, vocab, (batch, seq))
         # The decoder export's first step (past length 0): the default export is the KV-cache decoder.
-        feeds = complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, result.manifest)
+        feeds = result.manifest.interface.complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)})
         with torch.no_grad():
             want = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ids * 0 + 1)).logits
         for path in (result.model_path, tmp_path / "fused.onnx"):

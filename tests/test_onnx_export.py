@@ -26,7 +26,6 @@ from moe_export.ir import Adapter
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.reference.loading import load_base_model
 from moe_export.reference.model import cast_reference_model
-from moe_export.runtimes.kv import complete_feeds
 from moe_export.validation.generation import default_prompts
 from tests.artifacts import SAMPLE_TASK_IDS, export_result, merged_sample_run, sample_export, shared_dir
 from tests.conftest import SAMPLES
@@ -57,7 +56,7 @@ def feeds_for(shape: tuple[int, int], vocab: int, seed: int = 0, pad: int = 0) -
 
 def ort_logits(model_path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """A first step (past length 0) of a decoder export, or the scoring graph's logits."""
-    feeds = complete_feeds(feeds, ExportManifest.load(model_path.parent))
+    feeds = ExportManifest.load(model_path.parent).interface.complete_feeds(feeds)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     return session.run(["logits"], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
 
@@ -166,8 +165,8 @@ def test_manifest(fp32_export: onnx_export.ExportResult, mixed_ckpt: Path, tiny_
     assert (by_name["model.layers.0.mlp.up_proj"].top_k, by_name["model.layers.1.mlp.up_proj"].top_k) == (2, 4)
     assert {(u.num_experts, u.rank) for u in manifest.units} == {(4, 2)}
     assert [(t.name, t.dtype, t.shape) for t in manifest.outputs][:2] == [
-        ("logits", "float32", ["batch", "sequence", 64]),
-        ("present.0.key", "float32", ["batch", 2, "total_sequence", 8]),
+        ("logits", "float32", ("batch", "sequence", 64)),
+        ("present.0.key", "float32", ("batch", 2, "total_sequence", 8)),
     ]
     assert manifest.external_data is None and manifest.custom_ops == ["GroupedLoRA"]
     assert "config.json" in manifest.copied_files and (out / "config.json").is_file()

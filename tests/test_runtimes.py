@@ -11,7 +11,6 @@ import pytest
 from moe_export.errors import FormatError, InternalError, MoeExportError, RuntimeUnavailableError
 from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner, resolve_providers
 from moe_export.runtimes.registry import RunnerOptions, get_factory, make_runner, register_runtime
 from tests.artifacts import shared_export
@@ -104,7 +103,7 @@ def test_torch_and_onnxruntime_runners_agree(
 ) -> None:
     artifact = Artifact.open(shared_export(tmp_path_factory, tiny_base))
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 5))
-    feeds = complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, artifact.manifest)
+    feeds = artifact.manifest.interface.complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)})
     outputs = {}
     for name in ("torch", "onnxruntime"):
         runner = make_runner(name, artifact, RunnerOptions(threads=1))

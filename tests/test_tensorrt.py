@@ -78,7 +78,7 @@ def test_build_options_round_trip_and_checks() -> None:
 
 def test_default_and_given_profiles(tmp_path: Path) -> None:
     info = inspect_onnx_dir(_fake_export(tmp_path / "onnx", max_positions=64))
-    assert info.grouped_lora_nodes == 1 and set(info.inputs) == {"input_ids", "attention_mask"}
+    assert info.grouped_lora_nodes == 1 and info.interface.input_names() == ["input_ids", "attention_mask"]
     profiles = resolve_profiles(info, TrtBuildOptions())
     # batch 1..8, sequence 1..min(512, max_position_embeddings), opt 1 x min(128, that)
     assert profiles["input_ids"] == ((1, 1), (1, 64), (8, 64))
@@ -244,15 +244,25 @@ def test_plugin_aot_impl_with_stand_in_tensorrt() -> None:
 # ---------------------------------------------------------------- GPU: real engines (pytest -m gpu)
 
 
+KINDS = ("decoder", "scoring")  # the KV-cache decoder (the default export) and --no-kv-cache
+
+
 @pytest.fixture(scope="module")
 def gpu_exports(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
-    from tests.artifacts import export_tiny, save_tiny_checkpoint
+    """fp32 and fp16 exports of one tiny checkpoint, of both kinds: `{kind}-{dtype}`, plus `ckpt`."""
+    import moe_export
+    from tests.artifacts import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("trt")
     ckpt = save_tiny_checkpoint(root / "ckpt", tiny_base)
-    return {dtype: export_tiny(ckpt, tiny_base, root / dtype, dtype=dtype) for dtype in ("fp32", "fp16")} | {
-        "ckpt": ckpt
-    }
+    exports: dict[str, Path] = {"ckpt": ckpt}
+    for kind in KINDS:
+        for dtype in ("fp32", "fp16"):
+            out = root / f"{kind}-{dtype}"
+            loaded = moe_export.load(ckpt, base_model=tiny_base)
+            moe_export.export_onnx(loaded, out, dtype=dtype, kv_cache=kind == "decoder", validate=False, progress=False)
+            exports[f"{kind}-{dtype}"] = out
+    return exports
 
 
 def _reference_logits(ckpt: Path, base: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -266,10 +276,13 @@ def _reference_logits(ckpt: Path, base: Path, feeds: dict[str, np.ndarray]) -> n
     return out.logits.float().numpy()
 
 
-def _feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 64, size=(batch, seq), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+def engine_feeds(export: Path, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A first step of the export's graph interface (a decoder's positions and empty past included)."""
+    from moe_export.export.manifest import Artifact
+
+    interface = Artifact.open(export).interface
+    ids = np.random.default_rng(seed).integers(0, 64, size=(batch, seq), dtype=np.int64)
+    return interface.complete_feeds({interface.tokens_name: ids})
 
 
 def _engine_logits(export: Path, out: Path, plugin: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
@@ -282,26 +295,30 @@ def _engine_logits(export: Path, out: Path, plugin: str, feeds: dict[str, np.nda
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("plugin", ["off", "on"])
 def test_fp32_engine_matches_reference(
-    gpu_exports: dict[str, Path], tiny_base: Path, tmp_path: Path, plugin: str
+    gpu_exports: dict[str, Path], tiny_base: Path, tmp_path: Path, plugin: str, kind: str
 ) -> None:
-    feeds = _feeds(3, 17)
+    export = gpu_exports[f"{kind}-fp32"]
+    feeds = engine_feeds(export, 3, 17)
     expected = _reference_logits(gpu_exports["ckpt"], tiny_base, feeds)
-    actual, report = _engine_logits(gpu_exports["fp32"], tmp_path / plugin, plugin, feeds)
+    actual, report = _engine_logits(export, tmp_path / plugin, plugin, feeds)
     assert report["plugin"] == plugin
     assert (report["plugin_layers"] > 0) == (plugin == "on")
     np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
 def test_fp16_plugin_matches_function_body_and_reference(
-    gpu_exports: dict[str, Path], tiny_base: Path, tmp_path: Path
+    gpu_exports: dict[str, Path], tiny_base: Path, tmp_path: Path, kind: str
 ) -> None:
-    feeds = _feeds(2, 33, seed=1)
-    plugin, on = _engine_logits(gpu_exports["fp16"], tmp_path / "on", "on", feeds)
+    export = gpu_exports[f"{kind}-fp16"]
+    feeds = engine_feeds(export, 2, 33, seed=1)
+    plugin, on = _engine_logits(export, tmp_path / "on", "on", feeds)
     # Built after the plugin in the same process: its creator must be out of the registry again.
-    body, off = _engine_logits(gpu_exports["fp16"], tmp_path / "off", "off", feeds)
+    body, off = _engine_logits(export, tmp_path / "off", "off", feeds)
     assert on["plugin_layers"] == on["grouped_lora_nodes"] > 0 and off["plugin_layers"] == 0
     expected = _reference_logits(gpu_exports["ckpt"], tiny_base, feeds)
     scale = float(np.abs(expected).max())
@@ -313,7 +330,7 @@ def test_fp16_plugin_matches_function_body_and_reference(
 
 @pytest.mark.gpu
 def test_auto_keeps_the_faster_path_and_says_why(gpu_exports: dict[str, Path], tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["trt", str(gpu_exports["fp16"]), "-o", str(tmp_path / "auto"), "--json"])
+    result = CliRunner().invoke(app, ["trt", str(gpu_exports["decoder-fp16"]), "-o", str(tmp_path / "auto"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "auto" / "engine.json").read_text())
     latency = report["latency_ms_at_opt"]

@@ -21,7 +21,6 @@ from moe_export.formats import LoadOptions
 from moe_export.formats.checkpoint import read_tensor_file
 from moe_export.ir import FFNMoE, LinearMoE
 from moe_export.reference.loading import load_adapter, load_base_model
-from moe_export.runtimes.kv import complete_feeds
 from tests.conftest import SAMPLES
 from tests.test_ffn_moe import apply_loop_ffn
 
@@ -123,7 +122,7 @@ def test_mixlora_onnx_runtime_parity(tmp_path_factory: pytest.TempPathFactory) -
         mask = torch.ones_like(ids)
         with torch.no_grad():
             want = reference(input_ids=ids, attention_mask=mask).logits.numpy()
-        feeds = complete_feeds({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, result.manifest)
+        feeds = result.manifest.interface.complete_feeds({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         got = session.run(["logits"], feeds)[0]  # the decoder's first step (past length 0)
         # rtol 1e-4 per element, plus 1e-4 of the largest logit: logits near zero have no meaningful
         # relative error (the same "relative to the max reference" definition as validation/parity.py).

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from moe_export.export.decoder import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, KVLayout
+from moe_export.export.interface import GraphInterface
 
 GENAI_CONFIG = "genai_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -43,9 +43,15 @@ def special_ids(config: Any, generation: dict[str, Any]) -> tuple[int | None, in
 
 
 def genai_config(
-    config: Any, layout: KVLayout, model_file: str, generation: dict[str, Any], custom_ops_library: str | None = None
+    config: Any,
+    interface: GraphInterface,
+    model_file: str,
+    generation: dict[str, Any],
+    custom_ops_library: str | None = None,
 ) -> dict[str, Any]:
     bos, eos, pad = special_ids(config, generation)
+    layout = interface.past
+    assert layout is not None  # a decoder interface
     context = int(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
     model: dict[str, Any] = {
         "type": GENAI_MODEL_TYPE,
@@ -60,18 +66,7 @@ def genai_config(
             "num_attention_heads": int(config.num_attention_heads),
             "num_hidden_layers": layout.num_layers,
             "num_key_value_heads": layout.kv_heads,
-            "inputs": {
-                "input_ids": "input_ids",
-                "attention_mask": "attention_mask",
-                "position_ids": "position_ids",
-                "past_key_names": PAST_KEY.replace("{}", "%d"),
-                "past_value_names": PAST_VALUE.replace("{}", "%d"),
-            },
-            "outputs": {
-                "logits": "logits",
-                "present_key_names": PRESENT_KEY.replace("{}", "%d"),
-                "present_value_names": PRESENT_VALUE.replace("{}", "%d"),
-            },
+            **interface.genai_names(),
         },
     }
     if bos is not None:
@@ -83,7 +78,9 @@ def genai_config(
     return {"model": model, "search": search}
 
 
-def write_client_files(directory: Path, config: Any, model_file: str, kernel_library: Path | None = None) -> list[str]:
+def write_client_files(
+    directory: Path, config: Any, interface: GraphInterface, model_file: str, kernel_library: Path | None = None
+) -> list[str]:
     """Write genai_config.json (and generation_config.json when absent, and a copy of `kernel_library` when
     given); returns the names written."""
     written = []
@@ -104,9 +101,8 @@ def write_client_files(directory: Path, config: Any, model_file: str, kernel_lib
             generation["bos_token_id"] = bos
         generation_path.write_text(json.dumps(generation, indent=2) + "\n")
         written.append(GENERATION_CONFIG)
-    layout = KVLayout.from_config(config)
     library_name = kernel_library.name if kernel_library is not None else None
-    genai = genai_config(config, layout, model_file, generation, library_name)
+    genai = genai_config(config, interface, model_file, generation, library_name)
     (directory / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
     written.append(GENAI_CONFIG)
     return written

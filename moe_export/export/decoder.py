@@ -1,12 +1,8 @@
 """The KV-cache decoder graph: the I/O contract that onnxruntime-genai and optimum's ORTModelForCausalLM run.
 
-Inputs `input_ids` [B,S], `attention_mask` [B,past+S], `position_ids` [B,S] (int64) and, per layer i,
-`past_key_values.{i}.key` / `.value` [B, kv_heads, past, head_dim]; outputs `logits` [B,S,V] and
-`present.{i}.key` / `.value` [B, kv_heads, past+S, head_dim]. Keys and values interleave layer by layer on
-both sides: optimum pairs them by position, so any other order generates wrong tokens without an error.
-kv_heads and head_dim are static (genai reads them from the graph), batch / sequence / past symbolic;
-past = 0 is the first step. Every routed unit still routes each token it sees, so a decode step routes
-exactly the new token through the same single GroupedLoRA node per unit as the scoring graph.
+The names, dims and past-KV layout are the decoder `GraphInterface` (export/interface.py); this module
+traces a transformers causal LM into it. Every routed unit still routes each token it sees, so a decode step
+routes exactly the new token through the same single GroupedLoRA node per unit as the scoring graph.
 Sliding-window bases (Mistral's `sliding_window`, Qwen2's `use_sliding_window` from `max_window_layers` on) keep
 the whole past too: the window is a mask in the graph, so clients need no window setting (client_files.py).
 """
@@ -14,49 +10,12 @@ the whole past too: the window is a mask in the graph, so clients need no window
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moe_export.errors import ExportError
-
-PAST_KEY = "past_key_values.{}.key"
-PAST_VALUE = "past_key_values.{}.value"
-PRESENT_KEY = "present.{}.key"
-PRESENT_VALUE = "present.{}.value"
-TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# Example sizes >= 2 on every dynamic dim (torch.export specialises a dim whose example is 1); the past
-# length 0 of a first step is then a valid value of the symbolic dim, checked by the tests.
-EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 3, 4
-TOTAL_DIM = "total_sequence"
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """The static part of the cache shape, from the model config."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> KVLayout:
-        heads = int(config.num_attention_heads)
-        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
-        return cls(int(config.num_hidden_layers), int(getattr(config, "num_key_value_heads", None) or heads), head_dim)
-
-    def past_names(self) -> list[str]:
-        return [name.format(i) for i in range(self.num_layers) for name in (PAST_KEY, PAST_VALUE)]
-
-    def present_names(self) -> list[str]:
-        return [name.format(i) for i in range(self.num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
-
-    def input_names(self) -> list[str]:
-        return [*TOKEN_INPUTS, *self.past_names()]
-
-    def output_names(self) -> list[str]:
-        return ["logits", *self.present_names()]
+from moe_export.export.interface import TOTAL_SEQUENCE, GraphInterface, KVLayout
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -104,53 +63,43 @@ def returned_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def trace_decoder(model: torch.nn.Module, opset: int, translations: dict[Any, Any]) -> Any:
-    """torch.onnx.export of the decoder with past; returns the ONNXProgram (dims renamed, see module doc)."""
-    layout = KVLayout.from_config(model.config)
+def trace_decoder(model: torch.nn.Module, interface: GraphInterface, opset: int, translations: dict[Any, Any]) -> Any:
+    """torch.onnx.export of the decoder with past; returns the ONNXProgram (dims renamed to the interface's)."""
+    assert interface.past is not None
+    layout = interface.past
+    feeds = interface.example_feeds(int(model.config.vocab_size))
+    args = [torch.from_numpy(feeds[name]) for name in interface.token_input_names()]
     dtype = model.get_input_embeddings().weight.dtype  # routers stay fp32 in a fp16 export: not them
-    vocab = int(model.config.vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    b, s, p = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST
-    ids = torch.randint(0, vocab, (b, s), generator=gen)
-    mask = torch.ones(b, p + s, dtype=torch.int64)
-    positions = torch.arange(p, p + s).expand(b, s).contiguous()
-    shape = (b, layout.kv_heads, p, layout.head_dim)
-    past = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * layout.num_layers)]
-    dim = torch.export.Dim
-    batch, sequence, past_len = dim("batch"), dim("sequence"), dim("past_sequence")
-    dynamic = {
-        "input_ids": {0: batch, 1: sequence},
-        # past + sequence cannot be written as a derived Dim of one root: torch.export infers the relation.
-        "attention_mask": {0: batch, 1: dim.DYNAMIC},
-        "position_ids": {0: batch, 1: sequence},
-        "past": [{0: batch, 2: past_len} for _ in range(2 * layout.num_layers)],
-    }
+    # via fp32: torch cannot read numpy's (ml_dtypes') bfloat16
+    past = [torch.from_numpy(feeds[name].astype("float32")).to(dtype) for name in interface.past_names()]
     with torch.no_grad():
         program = torch.onnx.export(
             DecoderWithPast(model, layout).eval(),
-            (ids, mask, positions, past),
+            (*args, past),
             dynamo=True,
             opset_version=opset,
-            input_names=layout.input_names(),
-            output_names=layout.output_names(),
-            dynamic_shapes=dynamic,
+            input_names=interface.input_names(),
+            output_names=interface.output_names(),
+            dynamic_shapes=interface.dynamic_shapes(),
             custom_translation_table=translations,
             optimize=True,
             verbose=False,
         )
-    _check_and_rename_dims(program.model, layout)
+    _check_and_rename_dims(program.model, interface)
     return program
 
 
-def _check_and_rename_dims(model: Any, layout: KVLayout) -> None:
-    """Names fixed by the contract: the mask's and the presents' length is `total_sequence`."""
+def _check_and_rename_dims(model: Any, interface: GraphInterface) -> None:
+    """Names fixed by the interface: the mask's and the presents' length is `total_sequence`."""
     import onnx_ir
 
     inputs = [v.name for v in model.graph.inputs]
     outputs = [v.name for v in model.graph.outputs]
-    if inputs != layout.input_names() or outputs != layout.output_names():
+    if inputs != interface.input_names() or outputs != interface.output_names():
         raise ExportError(f"decoder export: graph I/O {inputs} -> {outputs} does not follow the KV-cache contract")
-    total = onnx_ir.SymbolicDim(TOTAL_DIM)
+    assert interface.past is not None
+    layout = interface.past
+    total = onnx_ir.SymbolicDim(TOTAL_SEQUENCE)
     mask = model.graph.inputs[1]
     mask.shape = onnx_ir.Shape([mask.shape[0], total])
     for value in model.graph.outputs[1:]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError
+from moe_export.export.interface import GraphInterface, TensorSpec
 from moe_export.export.quantize import QuantScheme
 from moe_export.files import check_field_types, known_fields, name_inside, read_json_object
 
@@ -16,15 +17,7 @@ MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "moe-export-onnx"
 DTYPES = ("fp32", "fp16", "bf16")
 UNIT_STATUSES = ("routed", "folded", "merged")
-
-
-@dataclass
-class TensorSpec:
-    """One graph input or output: name, element type, dims (ints or named dynamic dims)."""
-
-    name: str = field(metadata={"help": "graph input/output name"})
-    dtype: str = field(metadata={"help": "numpy-style element type, e.g. int64, float32"})
-    shape: list[int | str] = field(metadata={"help": "dims; strings are dynamic (batch, sequence)"})
+LEGACY_KEYS = ("inputs", "outputs", "kv_cache")  # export.json before the interface object held these
 
 
 @dataclass
@@ -60,11 +53,12 @@ class ExportManifest:
     load_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "top_k, task_id given to load"})
     units: list[UnitRecord] = field(default_factory=list, metadata={"help": "every adapter unit"})
     merge_plan: dict[str, Any] | None = field(default=None, metadata={"help": "MergePlan.to_dict(), or null"})
-    inputs: list[TensorSpec] = field(default_factory=list, metadata={"help": "graph inputs"})
-    outputs: list[TensorSpec] = field(default_factory=list, metadata={"help": "graph outputs"})
+    interface: GraphInterface = field(
+        default_factory=GraphInterface.scoring,
+        metadata={"help": "the graph interface (export/interface.py): kind, inputs, outputs, past-KV layout"},
+    )
     custom_ops: list[str] = field(default_factory=list, metadata={"help": "moe_export op types in the graph"})
     copied_files: list[str] = field(default_factory=list, metadata={"help": "config/tokenizer files copied"})
-    kv_cache: bool = field(default=False, metadata={"help": "decoder with past key/values (export/decoder.py)"})
     quantization: dict[str, Any] | None = field(
         default=None, metadata={"help": "export/quantize.QuantScheme of the base weights, or null (not quantized)"}
     )
@@ -105,16 +99,35 @@ class ExportManifest:
     def routed_units(self) -> list[UnitRecord]:
         return [u for u in self.units if u.status == "routed"]
 
+    @property
+    def kv_cache(self) -> bool:
+        """A KV-cache decoder (export/decoder.py), not the scoring graph."""
+        return self.interface.is_decoder
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.interface.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.interface.outputs
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["interface"] = self.interface.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> ExportManifest:
         try:
-            kept = known_fields(cls, data, where)
+            legacy = {key: data[key] for key in LEGACY_KEYS if key in data}
+            kept = known_fields(cls, {k: v for k, v in data.items() if k not in LEGACY_KEYS}, where)
             kept["units"] = [UnitRecord(**known_fields(UnitRecord, u, where)) for u in kept.get("units", [])]
-            for key in ("inputs", "outputs"):
-                kept[key] = [TensorSpec(**known_fields(TensorSpec, t, where)) for t in kept.get(key, [])]
+            if "interface" in data:
+                kept["interface"] = GraphInterface.from_dict(data["interface"], where)
+            else:  # written before the interface object: top-level inputs, outputs and kv_cache
+                specs = [legacy.get(key) or [] for key in ("inputs", "outputs")]
+                kept["interface"] = GraphInterface.from_legacy(*specs, bool(legacy.get("kv_cache")), where)
             return cls(**kept)
         except TypeError as exc:
             raise FormatError(f"{where}: not a moe-export ONNX manifest ({exc})") from exc
@@ -186,11 +199,15 @@ class Artifact:
     def base_only(self) -> bool:
         return self.manifest.base_only
 
+    @property
+    def interface(self) -> GraphInterface:
+        return self.manifest.interface
+
     def input_names(self) -> list[str]:
-        return [t.name for t in self.manifest.inputs] or ["input_ids", "attention_mask"]
+        return self.manifest.interface.input_names()
 
     def output_names(self) -> list[str]:
-        return [t.name for t in self.manifest.outputs] or ["logits"]
+        return self.manifest.interface.output_names()
 
     def model_config(self, key: str) -> int | None:
         """An integer field of the copied config.json, else of the base model's (absent or unreadable: None)."""

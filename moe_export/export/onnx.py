@@ -30,7 +30,8 @@ from moe_export.errors import ExportError, FormatError, InternalError, MoeExport
 from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
-from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, TensorSpec, UnitRecord, portable_path
+from moe_export.export.interface import GraphInterface, read_onnx_io
+from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
 from moe_export.export.onnx_ops import MAX_OPSET, MIN_OPSET, function_bodies, translation_table
 from moe_export.export.quantize import (
@@ -57,11 +58,8 @@ EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
 DEFAULT_OPSET = 20
 # A protobuf cannot exceed 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-# Example sizes >= 2 on every dynamic dim: torch.export specialises a dim whose example is 1.
+# The scoring graph's example call; sizes >= 2 on every dynamic dim: torch.export specialises a dim of 1.
 EXAMPLE_SHAPE = (2, 16)
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("logits",)
-DYNAMIC_DIMS = {0: "batch", 1: "sequence"}
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -75,6 +73,7 @@ COPIED_FILES = (
     "chat_template.jinja",
 )
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRAPH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # export dtype -> the graph's tensors
 
 
 @dataclass
@@ -99,7 +98,7 @@ class ExportResult:
 
 
 class _CausalLMLogits(torch.nn.Module):
-    """(input_ids, attention_mask) -> logits, no KV cache: the graph interface of DESIGN.md section 2."""
+    """(input_ids, attention_mask) -> logits, no KV cache: the scoring interface (export/interface.py)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -186,7 +185,8 @@ def export_onnx(
             try:
                 status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
                 routed = {u.name for u in units if u.status == "routed"}
-                model_path, program = _export(model, tmp, opset, routed, kv_cache)
+                interface = GraphInterface.for_model(model.config, kv_cache, GRAPH_DTYPES[dtype])
+                model_path, program = _export(model, tmp, opset, routed, interface)
                 fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
                 scheme = None
                 if quantize is not None:
@@ -194,6 +194,7 @@ def export_onnx(
                     scheme = quantize_saved_model(model_path, base_linear_names(model), quantize, block_size)
                 status.update("checking the ONNX model")
                 _check_saved(model_path, units)
+                interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
                 manifest = ExportManifest(
                     moe_export_version=__version__,
                     source_checkpoint=str(Path(loaded.checkpoint).resolve()),
@@ -211,16 +212,14 @@ def export_onnx(
                     load_options={"top_k": loaded.options.top_k, "task_id": loaded.options.task_id},
                     units=units,
                     merge_plan=merge_plan,
-                    inputs=_specs(program.model.graph.inputs),
-                    outputs=_specs(program.model.graph.outputs),
+                    interface=interface,
                     custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
                     copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
-                    kv_cache=kv_cache,
                     quantization=scheme.to_dict() if scheme is not None else None,
                 )
-                if kv_cache:
+                if interface.is_decoder:
                     library = kernel_library if manifest.custom_ops else None
-                    manifest.copied_files += write_client_files(tmp, model.config, MODEL_FILE, library)
+                    manifest.copied_files += write_client_files(tmp, model.config, interface, MODEL_FILE, library)
                 manifest.save(tmp)
                 if ours is None:
                     replace_directory(tmp, out_dir)
@@ -329,23 +328,25 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
     return records
 
 
-def _export(model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], kv_cache: bool) -> tuple[Path, Any]:
+def _export(
+    model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], interface: GraphInterface
+) -> tuple[Path, Any]:
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
-    example_ids = torch.randint(0, vocab, EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
-    example_mask = torch.ones_like(example_ids)
     try:
-        if kv_cache:
-            program = trace_decoder(model, opset, translation_table())
+        if interface.is_decoder:
+            program = trace_decoder(model, interface, opset, translation_table())
         else:
+            batch, sequence = EXAMPLE_SHAPE
+            feeds = interface.example_feeds(vocab, batch, sequence)
             with torch.no_grad():
                 program = torch.onnx.export(
                     _CausalLMLogits(model).eval(),
-                    (example_ids, example_mask),
+                    tuple(torch.from_numpy(feeds[name]) for name in interface.input_names()),
                     dynamo=True,
                     opset_version=opset,
-                    input_names=list(INPUT_NAMES),
-                    output_names=list(OUTPUT_NAMES),
-                    dynamic_shapes={name: dict(DYNAMIC_DIMS) for name in INPUT_NAMES},
+                    input_names=interface.input_names(),
+                    output_names=interface.output_names(),
+                    dynamic_shapes=interface.dynamic_shapes(),
                     custom_translation_table=translation_table(),
                     optimize=True,
                     verbose=False,
@@ -420,17 +421,6 @@ def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
         raise ExportError(
             f"{model_path}: {len(names)} GroupedLoRA nodes for {len(want)} routed units (missing {missing})"
         )
-
-
-def _specs(values: Any) -> list[TensorSpec]:
-    import onnx
-
-    specs = []
-    for v in values:
-        np_type = onnx.helper.tensor_dtype_to_np_dtype(int(v.dtype))
-        dims = [d if isinstance(d, int) else str(d) for d in v.shape.dims]
-        specs.append(TensorSpec(name=v.name, dtype=getattr(np_type, "name", str(np_type)), shape=dims))
-    return specs
 
 
 def _copy_base_files(base: Path, tmp: Path) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
+from moe_export.export.interface import DEFAULT_SEQUENCE_RANGE, INPUT_IDS, GraphInterface, read_onnx_io
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
 from moe_export.files import known_fields, make_staging_dir, output_errors, replace_directory, write_bytes_atomic
@@ -35,15 +36,11 @@ ENGINE_NAME = "model.engine"
 ENGINE_INFO_NAME = "engine.json"
 PLUGIN_OP = GROUPED_LORA
 PLUGIN_CHOICES = ("auto", "on", "off")
-# Default dynamic ranges: axis 0 is the batch, other dynamic axes are sequence-like.
-DEFAULT_BATCH = (1, 1, 8)
-DEFAULT_SEQUENCE = (1, 128, 512)
-
 Shape = tuple[int, ...]
 
 
 def parse_shapes(text: str | None, option: str) -> dict[str, Shape]:
-    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}; a usage error otherwise."""
+    """'NAME:1x128,NAME2:1x128' -> {'NAME': (1, 128), ...}; a usage error otherwise."""
     if not text:
         return {}
     shapes: dict[str, Shape] = {}
@@ -54,7 +51,7 @@ def parse_shapes(text: str | None, option: str) -> dict[str, Shape]:
         except ValueError:
             shape = ()
         if not sep or not name or not shape or min(shape) < 0:
-            raise MoeExportError(f"{option} {item!r}: expected NAME:DxD..., e.g. input_ids:1x128")
+            raise MoeExportError(f"{option} {item!r}: expected NAME:DxD..., e.g. {INPUT_IDS}:1x128")
         shapes[name] = shape
     return shapes
 
@@ -94,7 +91,7 @@ class OnnxInfo:
     directory: Path
     onnx_path: Path
     manifest: ExportManifest
-    inputs: dict[str, list[int | str]]  # name -> dims (int fixed, str symbolic)
+    interface: GraphInterface  # export.json's, checked against the graph
     grouped_lora_nodes: int
     vocab_size: int | None
     max_positions: int | None  # config.json's max_position_embeddings caps the default sequence range
@@ -108,23 +105,14 @@ def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
     onnx_path = artifact.onnx_path
     if not onnx_path.is_file():
         raise FormatError(f"{onnx_path}: missing; export.json names it as the model")
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types for a corrupt file
-        raise FormatError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    initializers = {t.name for t in model.graph.initializer}
-    inputs: dict[str, list[int | str]] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        inputs[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    interface = artifact.interface.with_graph(*read_onnx_io(onnx_path), where=str(onnx_path))
+    model = onnx.load(str(onnx_path), load_external_data=False)  # read_onnx_io checked it loads
     nodes = sum(1 for n in model.graph.node if n.op_type == PLUGIN_OP)
     return OnnxInfo(
         artifact.path,
         onnx_path,
         artifact.manifest,
-        inputs,
+        interface,
         nodes,
         artifact.model_config("vocab_size"),
         artifact.model_config("max_position_embeddings"),
@@ -134,24 +122,19 @@ def inspect_onnx_dir(onnx_dir: str | Path) -> OnnxInfo:
 def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
     """One optimization profile: per input (min, opt, max), user shapes over defaults from the graph."""
     given = {**options.min_shapes, **options.opt_shapes, **options.max_shapes}
-    unknown = sorted(set(given) - set(info.inputs))
+    names = info.interface.input_names()
+    unknown = sorted(set(given) - set(names))
     if unknown:
-        raise MoeExportError(f"shapes given for {unknown}, but {info.onnx_path} has inputs {sorted(info.inputs)}")
-    seq_max = min(DEFAULT_SEQUENCE[2], info.max_positions or DEFAULT_SEQUENCE[2])
-    sequence = (DEFAULT_SEQUENCE[0], min(DEFAULT_SEQUENCE[1], seq_max), seq_max)
+        raise MoeExportError(f"shapes given for {unknown}, but {info.onnx_path} has inputs {sorted(names)}")
+    lo, opt, hi = DEFAULT_SEQUENCE_RANGE
+    seq_max = min(hi, info.max_positions or hi)
+    defaults = info.interface.profile_ranges(sequence=(lo, min(opt, seq_max), seq_max))
     profiles = {}
-    for name, dims in info.inputs.items():
-        defaults = []
-        for axis, dim in enumerate(dims):
-            if isinstance(dim, int) and dim > 0:
-                defaults.append((dim, dim, dim))
-            elif axis > 0 and info.manifest.kv_cache:
-                defaults.append(_decoder_range(name, sequence))
-            else:
-                defaults.append(DEFAULT_BATCH if axis == 0 else sequence)
+    for spec in info.interface.inputs:
+        name, dims = spec.name, spec.shape
         triple = []
         for index, table in enumerate((options.min_shapes, options.opt_shapes, options.max_shapes)):
-            shape = table.get(name, tuple(d[index] for d in defaults))
+            shape = table.get(name, defaults[name][index])
             if len(shape) != len(dims):
                 raise MoeExportError(f"input {name} has rank {len(dims)} in {info.onnx_path}, got shape {shape}")
             triple.append(shape)
@@ -160,16 +143,6 @@ def resolve_profiles(info: OnnxInfo, options: TrtBuildOptions) -> dict[str, tupl
             raise MoeExportError(f"input {name}: need min <= opt <= max per axis, got {lo}, {opt}, {hi}")
         profiles[name] = (lo, opt, hi)
     return profiles
-
-
-def _decoder_range(name: str, sequence: tuple[int, int, int]) -> tuple[int, int, int]:
-    """KV-cache decoder dims (export/decoder.py): the past starts at 0 on the first step, and the mask
-    spans past + new tokens, so its range covers both (opt feeds stay consistent: opt = 2 x opt)."""
-    if name.startswith("past_key_values."):
-        return (0, sequence[1], sequence[2])
-    if name == "attention_mask":
-        return (sequence[0], 2 * sequence[1], 2 * sequence[2])
-    return sequence
 
 
 def _plugin_unavailable_reason(trt: Any) -> str | None:
@@ -252,17 +225,10 @@ def _grouped_lora_plugin_layers(trt: Any, network: Any) -> int:
 
 
 def opt_feeds(info: OnnxInfo, profiles: dict[str, tuple[Shape, Shape, Shape]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs at the profile's opt shape: random token ids (varied routing), all-ones masks."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, (_, opt, _) in profiles.items():
-        if "mask" in name:
-            feeds[name] = np.ones(opt, dtype=np.int64)
-        elif "ids" in name:
-            feeds[name] = rng.integers(0, info.vocab_size or 100, size=opt, dtype=np.int64)
-        else:
-            feeds[name] = rng.standard_normal(opt).astype(np.float32)
-    return feeds
+    """Inputs at the profile's opt shapes, one consistent call of the export's interface: random token ids
+    (varied routing), all-ones masks, positions after the past, a random past."""
+    shapes = {name: opt for name, (_, opt, _) in profiles.items()}
+    return info.interface.feeds_for_shapes(shapes, info.vocab_size or 100, seed)
 
 
 def _median_ms(trt_engine: bytes, feeds: dict[str, np.ndarray]) -> float:

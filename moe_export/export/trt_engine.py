@@ -7,6 +7,7 @@ so this module imports on any machine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,26 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
     return table[dtype]
 
 
+ProfileRange = Callable[[str], tuple[tuple[int, ...], ...]]
+
+
+def check_bindings(source: str, inputs: list[str], feeds: dict[str, np.ndarray], profile_range: ProfileRange) -> None:
+    """What an engine refuses before any GPU work: a missing input, or a shape outside its profile (min..max).
+
+    Shared with the CPU stand-in engine of the tests, so feed drift shows without a GPU."""
+    missing = [n for n in inputs if n not in feeds]
+    if missing:
+        raise MoeExportError(f"{source}: missing inputs {missing}; got {sorted(feeds)}")
+    for name in inputs:
+        lo, _, hi = profile_range(name)
+        shape = tuple(np.shape(feeds[name]))
+        if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+            raise MoeExportError(
+                f"{source}: input {name} shape {shape} is outside the engine's profile [{tuple(lo)} .. {tuple(hi)}]; "
+                "rebuild with `moe-export trt --min-shapes/--max-shapes`"
+            )
+
+
 class EngineSession:
     """A deserialized engine + execution context with torch CUDA I/O buffers; one profile (index 0)."""
 
@@ -95,9 +116,7 @@ class EngineSession:
         """Copy feeds to the GPU (cast to the engine's dtypes), set shapes, allocate the outputs."""
         import torch
 
-        missing = [n for n in self.inputs if n not in feeds]
-        if missing:
-            raise MoeExportError(f"{self.source}: missing inputs {missing}; got {sorted(feeds)}")
+        check_bindings(self.source, self.inputs, feeds, self.profile_range)
         # Copies and allocations on the execution stream, so execute_async_v3 is ordered after them.
         with torch.cuda.stream(self.stream):
             self._bind_on_stream(feeds)

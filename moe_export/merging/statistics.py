@@ -268,7 +268,7 @@ def calibration_inputs(
         raise FormatError(f"{source}: {len(lines)} line(s) leave no '{split}' split; give at least 2 lines")
     out = []
     for line in picked:
-        ids = tokenizer(line)["input_ids"][: calib.seq_len]
+        ids = tokenizer(line).input_ids[: calib.seq_len]
         if not ids:
             continue
         if max(ids) >= vocab:

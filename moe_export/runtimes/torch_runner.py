@@ -10,16 +10,16 @@ import numpy as np
 import torch
 
 from moe_export.errors import FormatError, RuntimeUnavailableError
+from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.kv import is_past
 from moe_export.runtimes.registry import RunnerOptions
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchRunner(Runner):
-    """Runs a transformers causal LM (usually with MoE-LoRA modules applied) and returns `logits`.
+    """Runs a transformers causal LM (usually with MoE-LoRA modules applied) and returns the interface's logits.
 
     The model is built by `model_loader` inside `activate()`, so constructing a runner is cheap.
     """
@@ -31,7 +31,7 @@ class TorchRunner(Runner):
         model_loader: Callable[[], torch.nn.Module],
         device: str = "cpu",
         threads: int | None = None,
-        input_names: tuple[str, ...] = ("input_ids", "attention_mask"),
+        interface: GraphInterface | None = None,
     ) -> None:
         super().__init__()
         if device == "cuda" and not torch.cuda.is_available():
@@ -39,7 +39,9 @@ class TorchRunner(Runner):
         self.device = device
         self.threads = threads
         self._loader = model_loader
-        self._input_names = input_names
+        # A decoder export's past inputs are empty on the first step: the reference runs without a cache.
+        self.interface = interface or GraphInterface.scoring()
+        self._input_names = tuple(self.interface.token_input_names())
         self.model: torch.nn.Module | None = None
 
     def input_names(self) -> tuple[str, ...]:
@@ -64,11 +66,11 @@ class TorchRunner(Runner):
         out = self.model(**kwargs, use_cache=False)
         if self.device == "cuda":
             torch.cuda.synchronize()
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = out.logits
         # numpy has no bfloat16: bf16 results are widened to fp32 (exactly representable).
         if logits.dtype == torch.bfloat16:
             logits = logits.float()
-        return {"logits": logits.cpu().numpy()}
+        return {self.interface.logits_name: logits.cpu().numpy()}
 
 
 def reference_model_loader(
@@ -145,6 +147,5 @@ def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> TorchRunn
         reference_model_loader(artifact, options.torch_dtype),
         device=options.device,
         threads=options.threads,
-        # A decoder export's past inputs are empty on the first step: the reference runs without a cache.
-        input_names=tuple(n for n in artifact.input_names() if not is_past(n)),
+        interface=artifact.interface,
     )

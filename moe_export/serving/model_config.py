@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_export.errors import FormatError
+from moe_export.export.interface import INPUT_IDS, TensorSpec, read_onnx_io
 from moe_export.export.manifest import Artifact
 from moe_export.serving.pbtxt import Enum, Message, parameters
 
-ONNX_TO_TRITON = {
-    "float": "TYPE_FP32",
+NUMPY_TO_TRITON = {
+    "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",
     "bfloat16": "TYPE_BF16",
     "int64": "TYPE_INT64",
@@ -28,7 +29,7 @@ ONNX_TO_TRITON = {
 
 @dataclass(frozen=True)
 class GraphTensor:
-    """One graph input or output: name, ONNX element type name (float, int64, ...), dims (None: dynamic)."""
+    """One graph input or output: name, numpy-style element type (float32, int64, ...), dims (None: dynamic)."""
 
     name: str
     elem_type: str
@@ -36,9 +37,9 @@ class GraphTensor:
 
     @property
     def triton_type(self) -> str:
-        if self.elem_type not in ONNX_TO_TRITON:
+        if self.elem_type not in NUMPY_TO_TRITON:
             raise FormatError(f"graph tensor {self.name}: element type {self.elem_type} has no Triton equivalent")
-        return ONNX_TO_TRITON[self.elem_type]
+        return NUMPY_TO_TRITON[self.elem_type]
 
     def triton_dims(self, batched: bool) -> list[int]:
         dims = self.dims[1:] if batched else self.dims
@@ -56,42 +57,14 @@ class GraphIO:
 
 
 def graph_io(artifact: Artifact) -> GraphIO:
-    """The ONNX graph's inputs/outputs (weights not loaded), checked against export.json's names."""
-    import onnx
-
-    path = artifact.onnx_path
-    if not path.is_file():
-        raise FormatError(f"{path}: missing; export.json names it as the model file")
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:  # onnx raises DecodeError and others on a damaged file
-        raise FormatError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from exc
-    initializers = {t.name for t in graph.initializer}
-    io = GraphIO(
-        tuple(_tensor(v) for v in graph.input if v.name not in initializers),
-        tuple(_tensor(v) for v in graph.output),
-    )
-    manifest = artifact.manifest
-    for side, specs, tensors in (("inputs", manifest.inputs, io.inputs), ("outputs", manifest.outputs, io.outputs)):
-        if specs and [s.name for s in specs] != [t.name for t in tensors]:
-            raise FormatError(
-                f"{artifact.path / 'export.json'}: {side} {[s.name for s in specs]} differ from the ONNX graph's "
-                f"{[t.name for t in tensors]}; re-export"
-            )
-    return io
+    """The ONNX graph's inputs/outputs (export/interface.py's reader), checked against export.json's interface."""
+    inputs, outputs = read_onnx_io(artifact.onnx_path)
+    artifact.interface.with_graph(inputs, outputs, where=f"{artifact.path / 'export.json'} vs {artifact.onnx_path}")
+    return GraphIO(tuple(_tensor(t) for t in inputs), tuple(_tensor(t) for t in outputs))
 
 
-def _tensor(value: object) -> GraphTensor:
-    import onnx
-
-    tensor_type = value.type.tensor_type  # type: ignore[attr-defined]
-    elem = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else None
-    names = {"float32": "float", "float16": "float16", "int64": "int64", "int32": "int32", "bool": "bool"}
-    elem_name = names.get(str(elem), str(elem)) if elem is not None else "undefined"
-    if tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
-        elem_name = "bfloat16"
-    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-    return GraphTensor(value.name, elem_name, dims)  # type: ignore[attr-defined]
+def _tensor(spec: TensorSpec) -> GraphTensor:
+    return GraphTensor(spec.name, spec.dtype, tuple(d if isinstance(d, int) else None for d in spec.shape))
 
 
 def tensor_entries(tensors: tuple[GraphTensor, ...], batched: bool) -> list[Message]:
@@ -133,7 +106,7 @@ def onnx_model_config(
 
 def generate_model_config(name: str, instances: int, device: str, params: dict[str, str]) -> Message:
     """Greedy generation driven inside the model: one prompt in, its new tokens out (no Triton batching)."""
-    ids: Message = [("name", "input_ids"), ("data_type", Enum("TYPE_INT64")), ("dims", -1)]
+    ids: Message = [("name", INPUT_IDS), ("data_type", Enum("TYPE_INT64")), ("dims", -1)]
     new: Message = [("name", "max_new_tokens"), ("data_type", Enum("TYPE_INT32")), ("dims", 1), ("optional", True)]
     out: Message = [("name", "output_ids"), ("data_type", Enum("TYPE_INT64")), ("dims", -1)]
     return [

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from moe_export.export.interface import INPUT_IDS
 from moe_export.export.manifest import Artifact
 from moe_export.serving.model_config import GraphIO, GraphTensor
 
 # The models written next to the scoring graph, by their name's suffix (repository.py names them).
 EXTRA_MODELS = {
     "_generate": "generates greedily inside the model (it loops over the decoder, feeding each step's present as "
-    "the next past): request `input_ids` INT64 [prompt length] and optionally `max_new_tokens` INT32 [1]; "
+    f"the next past): request `{INPUT_IDS}` INT64 [prompt length] and optionally `max_new_tokens` INT32 [1]; "
     "response `output_ids` INT64, the new tokens up to and including an EOS. Prompt ids must be in [0, vocab) and "
     "prompt plus `max_new_tokens` within the model's context (else 400 / INVALID_ARGUMENT); without "
     "`max_new_tokens`, the default is cut to the room the context leaves. No dynamic batching: a decoder step "

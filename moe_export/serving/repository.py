@@ -20,6 +20,7 @@ from typing import Any
 
 from moe_export import __version__
 from moe_export.errors import MoeExportError
+from moe_export.export.interface import INPUT_IDS, GraphInterface
 from moe_export.export.manifest import Artifact
 from moe_export.files import make_staging_dir, output_errors, replace_directory, write_text_atomic
 from moe_export.serving import model_config
@@ -168,7 +169,7 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
         model_file=artifact.manifest.model_file, op_library=op_library,
     )  # fmt: skip
     _write_config(main, config)
-    report.models[plan.name] = _describe(options.backend, plan.max_batch_size, artifact.manifest.kv_cache)
+    report.models[plan.name] = _describe(options.backend, plan.max_batch_size, artifact.interface)
 
     if artifact.manifest.kv_cache:
         gen_name = f"{plan.name}_generate"
@@ -190,7 +191,7 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
             staging / gen_name,
             model_config.generate_model_config(gen_name, options.instances, options.device, gen_params),
         )
-        report.models[gen_name] = {"backend": "python", "role": "greedy generation (input_ids -> output_ids)"}
+        report.models[gen_name] = {"backend": "python", "role": f"greedy generation ({INPUT_IDS} -> output_ids)"}
 
     if plan.engine is not None:
         trt_name = f"{plan.name}_trt"
@@ -220,8 +221,9 @@ def _limits(artifact: Artifact) -> dict[str, str]:
     return {"vocab_size": str(artifact.vocab_size()), "context_length": str(context or 0)}
 
 
-def _describe(backend: str, batch: int, kv: bool) -> dict[str, Any]:
-    role = "decoder step (past/present in and out)" if kv else "scoring (input_ids, attention_mask -> logits)"
+def _describe(backend: str, batch: int, interface: GraphInterface) -> dict[str, Any]:
+    scoring = f"scoring ({', '.join(interface.input_names())} -> {', '.join(interface.output_names())})"
+    role = "decoder step (past/present in and out)" if interface.is_decoder else scoring
     return {"backend": backend, "role": role, "max_batch_size": batch, "dynamic_batching": batch > 0}
 
 

@@ -22,7 +22,6 @@ from moe_export.errors import MoeExportError, ParityError
 from moe_export.export.manifest import Artifact
 from moe_export.files import write_text_atomic
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import random_feeds
 
@@ -182,9 +181,11 @@ def bench(
         report.notes.append(f"{base.path} is not a base-only export (export.json base_only is false)")
     if base is not None and base.dtype != artifact.dtype:
         report.notes.append(f"floor dtype {base.dtype} differs from the export's {artifact.dtype}")
-    feeds = {b: complete_feeds(random_feeds(b, seq, artifact.vocab_size(), seed), artifact.manifest) for b in batches}
-    names = set(artifact.input_names())
-    feeds = {b: {k: v for k, v in f.items() if k in names} for b, f in feeds.items()}
+    interface = artifact.interface
+    vocab = artifact.vocab_size()
+    feeds = {
+        b: interface.select(interface.complete_feeds(random_feeds(interface, b, seq, vocab, seed))) for b in batches
+    }
 
     def run_all(target: Artifact, runtime: str) -> dict[int, Latency]:
         with make_runner(runtime, target, options) as runner:

@@ -6,7 +6,7 @@ the candidate is any Runner of the export driven by `greedy_decode`, a plain loo
 contract (first step with past length 0, then one token per step feeding the presents back). Both follow
 the same right-padding rule as onnxruntime-genai: the first token comes from each row's last real token,
 new tokens are appended after the padding, attention_mask marks the pads 0 and positions count attended
-tokens (runtimes/kv.py), so every row of a padded batch generates what it would alone.
+tokens (export/interface.py), so every row of a padded batch generates what it would alone.
 
 A token mismatch is a **near-tie** when the reference's logits of its own token and of the candidate's
 token differ by no more than the logits tolerance: numerically equal choices, reported, not failed; that
@@ -27,8 +27,8 @@ import numpy as np
 from moe_export.errors import MoeExportError
 from moe_export.export.client_files import GENAI_CONFIG
 from moe_export.export.decoder import cache_argument, returned_cache
+from moe_export.export.interface import position_ids
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.kv import complete_feeds, position_ids
 from moe_export.validation.parity import Tolerance
 
 DEFAULT_NEW_TOKENS = 16
@@ -127,22 +127,21 @@ def greedy_decode(
     With `stop_ids`, decoding ends once every row has produced one of them (later tokens of a finished
     row are still decoded, as a batch must be, and are the caller's to drop).
     """
-    past_names = [t.name for t in manifest.inputs if t.name.startswith("past_key_values.")]
-    present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
+    interface = manifest.interface
     kept: list[Feeds] = []
     out: dict[str, Any] = {}
 
     def step(mask: np.ndarray, past: int, token: np.ndarray | None) -> np.ndarray:
         nonlocal out
         if token is None:
-            feeds = complete_feeds({"input_ids": prompts.input_ids.astype(np.int64), "attention_mask": mask}, manifest)
+            first = {interface.tokens_name: prompts.input_ids.astype(np.int64), interface.mask_name: mask}
+            feeds = interface.complete_feeds(first)
         else:
-            feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position_ids(mask, past)}
-            feeds.update({p: out[q] for p, q in zip(past_names, present_names, strict=True)})
+            feeds = interface.next_step_feeds(token, mask, past, out)
         if keep_feeds:
             kept.append(feeds)
         out = runner.infer(feeds)
-        return next_token_logits(np.asarray(out["logits"]), feeds["attention_mask"]).astype(np.float32)
+        return next_token_logits(np.asarray(out[interface.logits_name]), mask).astype(np.float32)
 
     tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids, advance)
     return Decoded(tokens, logits, kept)
@@ -168,7 +167,7 @@ def torch_greedy(
     stop_ids: set[int] | None = None,
     advance: Callable[[], None] | None = None,
 ) -> Decoded:
-    """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (runtimes/kv.py)."""
+    """Greedy decoding on the PyTorch model with its own KV cache, positions from the mask (export/interface.py)."""
     import torch
 
     cache = None

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from moe_export.export.decoder import cache_argument, returned_cache
+from moe_export.export.interface import position_ids
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.kv import position_ids
 from moe_export.validation.generation import (
     DEFAULT_NEW_TOKENS,
     GenerationComparison,
@@ -38,13 +38,13 @@ def reference_step_captures(model: Any, prompts: Prompts, forced: np.ndarray, st
     ids, cache, past = prompts.input_ids.astype(np.int64), None, 0
     with torch.no_grad():
         for index in range(step + 1):
-            kwargs = {
-                "input_ids": torch.from_numpy(ids),
-                "attention_mask": torch.from_numpy(mask),
-                "position_ids": torch.from_numpy(position_ids(mask, past)),
-                "use_cache": True,
-                cache_argument(model): cache,
-            }
+            kwargs = dict(  # transformers' forward arguments (not graph names)
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(position_ids(mask, past)),
+                use_cache=True,
+                **{cache_argument(model): cache},
+            )
             if index == step:
                 with record_torch_routing(model) as captured:
                     model(**kwargs)

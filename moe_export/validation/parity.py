@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_export.export.interface import LOGITS
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -107,7 +109,7 @@ def compare_func(
     rtol: float = 1e-4,
     per_output: dict[str, Tolerance] | None = None,
     min_top1: float | None = None,
-    logits_names: tuple[str, ...] = ("logits",),
+    logits_names: tuple[str, ...] = (LOGITS,),
 ) -> CompareFunc:
     """Build a comparison of (reference, candidate) output dicts.
 

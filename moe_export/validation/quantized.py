@@ -24,7 +24,6 @@ import numpy as np
 
 from moe_export.export.manifest import MANIFEST_NAME, Artifact
 from moe_export.export.quantize import EXACT_ACCURACY_LEVEL, with_accuracy_level
-from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import RunnerOptions
 
 HELDOUT_SAMPLES = 8
@@ -119,14 +118,14 @@ def quantization_cost(
     scheme = artifact.manifest.quant_scheme
     assert scheme is not None
     samples, source = heldout_inputs(artifact)
-    feeds = [
-        complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, artifact.manifest) for ids in samples
-    ]
-    reference = TorchRunner(reference_model_loader(artifact, "fp32", base_weights="original"), threads=options.threads)
+    interface = artifact.interface
+    feeds = [interface.complete_feeds({interface.tokens_name: ids}) for ids in samples]
+    loader = reference_model_loader(artifact, "fp32", base_weights="original")
+    reference = TorchRunner(loader, threads=options.threads, interface=interface)
     with reference:
-        expected = [reference.infer(f)["logits"] for f in feeds]
+        expected = [reference.infer(f)[interface.logits_name] for f in feeds]
     with runner_for_artifact(artifact, options) as runner:
-        got = [runner.infer(f)["logits"] for f in feeds]
+        got = [runner.infer(f)[interface.logits_name] for f in feeds]
     diff_sq = ref_sq = max_abs = 0.0
     agree = tokens = 0
     nll_ref = nll_q = 0.0

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import MoeExportError
+from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds
-from moe_export.runtimes.kv import complete_feeds
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.generation import DEFAULT_NEW_TOKENS, pad_token_id
@@ -64,18 +64,14 @@ def make_feeds(
 ) -> list[Feeds]:
     """The validation inputs: an .npz file, or random token ids of each (batch, seq) shape."""
     if inputs is not None:
-        return [
-            complete_feeds(
-                load_npz_feeds(inputs, artifact.input_names(), artifact.model_config("vocab_size")), artifact.manifest
-            )
-        ]
+        npz = load_npz_feeds(inputs, artifact.interface, artifact.model_config("vocab_size"))
+        return [artifact.interface.complete_feeds(npz)]
     shapes = list(shapes or DEFAULT_SHAPES)
     if not shapes:
         raise MoeExportError("no input shapes to validate with")
     vocab = artifact.vocab_size()
-    names = set(artifact.input_names())
-    feeds = [complete_feeds(random_feeds(b, s, vocab, seed), artifact.manifest) for b, s in shapes]
-    return [{k: v for k, v in f.items() if k in names} for f in feeds]
+    interface = artifact.interface
+    return [interface.select(interface.complete_feeds(random_feeds(interface, b, s, vocab, seed))) for b, s in shapes]
 
 
 def validate(
@@ -119,16 +115,17 @@ def validate(
     tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
     margin = DEFAULT_MARGIN_TOL.get(artifact.dtype, 1e-4) if margin_tol is None else margin_tol
     feeds_list = make_feeds(artifact, inputs, shapes, seed)
-    labels = [shape_label(f) for f in feeds_list]
+    labels = [shape_label(f, artifact.interface) for f in feeds_list]
     compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
     say = progress or (lambda _msg: None)
 
     reference_name, candidates = runtimes[0], runtimes[1:]
     report = ValidationReport(str(deployed.path), artifact.dtype, reference_name, candidates, tol, margin, labels)
     report.torch_dtype = options.torch_dtype
-    padded = sum(int((~v).sum()) for f in feeds_list if (v := valid_positions(f)) is not None)
+    padded = sum(int((~v).sum()) for f in feeds_list if (v := valid_positions(f, artifact.interface)) is not None)
     if padded:
-        report.notes.append(f"{padded} padded positions (attention_mask 0) are excluded: their outputs are unspecified")
+        mask = artifact.interface.mask_name
+        report.notes.append(f"{padded} padded positions ({mask} 0) are excluded: their outputs are unspecified")
     # Build every runner first so unknown/unavailable runtimes fail before any slow work.
     runners = {name: make_runner(name, artifact, options) for name in runtimes}
 
@@ -153,7 +150,7 @@ def validate(
                 start = time.perf_counter()
                 got = runner.infer(feeds)
                 seconds = time.perf_counter() - start
-                valid = valid_positions(feeds)
+                valid = valid_positions(feeds, artifact.interface)
                 result = compare(drop_padding(expected, valid), drop_padding(got, valid))
                 report.comparisons.append(RunComparison(name, label, result, seconds))
             if getattr(runner, "kernel_note", ""):  # native kernels or function bodies ran the custom ops
@@ -163,7 +160,7 @@ def validate(
         if name == "onnxruntime":
             say("capturing onnxruntime routing (debug session)")
             cand_captures = run_onnxruntime_debug(artifact.onnx_path, feeds_list, threads=options.threads)
-            valid = [valid_positions(f) for f in feeds_list]
+            valid = [valid_positions(f, artifact.interface) for f in feeds_list]
             # Unit checks keep the dtype's default tolerance: --atol/--rtol are about the model outputs.
             report.units[name] = compare_units(ref_captures, cand_captures, references, default, margin, valid)
             _note_uncaptured(report, name, ref_captures, cand_captures)
@@ -268,9 +265,9 @@ def _router_fn(module: Any) -> RouteFn | None:
     return route
 
 
-def valid_positions(feeds: Feeds) -> np.ndarray | None:
+def valid_positions(feeds: Feeds, interface: GraphInterface) -> np.ndarray | None:
     """[B, S] bool of the non-padded positions, or None when nothing is padded."""
-    mask = feeds.get("attention_mask")
+    mask = feeds.get(interface.mask_name)
     if mask is None or mask.all():
         return None
     return np.asarray(mask).astype(bool)

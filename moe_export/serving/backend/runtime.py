@@ -1,9 +1,11 @@
 """onnxruntime inside Triton's python backend: the session, batching of same-shape requests, greedy decoding.
 
 Copied into the model repository as `moe_export_runtime.py` by `moe-export triton`; imports numpy and
-onnxruntime only. The greedy loop feeds the KV-cache decoder layout of moe-export exports
-(README "Generation"): input_ids, attention_mask, position_ids and past_key_values.{i}.key/.value in,
-logits and present.{i}.key/.value out.
+onnxruntime only, so it cannot ask moe_export's graph interface (export/interface.py) for names: the request
+checks spell them (tests/test_interface.py exempts this folder for that reason; tests/test_triton.py runs these
+files on real exports, so a drift fails there), and the greedy loop takes the decoder's roles from positions,
+which that interface fixes: inputs token ids, attention mask, position ids, then the past pairs; outputs the
+logits, then the presents in the same order.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
+TOKEN_INPUTS = 3  # ids, mask, positions; the past follows
+PAST_PREFIX = "past_key_values."  # the request checks name what they check (the interface's pattern)
 ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -145,44 +147,43 @@ def _run_merged(session: Any, outputs: list[str], group: list[dict[str, np.ndarr
 def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
     """Zero-length past key/values ([batch, kv_heads, 0, head_dim]; heads and head_dim are static dims)."""
     feeds = {}
-    for spec in session.get_inputs():
-        if spec.name.startswith(PAST_PREFIX):
-            heads, head_dim = int(spec.shape[1]), int(spec.shape[3])
-            dtype = ORT_TO_NUMPY.get(spec.type)
-            if dtype is None:
-                raise ValueError(f"{spec.name}: element type {spec.type} is not supported by this model.py")
-            feeds[spec.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    for spec in session.get_inputs()[TOKEN_INPUTS:]:
+        heads, head_dim = int(spec.shape[1]), int(spec.shape[3])
+        dtype = ORT_TO_NUMPY.get(spec.type)
+        if dtype is None:
+            raise ValueError(f"{spec.name}: element type {spec.type} is not supported by this model.py")
+        feeds[spec.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
     return feeds
 
 
 def greedy(session: Any, prompt: Sequence[int], max_new_tokens: int, eos: Iterable[int] = ()) -> list[int]:
     """Greedy tokens after `prompt` (one row), through the decoder's own past/present; stops after an EOS."""
-    wanted = {spec.name for spec in session.get_inputs()}
+    inputs = [spec.name for spec in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
+    ids, mask, positions = inputs[:TOKEN_INPUTS]
+    pairs = list(zip(inputs[TOKEN_INPUTS:], outputs[1:], strict=True))  # (past, present) by position
     stop = set(eos)
     length = len(prompt)
     feeds: dict[str, np.ndarray] = {
-        "input_ids": np.asarray([prompt], dtype=np.int64),
-        "attention_mask": np.ones((1, length), dtype=np.int64),
-        "position_ids": np.arange(length, dtype=np.int64)[None],
+        ids: np.asarray([prompt], dtype=np.int64),
+        mask: np.ones((1, length), dtype=np.int64),
+        positions: np.arange(length, dtype=np.int64)[None],
         **empty_past(session, 1),
     }
     tokens: list[int] = []
     while len(tokens) < max_new_tokens:
-        step = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
-        token = int(np.argmax(step["logits"][0, -1]))
+        step = session.run(outputs, feeds)
+        token = int(np.argmax(step[0][0, -1]))  # the logits come first
         tokens.append(token)
         if token in stop:
             break
         length += 1
         feeds = {
-            "input_ids": np.asarray([[token]], dtype=np.int64),
-            "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.asarray([[length - 1]], dtype=np.int64),
+            ids: np.asarray([[token]], dtype=np.int64),
+            mask: np.ones((1, length), dtype=np.int64),
+            positions: np.asarray([[length - 1]], dtype=np.int64),
         }
-        for name, value in step.items():
-            if name.startswith(PRESENT_PREFIX):
-                feeds[PAST_PREFIX + name[len(PRESENT_PREFIX) :]] = value
+        feeds.update({past: value for (past, _), value in zip(pairs, step[1:], strict=True)})
     return tokens
 
 
