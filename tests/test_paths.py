@@ -93,7 +93,7 @@ def test_relative_sources_null_is_bad_input(tmp_path: Path) -> None:
     ("changes", "needle"),
     [
         ({"base_only": "false"}, "'base_only' is 'false', expected true or false"),
-        ({"kv_cache": 1}, "'kv_cache'"),
+        ({"custom_ops": "GroupedLoRA"}, "'custom_ops' is 'GroupedLoRA', expected a list"),
         ({"opset": "20"}, "'opset'"),
         ({"relative_sources": {"base_model": 3}}, "'relative_sources'"),
         ({"units": [{"name": "x", "kind": "linear_moe", "status": "routed", "num_experts": "4"}]}, "num_experts"),
