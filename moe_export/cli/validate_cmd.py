@@ -92,11 +92,13 @@ def validate_command(
     checks.fraction(min_top1, "--min-top1")
     checks.fraction(max_top1_drop, "--max-top1-drop")
     checks.at_least(threads, 1, "--threads")
+    checks.at_least(new_tokens, 0, "--new-tokens")
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
     if load_results is not None:
         checks.input_dir(load_results, "--load-results directory")
+    checks.outputs_apart([(report_path, "--report"), (junit_path, "--junit")], [artifact_dir, inputs, ckpt, base])
     status = err_console.status("validating", spinner="dots")
     with status:
         report = validate(

@@ -30,7 +30,7 @@ from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeU
 from moe_export.export.interface import DEFAULT_SEQUENCE_RANGE, INPUT_IDS, GraphInterface, read_onnx_io
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.export.trt_engine import import_tensorrt, require_cuda
-from moe_export.files import known_fields, make_staging_dir, replace_directory, write_bytes_atomic
+from moe_export.files import known_fields, make_staging_dir, output_errors, replace_directory, write_bytes_atomic
 from moe_export.ops.names import GROUPED_LORA, PLUGIN_ATTRIBUTES
 
 ENGINE_NAME = "model.engine"
@@ -317,11 +317,12 @@ def _write_outputs(out: Path, engine: bytes, report: dict[str, Any]) -> None:
         return
     if out.exists():
         raise MoeExportError(f"{out}: exists and is not a directory; choose another -o")
-    staging = make_staging_dir(out)
-    try:
-        (staging / ENGINE_NAME).write_bytes(engine)
-        (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_errors(out):
+        staging = make_staging_dir(out)
+        try:
+            (staging / ENGINE_NAME).write_bytes(engine)
+            (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
+            replace_directory(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

@@ -60,6 +60,7 @@ def _greedy_loop(
     new_tokens: int,
     stop_ids: set[int] | None,
     forced_tokens: np.ndarray | None = None,
+    advance: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The greedy loop of both decoders: tokens [B, N] and logits [N, B, V].
 
@@ -74,6 +75,8 @@ def _greedy_loop(
         logits.append(step(mask, past, token))
         token = logits[-1].argmax(-1).astype(np.int64) if forced_tokens is None else forced_tokens[:, index]
         tokens.append(token)
+        if advance is not None:
+            advance()
         if stop_ids and _all_stopped(tokens, stop_ids):
             break
         past = mask.shape[1]
@@ -98,6 +101,7 @@ def greedy_decode(
     new_tokens: int,
     stop_ids: set[int] | None = None,
     keep_feeds: bool = False,
+    advance: Callable[[], None] | None = None,
 ) -> Decoded:
     """Greedy decoding through the export's decoder interface; `runner` must be active.
 
@@ -123,7 +127,8 @@ def greedy_decode(
             taps.append(dict(runner.last_taps))
         return next_token_logits(np.asarray(out[interface.logits_name]), mask).astype(np.float32)
 
-    tokens, logits = _greedy_loop(step, prompts.attention_mask.astype(np.int64), new_tokens, stop_ids)
+    mask = prompts.attention_mask.astype(np.int64)
+    tokens, logits = _greedy_loop(step, mask, new_tokens, stop_ids, advance=advance)
     return Decoded(tokens, logits, kept, taps)
 
 
@@ -145,6 +150,7 @@ def torch_greedy(
     prompts: Prompts,
     new_tokens: int,
     stop_ids: set[int] | None = None,
+    advance: Callable[[], None] | None = None,
     forced_tokens: np.ndarray | None = None,
     routes: list[dict[str, ForcedRoute]] | None = None,
 ) -> Decoded:
@@ -176,7 +182,7 @@ def torch_greedy(
 
     with torch.no_grad():
         mask = prompts.attention_mask.astype(np.int64)
-        tokens, logits = _greedy_loop(step, mask, new_tokens, stop_ids, forced_tokens)
+        tokens, logits = _greedy_loop(step, mask, new_tokens, stop_ids, forced_tokens, advance)
     return Decoded(tokens, logits, taps=taps)
 
 

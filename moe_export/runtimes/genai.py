@@ -7,6 +7,7 @@ onnxruntime's library, so it must never bring a second ORT wheel.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ def genai_model_config(og: Any, export_dir: Path) -> Any:
     return config
 
 
-def genai_generate(export_dir: Any, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, float]:
-    """Greedy tokens [B, <= max_new_tokens] (rows that ended early hold genai's padding) and the seconds taken.
+def genai_generate(
+    export_dir: Any, input_ids: np.ndarray, max_new_tokens: int, advance: Callable[[], None] | None = None
+) -> tuple[np.ndarray, float]:
+    """Greedy tokens [B, <= max_new_tokens] (rows that ended early hold genai's padding) and the seconds taken;
+    `advance` is called once per generated token (a progress bar).
 
     Right-padded rows must use the export's pad_token_id: genai masks by it.
     """
@@ -64,6 +68,8 @@ def genai_generate(export_dir: Any, input_ids: np.ndarray, max_new_tokens: int) 
     generator.append_tokens(input_ids.astype(np.int32))
     while not generator.is_done():
         generator.generate_next_token()
+        if advance is not None:
+            advance()
     seconds = time.perf_counter() - start
     rows = [np.asarray(generator.get_sequence(r), dtype=np.int64)[width:] for r in range(batch)]
     length = max(len(r) for r in rows)
