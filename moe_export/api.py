@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moe_export.errors import ParityError
+from moe_export.errors import ExportError, ParityError
 from moe_export.export.onnx import ExportResult
 from moe_export.export.onnx import export_onnx as _export_only
 from moe_export.reference.loading import LoadedAdapter
@@ -33,6 +33,7 @@ def export_onnx(
     A KV-cache export ships the native kernel library when it is built or can be built here (unless
     MOE_EXPORT_KERNELS=off), so onnxruntime-genai runs the native kernels from the export folder as it is.
     """
+    check_validation_possible(options.get("dtype", "fp32"), validate)
     console = console or Console(stderr=True)
     if options.get("kv_cache", True) and not options.get("base_only") and "kernel_library" not in options:
         from moe_export.runtimes.native import session_library  # lazy: a later stage's file, located here
@@ -42,6 +43,17 @@ def export_onnx(
     if validate:
         result.validation = validate_export(result.out_dir, console, max_top1_drop)
     return result
+
+
+def check_validation_possible(dtype: str, validate: bool) -> None:
+    """Refuse, before any work, an export whose parity check cannot run: onnxruntime has no bfloat16 kernels
+    for the exported graph on the CPU, so a bf16 export with validation would be written and then fail (exit 2)
+    with the export left behind."""
+    if validate and dtype == "bf16":
+        raise ExportError(
+            "--dtype bf16: onnxruntime cannot run a bf16 export on the CPU, so its parity cannot be checked; "
+            "pass --no-validate to export it without the check"
+        )
 
 
 def validate_export(out_dir: Path, console: Console, max_top1_drop: float | None = None) -> Any:

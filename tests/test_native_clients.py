@@ -22,9 +22,9 @@ from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.ops.names import DOMAIN
 from moe_export.runtimes import native
+from moe_export.runtimes.decoding import Prompts, torch_reference
 from moe_export.runtimes.native import library as native_library
 from moe_export.runtimes.torch_runner import reference_model_loader
-from moe_export.validation.generation import Prompts, torch_reference
 from tests.artifacts import shared_export
 from tests.conftest import native_library_or_skip
 from tests.genai_check import genai_greedy
@@ -99,7 +99,7 @@ def test_generate_gives_genai_the_library_of_an_export_without_one(
 ) -> None:
     """An export written without the library (older, or made where none was built) still runs natively under
     `moe-export generate --runtime onnxruntime-genai`: this machine's library comes in through a config overlay."""
-    from moe_export.validation.generate_run import generate
+    from moe_export.runtimes.generate import generate
 
     monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)
     monkeypatch.setattr(native_library, "_session_library", {})

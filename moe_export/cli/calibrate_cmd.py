@@ -67,6 +67,7 @@ def calibrate_cmd(
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
     checks.writable_files((out, "-o"))
+    checks.outputs_apart([(out, "-o")], [ckpt, base, data])
     if data is not None and not data.is_file():
         raise MoeExportError(f"--data {data}: calibration text file not found")
     check_forward(forward, device)

@@ -40,7 +40,7 @@ def merge_cmd(
     the reference one decoder layer at a time by default (--forward); the merged weights stream shard by shard.
     """
     from moe_export.errors import MergeError
-    from moe_export.files import check_writable
+    from moe_export.files import check_not_input, check_writable
     from moe_export.merging.apply import merge, save_merged
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
@@ -53,9 +53,10 @@ def merge_cmd(
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
-    if out.exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an empty one (a mount point) is fine
         raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
     check_writable(out, "-o", directory=True)
+    check_not_input(out, "-o", [ckpt, base, stats_path, data], directory=True)
     if data is not None and not data.is_file():
         raise MergeError(f"--data {data}: calibration text file not found")
     check_forward(forward, device)

@@ -68,9 +68,10 @@ def onnx_command(
 
     With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
-    from moe_export.api import export_onnx
+    from moe_export.api import check_validation_possible, export_onnx
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
     from moe_export.export.quantize import check_quantize_options
+    from moe_export.files import check_not_input
     from moe_export.merging.layerwise import check_forward, choose_streaming
     from moe_export.merging.plan import check_options
     from moe_export.reference.loading import attach_model, load_without_model
@@ -80,6 +81,7 @@ def onnx_command(
     if data is not None and not data.is_file():
         raise MoeExportError(f"{data}: calibration data file not found (--data)")
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
+    check_validation_possible(dtype, not no_validate)
     check_quantize_options(quantize, block_size, dtype)
     checks.fraction(max_top1_drop, "--max-top1-drop")
     if max_top1_drop is not None and (quantize is None or no_validate):
@@ -91,6 +93,7 @@ def onnx_command(
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
+    check_not_input(out, "-o", [ckpt, base, data], directory=True)
     check_out_dir(out.resolve(), force)
     check_forward(forward, device)
     # The CLI exits after the export, so it hands the model over (consume=True: folds and the cast happen in
@@ -99,6 +102,7 @@ def onnx_command(
     # Otherwise fp32, cast in place after the folds (a fp32 base loaded in fp16 would round W twice).
     # --base-only exports the base model alone and builds no adapter model.
     loaded = load_without_model(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
+    check_not_input(out, "-o", [loaded.base_model_path], directory=True)  # the base the checkpoint names
     if not base_only:
         merging = merge_threshold is not None or merge_budget is not None
         direct = not merging and _stored_dtypes(loaded.base_model_path) == {TORCH_DTYPES[dtype]}

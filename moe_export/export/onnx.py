@@ -33,14 +33,21 @@ from moe_export.export.decoder import trace_decoder
 from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
-from moe_export.export.onnx_ops import MIN_OPSET, function_bodies, translation_table
+from moe_export.export.onnx_ops import MAX_OPSET, MIN_OPSET, function_bodies, translation_table
 from moe_export.export.quantize import (
     DEFAULT_BLOCK_SIZE,
     base_linear_names,
     check_quantize_options,
     quantize_saved_model,
 )
-from moe_export.files import check_writable, make_staging_dir, replace_directory, replace_files
+from moe_export.files import (
+    check_not_input,
+    check_writable,
+    make_staging_dir,
+    output_errors,
+    replace_directory,
+    replace_files,
+)
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, load_base_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -141,6 +148,8 @@ def export_onnx(
     check_quantize_options(quantize, block_size, dtype)
     out_dir = Path(out_dir).resolve()
     ours = check_out_dir(out_dir, force)
+    # the base a checkpoint names is known only now: -o must not be it, or inside it, either
+    check_not_input(out_dir, "-o", [loaded.checkpoint, loaded.base_model_path, calibration_data], directory=True)
     if loaded.model is None and not base_only:
         raise ExportError(
             f"{loaded.checkpoint}: this LoadedAdapter has no model (an earlier export_onnx(consume=True) took it, "
@@ -171,53 +180,54 @@ def export_onnx(
         model = _prepare_model(source, loaded, dtype, base_only, consume)
         del source
         units = [] if base_only else _unit_records(original, model)
-        tmp = make_staging_dir(out_dir)
-        try:
-            status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
-            routed = {u.name for u in units if u.status == "routed"}
-            interface = GraphInterface.for_model(model.config, kv_cache, GRAPH_DTYPES[dtype])
-            model_path, program = _export(model, tmp, opset, routed, interface)
-            fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
-            scheme = None
-            if quantize is not None:
-                status.update(f"quantizing the base weights ({quantize}, blocks of {block_size})")
-                scheme = quantize_saved_model(model_path, base_linear_names(model), quantize, block_size)
-            status.update("checking the ONNX model")
-            _check_saved(model_path, units)
-            interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
-            manifest = ExportManifest(
-                moe_export_version=__version__,
-                source_checkpoint=str(Path(loaded.checkpoint).resolve()),
-                base_model=str(Path(loaded.base_model_path).resolve()),
-                relative_sources={
-                    "source_checkpoint": portable_path(loaded.checkpoint, out_dir),
-                    "base_model": portable_path(loaded.base_model_path, out_dir),
-                },
-                family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
-                dtype=dtype,
-                opset=opset,
-                model_file=MODEL_FILE,
-                external_data=EXTERNAL_DATA_FILE if (tmp / EXTERNAL_DATA_FILE).exists() else None,
-                base_only=base_only,
-                load_options={"top_k": loaded.options.top_k, "task_id": loaded.options.task_id},
-                units=units,
-                merge_plan=merge_plan,
-                interface=interface,
-                custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
-                copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
-                quantization=scheme.to_dict() if scheme is not None else None,
-            )
-            if interface.is_decoder:
-                library = kernel_library if manifest.custom_ops else None
-                manifest.copied_files += write_client_files(tmp, model.config, interface, MODEL_FILE, library)
-            manifest.save(tmp)
-            if ours is None:
-                replace_directory(tmp, out_dir)
-            else:
-                replace_files(tmp, out_dir, ours, MANIFEST_NAME)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with output_errors(out_dir):  # a full disk or read-only -o: one line naming -o, exit 2
+            tmp = make_staging_dir(out_dir)
+            try:
+                status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
+                routed = {u.name for u in units if u.status == "routed"}
+                interface = GraphInterface.for_model(model.config, kv_cache, GRAPH_DTYPES[dtype])
+                model_path, program = _export(model, tmp, opset, routed, interface)
+                fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
+                scheme = None
+                if quantize is not None:
+                    status.update(f"quantizing the base weights ({quantize}, blocks of {block_size})")
+                    scheme = quantize_saved_model(model_path, base_linear_names(model), quantize, block_size)
+                status.update("checking the ONNX model")
+                _check_saved(model_path, units)
+                interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
+                manifest = ExportManifest(
+                    moe_export_version=__version__,
+                    source_checkpoint=str(Path(loaded.checkpoint).resolve()),
+                    base_model=str(Path(loaded.base_model_path).resolve()),
+                    relative_sources={
+                        "source_checkpoint": portable_path(loaded.checkpoint, out_dir),
+                        "base_model": portable_path(loaded.base_model_path, out_dir),
+                    },
+                    family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
+                    dtype=dtype,
+                    opset=opset,
+                    model_file=MODEL_FILE,
+                    external_data=EXTERNAL_DATA_FILE if (tmp / EXTERNAL_DATA_FILE).exists() else None,
+                    base_only=base_only,
+                    load_options={"top_k": loaded.options.top_k, "task_id": loaded.options.task_id},
+                    units=units,
+                    merge_plan=merge_plan,
+                    interface=interface,
+                    custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
+                    copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
+                    quantization=scheme.to_dict() if scheme is not None else None,
+                )
+                if interface.is_decoder:
+                    library = kernel_library if manifest.custom_ops else None
+                    manifest.copied_files += write_client_files(tmp, model.config, interface, MODEL_FILE, library)
+                manifest.save(tmp)
+                if ours is None:
+                    replace_directory(tmp, out_dir)
+                else:
+                    replace_files(tmp, out_dir, ours, MANIFEST_NAME)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
@@ -228,6 +238,10 @@ def check_export_options(
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset}: the GroupedLoRA function body needs opset >= {MIN_OPSET}")
+    if opset > MAX_OPSET:
+        raise ExportError(
+            f"--opset {opset}: torch's ONNX exporter writes opsets {MIN_OPSET}..{MAX_OPSET}; pass one of those"
+        )
     if threshold is not None and budget is not None:
         raise ExportError("--merge-threshold and --merge-budget are exclusive: pass one")
     if base_only and (threshold is not None or budget is not None):

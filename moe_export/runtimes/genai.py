@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def genai_generate(export_dir: Any, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, float]:
-    """Greedy tokens [B, <= max_new_tokens] (rows that ended early hold genai's padding) and the seconds taken.
+def genai_generate(
+    export_dir: Any, input_ids: np.ndarray, max_new_tokens: int, advance: Callable[[], None] | None = None
+) -> tuple[np.ndarray, float]:
+    """Greedy tokens [B, <= max_new_tokens] (rows that ended early hold genai's padding) and the seconds taken;
+    `advance` is called once per generated token (a progress bar).
 
     Right-padded rows must use the export's pad_token_id: genai masks by it.
     """
@@ -80,10 +83,12 @@ def genai_generate(export_dir: Any, input_ids: np.ndarray, max_new_tokens: int) 
             model = stack.enter_context(genai_model(og, Path(export_dir)))
         except Exception as exc:  # genai raises plain RuntimeError with its own message
             raise FormatError(f"{export_dir}: onnxruntime-genai cannot load the export ({str(exc)[:300]})") from exc
-        return _greedy(og, model, input_ids, max_new_tokens)
+        return _greedy(og, model, input_ids, max_new_tokens, advance)
 
 
-def _greedy(og: Any, model: Any, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, float]:
+def _greedy(
+    og: Any, model: Any, input_ids: np.ndarray, max_new_tokens: int, advance: Callable[[], None] | None
+) -> tuple[np.ndarray, float]:
     batch, width = input_ids.shape
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=width + max_new_tokens, do_sample=False, batch_size=batch)
@@ -92,6 +97,8 @@ def _greedy(og: Any, model: Any, input_ids: np.ndarray, max_new_tokens: int) -> 
     generator.append_tokens(input_ids.astype(np.int32))
     while not generator.is_done():
         generator.generate_next_token()
+        if advance is not None:
+            advance()
     seconds = time.perf_counter() - start
     rows = [np.asarray(generator.get_sequence(r), dtype=np.int64)[width:] for r in range(batch)]
     length = max(len(r) for r in rows)
