@@ -205,14 +205,17 @@ def test_an_already_built_reference_is_judged_with_route_replay(export_dir: Path
     from moe_export.runtimes.torch_runner import TorchRunner, reference_model_loader
 
     model = reference_model_loader(Artifact.open(export_dir), "fp32")()
-    names = ("input_ids", "attention_mask", "position_ids")
     report = moe_export.validate(
-        export_dir, new_tokens=0, reference_runner=TorchRunner(lambda: model, input_names=names)
+        export_dir,
+        new_tokens=0,
+        reference_runner=TorchRunner(lambda: model, interface=Artifact.open(export_dir).interface),
     )
     assert report.passed and report.units["onnxruntime"], report.failures()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(1.01)  # a substituted base weight
     report = moe_export.validate(
-        export_dir, new_tokens=0, reference_runner=TorchRunner(lambda: model, input_names=names)
+        export_dir,
+        new_tokens=0,
+        reference_runner=TorchRunner(lambda: model, interface=Artifact.open(export_dir).interface),
     )
     assert not report.passed and "logits" in " ".join(report.failures())
