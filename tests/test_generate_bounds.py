@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_export.cli import app
-from moe_export.validation import generate_run
+from moe_export.runtimes import generate as generate_run
 from tests.artifacts import sample_export
 from tests.conftest import SAMPLES
 
