@@ -18,6 +18,7 @@ import onnx
 import pytest
 
 from moe_export.export.client_files import GENAI_CONFIG, write_client_files
+from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.ops.names import DOMAIN
 from moe_export.runtimes import native
@@ -121,10 +122,11 @@ def test_client_files_without_a_library_name_none(tmp_path: Path, library: Path)
 
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
     (tmp_path / "without").mkdir()
-    written = write_client_files(tmp_path / "without", config, "model.onnx")
+    interface = GraphInterface.for_model(config, kv_cache=True)
+    written = write_client_files(tmp_path / "without", config, interface, "model.onnx")
     assert "session_options" not in json.loads((tmp_path / "without" / GENAI_CONFIG).read_text())["model"]["decoder"]
     assert not (tmp_path / "without" / library.name).exists() and library.name not in written
     (tmp_path / "with").mkdir()
-    assert library.name in write_client_files(tmp_path / "with", config, "model.onnx", library)
+    assert library.name in write_client_files(tmp_path / "with", config, interface, "model.onnx", library)
     assert (tmp_path / "with" / library.name).is_file()
     assert _session_options(tmp_path / "with") == {"custom_ops_library": library.name}
