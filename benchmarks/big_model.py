@@ -11,10 +11,13 @@ wall time, CPU time (user + sys) and the size of what it wrote.
 
 Presets:
   1b   hidden 2048, 22 layers, intermediate 5632, 32 heads / 4 kv heads, vocab 32000 (1.10B parameters), E=8, r=8
-       steps: onnx-fp32, onnx-fp16 (both --no-validate), onnx-fp32-validate, onnx-fp16-validate
+       steps: onnx-fp32, onnx-fp16 (both --no-validate), validate-fp32, validate-fp16 (`validate` alone on those
+       exports, layer-streamed reference; validate-fp32-whole: --reference whole), onnx-fp32-validate,
+       onnx-fp16-validate (export then validate in one process)
   7b   hidden 4096, 32 layers, intermediate 11008, 32 heads / 32 kv heads, vocab 32000 (6.74B parameters), E=8, r=16
        steps: calibrate (--samples/--seq-len), merge (--stats, --no-eval, streaming writer), onnx-merged
-       (`onnx merged/adapter --dtype bf16 --no-validate`: the merged base plus the units that stay routed)
+       (`onnx merged/adapter --dtype bf16 --no-validate`: the merged base plus the units that stay routed);
+       also onnx-fp16 then validate-fp16 (the unmerged adapter in the dtype ORT CPU runs, validated: --steps)
 
     python benchmarks/big_model.py --preset 1b [--steps onnx-fp32,onnx-fp16] [--json out.json]
     python benchmarks/big_model.py --preset 7b --samples 8 --seq-len 64 [--keep]
@@ -78,7 +81,7 @@ PRESETS = {
     ),
 }
 STEPS = {
-    "1b": ("onnx-fp32", "onnx-fp16", "onnx-fp32-validate", "onnx-fp16-validate"),
+    "1b": ("onnx-fp32", "onnx-fp16", "validate-fp32", "validate-fp16"),
     "7b": ("calibrate", "merge", "onnx-merged"),
 }
 
@@ -188,6 +191,14 @@ def size_mib(path: Path) -> float:
 def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace) -> tuple[list[str], Path]:
     """The command line of one step and the file or directory it writes."""
     ckpt, out = root / "ckpt", root / step
+    if step.startswith("validate-"):
+        # validate-fp32[-whole]: `validate` alone on the kept `onnx-fp32` export (run that step with --keep first).
+        _, dtype, *whole = step.split("-")
+        export = root / f"onnx-{dtype}"
+        if not (export / "export.json").is_file():
+            raise SystemExit(f"{step}: no export at {export}; run --steps onnx-{dtype} --keep first")
+        flags = ["--reference", "whole"] if whole else []
+        return [*cli, "validate", str(export), *flags, "--report", str(root / f"{step}.json")], root / f"{step}.json"
     if step.startswith("onnx-fp"):
         dtype = step.split("-")[1]
         flags = [] if step.endswith("-validate") else ["--no-validate"]
@@ -249,6 +260,7 @@ def main() -> None:
     cli = [shutil.which("moe-export") or "moe-export"]
     floor = [sys.executable, "-c", "import torch, transformers, moe_export.cli, moe_export.export.onnx"]
     figures["import_floor_mib"] = measure(floor, root / "floor.log")["peak_rss_mib"]
+    validated = {f"onnx-{s.split('-')[1]}" for s in steps if s.startswith("validate-")}  # kept for validate-*
     for step in steps:
         command, out = step_command(step, root, cli, args)
         if out.is_dir():
@@ -261,12 +273,17 @@ def main() -> None:
             manifest = out / "export.json"
             if manifest.is_file():
                 result["external_data"] = json.loads(manifest.read_text()).get("external_data")
+        if step.startswith("validate-") and out.is_file():
+            result["passed"] = json.loads(out.read_text()).get("passed")
+            export = root / f"onnx-{step.split('-')[1]}"
+            result["export_mib"] = size_mib(export)  # the weights validate runs (plus the small graph files)
+            result["peak_over_export"] = result["peak_rss_mib"] / result["export_mib"]  # type: ignore[operator]
         if step == "calibrate" and out.is_file():
             stats = json.loads(out.read_text())
             result["tokens"] = stats.get("tokens")
         figures[step] = result
         print(json.dumps(result, indent=1), flush=True)
-        if not args.keep and step not in ("calibrate", "merge") and out.exists():
+        if not args.keep and step not in ("calibrate", "merge", *validated) and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         if result["rc"] != 0:
             break

@@ -78,6 +78,13 @@ def validate_command(
     load_results: Path | None = typer.Option(
         None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
     ),
+    reference: str = typer.Option(
+        "streamed",
+        "--reference",
+        help="How the torch reference runs: streamed (one decoder layer's weights in memory at a time, after the "
+        "candidates have freed theirs) or whole (the whole model in memory; also used where streaming cannot run: "
+        "quantized or merge-plan exports, bases without safetensors).",
+    ),
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
     from moe_export.runtimes.registry import RunnerOptions
@@ -94,6 +101,7 @@ def validate_command(
     checks.at_least(threads, 1, "--threads")
     checks.at_least(new_tokens, 0, "--new-tokens")
     checks.one_of(device, ("cpu", "cuda"), "--device")
+    checks.one_of(reference, ("streamed", "whole"), "--reference")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
     if load_results is not None:
@@ -118,5 +126,6 @@ def validate_command(
             base_model=base,
             save_results=save_results,
             load_results=load_results,
+            reference=reference,
         )
     finish_report(report, as_json, [(report_path, report.write_json), (junit_path, report.write_junit)])

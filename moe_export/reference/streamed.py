@@ -29,7 +29,7 @@ from torch import nn
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.ir import Adapter, Unit
-from moe_export.reference.model import apply_adapter
+from moe_export.reference.model import ReferenceUnit, apply_adapter, reference_units
 
 LAYERS_PATH = "model.layers"  # the decoder stack of every supported architecture (architectures.py)
 MLP = "mlp"  # a decoder layer's feed-forward block: loaded and run apart from the attention half
@@ -123,6 +123,17 @@ class StreamedReference:
         self.layers: nn.ModuleList = self.model.get_submodule(LAYERS_PATH)
         self.units_by_layer = self._units_by_layer(adapter.units)
 
+    def units(self) -> dict[str, ReferenceUnit]:
+        """Every adapter unit's router and expert weights as the reference modules hold them, without any base
+        weight: the adapter modules are built over a second weightless (meta) skeleton, kept apart from the one
+        `part` loads layers into."""
+        import transformers
+
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        apply_adapter(skeleton, self.adapter, task_id=self.task_id)
+        return reference_units(skeleton)
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -170,10 +181,15 @@ class StreamedReference:
                 return name
         raise AssertionError("module is not part of the model")
 
-    @torch.no_grad()
     def embed(self, inputs: list[torch.Tensor]) -> list[SampleState]:
-        """Embed each [1, L] sample and record what the model passes every decoder layer for it; the embedding
-        weights are freed afterwards (a tied head loads them again)."""
+        """Embed each [1, L] sample (every token attended) and record what the model passes every decoder layer for
+        it; the embedding weights are freed afterwards (a tied head loads them again)."""
+        return self.embed_calls([{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in inputs])
+
+    @torch.no_grad()
+    def embed_calls(self, inputs: list[dict[str, torch.Tensor]]) -> list[SampleState]:
+        """`embed` for batches [B, L] with the keyword inputs the whole model would get (input_ids, and
+        attention_mask / position_ids when given): padding and positions reach every layer as in the whole model."""
         embed = self.model.get_input_embeddings()
         inner = self.model.get_submodule(LAYERS_PATH.rpartition(".")[0])
         self._load_module(self._name_of(embed), embed)
@@ -186,10 +202,9 @@ class StreamedReference:
         try:
             for i in range(len(real_layers)):
                 self.layers[i] = _LayerProbe(calls[i], last=i == len(real_layers) - 1)
-            for ids in inputs:
-                ids = ids.to(self.device)
+            for kwargs in inputs:
                 with contextlib.suppress(_StopForward):
-                    inner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                    inner(**{k: v.to(self.device) for k, v in kwargs.items()}, use_cache=False)
         finally:
             for i, layer in enumerate(real_layers):
                 self.layers[i] = layer

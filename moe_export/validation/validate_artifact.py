@@ -10,7 +10,7 @@ every routed op is checked on the candidate's own inputs (validation/replay.py, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,22 @@ from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact
 from moe_export.reference.model import ReferenceUnit
 from moe_export.runtimes.base import Feeds, Runner
-from moe_export.runtimes.decoding import pad_token_id
+from moe_export.runtimes.decoding import Prompts, pad_token_id
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts
-from moe_export.validation.generation_units import check_generation, decode_candidate
+from moe_export.validation.generation_units import GenerationJobs, check_generation, decode_candidate, generation_jobs
 from moe_export.validation.parity import CompareFunc, Tolerance, compare_func
 from moe_export.validation.quantized import exact_arithmetic_artifact, quantization_cost
+from moe_export.validation.reference_run import (
+    Job,
+    Reference,
+    Replayed,
+    StreamedReference,
+    WholeReference,
+    check_mode,
+    streamable,
+)
 from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes
 from moe_export.validation.report import RunComparison, ValidationReport
 from moe_export.validation.results import RunResult
@@ -91,6 +100,7 @@ def validate(
     load_results: str | Path | None = None,
     reference_runner: Runner | None = None,
     max_top1_drop: float | None = None,
+    reference: str = "streamed",
 ) -> ValidationReport:
     """Run `runtimes[1:]` on an export directory, then judge each against `runtimes[0]` run with its routing replayed.
 
@@ -99,16 +109,80 @@ def validate(
     them from there instead of running the candidates (validation/results.py). `reference_runner` (inactive) stands
     in for `runtimes[0]`: e.g. a TorchRunner over an already-built model, or one with substituted base weights
     (a dequantized int4 base), so any reference model gets the same route replay and judgement.
+    `reference`: "streamed" (default) runs the torch reference one decoder layer part at a time, after the
+    candidates have run and freed their sessions, so validating holds about one copy of the weights (the
+    candidate's); "whole" builds the whole reference model (validation/reference_run.py).
     A quantized export (`onnx --quantize`) is checked in two parts (validation/quantized.py): its arithmetic
     against the reference with its dequantized base weights, at the fp32 tolerance, and the quantization's
     cost against the fp32 reference on held-out text (a gate only with `max_top1_drop`)."""
-    runtimes = list(dict.fromkeys(runtimes))
-    if len(runtimes) < 2:
-        raise MoeExportError(
-            f"--runtimes {','.join(runtimes)}: name at least two runtimes (the first is the reference)"
+    plan = _plan(artifact_dir, runtimes, checkpoint, base_model, options, reference, max_top1_drop, save_results,
+                 load_results)  # fmt: skip
+    artifact, options = plan.artifact, plan.options
+    default = DEFAULT_TOLERANCES.get(artifact.dtype, DEFAULT_TOLERANCES["fp32"])
+    tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
+    say = progress or (lambda _msg: None)
+    ref = reference_runner or make_runner(plan.reference_name, artifact, options)
+    judge_with = _reference(artifact, ref, options, plan.mode, routing and reference_runner is None)
+    replay = routing and not artifact.base_only and (isinstance(judge_with, StreamedReference) or
+                                                     callable(getattr(ref, "units", None)))  # fmt: skip
+    generate = artifact.manifest.kv_cache and new_tokens > 0
+    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
+    if load_results is not None:
+        results = {name: RunResult.load(load_results, name) for name in plan.candidates}
+        prompts = prompts if all(r.generation for r in results.values()) else []  # judged as they were run
+    else:
+        feeds_list = make_feeds(artifact, inputs, shapes, seed)
+        results = run_candidates(plan, feeds_list, prompts, new_tokens, replay, save_results, say)
+    report = _new_report(plan.deployed, artifact.dtype, plan.reference_name, tol, results, replay, options)
+    if isinstance(judge_with, StreamedReference):
+        report.notes.append("reference: layer-streamed (one decoder layer part's weights in memory at a time)")
+    elif plan.mode == "streamed" and plan.why_whole:
+        report.notes.append(f"reference: whole model ({plan.why_whole})")
+    say(f"running the reference ({plan.reference_name}) with each candidate's routing replayed")
+    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
+    with judge_with:
+        judge_all(report, judge_with, results, prompts, compare, artifact, default, tol)
+    if plan.deployed.manifest.quant_scheme is not None:
+        say("measuring the quantization's cost against the fp32 reference (held-out text)")
+        report.notes.append(
+            f"{plan.deployed.manifest.quant_scheme.scheme} export: parity is against the reference with the export's "
+            "dequantized base weights, the export computing in fp32 (MatMulNBits accuracy level 0)"
         )
+        report.quantization = quantization_cost(plan.deployed, options, max_top1_drop)
+    return report
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one validation runs, checked before anything slow: the export (and its exact-arithmetic copy), the
+    runner options, the reference and the candidates (their runners built, so unknown runtimes fail first)."""
+
+    deployed: Artifact
+    artifact: Artifact
+    options: RunnerOptions
+    reference_name: str
+    candidates: dict[str, Runner]
+    mode: str
+    why_whole: str
+
+
+def _plan(
+    artifact_dir: str | Path,
+    runtimes: Sequence[str],
+    checkpoint: str | Path | None,
+    base_model: str | Path | None,
+    options: RunnerOptions | None,
+    mode: str,
+    max_top1_drop: float | None,
+    save_results: str | Path | None,
+    load_results: str | Path | None,
+) -> _Plan:
+    names = list(dict.fromkeys(runtimes))
+    if len(names) < 2:
+        raise MoeExportError(f"--runtimes {','.join(names)}: name at least two runtimes (the first is the reference)")
     if save_results is not None and load_results is not None:
         raise MoeExportError("--save-results and --load-results are exclusive")
+    check_mode(mode)
     deployed = Artifact.open(artifact_dir, checkpoint, base_model)
     if max_top1_drop is not None and deployed.manifest.quant_scheme is None:
         raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
@@ -116,57 +190,70 @@ def validate(
     options = options or RunnerOptions()
     if options.torch_dtype is None:
         options = replace(options, torch_dtype=REFERENCE_DTYPE)
-    default = DEFAULT_TOLERANCES.get(artifact.dtype, DEFAULT_TOLERANCES["fp32"])
-    tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
-    say = progress or (lambda _msg: None)
-    reference_name, candidates = runtimes[0], runtimes[1:]
-    feeds_list = make_feeds(artifact, inputs, shapes, seed) if load_results is None else []
-    # Build every runner first so unknown/unavailable runtimes fail before any slow work.
-    runners = {name: make_runner(name, artifact, options) for name in candidates}
-    reference = reference_runner or make_runner(reference_name, artifact, options)
-    replay = routing and not artifact.base_only and callable(getattr(reference, "units", None))
-    generate = artifact.manifest.kv_cache and new_tokens > 0
-    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
-    if load_results is not None:
-        results = {name: RunResult.load(load_results, name) for name in candidates}
-        prompts = prompts if all(r.generation for r in results.values()) else []  # judged as they were run
-    else:
-        results = {}
-        for name in candidates:
-            say(f"running {name}")
-            results[name] = run_candidate(runners[name], feeds_list, artifact.interface, taps=replay)
-            if prompts:
-                say(f"greedy generation on {name} ({new_tokens} tokens)")
-                fresh = make_runner(name, artifact, options)
-                results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
-            if save_results is not None:
-                results[name].save(save_results)
-    report = _new_report(deployed, artifact.dtype, reference_name, tol, results, replay, options)
-    say(f"running the reference ({reference_name}) with each candidate's routing replayed")
-    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
-    if replay:
-        reference.request_taps()
-    with reference:
-        units = reference.units() if replay else {}  # type: ignore[attr-defined]
-        for result in results.values():
-            judge_run(report, reference, result, units, compare, artifact, default)
-        model = getattr(reference, "model", None)
-        if prompts and model is None:
-            report.notes.append("generation parity needs a torch reference: not compared")
-        elif prompts:
-            say(f"comparing greedy generation ({new_tokens} tokens)")
-            for name, result in results.items():
-                report.generation += check_generation(
-                    model, name, result.generation, prompts, tol, pad_token_id(artifact.path), units, artifact.dtype
-                )
-    if deployed.manifest.quant_scheme is not None:
-        say("measuring the quantization's cost against the fp32 reference (held-out text)")
-        report.notes.append(
-            f"{deployed.manifest.quant_scheme.scheme} export: parity is against the reference with the export's "
-            "dequantized base weights, the export computing in fp32 (MatMulNBits accuracy level 0)"
-        )
-        report.quantization = quantization_cost(deployed, options, max_top1_drop)
-    return report
+    candidates = {name: make_runner(name, artifact, options) for name in names[1:]}
+    return _Plan(deployed, artifact, options, names[0], candidates, mode, streamable(artifact))
+
+
+def _reference(artifact: Artifact, runner: Runner, options: RunnerOptions, mode: str, may_stream: bool) -> Reference:
+    """The layer-streamed torch reference when asked for and possible (a torch reference of a streamable export),
+    else `runner` run whole."""
+    if mode == "streamed" and may_stream and runner.name == "torch" and not streamable(artifact):
+        return StreamedReference(artifact, options)
+    return WholeReference(runner, replay=True)
+
+
+def run_candidates(
+    plan: _Plan,
+    feeds_list: list[Feeds],
+    prompts: list[Prompts],
+    new_tokens: int,
+    replay: bool,
+    save_results: str | Path | None,
+    say: ProgressCallback,
+) -> dict[str, RunResult]:
+    """Each candidate's RunResult; one session at a time, each freed before the next (and before the reference)."""
+    results = {}
+    artifact = plan.artifact
+    for name, runner in plan.candidates.items():
+        say(f"running {name}")
+        results[name] = run_candidate(runner, feeds_list, artifact.interface, taps=replay)
+        if prompts:
+            say(f"greedy generation on {name} ({new_tokens} tokens)")
+            fresh = make_runner(name, artifact, plan.options)
+            results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
+        if save_results is not None:
+            results[name].save(save_results)
+    return results
+
+
+def judge_all(
+    report: ValidationReport,
+    reference: Reference,
+    results: dict[str, RunResult],
+    prompts: list[Prompts],
+    compare: CompareFunc,
+    artifact: Artifact,
+    unit_tol: Tolerance,
+    tol: Tolerance,
+) -> None:
+    """Every candidate's scoring runs and decodes against the reference: all their reference jobs run in one
+    pass (one read of the weights when streamed), then each is judged."""
+    units, interface = reference.units, artifact.interface
+    scoring = {name: [Job(f, forced_routes(t, units) if units and r.tapped else None)
+                      for f, t in zip(r.feeds, r.taps, strict=True)] for name, r in results.items()}  # fmt: skip
+    decoding = {name: generation_jobs(r.generation, prompts, units, interface) if prompts else []
+                for name, r in results.items()}  # fmt: skip
+    jobs = [j for name in results for j in scoring[name] + _flat(decoding[name])]
+    replayed = iter(reference.run(jobs))
+    for name, result in results.items():
+        judge_run(report, [next(replayed) for _ in scoring[name]], result, units, compare, artifact, unit_tol)
+        gen = [next(replayed) for _ in _flat(decoding[name])]
+        if decoding[name]:
+            report.generation += check_generation(reference, name, decoding[name], gen, tol, interface, artifact.dtype)
+
+
+def _flat(jobs: list[GenerationJobs]) -> list[Job]:
+    return [j for g in jobs for j in ((g.replay, g.own) if g.replay is not None else (g.own,))]
 
 
 def _new_report(
@@ -208,38 +295,34 @@ def run_candidate(runner: Runner, feeds_list: list[Feeds], interface: GraphInter
 
 def judge_run(
     report: ValidationReport,
-    reference: Runner,
+    replayed: list[Replayed],
     result: RunResult,
     units: dict[str, ReferenceUnit],
     compare: CompareFunc,
     artifact: Artifact,
     unit_tol: Tolerance,
 ) -> None:
-    """Run the reference on each of `result`'s inputs with its routing replayed, and judge outputs and units.
+    """Judge `result`'s outputs and units against the reference's runs of its inputs with its routing replayed.
 
     Unit checks keep the dtype's default tolerance: --atol/--rtol are about the model outputs."""
     per_unit: dict[str, UnitComparison] = {}
-    replayed = result.tapped and bool(units)
-    for feeds, label, got, taps, seconds in zip(
-        result.feeds, result.labels, result.outputs, result.taps, result.seconds, strict=True
+    replay = result.tapped and bool(units)
+    for feeds, label, got, taps, seconds, ran in zip(
+        result.feeds, result.labels, result.outputs, result.taps, result.seconds, replayed, strict=True
     ):
-        if replayed:
-            reference.forced_routes = forced_routes(taps, units)  # type: ignore[attr-defined]
-        expected = reference.infer(feeds)
         valid = valid_positions(feeds, artifact.interface)
-        compared = compare(drop_padding(expected, valid), drop_padding(got, valid))
+        compared = compare(drop_padding(ran.outputs, valid), drop_padding(got, valid))
         before = {n: u.flip_count for n, u in per_unit.items()}
-        if replayed:
+        if replay:
             seq = int(np.asarray(feeds[artifact.interface.tokens_name]).shape[1])
             layout = TokenLayout(label, seq, None if valid is None else valid.reshape(-1))
-            compare_taps(per_unit, taps, reference.last_taps, units, artifact.dtype, unit_tol, layout)
+            compare_taps(per_unit, taps, ran.taps, units, artifact.dtype, unit_tol, layout)
             if not compared.passed:
-                compared.messages.append(first_diverging_unit(taps, reference.last_taps, units, unit_tol))
+                compared.messages.append(first_diverging_unit(taps, ran.taps, units, unit_tol))
         flips = [f for u in per_unit.values() for f in u.flips if f.input == label]
         count = sum(u.flip_count - before.get(n, 0) for n, u in per_unit.items())
-        report.comparisons.append(RunComparison(result.runtime, label, compared, seconds, replayed, count, flips))
-    if replayed:
-        reference.forced_routes = None  # type: ignore[attr-defined]
+        report.comparisons.append(RunComparison(result.runtime, label, compared, seconds, replay, count, flips))
+    if replay:
         for unit in per_unit.values():
             unit.finish(gate_tol=unit_tol.bound(1.0))  # gates are in [0, 1]
         report.units[result.runtime] = per_unit
