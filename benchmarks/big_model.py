@@ -86,9 +86,11 @@ STEPS = {
 }
 
 
-def make_base(directory: Path, shape: Shape) -> None:
-    """Random bf16 weights, one shard per decoder layer (embeddings first, norm + head in the last shard)."""
+def make_base(directory: Path, shape: Shape, dtype_name: str = "bfloat16") -> None:
+    """Random weights (bf16 unless asked), one shard per decoder layer (embeddings first, norm + head last)."""
     import torch
+
+    dtype = getattr(torch, dtype_name)
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -102,12 +104,12 @@ def make_base(directory: Path, shape: Shape) -> None:
         vocab_size=shape.vocab,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
-        dtype="bfloat16",
+        dtype=dtype_name,
     ).save_pretrained(str(directory))
     g = torch.Generator().manual_seed(0)
 
     def rand(*dims: int) -> torch.Tensor:
-        return (torch.randn(*dims, generator=g) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*dims, generator=g) * 0.02).to(dtype)
 
     def group(i: int) -> dict[str, torch.Tensor]:
         if i == 0:
@@ -115,9 +117,9 @@ def make_base(directory: Path, shape: Shape) -> None:
         prefix = f"model.layers.{i - 1}"
         tensors = {f"{prefix}.{p}.weight": rand(d_out, d_in) for p, (d_in, d_out) in shape.projections().items()}
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{prefix}.{norm}.weight"] = torch.ones(shape.hidden, dtype=torch.bfloat16)
+            tensors[f"{prefix}.{norm}.weight"] = torch.ones(shape.hidden, dtype=dtype)
         if i == shape.layers:
-            tensors["model.norm.weight"] = torch.ones(shape.hidden, dtype=torch.bfloat16)
+            tensors["model.norm.weight"] = torch.ones(shape.hidden, dtype=dtype)
             tensors["lm_head.weight"] = rand(shape.vocab, shape.hidden)
         return tensors
 
@@ -229,6 +231,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="calibrate: tokens per sample")
     parser.add_argument("--threshold", type=float, default=0.9, help="merge: --merge-threshold")
     parser.add_argument("--merged-dtype", default="bf16", help="onnx-merged: --dtype")
+    parser.add_argument(
+        "--base-dtype",
+        choices=("bfloat16", "float16"),
+        default="bfloat16",
+        help="dtype of the generated base (float16: an fp16 export loads it as stored, so a 7B fp16 export fits)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep each step's output (default: delete after measuring)")
     parser.add_argument("--clean", action="store_true", help="remove the scratch directory and exit")
     parser.add_argument("--json", type=Path, help="append the figures to this JSON file")
@@ -244,7 +252,7 @@ def main() -> None:
     if not (ckpt / "manifest.json").is_file() or (needs_base and not base.is_dir()):
         shutil.rmtree(root, ignore_errors=True)
         t = time.perf_counter()
-        make_base(base, shape)
+        make_base(base, shape, args.base_dtype)
         make_adapter(ckpt, base, shape)
         print(f"generated {root} in {time.perf_counter() - t:.0f} s", flush=True)
     params = shape.parameters()

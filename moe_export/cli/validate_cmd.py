@@ -78,6 +78,13 @@ def validate_command(
     load_results: Path | None = typer.Option(
         None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
     ),
+    optimization: str = typer.Option(
+        "all",
+        "--optimization",
+        help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. On the CPU, "
+        "all stores an fp16 export's weights converted to fp32 (twice its size, ONNX Runtime 1.32); extended or "
+        "basic keep them fp16 and cast per op, so a large fp16 export validates in about its own size.",
+    ),
     reference: str = typer.Option(
         "streamed",
         "--reference",
@@ -102,6 +109,7 @@ def validate_command(
     checks.at_least(new_tokens, 0, "--new-tokens")
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.one_of(reference, ("streamed", "whole"), "--reference")
+    checks.one_of(optimization, ("disable", "basic", "extended", "all"), "--optimization")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
     if load_results is not None:
@@ -119,7 +127,7 @@ def validate_command(
             rtol=rtol,
             min_top1=min_top1,
             max_top1_drop=max_top1_drop,
-            options=RunnerOptions(device=device, threads=threads),
+            options=RunnerOptions(device=device, threads=threads, optimization=optimization),
             progress=lambda message: status.update(message),
             new_tokens=new_tokens,
             checkpoint=ckpt,
