@@ -5,13 +5,15 @@
 Everything is seeded and built from our own random draws (not transformers' init), so a rerun gives
 the same tensors; tests/test_samples.py checks that the committed files equal a fresh run. Each module
 in samples/writers/ writes `OUT_DIR/<module name>/` over the base its `BASE` names (see
-samples/writers/__init__.py). The Mistral and Qwen2 bases are smaller than the Llama one (hidden 32):
-they exist to prove the architectures, the Llama one also feeds the larger family tests.
+samples/writers/__init__.py). The Mistral, Qwen2 and Llama-3 bases are smaller than the Llama one (hidden 32):
+they exist to prove the architectures with their real config features (Mistral's sliding window, Qwen2's
+per-layer sliding window, Llama 3's rope scaling), the Llama one also feeds the larger family tests.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import shutil
 import sys
@@ -67,23 +69,52 @@ def _small(config_cls, **extra):
     )
 
 
+# Shorter than the tests' prompts (40 tokens in the generation tests, 33 in the export's parity check), so
+# the window masks something.
+SLIDING_WINDOW = 16
+
+
 def mistral_config():
     from transformers import MistralConfig
 
-    # Mistral 7B v0.2+ and the models fine-tuned from it use full attention (no sliding window).
-    return _small(MistralConfig, sliding_window=None, tie_word_embeddings=False)
+    # Mistral 7B v0.1 (and what was fine-tuned from it) attends over a sliding window (4096 of a 32k context).
+    return _small(MistralConfig, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
 
 
 def qwen2_config():
     from transformers import Qwen2Config
 
     # Qwen2: q/k/v projections carry biases (always, in transformers' Qwen2), small models tie lm_head to
-    # the input embeddings.
-    return _small(Qwen2Config, tie_word_embeddings=True, use_sliding_window=False)
+    # the input embeddings. With use_sliding_window, layers from max_window_layers on use the window: layer 0
+    # full attention, layer 1 sliding, so both masks are in the graph.
+    return _small(
+        Qwen2Config, tie_word_embeddings=True, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1
+    )
+
+
+def llama3_config():
+    from transformers import LlamaConfig
+
+    # Llama 3.1's rope: theta 500000 and `llama3` frequency scaling (factor 8, low/high frequency factors 1 and 4);
+    # its original context (8192 of 131072) scaled down so that most rotary frequencies are rescaled here too.
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    return _small(LlamaConfig, tie_word_embeddings=False, rope_parameters=rope)
 
 
 # directory name -> (config factory, seed)
-BASES = {BASE_NAME: (llama_config, 7), "tiny-mistral": (mistral_config, 8), "tiny-qwen2": (qwen2_config, 9)}
+BASES = {
+    BASE_NAME: (llama_config, 7),
+    "tiny-mistral": (mistral_config, 8),
+    "tiny-qwen2": (qwen2_config, 9),
+    "tiny-llama3": (llama3_config, 10),
+}
 
 
 def write_base_model(out_dir: Path, seed: int = 7, config_fn=llama_config) -> None:
@@ -104,7 +135,21 @@ def write_base_model(out_dir: Path, seed: int = 7, config_fn=llama_config) -> No
             else:
                 param.copy_(torch.randn(param.shape, generator=g) / param.shape[1] ** 0.5)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    write_hub_style_config(out_dir / "config.json")
     write_tokenizer(out_dir)
+
+
+def write_hub_style_config(path: Path) -> None:
+    """config.json spelled as the hub's files of these models are (what users' caches hold): `rope_theta` and
+    `rope_scaling` (transformers 5 writes `rope_parameters`), and no `layer_types` where transformers derives them
+    (Qwen2: from use_sliding_window / max_window_layers). transformers 5 reads this spelling back unchanged."""
+    config = json.loads(path.read_text())
+    rope = dict(config.pop("rope_parameters", None) or {})
+    config["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if config.get("model_type") == "qwen2":
+        config.pop("layer_types", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_tokenizer(out_dir: Path) -> None:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from moe_export.cli import app
 from moe_export.cli.app import shell_command
-from tests.artifacts import sample_export
+from tests.artifacts import sample_export, shared_export
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -137,3 +137,21 @@ def test_mixlora_routing_line_counts_units_as_the_export_does(tmp_path_factory: 
     moe_export.validate(result.out_dir, new_tokens=0).render(console)
     (line,) = [line for line in console.export_text().splitlines() if line.startswith("routing (")]
     assert f": {routed} units ({nodes} GroupedLoRA nodes)" in line, line
+
+
+def test_kernel_notice_is_said_once(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, tiny_base: Path
+) -> None:
+    """Issue 24: without the native library, its reason was printed as a notice and again in the report."""
+    from moe_export.runtimes.native import library
+
+    export = shared_export(tmp_path_factory, tiny_base)
+    monkeypatch.setenv("MOE_EXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOE_EXPORT_ORT_INCLUDE", str(tmp_path / "no-headers"))  # no library can be built
+    monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)
+    monkeypatch.setattr(library, "_session_library", {})  # this process may have found the library before
+    result = CliRunner().invoke(app, ["validate", str(export), "--new-tokens", "0"])
+    assert result.exit_code == 0, result.output
+    reason = "no onnxruntime_cxx_api.h in that folder"
+    assert (result.stdout + result.stderr).count(reason) == 1, result.stdout + result.stderr
+    assert "onnxruntime: function bodies" in result.stdout  # the report still says what ran

@@ -31,6 +31,7 @@ EXPECTED = {
     "mmoelora": "mmoelora",
     "moe_peft_loramoe": "moe_peft_loramoe",
     "moe_peft_mola": "moe_peft_mola",
+    "moe_peft_mola_llama3": "moe_peft_mola",
     "moelora": "moelora",
     "mola": "mola",
 }

@@ -3,6 +3,8 @@
 onnxruntime-genai refuses unknown keys anywhere in genai_config.json, so only its own schema goes there
 (our metadata stays in export.json). optimum reads config.json (copied from the base) and, optionally,
 generation_config.json, which is written from config.json when the base has none.
+A sliding-window base needs no window key: genai's `decoder.sliding_window` selects a fixed-size KV cache that genai
+slides itself, for graphs that take only the window; our decoder takes the whole past and masks in the graph.
 
 When the native kernel library is given (the API passes the one built for this machine), it is copied into
 the export and genai_config.json names it in the decoder's session_options: onnxruntime-genai resolves that

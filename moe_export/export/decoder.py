@@ -3,6 +3,8 @@
 The names, dims and past-KV layout are the decoder `GraphInterface` (export/interface.py); this module
 traces a transformers causal LM into it. Every routed unit still routes each token it sees, so a decode step
 routes exactly the new token through the same single GroupedLoRA node per unit as the scoring graph.
+Sliding-window bases (Mistral's `sliding_window`, Qwen2's `use_sliding_window` from `max_window_layers` on) keep
+the whole past too: the window is a mask in the graph, so clients need no window setting (client_files.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ class DecoderWithPast(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # Full layers, never the config's sliding-window layers: those keep only the last window-1 positions, so
+        # `present` would be bounded by the window (torch.export then guards past <= window-1 and fails). With
+        # full layers the whole past comes in and goes out, and transformers' sliding-window mask (kv position >
+        # query position - window, per layer type) masks what lies beyond the window: the same attention.
+        cache = DynamicCache()
         for i in range(self.layout.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(

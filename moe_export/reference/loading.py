@@ -14,6 +14,7 @@ from moe_export.formats import Family, LoadOptions, detect_family, get_family
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import open_checkpoint
 from moe_export.formats.common import override_top_k
+from moe_export.formats.hub_cache import parse_hub_id, resolve_hub_id
 from moe_export.ir import Adapter, LinearMoE
 from moe_export.ir.tensors import finish_adapter
 from moe_export.reference.architectures import check_architecture
@@ -40,20 +41,23 @@ class LoadedAdapter:
 
 
 def resolve_base_model(ckpt_dir: Path, declared: str | None, override: str | Path | None) -> Path:
-    """The local base-model directory: --base, else the checkpoint's own reference (relative to CKPT)."""
+    """The local base-model directory: --base, else the checkpoint's own reference (a path relative to CKPT, or
+    a hub id `ORG/NAME[@REVISION]` found in the Hugging Face cache, formats/hub_cache.py)."""
     if override is not None:
-        path = Path(override)
-        where = "--base"
+        spec, path, where = str(override), Path(override), "--base"
     elif declared:
-        path = Path(declared)
+        spec, path = declared, Path(declared)
         path = path if path.is_absolute() else ckpt_dir / path
         where = f"base_model_name_or_path in {ckpt_dir}"
     else:
         raise FormatError(f"{ckpt_dir}: the checkpoint names no base model; pass --base PATH")
-    if not path.is_dir():
+    hub_id = parse_hub_id(spec)
+    if not path.is_dir() and hub_id is not None:  # a local directory of that name wins, as in transformers
+        path = resolve_hub_id(*hub_id, where)
+    elif not path.is_dir():
         raise FormatError(
-            f"{path}: base model directory not found ({where}); moe-export never downloads: pass --base PATH "
-            "to a local model directory"
+            f"{path}: base model directory not found ({where}); pass --base PATH to a local model directory or "
+            "ORG/NAME[@REVISION] of a model in the Hugging Face cache"
         )
     if not (path / "config.json").is_file():
         raise FormatError(f"{path}: no config.json, not a transformers model directory ({where})")

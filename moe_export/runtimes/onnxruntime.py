@@ -90,7 +90,7 @@ def session_builder(
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(external_data_dir)
             )
-        kernels = register_native_kernels(options) if native_kernels else "function bodies (native kernels off)"
+        kernels = register_native_kernels(options) if native_kernels else BODIES_OFF
         source = model if isinstance(model, bytes) else str(model)
         try:
             session = ort.InferenceSession(source, options, providers=resolve_providers(providers))
@@ -117,6 +117,23 @@ def register_native_kernels(options: Any) -> str:
     except Exception as exc:  # the library's ORT API check (session_library already ran it once), or a dlopen error
         return f"function bodies (registering {library} failed: {str(exc).strip()[:300]})"
     return f"native GroupedLoRA kernels ({library})"
+
+
+BODIES_OFF = "function bodies (native kernels off)"
+
+
+def report_kernel_note(note: str) -> str:
+    """What reports say ran the custom ops. When the library is unavailable, `session_library` has printed why
+    once on stderr; the report then says the bodies ran without printing the reason a second time (the
+    session's own `moe_export_kernels` keeps it)."""
+    from moe_export.runtimes.native.library import disabled, session_library
+
+    if not note.startswith("function bodies (") or note == BODIES_OFF:
+        return note  # (session_library ran for every other note: cached, nothing is built here)
+    library, reason = session_library()
+    if library is None and reason and not disabled() and note == f"function bodies ({reason})":
+        return "function bodies (native kernels unavailable here; `moe-export kernels` says why)"
+    return note
 
 
 class OnnxRuntimeRunner(Runner):
@@ -152,7 +169,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _activate(self) -> None:
         self.session = self._build_session()
-        self.kernel_note = getattr(self.session, "moe_export_kernels", "")
+        self.kernel_note = report_kernel_note(getattr(self.session, "moe_export_kernels", ""))
 
     def _deactivate(self) -> None:
         self.session = None

@@ -2,7 +2,7 @@
 
 `samples/make_samples.py` runs every module of this package (sorted by name) with
 `out_dir = samples/<module name>` and `base_dir = samples/<BASE>`, where a module's optional `BASE`
-names the base model (default tiny-llama; tiny-mistral and tiny-qwen2 are the other bases). A writer
+names the base model (default tiny-llama; tiny-mistral, tiny-qwen2 and tiny-llama3 are the other bases). A writer
 saves the family's own on-disk layout (file names, key names, config fields) with random, non-zero,
 seeded weights, the way its training code saves them (`save_bin(trained=True)`: live parameters that
 come back from `torch.load` with requires_grad; `save_safetensors(dtype=torch.bfloat16)`: a bf16 run);

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from samples.writers import BASE_REL, linear_shapes, randn, save_bin, write_config
+from samples.writers import base_rel, linear_shapes, randn, save_bin, write_config
 
 
 def write_moe_peft(out_dir: Path, base_dir: Path, config: dict[str, Any], routed: set[str], seed: int) -> None:
@@ -32,10 +32,10 @@ def write_moe_peft(out_dir: Path, base_dir: Path, config: dict[str, Any], routed
             tensors[f"{key}.experts.{e}.lora_A.weight"] = randn(g, rank, d_in, std=0.2)
             tensors[f"{key}.experts.{e}.lora_B.weight"] = randn(g, d_out, rank, std=0.05)
     save_bin(out_dir, tensors, trained=True)  # MoE-PEFT saves live parameters (requires_grad)
-    write_config(out_dir, {**config, "base_model_name_or_path": BASE_REL, "task_type": "CAUSAL_LM"})
+    write_config(out_dir, {**config, "base_model_name_or_path": base_rel(base_dir), "task_type": "CAUSAL_LM"})
 
 
-def write(out_dir: Path, base_dir: Path) -> None:
+def write(out_dir: Path, base_dir: Path, seed: int = 603) -> None:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = {
         "bias": "none",
@@ -48,4 +48,4 @@ def write(out_dir: Path, base_dir: Path) -> None:
         "num_experts": 4,
         "top_k": 2,
     }
-    write_moe_peft(out_dir, base_dir, config, routed=set(targets), seed=603)
+    write_moe_peft(out_dir, base_dir, config, routed=set(targets), seed=seed)
