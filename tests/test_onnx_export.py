@@ -213,7 +213,7 @@ def test_cli_base_only(mixed_ckpt: Path, tiny_base: Path, tmp_path: Path) -> Non
 def test_failure_leaves_nothing(mixed_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after files were written (here: a broken export step) removes the temporary directory."""
 
-    def broken_post_process(program: object, tmp: Path, opset: int, units: list) -> None:
+    def broken_post_process(program: object, model: object, tmp: Path, *rest: object) -> None:
         (tmp / "model.onnx").write_bytes(b"partial")
         raise ExportError("simulated failure")
 
