@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import moe_export
+from moe_export.runtimes.generate import generate
 from moe_export.serving.repository import TritonOptions, write_repository
-from moe_export.validation.generate_run import generate
 
 PROMPTS = [[5, 17, 42, 9, 100], [1, 2, 3], [200, 7, 7, 7, 31, 64, 12, 90]]
 NEW_TOKENS = 12

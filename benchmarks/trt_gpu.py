@@ -30,6 +30,7 @@ from moe_export.export.manifest import Artifact
 from moe_export.export.tensorrt import TrtBuildOptions, build_engine
 from moe_export.reference.model import cast_reference_model
 from moe_export.runtimes.tensorrt import TensorRTRunner
+from moe_export.runtimes.trt_engine import median_ms
 
 # Plugin last: the body engines are then built before the plugin is ever registered in this process.
 ENGINES = {"base-only": ("onnx-base", "off"), "moe-body": ("onnx-moe", "off"), "moe-plugin": ("onnx-moe", "on")}
@@ -57,7 +58,7 @@ def _engine(work: Path, name: str, batches: list[int], seq: int) -> tuple[Path, 
             max_shapes=shapes,
             timing_cache=str(work / "timing.cache"),
         )
-        build_engine(work / onnx_dir, out, options)
+        build_engine(work / onnx_dir, out, options, time_engine=median_ms)
     return out / "model.engine", json.loads((out / "engine.json").read_text())
 
 

@@ -12,9 +12,10 @@ from typing import Any
 from rich.console import Console
 
 from moe_export.errors import ParityError
-from moe_export.export.onnx import ExportResult, check_out_dir, load_for_export, merge_streaming_for
+from moe_export.export.onnx import ExportResult, check_export_target, load_for_export, merge_streaming_for
 from moe_export.export.onnx import export_onnx as _export_only
 from moe_export.export.options import ExportOptions
+from moe_export.merging.layerwise import check_forward
 from moe_export.reference.loading import LoadedAdapter
 
 
@@ -43,14 +44,16 @@ def export_onnx(
     MOE_EXPORT_KERNELS=off), so onnxruntime-genai runs the native kernels from the export folder as it is.
     A failed gate raises ParityError (exit 1) with the report; the export stays on disk for inspection.
     """
-    options = ExportOptions.build(options, fields)
+    options = ExportOptions.build(options, fields)  # every option checked here, before any work
     console = console or Console(stderr=True)
     if isinstance(source, LoadedAdapter):
         from moe_export.reference.loading import open_source
 
         loaded = open_source(source, base_model, family, top_k, task_id)  # refuses load options here
     else:
-        check_out_dir(Path(out_dir).resolve(), options.force)  # before the slow load
+        check_export_target(out_dir, options, [source, base_model])  # before the slow load
+        if options.merge is not None:
+            check_forward(options.merge.calibration.forward, options.merge.calibration.device)
         loaded = load_for_export(source, options, base_model, family, top_k, task_id)
         consume = True  # nobody else holds this model
     streaming = merge_streaming_for(loaded, options)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_export.validation.generation import Prompts, torch_reference
+from moe_export.runtimes.decoding import Prompts, torch_reference
 
 
 def genai_greedy(export_dir: Path, input_ids: np.ndarray, new_tokens: int) -> list[list[int]]:

@@ -136,7 +136,8 @@ def test_mixlora_routing_line_counts_units_as_the_export_does(tmp_path_factory: 
     console = Console(record=True, width=300, soft_wrap=True)
     moe_export.validate(result.out_dir, new_tokens=0).render(console)
     (line,) = [line for line in console.export_text().splitlines() if line.startswith("routing (")]
-    assert f": {routed} units ({nodes} GroupedLoRA nodes)" in line, line
+    # route replay's per-unit captures count units (a MixLoRA unit's projections are judged together)
+    assert f": {routed} units," in line, line
 
 
 def test_kernel_notice_is_said_once(

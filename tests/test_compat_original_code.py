@@ -230,6 +230,15 @@ def test_their_save_through_inspect_onnx_validate_merge(tiny_base: Path, tmp_pat
     rel, top1 = _parity(_ort_logits(plain / "model.onnx", ids), theirs)
     assert rel <= PARITY_REL and top1 == 1.0, f"ORT vs MoE-PEFT: rel {rel:.3g}, top-1 {top1}"
 
+    # Issue 20: their save exported in fp16 validates (exit 0), every flip listed with its margin and a near-tie.
+    half = tmp_path / "onnx-fp16"
+    _cli("onnx", str(ckpt), "--base", str(tiny_base), "-o", str(half), "--dtype", "fp16", "--no-validate")
+    report = json.loads(_cli("validate", str(half), "--json").stdout)
+    assert report["passed"], report["failures"]
+    for comparison in report["comparisons"]:
+        assert len(comparison["flips"]) == comparison["flip_count"]
+        assert all(f["near_tie"] and f["margin"] <= f["bound"] for f in comparison["flips"])
+
     merged_onnx = tmp_path / "onnx-merged"
     _cli(
         "onnx", str(ckpt), "--base", str(tiny_base), "-o", str(merged_onnx), "--merge-threshold", "0.9", "--no-validate"

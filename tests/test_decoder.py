@@ -18,9 +18,10 @@ import moe_export
 from moe_export.cli import app
 from moe_export.export.interface import position_ids
 from moe_export.export.manifest import Artifact, ExportManifest
+from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_reference
 from moe_export.runtimes.registry import make_runner
 from moe_export.runtimes.torch_runner import reference_model_loader
-from moe_export.validation.generation import Prompts, default_prompts, greedy_decode, torch_reference
+from moe_export.validation.generation import default_prompts
 from tests.artifacts import shared_export, shared_scoring_run
 from tests.genai_check import assert_genai_matches_torch
 

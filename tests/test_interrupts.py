@@ -31,7 +31,14 @@ def _spawn(args: list[str], cwd: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A runner started in the background (`cmd &`, nohup, some CI agents) ignores SIGINT, and a child inherits
+        # that: Python then installs no KeyboardInterrupt handler and the SIGINT cases could never pass.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(condition, proc: subprocess.Popen[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,10 +142,12 @@ def test_bad_input_exits_2_and_leaves_nothing(tmp_path, sharded, monkeypatch) ->
     result = runner.invoke(app, ["merge", str(ckpt), "-o", str(out), *args])
     assert result.exit_code == 2 and "recalibrate" in result.output and not out.exists()
 
-    out.mkdir()
+    out.mkdir()  # an existing empty directory (a mount point) is a fine -o (issue 23); one with a file is not
+    (out / "mine.txt").write_text("mine")
     result = runner.invoke(app, ["merge", str(ckpt), "-o", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
-    out.rmdir()
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    shutil.rmtree(out)
 
     def broken(*_args: object) -> None:
         raise OSError("disk full")

@@ -18,12 +18,13 @@ import onnx
 import pytest
 
 from moe_export.export.client_files import GENAI_CONFIG, write_client_files
+from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.ops.names import DOMAIN
 from moe_export.runtimes import native
+from moe_export.runtimes.decoding import Prompts, torch_reference
 from moe_export.runtimes.native import library as native_library
 from moe_export.runtimes.torch_runner import reference_model_loader
-from moe_export.validation.generation import Prompts, torch_reference
 from tests.artifacts import shared_export
 from tests.conftest import native_library_or_skip
 from tests.genai_check import genai_greedy
@@ -98,7 +99,7 @@ def test_generate_gives_genai_the_library_of_an_export_without_one(
 ) -> None:
     """An export written without the library (older, or made where none was built) still runs natively under
     `moe-export generate --runtime onnxruntime-genai`: this machine's library comes in through a config overlay."""
-    from moe_export.validation.generate_run import generate
+    from moe_export.runtimes.generate import generate
 
     monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)
     monkeypatch.setattr(native_library, "_session_library", {})
@@ -121,10 +122,11 @@ def test_client_files_without_a_library_name_none(tmp_path: Path, library: Path)
 
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
     (tmp_path / "without").mkdir()
-    written = write_client_files(tmp_path / "without", config, "model.onnx")
+    interface = GraphInterface.for_model(config, kv_cache=True)
+    written = write_client_files(tmp_path / "without", config, interface, "model.onnx")
     assert "session_options" not in json.loads((tmp_path / "without" / GENAI_CONFIG).read_text())["model"]["decoder"]
     assert not (tmp_path / "without" / library.name).exists() and library.name not in written
     (tmp_path / "with").mkdir()
-    assert library.name in write_client_files(tmp_path / "with", config, "model.onnx", library)
+    assert library.name in write_client_files(tmp_path / "with", config, interface, "model.onnx", library)
     assert (tmp_path / "with" / library.name).is_file()
     assert _session_options(tmp_path / "with") == {"custom_ops_library": library.name}

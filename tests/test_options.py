@@ -66,6 +66,8 @@ def test_nested_unknown_keys_are_refused_too() -> None:
         (lambda: MergeOptions(stats="/nonexistent/stats.json"), "--stats"),
         (lambda: ExportOptions(dtype="int8"), "--dtype"),
         (lambda: ExportOptions(opset=12), "--opset 12"),
+        (lambda: ExportOptions(opset=99), "--opset 99: torch's ONNX exporter writes opsets 18..23"),
+        (lambda: ExportOptions(dtype="bf16"), "pass --no-validate"),
         (lambda: ExportOptions(base_only=True, merge=MergeOptions(threshold=0.9)), "--base-only"),
         (lambda: ExportOptions(quantize="int3"), "--quantize"),
         (lambda: ExportOptions(max_top1_drop=0.1), "--max-top1-drop"),
@@ -101,3 +103,25 @@ def test_validate_options_are_the_validate_arguments() -> None:
     from moe_export.validation.validate_artifact import validate
 
     assert set(arguments) <= set(inspect.signature(validate).parameters)
+
+
+def test_bf16_without_validation_is_fine() -> None:
+    assert ExportOptions(dtype="bf16", validate=False).dtype == "bf16"
+
+
+def test_api_refuses_outputs_onto_inputs_before_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The -o checks live in the API, so a Python caller gets them too (the CLI only passes its flags on)."""
+    import moe_export
+    from moe_export.merging import save_merged
+    from tests.conftest import copy_sample
+
+    ckpt = copy_sample(tmp_path, "lora")
+    before = sorted(p.name for p in ckpt.iterdir())
+    with monkeypatch.context() as patch:
+        patch.setattr("moe_export.export.onnx.load_without_model", lambda *a, **k: pytest.fail("loaded first"))
+        with pytest.raises(MoeExportError, match="an input of this command"):
+            moe_export.export_onnx(ckpt, ckpt / "onnx", validate=False, progress=False)
+    result = moe_export.merge(ckpt, evaluate=False, progress=False)
+    with pytest.raises(MoeExportError, match="an input of this command"):
+        save_merged(result, ckpt / "merged", progress=False)
+    assert sorted(p.name for p in ckpt.iterdir()) == before

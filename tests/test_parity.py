@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from moe_export.runtimes.taps import UnitCapture, match_unit, node_index
+from moe_export.validation.margins import Decision, margins_and_bounds
 from moe_export.validation.parity import Tolerance, compare_func
-from moe_export.validation.routing_capture import UnitCapture, match_unit
-from moe_export.validation.units import UnitComparison, selection_mask, topk_margins
+from moe_export.validation.units import TokenLayout, UnitComparison, judge_flips, selection_mask
 
 
 @pytest.fixture
@@ -102,60 +103,65 @@ def test_tolerance_rejects_negative() -> None:
         Tolerance(-1.0, 0.0)
 
 
-# --- routing statistics --------------------------------------------------------------------------
+# --- routing flips: margins, bounds, op check ------------------------------------------------------
 
 
-def test_selection_mask_and_margins() -> None:
+def test_selection_mask() -> None:
     ids = np.array([[0, 2], [1, 3]])
     gates = np.array([[0.6, 0.4], [1.0, 0.0]])  # token 1 keeps only expert 1 (top-p style zero gate)
-    mask = selection_mask(ids, gates, 4)
-    assert mask.tolist() == [[True, False, True, False], [False, True, False, False]]
-    probs = np.array([[0.5, 0.1, 0.3, 0.1], [0.1, 0.7, 0.15, 0.05]])
-    assert topk_margins(probs, mask) == pytest.approx([0.3 - 0.1, 0.7 - 0.15])
+    assert selection_mask(ids, gates, 4).tolist() == [[True, False, True, False], [False, True, False, False]]
 
 
-def _capture(ids: list[list[int]], gates: list[list[float]], probs: list[list[float]] | None = None) -> UnitCapture:
-    return UnitCapture(
-        None, np.array(ids), np.array(gates), None if probs is None else np.array(probs, dtype=np.float32)
+def test_topk_margin_and_bound_by_hand() -> None:
+    probs = np.array([[0.5, 0.1, 0.3, 0.1]])
+    margin, bound = margins_and_bounds(Decision("topk", top_k=2), probs, np.array([0.01]))
+    assert margin == pytest.approx([0.3 - 0.1])
+    softmax = (4 + 3) * 2.0**-24  # the fp32 softmax's own roundings (E + 3), relative
+    assert bound == pytest.approx([(0.3 + 0.1) * (np.exp(0.02) - 1 + softmax)])  # probabilities within exp(+-2d)
+
+
+def test_top_p_margin_looks_at_both_sides_of_the_threshold() -> None:
+    # cumulative 0.5, 0.79997, 0.95, 1.0 with top_p 0.8: the second expert is admitted 2.7e-5 below the threshold
+    # (the MoE-PEFT top-p case of issue 20), the third refused 0.15 above it.
+    probs = np.array([[0.5, 0.29997, 0.15003, 0.05]])
+    margin, bound = margins_and_bounds(Decision("top_p", top_p=0.8), probs, np.array([1e-4]))
+    assert margin == pytest.approx([0.8 - 0.79997], abs=1e-9)
+    assert bound == pytest.approx([0.79997 * (np.exp(2e-4) - 1 + 7 * 2.0**-24)])
+    margin, _ = margins_and_bounds(Decision("top_p", top_p=0.8), np.array([[0.5, 0.1, 0.25, 0.15]]), np.zeros(1))
+    assert margin == pytest.approx([0.85 - 0.8])  # refused side: c_2 = 0.75 <= 0.8 admits the third, c_3 = 0.85
+    dense, _ = margins_and_bounds(Decision("dense"), probs, np.zeros(1))
+    assert np.isinf(dense).all()
+
+
+def _layout() -> TokenLayout:
+    return TokenLayout("2x1", 1)
+
+
+def test_flip_within_rounding_passes_and_a_real_one_fails() -> None:
+    weight = np.eye(3)  # logits = x: the drift bound is sum |x_c - x_r| + KAPPA u |x_c| per expert
+    probs = np.array([[0.40, 0.35, 0.25], [0.34, 0.33, 0.33]], dtype=np.float32)
+    reference = UnitCapture(None, np.array([[0], [0]]), np.ones((2, 1)), probs)
+    chosen = selection_mask(np.array([[1], [1]]), None, 3)  # both tokens chose expert 1
+    x_c = np.zeros((2, 3))
+    x_r = np.array([[0.0, 0.0, 0.0], [0.01, 0.0, 0.0]])  # token 1's input drifted: its 0.01 margin is explained
+    flips, tokens = judge_flips(
+        "u", Decision("topk", top_k=1), chosen, reference, weight, x_c, x_r, 2.0**-11, _layout()
     )
-
-
-def test_routing_agreement_separates_near_ties_from_bugs() -> None:
-    probs = [[0.40, 0.35, 0.2499, 0.0001], [0.30, 0.29999, 0.29998, 0.10003]]
-    ref = _capture([[0, 1], [0, 1]], [[0.53, 0.47], [0.5, 0.5]], probs)
-    near_tie = _capture([[0, 1], [0, 2]], [[0.53, 0.47], [0.5, 0.5]])  # token 1 flips experts 1 <-> 2
-    unit = UnitComparison("u", margin_tol=1e-3)
-    unit.add_routing(ref, near_tie)
-    unit.finish()
-    assert unit.agreement == 0.5 and unit.passed
-    assert unit.min_flip_margin == pytest.approx(1e-5, abs=2e-6)
-
-    bug = _capture([[2, 3], [0, 1]], [[0.5, 0.5], [0.5, 0.5]])  # token 0 flips with margin 0.1
-    unit = UnitComparison("u", margin_tol=1e-3)
-    unit.add_routing(ref, bug)
-    unit.finish()
-    # End to end, a big-margin flip can come from upstream drift: reported, not blamed on this unit.
-    assert unit.passed and unit.max_flip_margin == pytest.approx(0.35 - 0.2499, rel=1e-4)
-    # The same flip on the same input is this unit's router's fault.
-    unit = UnitComparison("u", margin_tol=1e-3)
-    bug_with_x = UnitCapture(np.zeros((2, 3), np.float32), bug.expert_ids, bug.gates)
-    unit.add_router_check(bug_with_x, lambda _x: (ref.expert_ids, ref.gates, ref.probs))
-    unit.finish(gate_tol=1e-4)
-    assert not unit.passed and "same input" in unit.messages[0] and unit.router_agreement == 0.5
-    # A near-tie flip on the same input passes; the gates of agreeing tokens are compared too.
-    unit = UnitComparison("u", margin_tol=1e-3)
-    near_with_x = UnitCapture(np.zeros((2, 3), np.float32), near_tie.expert_ids, near_tie.gates + 1e-6)
-    unit.add_router_check(near_with_x, lambda _x: (ref.expert_ids, ref.gates, ref.probs))
-    unit.finish(gate_tol=1e-4)
-    assert unit.passed and unit.gate_max_abs == pytest.approx(1e-6, rel=1e-3)
-
-
-def test_padding_tokens_are_not_compared() -> None:
-    ref = _capture([[0, 1], [0, 1]], [[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.4, 0.05, 0.05]] * 2)
-    cand = _capture([[0, 1], [2, 3]], [[0.5, 0.5], [0.5, 0.5]])
+    assert tokens == 2 and [f.near_tie for f in flips] == [False, True]
+    assert flips[0].margin == pytest.approx(0.05) and flips[0].bound < 1e-3
     unit = UnitComparison("u")
-    unit.add_routing(ref, cand, np.array([True, False]))
-    assert unit.tokens == 1 and unit.agreement == 1.0
+    unit.add_flips(flips, tokens, same_input=False)
+    assert not unit.passed and "row 0 position 0" in unit.messages[0] and unit.flip_count == 2
+
+
+def test_padding_tokens_are_not_judged() -> None:
+    reference = UnitCapture(None, np.array([[0], [0]]), np.ones((2, 1)), np.array([[0.9, 0.1], [0.9, 0.1]]))
+    chosen = selection_mask(np.array([[0], [1]]), None, 2)  # token 1 (padding) flipped with margin 0.8
+    layout = TokenLayout("1x2", 2, np.array([True, False]))
+    flips, tokens = judge_flips(
+        "u", Decision("topk", top_k=1), chosen, reference, np.eye(2), np.zeros((2, 2)), None, 0.0, layout
+    )
+    assert tokens == 1 and flips == []
 
 
 def test_op_check_names_a_wrong_weight() -> None:
@@ -170,17 +176,38 @@ def test_op_check_names_a_wrong_weight() -> None:
     y = grouped_lora_dense(x, ids, gates, a, b)
     good = UnitCapture(x.numpy(), ids.numpy(), gates.numpy(), output=y.numpy())
     unit = UnitComparison("u")
-    unit.add_op_check(good, a, b, Tolerance(1e-6, 1e-4))
+    unit.add_op_check(good, a, b, Tolerance(1e-6, 1e-4), "u")
     assert unit.passed and unit.op_max_abs is not None and unit.op_max_abs < 1e-5
     wrong_b = b.clone()
     wrong_b[2, 1, 0] += 1.0
     unit = UnitComparison("u")
-    unit.add_op_check(good, a, wrong_b, Tolerance(1e-6, 1e-4))
-    assert not unit.passed and "GroupedLoRA output differs" in unit.messages[0]
+    unit.add_op_check(good, a, wrong_b, Tolerance(1e-6, 1e-4), "u")
+    assert not unit.passed and "GroupedLoRA node u differs" in unit.messages[0]
 
 
 def test_match_unit() -> None:
     units = {"model.layers.0.mlp", "model.layers.0.self_attn.q_proj"}
     assert match_unit("model.layers.0.self_attn.q_proj", units) == "model.layers.0.self_attn.q_proj"
     assert match_unit("model.layers.0.mlp.gate_proj", units) == "model.layers.0.mlp"
+    assert match_unit("model.layers.0.mlp#3", units) == "model.layers.0.mlp"
+    assert node_index("model.layers.0.mlp#3") == 2 and node_index("model.layers.0.mlp") == 0
     assert match_unit("model.layers.1.mlp", units) is None
+
+
+def test_no_flip_where_nothing_is_decided() -> None:
+    """Dense routing decides nothing (a gate crossing the 1e-6 selection threshold is no flip), and a top-k choice is
+    its ids, however small a renormalised gate (issue 20: the loramoe fp16 export failed on 'margin inf')."""
+    ids = np.array([[0, 1, 2]])
+    probs = np.array([[0.6, 0.4 - 9e-7, 9e-7]])
+    reference = UnitCapture(None, ids, probs, probs)
+    crossed = selection_mask(ids, np.array([[0.6, 0.4, 1.1e-6]]), 3)  # the candidate's gate rounded up across 1e-6
+    flips, tokens = judge_flips(
+        "u", Decision("dense"), crossed, reference, np.eye(3), np.zeros((1, 3)), None, 0.0, _layout()
+    )
+    assert flips == [] and tokens == 1
+    top2 = UnitCapture(None, np.array([[0, 2]]), np.array([[1.0 - 1e-9, 1e-9]]), np.array([[0.5, 0.1, 0.4]]))
+    chosen = selection_mask(np.array([[0, 2]]), None, 3)
+    flips, _ = judge_flips(
+        "u", Decision("topk", top_k=2), chosen, top2, np.eye(3), np.zeros((1, 3)), None, 0.0, _layout()
+    )
+    assert flips == []

@@ -22,8 +22,8 @@ import torch
 
 import moe_export
 from moe_export.export.manifest import Artifact, ExportManifest
+from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_reference
 from moe_export.runtimes.registry import make_runner
-from moe_export.validation.generation import Prompts, greedy_decode, torch_reference
 from tests.artifacts import sample_export
 from tests.conftest import SAMPLES
 from tests.genai_check import assert_genai_matches_torch, genai_greedy

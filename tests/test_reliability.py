@@ -119,6 +119,15 @@ OPTION_CASES = {
     "bench iters": (["bench", "{export}", "--iters", "0"], ["--iters"]),
     "bench batch": (["bench", "{export}", "--batch", "1,0"], ["--batch"]),
     "bench max-ratio": (["bench", "{export}", "--max-ratio", "-1"], ["--max-ratio"]),
+    # issue 23: options checked only after loading (or not at all) before
+    "opset above the exporter's": (["onnx", SAMPLES / "mmoelora", "--opset", "99"], ["--opset 99", "18..23"]),
+    "bf16 with validation": (["onnx", SAMPLES / "mmoelora", "--dtype", "bf16", "-o", "{tmp}/o"], ["--no-validate"]),
+    "validate new-tokens -1": (["validate", "{export}", "--new-tokens", "-1"], ["--new-tokens -1"]),
+    "generate threads -3": (
+        ["generate", "{export}", "--prompt-ids", "1,2", "--threads", "-3", "--runtime", "torch"],
+        ["--threads -3"],
+    ),
+    "generate max-new-tokens -1": (["generate", "{export}", "--prompt-ids", "1", "--max-new-tokens", "-1"], ["-1"]),
 }
 
 
@@ -151,6 +160,15 @@ def test_validate_inputs_garbage_or_out_of_vocab(tmp_path: Path, content: bytes 
     else:
         npz.write_bytes(content)
     assert_one_line_error(["validate", export, "--inputs", npz], str(npz), *needles)
+
+
+@pytest.mark.parametrize("mask", [[[0, 0, 0]], [[1, 1, 1], [0, 0, 0]], [[1, 2, 1]]])
+def test_validate_inputs_mask_without_tokens_is_bad_input(tmp_path: Path, mask: list[list[int]]) -> None:
+    """An all-zero attention-mask row has no token to compare: it was exit 1, 'nothing to compare' (a failed gate)."""
+    export = _fake_export(tmp_path, vocab=128)
+    npz = tmp_path / "inputs.npz"
+    np.savez(npz, input_ids=np.ones((len(mask), 3), dtype=np.int64), attention_mask=np.array(mask, dtype=np.int64))
+    assert_one_line_error(["validate", export, "--inputs", npz], str(npz), "attention_mask")
 
 
 def test_help_shows_conventional_usage_and_plain_flags() -> None:
@@ -277,16 +295,15 @@ def test_fp16_export_passes_its_own_gate_against_the_fp32_reference(tmp_path: Pa
 
 
 def test_underflowed_dense_gate_is_not_a_routing_flip() -> None:
-    from moe_export.validation.routing_capture import UnitCapture
-    from moe_export.validation.units import routing_diff
+    from moe_export.validation.units import selection_mask
 
     ids = np.array([[0, 1, 2]])
     probs = np.array([[0.6, 0.4 - 1e-9, 1e-9]], dtype=np.float32)
-    reference = UnitCapture(None, ids, probs, probs)
-    candidate = UnitCapture(None, ids, np.array([[0.6, 0.4, 0.0]], dtype=np.float16))
-    assert routing_diff(reference, candidate).agreeing == 1
-    dropped = UnitCapture(None, ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16))  # a real flip still counts
-    assert routing_diff(reference, dropped).agreeing == 0
+    reference = selection_mask(ids, probs, 3)
+    candidate = selection_mask(ids, np.array([[0.6, 0.4, 0.0]], dtype=np.float16), 3)
+    assert (reference == candidate).all()
+    dropped = selection_mask(ids, np.array([[0.6, 0.0, 0.0]], dtype=np.float16), 3)  # a real flip still counts
+    assert not (reference == dropped).all()
 
 
 def test_shape_error_from_the_adapter_ir_names_the_file(tmp_path: Path) -> None:

@@ -288,8 +288,9 @@ def engine_feeds(export: Path, batch: int, seq: int, seed: int = 0) -> dict[str,
 def _engine_logits(export: Path, out: Path, plugin: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
     from moe_export.export.tensorrt import TrtBuildOptions, build_engine
     from moe_export.runtimes.tensorrt import TensorRTRunner
+    from moe_export.runtimes.trt_engine import median_ms
 
-    report = build_engine(export, out, TrtBuildOptions(plugin=plugin))
+    report = build_engine(export, out, TrtBuildOptions(plugin=plugin), time_engine=median_ms)
     with TensorRTRunner(out / "model.engine") as runner:
         return runner.infer(feeds)["logits"].astype(np.float32), report
 

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from moe_export.cli import app
 from moe_export.export.manifest import Artifact
+from moe_export.runtimes.decoding import Prompts, torch_greedy
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.serving.backend import runtime
-from moe_export.validation.generation import Prompts, torch_greedy
 from tests.artifacts import shared_export, shared_scoring_run
 
 

@@ -150,3 +150,72 @@ def test_bad_options_exit_2(export_dir: Path, args: list[str]) -> None:
     result = invoke("validate", export_dir, *args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+
+
+def test_saved_results_give_the_same_verdict_in_another_process(export_dir: Path, tmp_path: Path) -> None:
+    """Run then compare: --save-results here, --load-results in a fresh interpreter, same verdict and numbers; a
+    saved run that is then tampered with fails on load (the loaded outputs are what is judged)."""
+    import subprocess
+    import sys
+
+    saved, first = tmp_path / "runs", tmp_path / "first.json"
+    result = invoke("validate", export_dir, "--save-results", saved, "--report", first, "--new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert (saved / "onnxruntime" / "result.json").is_file()
+    again = invoke("validate", export_dir, "--save-results", saved)
+    assert again.exit_code == 2 and "already exists" in again.output  # never overwrites
+
+    def load(directory: Path, report: Path) -> tuple[int, dict]:
+        cmd = [
+            sys.executable,
+            "-c",
+            "from moe_export.cli import main; main()",
+            "validate",
+            str(export_dir),
+            "--load-results",
+            str(directory),
+        ]
+        done = subprocess.run([*cmd, "--report", str(report)], capture_output=True, text=True, timeout=600)
+        assert report.is_file(), done.stdout + done.stderr
+        return done.returncode, json.loads(report.read_text())
+
+    code, second = load(saved, tmp_path / "second.json")
+    data = json.loads(first.read_text())
+    assert code == 0 and second["passed"] == data["passed"] is True
+    for a, b in zip(data["comparisons"], second["comparisons"], strict=True):
+        assert a["outputs"]["logits"]["max_abs"] == b["outputs"]["logits"]["max_abs"]
+        assert a["flip_count"] == b["flip_count"]
+    assert second["units"].keys() == data["units"].keys() and len(second["generation"]) == len(data["generation"])
+
+    npz = saved / "onnxruntime" / "input_1.npz"
+    arrays = dict(np.load(npz))
+    arrays["out|logits"] = arrays["out|logits"] + 1.0
+    np.savez(npz, **arrays)
+    code, tampered = load(saved, tmp_path / "third.json")
+    assert code == 1 and not tampered["passed"]
+
+
+def test_an_already_built_reference_is_judged_with_route_replay(export_dir: Path) -> None:
+    """`reference_runner` stands in for the torch reference (how an int4 export is judged against its dequantized
+    base): the same model passes, the same model with one base weight substituted fails."""
+    import torch
+
+    import moe_export
+    from moe_export.export.manifest import Artifact
+    from moe_export.runtimes.torch_runner import TorchRunner, reference_model_loader
+
+    model = reference_model_loader(Artifact.open(export_dir), "fp32")()
+    report = moe_export.validate(
+        export_dir,
+        new_tokens=0,
+        reference_runner=TorchRunner(lambda: model, interface=Artifact.open(export_dir).interface),
+    )
+    assert report.passed and report.units["onnxruntime"], report.failures()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.01)  # a substituted base weight
+    report = moe_export.validate(
+        export_dir,
+        new_tokens=0,
+        reference_runner=TorchRunner(lambda: model, interface=Artifact.open(export_dir).interface),
+    )
+    assert not report.passed and "logits" in " ".join(report.failures())

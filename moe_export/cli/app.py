@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from moe_export import __version__
 from moe_export.errors import InternalError, MoeExportError, ParityError
+from moe_export.files import environment_fault
 
 
 class _Command(typer.core.TyperCommand):
@@ -131,6 +132,10 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 raise typer.Exit(exc.exit_code) from None
             except Exception as exc:
                 _show_traceback_if_debug()
+                fault = environment_fault(exc) if isinstance(exc, OSError) else None
+                if fault is not None:  # a full disk, a read-only mount, permissions: the environment's fault
+                    err_console.print(f"[bold red]error[/]: {escape(str(fault))}", highlight=False, soft_wrap=True)
+                    raise typer.Exit(fault.exit_code) from None
                 first = (str(exc).splitlines() or [""])[0][:300]
                 hint = "" if _state["debug"] else "; rerun with --debug for the traceback"
                 err_console.print(
@@ -206,6 +211,39 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C, so the same cleanup runs on SIGTERM (CI timeouts, kill)
 
 
+class _ClosedPipeSafeStdout:
+    """sys.stdout that survives its reader going away (`moe-export inspect CKPT | head -n1`).
+
+    Once a write or flush meets a closed pipe, stdout is pointed at /dev/null and the command runs on to its
+    real exit code, printing nothing more, as `cat` and `git` end quietly; without this the BrokenPipeError
+    surfaced as a crash (exit 3) or, at interpreter exit, as exit 1, the parity-failed code."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # later writes and the flush at exit go nowhere, silently
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    sys.stdout = _ClosedPipeSafeStdout(sys.stdout)  # type: ignore[assignment]
     app()

@@ -51,6 +51,7 @@ def bench_command(
     checks.at_least(max_ratio, 0, "--max-ratio")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((plot, "--plot"), (report_path, "--report"))
+    checks.outputs_apart([(plot, "--plot"), (report_path, "--report")], [artifact_dir, base])
     if plot is not None:
         try:
             import matplotlib  # noqa: F401  checked before the slow part

@@ -61,12 +61,14 @@ def calibrate_cmd(
     from moe_export.merging.options import CalibrateOptions
     from moe_export.merging.statistics import fewer_samples_notice
 
-    options = CalibrateOptions(data, samples, seq_len, seed, device, forward, progress=not as_json)
+    # checks --data, --samples, --seq-len, --forward and --device's spelling before anything loads
+    calibration = CalibrateOptions(data, samples, seq_len, seed, device, forward, progress=not as_json)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
     checks.writable_files((out, "-o"))
-    stats = calibrate(ckpt, options, base_model=base, family=family, top_k=k, task_id=task_id)
+    checks.outputs_apart([(out, "-o")], [ckpt, base, data])
+    stats = calibrate(ckpt, calibration, base_model=base, family=family, top_k=k, task_id=task_id)
     stats.save(out)
     notice = fewer_samples_notice(stats, samples)
     if notice:

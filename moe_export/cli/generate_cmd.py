@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from moe_export.cli import checks
 from moe_export.cli.app import command, console, parse_int_list, print_json
 from moe_export.errors import FormatError, MoeExportError
 
@@ -32,17 +33,19 @@ def generate_command(
     """Generate greedily from a prompt and print the new tokens and tokens/s.
 
     The prompt is exactly one of --prompt-ids or --prompt."""
-    from moe_export.validation.generate_run import generate
+    from moe_export.runtimes.generate import generate
 
     if (prompt_ids is None) == (prompt is None):
         raise MoeExportError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT")
+    checks.at_least(threads, 1, "--threads")
+    checks.input_dir(export_dir, "export directory")
     tokenizer = _tokenizer(export_dir) if prompt is not None else None
     if tokenizer is not None:
         ids = list(tokenizer.encode(prompt))
     else:
         parsed = parse_int_list(prompt_ids, "--prompt-ids")
         ids = parsed if isinstance(parsed, list) else [parsed]  # type: ignore[list-item]
-    result = generate(export_dir, ids, max_new_tokens, runtime, threads)
+    result = generate(export_dir, ids, max_new_tokens, runtime, threads, progress=not as_json)
     if tokenizer is not None:
         result.text = tokenizer.decode(result.tokens)
     if as_json:

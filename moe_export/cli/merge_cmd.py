@@ -39,25 +39,22 @@ def merge_cmd(
     Exact folds: shared LoRAs, E=1, a fixed task id, constant routers. Calibration and the held-out check run
     the reference one decoder layer at a time by default (--forward); the merged weights stream shard by shard.
     """
-    from moe_export.errors import MergeError
-    from moe_export.files import check_writable
     from moe_export.merging import merge, save_merged
     from moe_export.merging.options import CalibrateOptions, MergeOptions
     from moe_export.merging.statistics import fewer_samples_notice
+    from moe_export.merging.write import check_merge_output
 
     calibration = CalibrateOptions(data, samples, seq_len, seed, device, forward, progress=not as_json)
-    options = MergeOptions(threshold, budget, stats_path, evaluate=not no_eval, calibration=calibration)
+    merge_options = MergeOptions(threshold, budget, stats_path, evaluate=not no_eval, calibration=calibration)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
-    if out.exists():
-        raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
-    check_writable(out, "-o", directory=True)
-    if not options.selects:
+    check_merge_output(out, [ckpt, base, stats_path, data])
+    if not merge_options.selects:
         err_console.print("note: no --merge-threshold/--merge-budget: only exact folds are merged", highlight=False)
-    result = merge(ckpt, options, base_model=base, family=family, top_k=k, task_id=task_id)
+    result = merge(ckpt, merge_options, base_model=base, family=family, top_k=k, task_id=task_id)
     save_merged(result, out, progress=not as_json)
-    calibrated = result.stats is not None and options.stats is None
+    calibrated = result.stats is not None and merge_options.stats is None
     notice = fewer_samples_notice(result.stats, samples) if calibrated else None
     if notice:
         err_console.print(f"note: {notice}", highlight=False, markup=False)

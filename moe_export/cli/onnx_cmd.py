@@ -23,7 +23,6 @@ from moe_export.cli.options import (
     TASK_ID_OPTION,
     TOP_K_OPTION,
 )
-from moe_export.errors import MoeExportError
 
 
 @command("onnx")
@@ -69,15 +68,9 @@ def onnx_command(
     With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
     from moe_export.api import export_onnx
-    from moe_export.export.options import ExportOptions
-    from moe_export.merging.options import CalibrateOptions, MergeOptions
+    from moe_export.export.options import ExportOptions, merge_from_flags
 
-    merge = None
-    if merge_threshold is not None or merge_budget is not None:
-        calibration = CalibrateOptions(data=data, device=device, forward=forward, progress=not as_json)
-        merge = MergeOptions(threshold=merge_threshold, budget=merge_budget, calibration=calibration)
-    elif data is not None:
-        raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")
+    merge = merge_from_flags(merge_threshold, merge_budget, data, device=device, forward=forward, progress=not as_json)
     options = ExportOptions(
         dtype=dtype, opset=opset, kv_cache=not no_kv_cache, base_only=base_only, merge=merge, quantize=quantize,
         block_size=block_size, validate=not no_validate, max_top1_drop=max_top1_drop, force=force,

@@ -29,8 +29,12 @@ def triton_command(
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Write a Triton model repository: the export's graph, a generation model for KV-cache exports, the engine."""
+    from moe_export.export.manifest import Artifact
+    from moe_export.files import check_not_input
     from moe_export.serving.repository import TritonOptions, write_repository
 
+    Artifact.open(export_dir)  # "not an export" says more than "-o inside it": checked first
+    check_not_input(out, "-o", [export_dir], directory=True)
     options = TritonOptions(name, max_batch_size, instances, device, backend, threads)
     report = write_repository(export_dir, out, options)
     if as_json:

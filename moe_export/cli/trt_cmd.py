@@ -26,6 +26,7 @@ def trt_command(
 ) -> None:
     """Build OUT/model.engine + OUT/engine.json with TensorRT (strongly typed; needs a CUDA GPU)."""
     from moe_export.export.tensorrt import TrtBuildOptions, build_engine, parse_shapes
+    from moe_export.runtimes.trt_engine import median_ms
 
     options = TrtBuildOptions(
         plugin=plugin,
@@ -37,7 +38,7 @@ def trt_command(
         tf32=tf32,
     )
     with err_console.status("building TensorRT engine(s)", spinner="dots"):
-        report = build_engine(onnx_dir, out, options)
+        report = build_engine(onnx_dir, out, options, time_engine=median_ms)
     if as_json:
         print_json(report)
         return

@@ -70,6 +70,14 @@ def validate_command(
     ),
     base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from export.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    save_results: Path | None = typer.Option(
+        None,
+        "--save-results",
+        help="Also write each candidate's run (outputs, unit taps, generation) to DIR/<runtime>/.",
+    ),
+    load_results: Path | None = typer.Option(
+        None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
+    ),
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
     from moe_export.runtimes.registry import RunnerOptions
@@ -84,9 +92,13 @@ def validate_command(
     checks.fraction(min_top1, "--min-top1")
     checks.fraction(max_top1_drop, "--max-top1-drop")
     checks.at_least(threads, 1, "--threads")
+    checks.at_least(new_tokens, 0, "--new-tokens")
     checks.one_of(device, ("cpu", "cuda"), "--device")
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
+    if load_results is not None:
+        checks.input_dir(load_results, "--load-results directory")
+    checks.outputs_apart([(report_path, "--report"), (junit_path, "--junit")], [artifact_dir, inputs, ckpt, base])
     status = err_console.status("validating", spinner="dots")
     with status:
         report = validate(
@@ -104,5 +116,7 @@ def validate_command(
             new_tokens=new_tokens,
             checkpoint=ckpt,
             base_model=base,
+            save_results=save_results,
+            load_results=load_results,
         )
     finish_report(report, as_json, [(report_path, report.write_json), (junit_path, report.write_junit)])

@@ -11,7 +11,7 @@ from typing import Any
 from moe_export.errors import FormatError
 from moe_export.export.interface import GraphInterface, TensorSpec
 from moe_export.export.quantize import QuantScheme
-from moe_export.files import known_fields, read_json_object
+from moe_export.files import check_field_types, known_fields, name_inside, read_json_object
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "moe-export-onnx"
@@ -32,6 +32,7 @@ class UnitRecord:
     rank: int | None = field(default=None, metadata={"help": "R"})
 
     def __post_init__(self) -> None:
+        check_field_types(self, f"unit {self.name!r}")
         if self.status not in UNIT_STATUSES:
             raise FormatError(f"unit {self.name}: status {self.status!r} is not one of {', '.join(UNIT_STATUSES)}")
 
@@ -68,6 +69,17 @@ class ExportManifest:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self, "export manifest")
+        # File names the export directory holds; read back by validate/bench/trt/triton and deleted by a later
+        # `onnx --force`: none may leave the directory. (relative_sources point at the sources beside the export
+        # on purpose: they are only read, and --ckpt/--base may name any directory anyway.)
+        for key, names in (
+            ("model_file", [self.model_file]),
+            ("external_data", [self.external_data] if self.external_data else []),
+            ("copied_files", self.copied_files),
+        ):
+            for name in names:
+                name_inside("the export directory", name, f"export manifest: {key}")
         if self.dtype not in DTYPES:
             raise FormatError(f"export manifest: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.format != MANIFEST_FORMAT:
@@ -119,6 +131,8 @@ class ExportManifest:
             return cls(**kept)
         except TypeError as exc:
             raise FormatError(f"{where}: not a moe-export ONNX manifest ({exc})") from exc
+        except FormatError as exc:
+            raise FormatError(f"{where}: {str(exc).removeprefix('export manifest: ')}") from None
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_NAME

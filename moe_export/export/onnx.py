@@ -39,7 +39,14 @@ from moe_export.export.quantize import (
     base_linear_names,
     quantize_saved_model,
 )
-from moe_export.files import check_writable, make_staging_dir, replace_directory, replace_files
+from moe_export.files import (
+    check_not_input,
+    check_writable,
+    make_staging_dir,
+    output_errors,
+    replace_directory,
+    replace_files,
+)
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
 from moe_export.reference.loading import LoadedAdapter, attach_model, load_base_model, load_without_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -129,7 +136,8 @@ def export_onnx(
     options = ExportOptions.build(options, fields)
     console = console or Console(stderr=True)
     out_dir = Path(out_dir).resolve()
-    ours = check_out_dir(out_dir, options.force)
+    # the base a checkpoint names is known only now: -o must not be it, or inside it, either
+    ours = check_export_target(out_dir, options, [loaded.checkpoint, loaded.base_model_path])
     if loaded.model is None and not options.base_only:
         raise ExportError(
             f"{loaded.checkpoint}: this LoadedAdapter has no model (an earlier export_onnx(consume=True) took it, "
@@ -146,20 +154,21 @@ def export_onnx(
         model = _prepare_model(source, merged, options.dtype, options.base_only, consume)
         del source
         units = [] if options.base_only else _unit_records(loaded, model)
-        tmp = make_staging_dir(out_dir)
-        try:
-            status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
-            interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
-            program = _trace(model, interface, options.opset)
-            model_path, scheme = _post_process(program, model, tmp, options, units, status)
-            interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
-            manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
-            manifest.quantization = scheme.to_dict() if scheme is not None else None
-            library = kernel_library if manifest.custom_ops else None
-            _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with output_errors(out_dir):  # a full disk or read-only -o: one line naming -o, exit 2
+            tmp = make_staging_dir(out_dir)
+            try:
+                status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
+                interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
+                program = _trace(model, interface, options.opset)
+                model_path, scheme = _post_process(program, model, tmp, options, units, status)
+                interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
+                manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
+                manifest.quantization = scheme.to_dict() if scheme is not None else None
+                library = kernel_library if manifest.custom_ops else None
+                _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
@@ -256,6 +265,16 @@ def _write_artifact(
         replace_directory(tmp, out_dir)
     else:
         replace_files(tmp, out_dir, ours, MANIFEST_NAME)
+
+
+def check_export_target(
+    out_dir: str | Path, options: ExportOptions, inputs: list[str | Path | None]
+) -> set[str] | None:
+    """Refuse, before any work, an `out_dir` that is or holds one of the export's inputs (`inputs` and the
+    merge's calibration text) or that we may not replace (check_out_dir, whose answer it returns)."""
+    out_dir = Path(out_dir).resolve()
+    check_not_input(out_dir, "-o", [*inputs, options.calibration_data], directory=True)
+    return check_out_dir(out_dir, options.force)
 
 
 def check_out_dir(out_dir: Path, force: bool) -> set[str] | None:

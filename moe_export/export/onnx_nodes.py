@@ -16,6 +16,9 @@ from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, PLUGIN_ATTRIBUTES
 
 # Oldest standard opset the bodies need (Shape start/end, ScatterElements reduction="add").
 MIN_OPSET = 18
+# Newest standard opset torch 2.13's exporter writes (torch.onnx._constants.ONNX_MAX_OPSET); an export at 23
+# ran and passed validation in onnxruntime 1.32. Checked with the other options, before any model loads.
+MAX_OPSET = 23
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 _FP = onnx.defs.OpSchema.FormalParameter

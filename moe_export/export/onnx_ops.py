@@ -18,6 +18,7 @@ import onnx
 from onnx import FunctionProto, helper
 
 from moe_export.export.onnx_nodes import (
+    MAX_OPSET,
     MIN_OPSET,
     CustomOnnxOp,
     b_cat_nodes,
@@ -119,4 +120,12 @@ def function_bodies(op_types: set[str], opset: int) -> list[FunctionProto]:
     return [row.body(opset) for row in custom_ops().values() if row.name in op_types]
 
 
-__all__ = ["DOMAIN", "MIN_OPSET", "PLUGIN_ATTRIBUTES", "custom_ops", "function_bodies", "translation_table"]
+__all__ = [
+    "DOMAIN",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "PLUGIN_ATTRIBUTES",
+    "custom_ops",
+    "function_bodies",
+    "translation_table",
+]

@@ -18,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, MoeExportError, RuntimeUnavailableError
 from moe_export.export.interface import DEFAULT_SEQUENCE_RANGE, INPUT_IDS, GraphInterface, read_onnx_io
 from moe_export.export.manifest import Artifact, ExportManifest
-from moe_export.export.trt_engine import EngineSession, import_tensorrt, require_cuda
-from moe_export.files import known_fields, make_staging_dir, replace_directory, write_bytes_atomic
+from moe_export.export.trt_engine import import_tensorrt, require_cuda
+from moe_export.files import known_fields, make_staging_dir, output_errors, replace_directory, write_bytes_atomic
 from moe_export.ops.names import GROUPED_LORA, PLUGIN_ATTRIBUTES
 
 ENGINE_NAME = "model.engine"
@@ -231,15 +232,21 @@ def opt_feeds(info: OnnxInfo, profiles: dict[str, tuple[Shape, Shape, Shape]], s
     return info.interface.feeds_for_shapes(shapes, info.vocab_size or 100, seed)
 
 
-def _median_ms(trt_engine: bytes, feeds: dict[str, np.ndarray]) -> float:
-    times = EngineSession(trt_engine, "candidate engine").time_execute(feeds, warmup=10, iterations=30)
-    return float(np.median(times) * 1e3)
+# How `--plugin auto` times a candidate engine at the opt shapes: (serialized engine, feeds) -> milliseconds.
+# Running an engine is a runtime's job (runtimes/trt_engine.median_ms), so the caller hands it in.
+EngineTimer = Callable[[bytes, dict[str, np.ndarray]], float]
 
 
 def build_engine(
-    onnx_dir: str | Path, out_dir: str | Path | None = None, options: TrtBuildOptions | None = None
+    onnx_dir: str | Path,
+    out_dir: str | Path | None = None,
+    options: TrtBuildOptions | None = None,
+    time_engine: EngineTimer | None = None,
 ) -> dict:
-    """Build OUT/model.engine + OUT/engine.json (OUT defaults to ONNX_DIR); returns the engine.json dict."""
+    """Build OUT/model.engine + OUT/engine.json (OUT defaults to ONNX_DIR); returns the engine.json dict.
+
+    `--plugin auto` with both paths available times them with `time_engine` (runtimes/trt_engine.median_ms);
+    without one it keeps the plugin, and engine.json says it was not timed."""
     options = options or TrtBuildOptions()
     info = inspect_onnx_dir(onnx_dir)
     profiles = resolve_profiles(info, options)
@@ -274,13 +281,16 @@ def build_engine(
         )
     elif unavailable:
         paths, reason = ["off"], f"plugin unavailable: {unavailable}"
+    elif time_engine is None:
+        paths, reason = ["on"], "auto: plugin kept without timing (build_engine was given no time_engine)"
     else:
         paths, reason = ["off", "on"], ""
     built = {path: _build_one(trt, info, profiles, options, plugin=path == "on") for path in paths}
     report["build_seconds"] = {path: round(b[1], 3) for path, b in built.items()}
     if len(paths) == 2:
+        assert time_engine is not None
         feeds = opt_feeds(info, profiles)
-        latency = {path: _median_ms(b[0], feeds) for path, b in built.items()}
+        latency = {path: time_engine(b[0], feeds) for path, b in built.items()}
         chosen = min(latency, key=latency.__getitem__)
         other = "off" if chosen == "on" else "on"
         report["latency_ms_at_opt"] = {p: round(v, 4) for p, v in latency.items()}
@@ -307,11 +317,12 @@ def _write_outputs(out: Path, engine: bytes, report: dict[str, Any]) -> None:
         return
     if out.exists():
         raise MoeExportError(f"{out}: exists and is not a directory; choose another -o")
-    staging = make_staging_dir(out)
-    try:
-        (staging / ENGINE_NAME).write_bytes(engine)
-        (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_errors(out):
+        staging = make_staging_dir(out)
+        try:
+            (staging / ENGINE_NAME).write_bytes(engine)
+            (staging / ENGINE_INFO_NAME).write_bytes(info_bytes)
+            replace_directory(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

@@ -149,6 +149,17 @@ def require_float(config: dict, key: str, where: str, default: float | None = No
     return float(value)
 
 
+def require_bool(config: dict, key: str, where: str, default: bool = False) -> bool:
+    """A JSON true/false from the config (`default` when absent or null): the string "false" is truthy in
+    Python, so it would silently switch the option on (rsLoRA's scaling alpha/sqrt(r) instead of alpha/r)."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise FormatError(f"{where}: '{key}' is {value!r}, expected true or false")
+    return value
+
+
 def sorted_modules(modules: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """Module paths in model order (layer index, then name) so units and tables read top to bottom."""
 

@@ -14,7 +14,7 @@ from typing import Any
 from moe_export.errors import FormatError
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import split_module_keys
+from moe_export.formats.common import require_bool, split_module_keys
 from moe_export.formats.registry import Family, Signature, register
 from moe_export.ir import Adapter, LinearMoE, SharedLoRA, rank_scaling
 
@@ -53,9 +53,9 @@ class Lora(Family):
     def load(cls, ckpt: Checkpoint, base: BaseWeights | None) -> Adapter:
         config = ckpt.require_config("lora_alpha")
         where = str(ckpt.config_path)
-        if config.get("use_dora"):
+        if require_bool(config, "use_dora", where):
             raise FormatError(f"{where}: use_dora is set; DoRA adapters are not supported (merge them with PEFT first)")
-        rslora = bool(config.get("use_rslora", False))
+        rslora = require_bool(config, "use_rslora", where)
         alpha_pattern = config.get("alpha_pattern") or {}
         units = []
         for module, parts in split_module_keys(ckpt.tensors, PARTS, str(ckpt.weights_path), cls.title).items():

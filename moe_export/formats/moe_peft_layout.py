@@ -18,7 +18,7 @@ import torch
 
 from moe_export.errors import FormatError
 from moe_export.formats.checkpoint import Checkpoint
-from moe_export.formats.common import stack_experts
+from moe_export.formats.common import require_bool, stack_experts
 from moe_export.formats.registry import Signature
 from moe_export.ir import ExpertStack, LinearMoE, Router, SharedLoRA, Unit, rank_scaling
 
@@ -86,7 +86,7 @@ def lora_scaling(cfg: dict[str, Any], where: str) -> tuple[int, float]:
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise FormatError(f"{where}: 'r' ({rank!r}) and 'lora_alpha' ({alpha!r}) must be positive numbers")
-    return rank, rank_scaling(float(alpha), rank, bool(cfg.get("use_rslora", False)))
+    return rank, rank_scaling(float(alpha), rank, require_bool(cfg, "use_rslora", where))
 
 
 def layout_signature(prefix: str) -> Signature:
@@ -111,11 +111,13 @@ def check_config(ckpt: Checkpoint, peft_type: str, *keys: str) -> dict[str, Any]
         raise FormatError(f"{where}: peft_type is {declared!r}, expected {peft_type!r}")
     if cfg.get("task_type") not in CAUSAL_TASKS:
         raise FormatError(f"{where}: task_type {cfg['task_type']!r} is not supported (only CAUSAL_LM / QUESTION_ANS)")
+    for flag in ("use_dora", "use_rslora"):
+        require_bool(cfg, flag, str(where))
     return cfg
 
 
 def dora_notice(cfg: dict[str, Any]) -> list[str]:
-    if not cfg.get("use_dora"):
+    if not cfg.get("use_dora"):  # a bool: checked in check_config
         return []
     # MoE-PEFT does not save DoRA magnitudes; it recomputes them from W + sBA at load, so the DoRA
     # rescale is exactly 1 and the adapter computes as plain LoRA.

@@ -21,6 +21,7 @@ from moe_export.formats.checkpoint import Checkpoint
 from moe_export.formats.common import (
     expert_linear,
     peft_expert_modules,
+    require_bool,
     require_float,
     require_int,
     softmax_topk_router,
@@ -41,7 +42,9 @@ class MoELoRA(Family):
         where = str(ckpt.config_path)
         rank, num_experts = require_int(config, "r", where), require_int(config, "num_experts", where)
         top_k = require_int(config, "top_k", where)
-        scaling = rank_scaling(require_float(config, "lora_alpha", where), rank, bool(config.get("use_rslora", False)))
+        scaling = rank_scaling(
+            require_float(config, "lora_alpha", where), rank, require_bool(config, "use_rslora", where)
+        )
         units = []
         for module, a_list, b_list, router in peft_expert_modules(ckpt, cls.title, "lora_router", num_experts, rank):
             units.append(expert_linear(module, a_list, b_list, scaling, softmax_topk_router(router, top_k)))

@@ -33,10 +33,15 @@ def check_merge_choice(threshold: float | None, budget: float | None) -> None:
         raise MergeError(f"--merge-budget {budget}: a total error budget must be >= 0")
 
 
-def check_device(device: str) -> None:
-    """The spelling of --device (whether CUDA is there is known only when the run starts)."""
+def check_forward_choice(forward: str, device: str, resolved: str | None = None) -> None:
+    """--forward and the spelling of --device, and `whole` only on the CPU. `resolved` is the device --device
+    names on this machine (layerwise.check_forward knows it when the run starts); without it only an explicit
+    cuda is refused."""
+    one_of(forward, FORWARDS, "--forward")
     if not DEVICE_PATTERN.match(device):
         raise MergeError(f"--device {device}: not a torch device (expected cpu, cuda, cuda:N or auto)")
+    if forward == "whole" and (resolved or device).startswith("cuda"):
+        raise MergeError(f"--forward whole runs on the CPU; --device {device} needs --forward layers (or auto)")
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,7 @@ class CalibrateOptions(Options):
             object.__setattr__(self, "data", str(self.data))
         check_calibration_sizes(self.samples, self.seq_len)
         existing_file(self.data, "--data", "calibration text file")
-        one_of(self.forward, FORWARDS, "--forward")
-        check_device(self.device)
-        if self.forward == "whole" and self.device.startswith("cuda"):
-            raise MergeError(
-                f"--forward whole runs on the CPU; --device {self.device} needs --forward layers (or auto)"
-            )
+        check_forward_choice(self.forward, self.device)
 
 
 @dataclass(frozen=True)

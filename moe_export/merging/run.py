@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.merging import apply
-from moe_export.merging.layerwise import Streaming, calibrate_layerwise, choose_streaming
+from moe_export.merging.layerwise import Streaming, calibrate_layerwise, check_forward, choose_streaming
 from moe_export.merging.options import CalibrateOptions, MergeOptions
 from moe_export.merging.report import MergeResult
 from moe_export.merging.statistics import CalibrationSet, CalibrationStats, calibrate_whole
@@ -30,6 +30,7 @@ def calibrate(source: Source, options: CalibrateOptions | None = None, **fields:
     caller's model is at hand on the CPU (or `forward="whole"`)."""
     load = {k: fields.pop(k) for k in LOAD_KEYS if k in fields}
     options = _build(CalibrateOptions, options, fields)
+    check_forward(options.forward, options.device)  # CUDA asked for and absent: refused before the load
     loaded = open_source(source, **load)
     streaming = _streaming(loaded, options)
     calib = _calibration_set(options)
@@ -54,6 +55,8 @@ def merge(
     if options is None and calibration_keys:
         fields["calibration"] = CalibrateOptions(**{k: fields.pop(k) for k in calibration_keys})
     options = _build(MergeOptions, options, fields)
+    if streaming is None:
+        check_forward(options.calibration.forward, options.calibration.device)  # before the load
     loaded = open_source(source, **load)
     if stats is None and options.stats is not None:
         stats = CalibrationStats.load(options.stats)

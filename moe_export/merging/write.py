@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe_export.errors import FormatError, MergeError
-from moe_export.files import make_staging_dir, replace_directory
-from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE
+from moe_export.files import check_not_input, check_writable, make_staging_dir, output_errors, replace_directory
+from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, BaseWeights
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
 from moe_export.merging.plan import UnitMerge
@@ -53,22 +53,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def base_shards(base_dir: Path) -> list[Path]:
-    """The base model's safetensors files (every shard of the index, or the single file)."""
-    index = base_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise FormatError(f"{index}: not a safetensors index (no 'weight_map')") from exc
-        shards = [base_dir / f for f in files]
-    elif (base_dir / SINGLE_FILE).is_file():
-        shards = [base_dir / SINGLE_FILE]
-    else:
+    """The base model's safetensors files (every shard of the index, or the single file), checked by BaseWeights."""
+    if not (base_dir / INDEX_FILE).is_file() and not (base_dir / SINGLE_FILE).is_file():
         raise MergeError(f"{base_dir}: no {SINGLE_FILE} or {INDEX_FILE}; merging streams safetensors base models only")
-    missing = [p for p in shards if not p.is_file()]
-    if missing:
-        raise FormatError(f"{missing[0]}: shard listed in {INDEX_FILE} is missing")
-    return shards
+    return BaseWeights(base_dir).shards()
 
 
 def _locate(result: MergeResult, shards: list[Path]) -> dict[Path, list[tuple[str, LinearMoE, UnitMerge]]]:
@@ -110,35 +98,44 @@ def _patch_shard(path: Path, merges: list[tuple[str, LinearMoE, UnitMerge]]) -> 
             f.write(raw)
 
 
+def check_merge_output(out: Path, inputs: list[str | Path | None]) -> None:
+    """Refuse, before any work, an -o that exists (an empty directory, such as a mount point, is fine), cannot
+    be written, or is, holds or lies inside one of the merge's `inputs`: a merge never replaces anything."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
+    check_writable(out, "-o", directory=True)
+    check_not_input(out, "-o", inputs, directory=True)
+
+
 def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True) -> Path:
     """Write OUT: the base model with every fold of the plan merged into its weights (safetensors shards,
     index, config, generation config, tokenizer), plus OUT/adapter with the units that stay routed."""
     out = Path(out_dir)
-    if out.exists():
-        raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
     base_dir = Path(result.loaded.base_model_path)
+    check_merge_output(out, [result.loaded.checkpoint, base_dir])
     shards = base_shards(base_dir)
     todo = _locate(result, shards)
-    tmp = make_staging_dir(out)
-    try:
-        with progress_bar(progress, "writing merged shards", len(shards)) as advance:
-            for shard in shards:
-                shutil.copyfile(shard, tmp / shard.name)  # copy_file_range/sendfile: no user-space buffer
-                _patch_shard(tmp / shard.name, todo.get(shard, []))
-                advance()
-        for item in sorted(base_dir.iterdir()):
-            if item.is_file() and not item.name.startswith(".") and not _WEIGHT_FILE.search(item.name):
-                shutil.copy2(item, tmp / item.name)
-        if (base_dir / INDEX_FILE).is_file():
-            shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
-        remaining = result.loaded.adapter
-        if remaining.units:
-            dataclasses.replace(remaining, base_model="..").save(tmp / ADAPTER_DIR)
-        manifest = {"source": str(result.loaded.checkpoint), "base_model": str(base_dir)}
-        manifest.update(plan=result.plan.to_dict(), report=result.report.to_dict())
-        (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_errors(out):  # a full disk or read-only -o: one line naming -o, exit 2
+        tmp = make_staging_dir(out)
+        try:
+            with progress_bar(progress, "writing merged shards", len(shards)) as advance:
+                for shard in shards:
+                    shutil.copyfile(shard, tmp / shard.name)  # copy_file_range/sendfile: no user-space buffer
+                    _patch_shard(tmp / shard.name, todo.get(shard, []))
+                    advance()
+            for item in sorted(base_dir.iterdir()):
+                if item.is_file() and not item.name.startswith(".") and not _WEIGHT_FILE.search(item.name):
+                    shutil.copy2(item, tmp / item.name)
+            if (base_dir / INDEX_FILE).is_file():
+                shutil.copy2(base_dir / INDEX_FILE, tmp / INDEX_FILE)
+            remaining = result.loaded.adapter
+            if remaining.units:
+                dataclasses.replace(remaining, base_model="..").save(tmp / ADAPTER_DIR)
+            manifest = {"source": str(result.loaded.checkpoint), "base_model": str(base_dir)}
+            manifest.update(plan=result.plan.to_dict(), report=result.report.to_dict())
+            (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+            replace_directory(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

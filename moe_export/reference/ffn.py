@@ -21,7 +21,7 @@ from torch import nn
 from moe_export.errors import FormatError
 from moe_export.ir import Adapter, FFNMoE, Unit
 from moe_export.ops.grouped_lora_slots import grouped_lora_slots
-from moe_export.reference.routing import route_tokens
+from moe_export.reference.routing import ForcedRoute, route_tokens
 
 # Projections of each supported MLP layout, in the order the block applies them.
 ARCH_PROJECTIONS: dict[str, tuple[str, ...]] = {"llama_gated": ("gate_proj", "up_proj", "down_proj")}
@@ -37,8 +37,11 @@ class MoEFFN(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = base.gate_proj, base.up_proj, base.down_proj
         self.act = act
         self.record_routing: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        self.forced_route: ForcedRoute | None = None  # as MoELoRALinear.forced_route
         dtype = self.gate_proj.weight.dtype
         self.adapted = sorted(unit.experts)
+        # The order forward() runs the adapted projections in: the export names their op nodes unit, unit#2, ...
+        self.execution_order = [p for p in ARCH_PROJECTIONS[unit.arch] if p in unit.experts]
         for proj, stack in unit.experts.items():
             self.register_buffer(f"{proj}_A", stack.A.to(dtype), persistent=False)  # [E_A, R, D_in]
             self.register_buffer(f"{proj}_B", stack.scaled_b(dtype), persistent=False)  # [E, D_out, R]
@@ -64,6 +67,8 @@ class MoEFFN(nn.Module):
         ids, gates = route_tokens(self.router, flat, self.router_weight, self.router_bias)  # [T, K] each
         if self.record_routing is not None:
             self.record_routing(self.unit_name, flat, ids, gates)
+        if self.forced_route is not None:
+            ids, gates = route_tokens(self.router, flat, self.router_weight, self.router_bias, self.forced_route)
         gate = self._project("gate_proj", flat, self.gate_proj(flat), ids)  # [T, K, I]
         up = self._project("up_proj", flat, self.up_proj(flat), ids)  # [T, K, I]
         hidden = self.act(gate) * up  # [T, K, I]

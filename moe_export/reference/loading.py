@@ -18,6 +18,7 @@ from moe_export.formats.hub_cache import parse_hub_id, resolve_hub_id
 from moe_export.ir import Adapter, LinearMoE
 from moe_export.ir.tensors import finish_adapter
 from moe_export.reference.architectures import check_architecture
+from moe_export.reference.base_check import check_base_model
 from moe_export.reference.model import apply_adapter
 
 
@@ -62,19 +63,36 @@ def resolve_base_model(ckpt_dir: Path, declared: str | None, override: str | Pat
     if not (path / "config.json").is_file():
         raise FormatError(f"{path}: no config.json, not a transformers model directory ({where})")
     check_architecture(path)
+    check_base_model(path)
     return path.resolve()
 
 
 def load_base_model(path: Path, dtype: torch.dtype = torch.float32) -> Any:
-    """The transformers causal LM from a local directory, in eval mode, never touching the network."""
+    """The transformers causal LM from a local directory, in eval mode, never touching the network.
+
+    transformers random-initialises a weight its files lack and only logs it: its load report is read here,
+    and any missing or mis-shaped weight is our one-line error (check_base_model catches these earlier for
+    safetensors bases; this is the guard for every other way a model gets here)."""
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+        model, report = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "mismatched" not in str(exc):
+            raise  # only its refusal of mis-shaped weights is about the input
         raise FormatError(
             f"{path}: transformers cannot load this base model ({str(exc).splitlines()[0][:200]})"
         ) from exc
+    for kind in ("missing_keys", "mismatched_keys"):
+        faulty = sorted(str(k) for k in report.get(kind) or [])
+        if faulty:
+            raise FormatError(
+                f"{path}: transformers reports {kind.replace('_', ' ')} when loading it ({faulty[0]}"
+                f"{f' and {len(faulty) - 1} more' if len(faulty) > 1 else ''}); it would run with random weights "
+                "there: config.json and the weights are from different models"
+            )
     return model.eval()
 
 

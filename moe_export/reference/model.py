@@ -9,6 +9,8 @@ Legend: T tokens, E experts, K slots, R rank, D_in / D_out feature sizes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from moe_export.ir import Adapter, LinearMoE, Router, Unit
 from moe_export.ir.fold import SharedOnly, fold_into_weight
 from moe_export.ops.grouped_lora import grouped_lora
 from moe_export.reference.ffn import build_ffn_moe
-from moe_export.reference.routing import route_constant, route_tokens
+from moe_export.reference.routing import ForcedRoute, route_constant, route_tokens
 
 
 class MoELoRALinear(nn.Module):
@@ -36,6 +38,8 @@ class MoELoRALinear(nn.Module):
             self.register_buffer(f"shared_B_{j}", s.B.to(dtype), persistent=False)
         self.router: Router | None = unit.router if unit.experts is not None else None
         self.record_routing: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        # Set by validation (reference.force_routing) to replay a candidate's decisions in the next forward.
+        self.forced_route: ForcedRoute | None = None
         if unit.experts is None:
             return
         assert self.router is not None
@@ -58,12 +62,12 @@ class MoELoRALinear(nn.Module):
         for j, scaling in enumerate(self.shared_scalings):
             yield getattr(self, f"shared_A_{j}"), getattr(self, f"shared_B_{j}"), scaling
 
-    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert_ids [T, K], gates [T, K]) for flat tokens [T, D_in]."""
+    def route(self, flat: torch.Tensor, forced: ForcedRoute | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert_ids [T, K], gates [T, K]) for flat tokens [T, D_in]; `forced` replays another run's decisions."""
         assert self.router is not None
-        if self.router.kind == "task":
+        if self.router.kind == "task":  # input-independent: nothing to replay
             return route_constant(self.router, self.task_weights, flat.shape[0])
-        return route_tokens(self.router, flat, self.router_weight, self.router_bias)
+        return route_tokens(self.router, flat, self.router_weight, self.router_bias, forced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -76,6 +80,8 @@ class MoELoRALinear(nn.Module):
             ids, gates = self.route(flat)
             if self.record_routing is not None:
                 self.record_routing(self.unit_name, flat, ids, gates)
+            if self.forced_route is not None:
+                ids, gates = self.route(flat, self.forced_route)
             routed = grouped_lora(flat, ids, gates.to(flat.dtype), self.expert_A, self.expert_B)  # [T, D_out]
             delta = routed if delta is None else delta + routed
         if delta is None:
@@ -140,6 +146,51 @@ def apply_adapter(model: nn.Module, adapter: Adapter, task_id: int | None = None
     for parent, child, module in plan:
         setattr(parent, child, module)
     return model
+
+
+@contextmanager
+def force_routing(model: nn.Module, routes: dict[str, ForcedRoute]) -> Iterator[None]:
+    """Inside the block, each named unit of `model` routes with the given decisions (its own gate formula)."""
+    modules = [(m, routes[n]) for n, m in moe_modules(model) if n in routes and hasattr(m, "forced_route")]
+    for module, route in modules:
+        module.forced_route = route
+    try:
+        yield
+    finally:
+        for module, _ in modules:
+            module.forced_route = None
+
+
+@dataclass
+class ReferenceUnit:
+    """What a comparator needs from one reference unit: its router (token-routed units) and expert weights."""
+
+    router: Router | None  # None: nothing input dependent (task routing, unrouted)
+    router_weight: torch.Tensor | None  # [E, D_in]
+    router_bias: torch.Tensor | None  # [E]
+    experts: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B scaled) of each routed op the unit runs, in order
+    constant_route: tuple[torch.Tensor, torch.Tensor] | None = None  # task routing: (ids [1, K], gates [1, K])
+
+
+def reference_units(model: nn.Module) -> dict[str, ReferenceUnit]:
+    """unit name -> ReferenceUnit of every adapter module of `model` (per projection for FFN units)."""
+    units = {}
+    for name, m in moe_modules(model):
+        router = getattr(m, "router", None)
+        token_routed = router is not None and router.kind == "linear"
+        experts = [(m.expert_A, m.expert_B)] if getattr(m, "expert_A", None) is not None else []
+        experts += [(getattr(m, f"{p}_A"), getattr(m, f"{p}_B")) for p in getattr(m, "execution_order", [])]
+        constant = None
+        if router is not None and router.kind == "task":
+            constant = route_constant(router, m.task_weights, 1)
+        units[name] = ReferenceUnit(
+            router if token_routed else None,
+            m.router_weight if token_routed else None,
+            getattr(m, "router_bias", None) if token_routed else None,
+            experts,
+            constant,
+        )
+    return units
 
 
 def moe_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

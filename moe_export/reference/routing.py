@@ -7,6 +7,8 @@ Legend: T tokens, E experts, K slots per token, D_in router input size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moe_export.ir import Router
@@ -59,11 +61,47 @@ def _top_p(router: Router, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return order, torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
 
 
+@dataclass(frozen=True)
+class ForcedRoute:
+    """Another forward's routing decisions for one unit, to be replayed (validation's route override).
+
+    Only the decisions are replayed (which experts, in which slot order, which slots carry weight); the
+    gate values are still computed from this forward's own probabilities, so the arithmetic of the gates
+    is compared, not copied.
+    """
+
+    expert_ids: torch.Tensor  # [T, K] int64
+    kept: torch.Tensor  # [T, K] bool: slots given a nonzero weight (all True for top-k)
+
+
+def select_forced(router: Router, probs: torch.Tensor, forced: ForcedRoute) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert_ids [T, K], gates [T, K]) with `forced`'s decisions and the gate formula of `select_experts`."""
+    if router.select == "dense":
+        return select_experts(router, probs)  # nothing is decided: every expert, every token
+    ids = forced.expert_ids.to(device=probs.device, dtype=torch.int64)
+    if ids.shape[0] != probs.shape[0] or ids.shape[1] != router.slots:
+        raise ValueError(
+            f"forced routing {list(ids.shape)} does not fit {probs.shape[0]} tokens x {router.slots} slots"
+        )
+    kept = forced.kept.to(probs.device)
+    if router.select == "top_p" and router.temperature > 0:
+        probs = probs / router.temperature  # as _top_p: the kept weights are the tempered probabilities
+    gates = torch.where(kept, probs.gather(1, ids), torch.zeros((), dtype=probs.dtype, device=probs.device))
+    if router.select == "topk" and router.renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return ids, gates
+
+
 def route_tokens(
-    router: Router, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    router: Router,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    forced: ForcedRoute | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-wise routing of x [T, D_in] -> (expert_ids [T, K], gates [T, K])."""
-    return select_experts(router, router_probabilities(router, x, weight, bias))
+    """Token-wise routing of x [T, D_in] -> (expert_ids [T, K], gates [T, K]); `forced` replays decisions."""
+    probs = router_probabilities(router, x, weight, bias)
+    return select_experts(router, probs) if forced is None else select_forced(router, probs, forced)
 
 
 def route_constant(router: Router, weights: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moe_export.errors import InternalError, MoeExportError
+from moe_export.runtimes.taps import UnitCapture
 
 Feeds = dict[str, np.ndarray]
 
@@ -30,6 +31,13 @@ class Runner(ABC):
     def __init__(self) -> None:
         self.is_active = False
         self._last_time: float | None = None
+        self.taps_requested = False
+        self.last_taps: dict[str, UnitCapture] = {}  # the last infer's per-unit taps, when requested
+
+    def request_taps(self) -> bool:
+        """Ask (before activate) for per-unit taps (runtimes/taps.py) with every `infer`, in `last_taps`.
+        False when this runtime cannot tap its units; the outputs then come alone."""
+        return False
 
     def __enter__(self) -> Runner:
         self.activate()

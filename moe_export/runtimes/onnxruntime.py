@@ -17,6 +17,7 @@ from moe_export.errors import FormatError, InternalError, RuntimeUnavailableErro
 from moe_export.export.manifest import Artifact
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import RunnerOptions
+from moe_export.runtimes.taps import TappedModel, captures_from_outputs, tapped_model
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -141,9 +142,18 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, build_session: Callable[[], Any], device: str = "cpu", name: str | None = None) -> None:
+    def __init__(
+        self,
+        build_session: Callable[[], Any],
+        device: str = "cpu",
+        name: str | None = None,
+        build_tapped: Callable[[], tuple[Callable[[], Any], TappedModel]] | None = None,
+    ) -> None:
+        """`build_tapped` gives the session builder of the tapped model (same providers and options) and its taps."""
         super().__init__()
         self._build_session = build_session
+        self._build_tapped = build_tapped
+        self._tapped: TappedModel | None = None
         self.device = device
         if name:
             self.name = name
@@ -165,14 +175,33 @@ class OnnxRuntimeRunner(Runner):
             raise FormatError(f"{path}: ONNX model not found")
         providers = providers or (("cuda",) if device == "cuda" else ("cpu",))
         build = session_builder(path, providers, threads, optimization, native_kernels=native_kernels)
-        return cls(build, device=device)
+
+        def build_tapped() -> tuple[Callable[[], Any], TappedModel]:
+            tapped = tapped_model(path)
+            build = session_builder(tapped.model, providers, threads, optimization, path.parent, native_kernels)
+            return build, tapped
+
+        return cls(build, device=device, build_tapped=build_tapped)
+
+    def request_taps(self) -> bool:
+        """The tapped model runs in place of the model, on the same providers with the same options, so outputs and
+        taps come from one run (the extra outputs only keep ORT from fusing across the custom ops' boundaries)."""
+        if self._build_tapped is None:
+            return False
+        self.taps_requested = True
+        return True
 
     def _activate(self) -> None:
-        self.session = self._build_session()
+        if self.taps_requested:
+            assert self._build_tapped is not None
+            build, self._tapped = self._build_tapped()
+            self.session = build()
+        else:
+            self.session = self._build_session()
         self.kernel_note = report_kernel_note(getattr(self.session, "moe_export_kernels", ""))
 
     def _deactivate(self) -> None:
-        self.session = None
+        self.session, self._tapped = None, None
 
     def input_names(self) -> list[str]:
         assert self.session is not None
@@ -191,7 +220,11 @@ class OnnxRuntimeRunner(Runner):
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in wanted.items())
             first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
             raise InternalError(f"{self.name}: inference failed on {shapes}: {first}") from exc
-        return dict(zip(self.output_names(), values, strict=True))
+        outputs = dict(zip(self.output_names(), values, strict=True))
+        if self._tapped is None:
+            return outputs
+        self.last_taps = captures_from_outputs(outputs, self._tapped.taps)
+        return {name: outputs[name] for name in self._tapped.outputs}
 
 
 def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> OnnxRuntimeRunner:

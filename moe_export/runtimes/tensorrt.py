@@ -3,7 +3,7 @@
     with TensorRTRunner("out/onnx/model.engine") as runner:
         outputs = runner.infer({"input_ids": ids, "attention_mask": mask})
 
-`tensorrt` is imported inside functions of export/trt_engine.py only, never by `import moe_export`.
+`tensorrt` is imported inside functions of export/ and runtimes/trt_engine.py only, never by `import moe_export`.
 Engines built with the AOT plugin carry their kernels, so running one needs no Python plugin code.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 
 from moe_export.errors import FormatError, MoeExportError
 from moe_export.export.tensorrt import ENGINE_NAME
-from moe_export.export.trt_engine import EngineSession
 from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.trt_engine import EngineSession
 
 
 class TensorRTRunner(Runner):

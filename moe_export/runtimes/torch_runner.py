@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,11 @@ import torch
 from moe_export.errors import FormatError, RuntimeUnavailableError
 from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact, ExportManifest
+from moe_export.reference.model import ReferenceUnit, force_routing, reference_units
+from moe_export.reference.routing import ForcedRoute
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import RunnerOptions
+from moe_export.runtimes.taps import record_torch_routing
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,6 +47,17 @@ class TorchRunner(Runner):
         self.interface = interface or GraphInterface.scoring()
         self._input_names = tuple(self.interface.token_input_names())
         self.model: torch.nn.Module | None = None
+        # unit name -> decisions to replay in every infer (validation's route replay); None: the model's own.
+        self.forced_routes: dict[str, ForcedRoute] | None = None
+
+    def request_taps(self) -> bool:
+        self.taps_requested = True
+        return True
+
+    def units(self) -> dict[str, ReferenceUnit]:
+        """The active model's adapter units (routers and expert weights), for comparators."""
+        assert self.model is not None
+        return reference_units(self.model)
 
     def input_names(self) -> tuple[str, ...]:
         return self._input_names[:1]  # attention_mask is optional for the reference
@@ -63,7 +78,12 @@ class TorchRunner(Runner):
             for name in self._input_names
             if name in feeds
         }
-        out = self.model(**kwargs, use_cache=False)
+        with contextlib.ExitStack() as stack:
+            if self.forced_routes is not None:
+                stack.enter_context(force_routing(self.model, self.forced_routes))
+            if self.taps_requested:
+                self.last_taps = stack.enter_context(record_torch_routing(self.model))
+            out = self.model(**kwargs, use_cache=False)
         if self.device == "cuda":
             torch.cuda.synchronize()
         logits = out.logits

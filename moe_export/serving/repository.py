@@ -22,11 +22,11 @@ from moe_export import __version__
 from moe_export.errors import MoeExportError
 from moe_export.export.interface import INPUT_IDS, GraphInterface
 from moe_export.export.manifest import Artifact
-from moe_export.files import make_staging_dir, replace_directory, write_text_atomic
+from moe_export.files import make_staging_dir, output_errors, replace_directory, write_text_atomic
+from moe_export.runtimes.generate import eos_ids
 from moe_export.serving import model_config
 from moe_export.serving.pbtxt import Message, render
 from moe_export.serving.readme import repository_readme
-from moe_export.validation.generate_run import eos_ids
 
 BACKENDS = ("onnxruntime", "python")
 DEVICES = ("cpu", "gpu")
@@ -63,13 +63,14 @@ def write_repository(export_dir: str | Path, out: str | Path, options: TritonOpt
     artifact = Artifact.open(export_dir)
     out = Path(out)
     plan = _plan(artifact, out, options)
-    staging = make_staging_dir(out)
-    try:
-        report = _write(artifact, staging, out, options, plan)
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_errors(out):  # a full disk or read-only -o: one line naming -o, exit 2
+        staging = make_staging_dir(out)
+        try:
+            report = _write(artifact, staging, out, options, plan)
+            replace_directory(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return report
 
 

@@ -57,7 +57,19 @@ def load_npz_feeds(path: str | Path, interface: GraphInterface, vocab_size: int 
     for name, value in feeds.items():
         if value.shape != ids.shape:
             raise FormatError(f"{path}: {name} has shape {list(value.shape)}, {tokens} {list(ids.shape)}")
+    check_mask(feeds[mask], path, mask)
     return {k: v.astype(np.int64) for k, v in feeds.items()}
+
+
+def check_mask(mask: np.ndarray, path: Path, name: str) -> None:
+    """An attention mask of 0s and 1s with at least one attended token per row: a row of zeros has no
+    position whose logits mean anything (and no last token to generate from), so it is bad input, not a
+    parity result."""
+    if mask.dtype.kind not in "iub" or not np.isin(mask, (0, 1)).all():
+        raise FormatError(f"{path}: {name} must hold only 0 and 1")
+    empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
+    if empty.size:
+        raise FormatError(f"{path}: {name} row {int(empty[0])} is all zeros: a row needs at least one attended token")
 
 
 def shape_label(feeds: Feeds, interface: GraphInterface) -> str:

@@ -16,9 +16,13 @@ from moe_export.export.onnx import unit_of_node
 from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance
-from moe_export.validation.units import UnitComparison
+from moe_export.validation.units import Flip, UnitComparison
 
 MAX_UNIT_ROWS = 20
+FLIP_RULE = (
+    "a routing flip passes iff its reference margin <= bound, the bound being how far the router probabilities can "
+    "move between the reference's and the candidate's router input plus the router's rounding in the export dtype"
+)
 
 
 @dataclass
@@ -29,9 +33,24 @@ class RunComparison:
     shape: str
     result: CompareResult
     seconds: float | None = None  # the candidate's inference time for this input
+    replayed: bool = False  # the reference ran with the candidate's routing decisions (route replay)
+    flip_count: int = 0  # token-units where the candidate chose other experts than the replayed reference
+    flips: list[Flip] = field(default_factory=list)  # listed ones (units.MAX_LISTED_FLIPS per unit)
+
+    @property
+    def largest_flip(self) -> Flip | None:
+        return max(self.flips, key=lambda f: f.margin / f.bound if f.bound > 0 else float("inf"), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "shape": self.shape, "seconds": self.seconds, **self.result.to_dict()}
+        return {
+            "runtime": self.runtime,
+            "shape": self.shape,
+            "seconds": self.seconds,
+            "route_replay": self.replayed,
+            "flip_count": self.flip_count,
+            "flips": [asdict(f) | {"near_tie": f.near_tie} for f in self.flips],
+            **self.result.to_dict(),
+        }
 
 
 @dataclass
@@ -43,7 +62,6 @@ class ValidationReport:
     reference: str
     runtimes: list[str]
     tolerance: Tolerance
-    margin_tol: float
     shapes: list[str]
     comparisons: list[RunComparison] = field(default_factory=list)
     units: dict[str, dict[str, UnitComparison]] = field(default_factory=dict)  # runtime -> unit -> stats
@@ -106,7 +124,7 @@ class ValidationReport:
             "runtimes": self.runtimes,
             "tolerance": asdict(self.tolerance),
             "tolerance_definition": "pass iff max|candidate - reference| <= atol + rtol * max|reference| per output",
-            "margin_tol": self.margin_tol,
+            "flip_rule": FLIP_RULE,
             "shapes": self.shapes,
             "failures": self.failures(),
             "comparisons": [c.to_dict() for c in self.comparisons],
@@ -160,30 +178,25 @@ class ValidationReport:
     def _outputs_table(self) -> Table:
         tol = self.tolerance
         table = Table(
-            caption="max rel = max abs / max|ref|; top-1 = fraction of positions with the same argmax",
+            caption="replayed: the reference ran with the candidate's routing decisions; flips are judged apart "
+            "(margin <= bound: a near-tie); max rel = max abs / max|ref|",
             title=f"Parity of the {self.dtype} export vs {self._reference_label()} (pass: max abs <= {tol.atol:g} + {tol.rtol:g} x max|ref|)",
         )
-        for column in ("runtime", "input", "output", "max abs", "max rel", "mean abs", "p99 abs", "NaN/Inf", "top-1"):
+        for column in ("runtime", "input", "output", "max abs", "bound", "max rel", "NaN/Inf", "top-1", "flips"):
             table.add_column(column, justify="left" if column in ("runtime", "input", "output") else "right")
+        table.add_column("largest flip margin / bound", justify="right")
         table.add_column("result")
         for c in self.comparisons:
+            largest = c.largest_flip
+            flip_text = "" if largest is None else f"{largest.margin:.3g} / {largest.bound:.3g}"
+            flips = f"{c.flip_count}" if c.replayed else "not replayed"
             for out in c.result.outputs.values():
                 top1 = "" if out.top1_agreement is None else f"{out.top1_agreement:.4f}"
                 verdict = "[green]pass[/]" if out.passed else "[red]FAIL[/]"
-                table.add_row(
-                    c.runtime,
-                    c.shape,
-                    out.name,
-                    _fmt(out.max_abs),
-                    _fmt(out.max_rel),
-                    _fmt(out.mean_abs),
-                    _fmt(out.p99_abs),
-                    f"{out.nan_count}/{out.inf_count}",
-                    top1,
-                    verdict,
-                )
+                row = [_fmt(out.max_abs), _fmt(out.bound), _fmt(out.max_rel), f"{out.nan_count}/{out.inf_count}", top1]
+                table.add_row(c.runtime, c.shape, out.name, *row, flips, flip_text, verdict)
             for _ in c.result.messages:
-                table.add_row(c.runtime, c.shape, "-", *[""] * 6, "[red]FAIL[/]")
+                table.add_row(c.runtime, c.shape, "-", *[""] * 7, "[red]FAIL[/]")
         return table
 
 
@@ -193,23 +206,17 @@ def _fmt(value: float | None) -> str:
 
 def _units_summary(runtime: str, reference: str, per_unit: dict[str, UnitComparison]) -> str:
     if not per_unit:
-        return f"routing ({runtime} vs {reference}): no routed units captured"
-    agreements = [(u.agreement, name) for name, u in per_unit.items() if u.agreement is not None]
+        return f"routing ({runtime} vs {reference}, replayed): no routed units captured"
     failed = sum(not u.passed for u in per_unit.values())
-    flips = sum(u.tokens - u.agreeing for u in per_unit.values())
+    flips = sum(u.flip_count for u in per_unit.values())
+    same = sum(u.router_flip_count for u in per_unit.values())
     # Counted as `onnx` counts them: a MixLoRA unit has a node per projection (captured as unit, unit#2, unit#3).
     units = len({unit_of_node(name) for name in per_unit})
-    nodes = f" ({len(per_unit)} GroupedLoRA nodes)" if units != len(per_unit) else ""
-    text = f"routing ({runtime} vs {reference}): {units} units{nodes}"
-    if agreements:
-        worst, name = min(agreements)
-        text += f", lowest agreement {worst:.4f} ({name}), {flips} flipped token-units"
-    margins = [u.max_flip_margin for u in per_unit.values() if u.max_flip_margin is not None]
-    if margins:
-        text += f", largest flip margin {max(margins):.3g}"
-    same_input = [u.router_agreement for u in per_unit.values() if u.router_agreement is not None]
-    if same_input:
-        text += f"; router on the same input: lowest agreement {min(same_input):.4f}"
+    text = f"routing ({runtime} vs {reference}, replayed): {units} units, {flips} flipped token-units"
+    text += f", {same} on the same input"
+    largest = max((f for u in per_unit.values() if (f := u.largest_flip)), key=_ratio, default=None)
+    if largest is not None:
+        text += f"; largest flip margin {largest.margin:.3g} vs bound {largest.bound:.3g} ({largest.unit})"
     op_checked = [u for u in per_unit.values() if u.op_max_abs is not None and u.op_bound is not None]
     if op_checked:
         # The op bound scales with each unit's output magnitude: show the error beside its bound (the unit
@@ -220,23 +227,31 @@ def _units_summary(runtime: str, reference: str, per_unit: dict[str, UnitCompari
     return text + (f"; [red]{failed} unit(s) FAIL[/]" if failed else "; [green]all units pass[/]")
 
 
+def _ratio(flip: Flip) -> float:
+    return flip.margin / flip.bound if flip.bound > 0 else float("inf")
+
+
 def _units_table(runtime: str, per_unit: dict[str, UnitComparison]) -> Table | None:
-    """Failing units, then units with routing flips, at most MAX_UNIT_ROWS rows; None when all agree."""
-    rows = sorted(per_unit.values(), key=lambda u: (u.passed, u.agreement if u.agreement is not None else 1.0))
-    rows = [u for u in rows if not u.passed or (u.agreement is not None and u.agreement < 1.0)][:MAX_UNIT_ROWS]
-    if not rows:
+    """Every listed flip (failing first, then by margin / bound), at most MAX_UNIT_ROWS rows; None when none."""
+    flips = sorted((f for u in per_unit.values() for f in u.flips + u.router_flips), key=_ratio, reverse=True)
+    failing = [u for u in per_unit.values() if not u.passed]
+    if not flips and not failing:
         return None
-    table = Table(title=f"Units ({runtime})")
-    table.add_column("unit", no_wrap=True)
-    for column in ("agreement", "flip margin min/max", "same-x agreement", "gate err", "op err", "result"):
-        table.add_column(column, justify="left" if column == "result" else "right")
-    for u in rows:
-        margin = "" if u.min_flip_margin is None else f"{u.min_flip_margin:.3g}/{u.max_flip_margin:.3g}"
-        op = _fmt(u.op_max_abs)
-        agreement = "" if u.agreement is None else f"{u.agreement:.4f}"
-        verdict = "[green]pass[/]" if u.passed else "[red]FAIL[/]"
-        same_x = "" if u.router_agreement is None else f"{u.router_agreement:.4f}"
-        table.add_row(short_unit_name(u.name), agreement, margin, same_x, _fmt(u.gate_max_abs), op, verdict)
+    table = Table(title=f"Routing flips and failing units ({runtime}); the JSON report lists every flip")
+    for column in ("unit", "input", "row", "pos", "check", "margin", "bound", "result"):
+        table.add_column(column, justify="left" if column in ("unit", "input", "check", "result") else "right")
+    for f in flips[:MAX_UNIT_ROWS]:
+        verdict = "[green]near-tie[/]" if f.near_tie else "[red]FAIL[/]"
+        check = "same input" if f.same_input else "replayed"
+        row = [str(f.row), str(f.position), check, f"{f.margin:.3g}", f"{f.bound:.3g}", verdict]
+        table.add_row(short_unit_name(f.unit), f.input, *row)
+    if len(flips) > MAX_UNIT_ROWS:
+        table.add_row(f"... {len(flips) - MAX_UNIT_ROWS} more", *[""] * 7)
+    for u in failing:
+        if not any(not f.near_tie for f in u.flips + u.router_flips):
+            table.add_row(
+                short_unit_name(u.name), "", "", "", "op/gates", _fmt(u.op_max_abs), _fmt(u.op_bound), "[red]FAIL[/]"
+            )
     return table
 
 

@@ -1,33 +1,36 @@
-"""`moe_export.validate()`: run an export on several runtimes, compare each with the reference, build the report.
+"""`moe_export.validate()`: run the candidates, then judge each against the reference run with its routing replayed.
 
-The first runtime is the reference (normally `torch`, the faithful PyTorch forward); every other runtime
-is compared with it on every input. When the reference is torch and a candidate is onnxruntime, routing
-is also captured on both sides and compared per unit (validation/units.py).
+Run, then compare (as Polygraphy does): every candidate runtime produces a RunResult (outputs, and the per-unit
+taps its own runner captured: validation/results.py); the first runtime (normally `torch`, the faithful PyTorch
+forward) then runs each input with that candidate's routing decisions forced (route replay), so the outputs are
+compared on arithmetic alone, while every routing flip is judged on its own against its rounding bound and
+every routed op is checked on the candidate's own inputs (validation/replay.py, units.py).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from moe_export.errors import MoeExportError
 from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact
-from moe_export.runtimes.base import Feeds
+from moe_export.reference.model import ReferenceUnit
+from moe_export.runtimes.base import Feeds, Runner
+from moe_export.runtimes.decoding import pad_token_id
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
-from moe_export.validation.generation import DEFAULT_NEW_TOKENS, pad_token_id
-from moe_export.validation.generation_units import check_generation
-from moe_export.validation.parity import Tolerance, compare_func
+from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts
+from moe_export.validation.generation_units import check_generation, decode_candidate
+from moe_export.validation.parity import CompareFunc, Tolerance, compare_func
 from moe_export.validation.quantized import exact_arithmetic_artifact, quantization_cost
+from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes
 from moe_export.validation.report import RunComparison, ValidationReport
-from moe_export.validation.routing_capture import UnitCapture, match_unit, record_torch_routing, run_onnxruntime_debug
-from moe_export.validation.units import UnitComparison
+from moe_export.validation.results import RunResult
+from moe_export.validation.units import TokenLayout, UnitComparison
 
 # The reference is the torch model in fp32 whatever the export's dtype: a fp16/bf16 export is judged by how
 # far it is from the model that was trained (the fp32 math), not from a second low-precision run. A torch
@@ -47,12 +50,6 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(atol=1e-3, rtol=1e-2),
     "bf16": Tolerance(atol=1e-2, rtol=5e-2),
 }
-# A routing flip is a near-tie when the reference's top-k margin (a probability difference) is below this.
-# Routers run in fp32 on both sides; flips come only from upstream drift in the hidden states, which is
-# ~1e-6 relative in fp32 and ~1e-3 (fp16) / ~1e-2 (bf16) relative, moving probabilities by about as much
-# times the router-logit scale. Heuristic bounds, generous by about 10x; a real bug flips at margins ~0.1+.
-DEFAULT_MARGIN_TOL: dict[str, float] = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 1e-1}
-
 ProgressCallback = Callable[[str], None]
 
 
@@ -84,18 +81,24 @@ def validate(
     rtol: float | None = None,
     per_output: dict[str, Tolerance] | None = None,
     min_top1: float | None = None,
-    margin_tol: float | None = None,
     routing: bool = True,
     options: RunnerOptions | None = None,
     progress: ProgressCallback | None = None,
     new_tokens: int = DEFAULT_NEW_TOKENS,
     checkpoint: str | Path | None = None,
     base_model: str | Path | None = None,
+    save_results: str | Path | None = None,
+    load_results: str | Path | None = None,
+    reference_runner: Runner | None = None,
     max_top1_drop: float | None = None,
 ) -> ValidationReport:
-    """Compare `runtimes[1:]` with `runtimes[0]` on an export directory; see DESIGN.md section 8.
+    """Run `runtimes[1:]` on an export directory, then judge each against `runtimes[0]` run with its routing replayed.
 
     `checkpoint` / `base_model` replace the source paths export.json recorded (the sources have moved).
+    `save_results` writes each candidate's run (outputs, taps, generation) to DIR/<runtime>/; `load_results` reads
+    them from there instead of running the candidates (validation/results.py). `reference_runner` (inactive) stands
+    in for `runtimes[0]`: e.g. a TorchRunner over an already-built model, or one with substituted base weights
+    (a dequantized int4 base), so any reference model gets the same route replay and judgement.
     A quantized export (`onnx --quantize`) is checked in two parts (validation/quantized.py): its arithmetic
     against the reference with its dequantized base weights, at the fp32 tolerance, and the quantization's
     cost against the fp32 reference on held-out text (a gate only with `max_top1_drop`)."""
@@ -104,6 +107,8 @@ def validate(
         raise MoeExportError(
             f"--runtimes {','.join(runtimes)}: name at least two runtimes (the first is the reference)"
         )
+    if save_results is not None and load_results is not None:
+        raise MoeExportError("--save-results and --load-results are exclusive")
     deployed = Artifact.open(artifact_dir, checkpoint, base_model)
     if max_top1_drop is not None and deployed.manifest.quant_scheme is None:
         raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
@@ -113,69 +118,47 @@ def validate(
         options = replace(options, torch_dtype=REFERENCE_DTYPE)
     default = DEFAULT_TOLERANCES.get(artifact.dtype, DEFAULT_TOLERANCES["fp32"])
     tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
-    margin = DEFAULT_MARGIN_TOL.get(artifact.dtype, 1e-4) if margin_tol is None else margin_tol
-    feeds_list = make_feeds(artifact, inputs, shapes, seed)
-    labels = [shape_label(f, artifact.interface) for f in feeds_list]
-    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
     say = progress or (lambda _msg: None)
-
     reference_name, candidates = runtimes[0], runtimes[1:]
-    report = ValidationReport(str(deployed.path), artifact.dtype, reference_name, candidates, tol, margin, labels)
-    report.torch_dtype = options.torch_dtype
-    padded = sum(int((~v).sum()) for f in feeds_list if (v := valid_positions(f, artifact.interface)) is not None)
-    if padded:
-        mask = artifact.interface.mask_name
-        report.notes.append(f"{padded} padded positions ({mask} 0) are excluded: their outputs are unspecified")
+    feeds_list = make_feeds(artifact, inputs, shapes, seed) if load_results is None else []
     # Build every runner first so unknown/unavailable runtimes fail before any slow work.
-    runners = {name: make_runner(name, artifact, options) for name in runtimes}
-
-    say(f"running the reference ({reference_name})")
-    capture_routing = routing and reference_name == "torch" and not artifact.base_only
-    with runners[reference_name] as ref_runner:
-        ref_outputs, ref_captures = [], []
-        for feeds in feeds_list:
-            if capture_routing:
-                with record_torch_routing(ref_runner.model) as captured:
-                    ref_outputs.append(ref_runner.infer(feeds))
-                ref_captures.append(captured)
-            else:
-                ref_outputs.append(ref_runner.infer(feeds))
-        references = unit_references(ref_runner.model) if capture_routing else {}
-        reference_model = getattr(ref_runner, "model", None)  # kept for generation parity below
-
-    for name in candidates:
-        say(f"running {name}")
-        with runners[name] as runner:
-            for feeds, label, expected in zip(feeds_list, labels, ref_outputs, strict=True):
-                start = time.perf_counter()
-                got = runner.infer(feeds)
-                seconds = time.perf_counter() - start
-                valid = valid_positions(feeds, artifact.interface)
-                result = compare(drop_padding(expected, valid), drop_padding(got, valid))
-                report.comparisons.append(RunComparison(name, label, result, seconds))
-            if getattr(runner, "kernel_note", ""):  # native kernels or function bodies ran the custom ops
-                report.notes.append(f"{name}: {runner.kernel_note}")  # type: ignore[attr-defined]
-        if not capture_routing:
-            continue
-        if name == "onnxruntime":
-            say("capturing onnxruntime routing (debug session)")
-            cand_captures = run_onnxruntime_debug(artifact.onnx_path, feeds_list, threads=options.threads)
-            valid = [valid_positions(f, artifact.interface) for f in feeds_list]
-            # Unit checks keep the dtype's default tolerance: --atol/--rtol are about the model outputs.
-            report.units[name] = compare_units(ref_captures, cand_captures, references, default, margin, valid)
-            _note_uncaptured(report, name, ref_captures, cand_captures)
-        else:
-            report.notes.append(f"{name}: per-unit routing capture is not supported; outputs compared only")
-    if artifact.manifest.kv_cache and new_tokens > 0:
-        if reference_name != "torch" or reference_model is None:
-            report.notes.append("generation parity needs torch as the reference runtime: not compared")
-        else:
+    runners = {name: make_runner(name, artifact, options) for name in candidates}
+    reference = reference_runner or make_runner(reference_name, artifact, options)
+    replay = routing and not artifact.base_only and callable(getattr(reference, "units", None))
+    generate = artifact.manifest.kv_cache and new_tokens > 0
+    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
+    if load_results is not None:
+        results = {name: RunResult.load(load_results, name) for name in candidates}
+        prompts = prompts if all(r.generation for r in results.values()) else []  # judged as they were run
+    else:
+        results = {}
+        for name in candidates:
+            say(f"running {name}")
+            results[name] = run_candidate(runners[name], feeds_list, artifact.interface, taps=replay)
+            if prompts:
+                say(f"greedy generation on {name} ({new_tokens} tokens)")
+                fresh = make_runner(name, artifact, options)
+                results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
+            if save_results is not None:
+                results[name].save(save_results)
+    report = _new_report(deployed, artifact.dtype, reference_name, tol, results, replay, options)
+    say(f"running the reference ({reference_name}) with each candidate's routing replayed")
+    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
+    if replay:
+        reference.request_taps()
+    with reference:
+        units = reference.units() if replay else {}  # type: ignore[attr-defined]
+        for result in results.values():
+            judge_run(report, reference, result, units, compare, artifact, default)
+        model = getattr(reference, "model", None)
+        if prompts and model is None:
+            report.notes.append("generation parity needs a torch reference: not compared")
+        elif prompts:
             say(f"comparing greedy generation ({new_tokens} tokens)")
-            runners = {name: make_runner(name, artifact, options) for name in candidates}
-            report.generation = check_generation(
-                reference_model, runners, artifact.manifest, tol, artifact.vocab_size(), pad_token_id(artifact.path),
-                new_tokens, seed, onnx_path=artifact.onnx_path,
-            )  # fmt: skip
+            for name, result in results.items():
+                report.generation += check_generation(
+                    model, name, result.generation, prompts, tol, pad_token_id(artifact.path), units, artifact.dtype
+                )
     if deployed.manifest.quant_scheme is not None:
         say("measuring the quantization's cost against the fp32 reference (held-out text)")
         report.notes.append(
@@ -186,83 +169,81 @@ def validate(
     return report
 
 
-def compare_units(
-    ref_captures: list[dict[str, UnitCapture]],
-    cand_captures: list[dict[str, UnitCapture]],
-    references: dict[str, UnitReference],
+def _new_report(
+    deployed: Artifact,
+    dtype: str,
+    reference: str,
     tol: Tolerance,
-    margin_tol: float,
-    valid: list[np.ndarray | None] | None = None,
-) -> dict[str, UnitComparison]:
-    """Per-unit routing agreement, same-input router check and op check, accumulated over every input.
-
-    `valid` holds, per input, the [B, S] attention mask as bool (None: every token counts); end-to-end
-    routing of padded tokens is not compared. The same-input checks use every token: they recompute the
-    candidate from its own inputs, so padding does not matter there.
-    """
-    units: dict[str, UnitComparison] = {}
-    valid = valid or [None] * len(ref_captures)
-    for ref, cand, mask in zip(ref_captures, cand_captures, valid, strict=True):
-        tokens = None if mask is None else mask.reshape(-1)  # [T], T = B*S in row-major order
-        ref_names = set(ref) | set(references)
-        for node_name, cand_capture in cand.items():
-            name = match_unit(node_name, ref_names) or node_name
-            unit = units.setdefault(name, UnitComparison(name, margin_tol=margin_tol))
-            if name in ref:
-                unit.add_routing(ref[name], cand_capture, tokens)
-            reference = references.get(name)
-            if reference is None:
-                continue
-            if reference.route is not None:
-                unit.add_router_check(cand_capture, reference.route)
-            if reference.expert_a is not None and reference.expert_b is not None:
-                unit.add_op_check(cand_capture, reference.expert_a, reference.expert_b, tol)
-    for unit in units.values():
-        unit.finish(gate_tol=tol.bound(1.0))  # gates are in [0, 1]
-    return units
+    results: dict[str, RunResult],
+    replay: bool,
+    options: RunnerOptions,
+) -> ValidationReport:
+    first = next(iter(results.values()))
+    report = ValidationReport(str(deployed.path), dtype, reference, list(results), tol, first.labels)
+    report.torch_dtype = options.torch_dtype
+    padded = sum(int((~v).sum()) for f in first.feeds if (v := valid_positions(f, deployed.interface)) is not None)
+    if padded:
+        mask = deployed.interface.mask_name
+        report.notes.append(f"{padded} padded positions ({mask} 0) are excluded: their outputs are unspecified")
+    for name, result in results.items():
+        report.notes += [f"{name}: {note}" for note in result.notes]
+        if replay and not result.tapped:
+            report.notes.append(f"{name}: this runtime cannot tap its units: outputs compared without route replay")
+    return report
 
 
-RouteFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # x -> (ids, gates, probs)
+def run_candidate(runner: Runner, feeds_list: list[Feeds], interface: GraphInterface, taps: bool) -> RunResult:
+    """Run one candidate on every input (with its per-unit taps when asked and it can)."""
+    tapped = taps and runner.request_taps()
+    result = RunResult(runner.name, [shape_label(f, interface) for f in feeds_list], feeds_list, [], [], [], tapped)
+    with runner:
+        for feeds in feeds_list:
+            result.outputs.append(runner.infer(feeds))
+            result.seconds.append(runner.last_inference_time())
+            result.taps.append(dict(runner.last_taps) if tapped else {})
+        if getattr(runner, "kernel_note", ""):  # native kernels or function bodies ran the custom ops
+            result.notes.append(runner.kernel_note)  # type: ignore[attr-defined]
+    return result
 
 
-@dataclass
-class UnitReference:
-    """What the same-input checks need from one reference module."""
+def judge_run(
+    report: ValidationReport,
+    reference: Runner,
+    result: RunResult,
+    units: dict[str, ReferenceUnit],
+    compare: CompareFunc,
+    artifact: Artifact,
+    unit_tol: Tolerance,
+) -> None:
+    """Run the reference on each of `result`'s inputs with its routing replayed, and judge outputs and units.
 
-    expert_a: Any = None  # [E_A, R, D_in]
-    expert_b: Any = None  # [E, D_out, R], scaling folded in
-    route: RouteFn | None = None
-
-
-def unit_references(model: Any) -> dict[str, UnitReference]:
-    """unit name -> reference weights and router of every adapter module of the torch reference."""
-    from moe_export.reference.model import moe_modules
-
-    return {
-        name: UnitReference(getattr(m, "expert_A", None), getattr(m, "expert_B", None), _router_fn(m))
-        for name, m in moe_modules(model)
-    }
-
-
-def _router_fn(module: Any) -> RouteFn | None:
-    router, weight = getattr(module, "router", None), getattr(module, "router_weight", None)
-    if router is None or weight is None or router.kind != "linear":
-        return None  # task routing is constant: nothing input dependent to check
-    bias = getattr(module, "router_bias", None)
-
-    def route(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        import torch
-
-        from moe_export.reference.routing import router_probabilities, select_experts
-
-        if x.dtype not in (np.float16, np.float32, np.float64):
-            x = x.astype(np.float32)  # e.g. ml_dtypes bfloat16, which torch cannot read
-        with torch.no_grad():
-            probs = router_probabilities(router, torch.from_numpy(x), weight, bias)  # [T, E] fp32
-            ids, gates = select_experts(router, probs)  # [T, K]
-        return ids.numpy(), gates.numpy(), probs.numpy()
-
-    return route
+    Unit checks keep the dtype's default tolerance: --atol/--rtol are about the model outputs."""
+    per_unit: dict[str, UnitComparison] = {}
+    replayed = result.tapped and bool(units)
+    for feeds, label, got, taps, seconds in zip(
+        result.feeds, result.labels, result.outputs, result.taps, result.seconds, strict=True
+    ):
+        if replayed:
+            reference.forced_routes = forced_routes(taps, units)  # type: ignore[attr-defined]
+        expected = reference.infer(feeds)
+        valid = valid_positions(feeds, artifact.interface)
+        compared = compare(drop_padding(expected, valid), drop_padding(got, valid))
+        before = {n: u.flip_count for n, u in per_unit.items()}
+        if replayed:
+            seq = int(np.asarray(feeds[artifact.interface.tokens_name]).shape[1])
+            layout = TokenLayout(label, seq, None if valid is None else valid.reshape(-1))
+            compare_taps(per_unit, taps, reference.last_taps, units, artifact.dtype, unit_tol, layout)
+            if not compared.passed:
+                compared.messages.append(first_diverging_unit(taps, reference.last_taps, units, unit_tol))
+        flips = [f for u in per_unit.values() for f in u.flips if f.input == label]
+        count = sum(u.flip_count - before.get(n, 0) for n, u in per_unit.items())
+        report.comparisons.append(RunComparison(result.runtime, label, compared, seconds, replayed, count, flips))
+    if replayed:
+        reference.forced_routes = None  # type: ignore[attr-defined]
+        for unit in per_unit.values():
+            unit.finish(gate_tol=unit_tol.bound(1.0))  # gates are in [0, 1]
+        report.units[result.runtime] = per_unit
+        _note_unmatched(report, result.runtime, units, per_unit)
 
 
 def valid_positions(feeds: Feeds, interface: GraphInterface) -> np.ndarray | None:
@@ -280,12 +261,10 @@ def drop_padding(outputs: dict[str, np.ndarray], valid: np.ndarray | None) -> di
     return {k: v[valid] if v.shape[:2] == valid.shape else v for k, v in outputs.items()}
 
 
-def _note_uncaptured(
-    report: ValidationReport, runtime: str, ref: list[dict[str, UnitCapture]], cand: list[dict[str, UnitCapture]]
+def _note_unmatched(
+    report: ValidationReport, runtime: str, units: dict[str, ReferenceUnit], judged: dict[str, UnitComparison]
 ) -> None:
-    ref_units: set[str] = set().union(*ref) if ref else set()
-    nodes: set[str] = set().union(*cand) if cand else set()
-    missing = sorted(ref_units - {match_unit(n, ref_units) for n in nodes})
+    missing = sorted(name for name, unit in units.items() if unit.router is not None and name not in judged)
     if missing:
         report.notes.append(
             f"{runtime}: {len(missing)} routed reference unit(s) have no GroupedLoRA node named after them "

@@ -1,10 +1,11 @@
-"""Capture per-unit routing (and the routed op's inputs/outputs) from the torch reference and from ONNX Runtime.
+"""Per-unit taps: what each routed unit saw and chose in one forward pass, captured by the runner that ran it.
 
-Torch: `MoELoRALinear.record_routing` is called with (unit_name, flat_x, expert_ids, gates); the router's
-fp32 probabilities are recomputed from the same x so near-tie margins can be reported.
-ONNX Runtime: an in-memory copy of the model exposes every `moe_export::GroupedLoRA` node's inputs
-(x, expert_ids, gates) and output as extra graph outputs (a debug session; the parity numbers come from
-the unmodified model).
+A runner asked for taps (`Runner.request_taps()`) returns, with each `infer`, the inputs and output of every
+routed unit it ran, keyed by the unit's node (or module) name:
+- ONNX Runtime (any execution provider): the session is built over a copy of the model in which every
+  `moe_export::GroupedLoRA(Slots)` node's inputs (x, expert_ids, gates) and output are extra graph outputs;
+- torch: the reference modules' `record_routing` hook, with the router's fp32 probabilities.
+Comparators (validation/) judge the taps; the runners only collect them.
 Legend: T tokens, E experts, K slots, D_in / D_out feature sizes.
 """
 
@@ -12,30 +13,42 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from moe_export.errors import FormatError
 from moe_export.ops.names import DOMAIN, GROUPED_LORA, OP_TYPES
-from moe_export.runtimes.base import Feeds
 
 
 @dataclass
 class UnitCapture:
-    """What one routed unit saw and chose in one forward pass."""
+    """What one routed unit (or one of its op nodes) saw and chose in one forward pass."""
 
     x: np.ndarray | None  # [T, D_in]
     expert_ids: np.ndarray  # [T, K] int64
     gates: np.ndarray | None  # [T, K]; None when the op takes no gates (GroupedLoRASlots)
     probs: np.ndarray | None = None  # [T, E] fp32 router probabilities (torch reference only)
-    output: np.ndarray | None = None  # [T, D_out] routed delta (ONNX Runtime GroupedLoRA node output)
+    output: np.ndarray | None = None  # the op node's output ([T, D_out] GroupedLoRA, [T, K, D_out] slots)
     op_type: str = GROUPED_LORA
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array fields that are set, by field name (for saving)."""
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), np.ndarray)}
 
-def _numpy(t: Any) -> np.ndarray:
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], op_type: str) -> UnitCapture:
+        known = {f.name for f in fields(cls)} - {"op_type"}
+        unknown = sorted(set(arrays) - known)
+        if unknown or "expert_ids" not in arrays:
+            raise FormatError(
+                f"a saved unit capture has fields {sorted(arrays)}; expected expert_ids and {sorted(known)}"
+            )
+        return cls(**{k: arrays.get(k) for k in known}, op_type=op_type)  # type: ignore[arg-type]
+
+
+def numpy_of(t: Any) -> np.ndarray:
     import torch
 
     t = t.detach()
@@ -46,7 +59,8 @@ def _numpy(t: Any) -> np.ndarray:
 
 @contextmanager
 def record_torch_routing(model: Any) -> Iterator[dict[str, UnitCapture]]:
-    """Inside the block, every routed module of `model` records its routing into the yielded dict."""
+    """Inside the block, every routed module of `model` records its own routing decision into the yielded dict
+    (in execution order), with the router probabilities recomputed from the same x."""
     import torch
 
     from moe_export.reference.model import moe_modules
@@ -62,9 +76,9 @@ def record_torch_routing(model: Any) -> Iterator[dict[str, UnitCapture]]:
             weight = getattr(module, "router_weight", None)
             if router is not None and weight is not None and router.kind == "linear":
                 with torch.no_grad():
-                    probs = _numpy(router_probabilities(router, flat_x, weight, getattr(module, "router_bias", None)))
+                    probs = numpy_of(router_probabilities(router, flat_x, weight, getattr(module, "router_bias", None)))
             # A unit called twice in one forward (not the case for Llama-style models) keeps its first call.
-            captures.setdefault(unit_name, UnitCapture(_numpy(flat_x), _numpy(ids), _numpy(gates), probs))
+            captures.setdefault(unit_name, UnitCapture(numpy_of(flat_x), numpy_of(ids), numpy_of(gates), probs))
 
         return hook
 
@@ -80,7 +94,7 @@ def record_torch_routing(model: Any) -> Iterator[dict[str, UnitCapture]]:
 
 @dataclass
 class NodeTaps:
-    """The graph value names of one GroupedLoRA node (extra outputs of the debug model)."""
+    """The graph value names of one GroupedLoRA node (extra outputs of the tapped model)."""
 
     unit: str
     op_type: str
@@ -93,7 +107,8 @@ class NodeTaps:
 def grouped_lora_taps(model_proto: Any) -> list[NodeTaps]:
     """Every GroupedLoRA(Slots) node of the main graph, named by its unit (the node name, by the export contract).
 
-    GroupedLoRA(x, expert_ids, gates, A, B); GroupedLoRASlots(x, expert_ids, A, B) has no gates input.
+    The op's inputs, by its schema (ops/names.py): GroupedLoRA(x, expert_ids, gates, A, B);
+    GroupedLoRASlots(x, expert_ids, A, B) has no gates input.
     """
     taps = []
     for i, node in enumerate(model_proto.graph.node):
@@ -105,7 +120,16 @@ def grouped_lora_taps(model_proto: Any) -> list[NodeTaps]:
     return taps
 
 
-def debug_model(onnx_path: Path) -> tuple[bytes, list[NodeTaps]]:
+@dataclass
+class TappedModel:
+    """A serialized model with taps as extra outputs, its taps and its own (original) output names."""
+
+    model: bytes
+    taps: list[NodeTaps]
+    outputs: list[str]
+
+
+def tapped_model(onnx_path: Any) -> TappedModel:
     """The model (weights left on disk) with each GroupedLoRA node's inputs and output as graph outputs."""
     import onnx
 
@@ -115,7 +139,8 @@ def debug_model(onnx_path: Path) -> tuple[bytes, list[NodeTaps]]:
         raise FormatError(f"{onnx_path}: not a readable ONNX model ({exc})") from exc
     taps = grouped_lora_taps(proto)
     constants = {init.name for init in proto.graph.initializer} | {i.name for i in proto.graph.input}
-    existing = {o.name for o in proto.graph.output}
+    own_outputs = [o.name for o in proto.graph.output]
+    existing = set(own_outputs)
     for tap in taps:
         for name in (tap.x, tap.expert_ids, tap.gates, tap.output):
             # Initializers (e.g. constant task routing) and inputs cannot be outputs; they are read as is.
@@ -125,46 +150,37 @@ def debug_model(onnx_path: Path) -> tuple[bytes, list[NodeTaps]]:
             value.name = name  # no type: ORT infers it
             proto.graph.output.append(value)
             existing.add(name)
-    return proto.SerializeToString(), taps
+    return TappedModel(proto.SerializeToString(), taps, own_outputs)
 
 
 def captures_from_outputs(outputs: dict[str, np.ndarray], taps: list[NodeTaps]) -> dict[str, UnitCapture]:
-    """Pick each node's tapped values out of the debug session's outputs."""
+    """Each node's tapped values, by node name (graph order); nodes with constant routing are left out."""
     captures: dict[str, UnitCapture] = {}
     for tap in taps:
         if tap.expert_ids not in outputs or (tap.gates is not None and tap.gates not in outputs):
             continue  # constant routing: nothing input dependent to compare
-        # Several nodes of one FFN unit share its routing: the first (in graph order) stands for the unit.
-        captures.setdefault(
-            tap.unit,
-            UnitCapture(
-                outputs.get(tap.x),
-                outputs[tap.expert_ids],
-                None if tap.gates is None else outputs[tap.gates],
-                output=outputs.get(tap.output),
-                op_type=tap.op_type,
-            ),
+        captures[tap.unit] = UnitCapture(
+            outputs.get(tap.x),
+            outputs[tap.expert_ids],
+            None if tap.gates is None else outputs[tap.gates],
+            output=outputs.get(tap.output),
+            op_type=tap.op_type,
         )
     return captures
 
 
+def node_index(node_name: str) -> int:
+    """0 for a unit's first routed op node (named after the unit), n-1 for its n-th ("unit#n", export/onnx.py)."""
+    _, sep, count = node_name.rpartition("#")
+    return int(count) - 1 if sep and count.isdigit() else 0
+
+
 def match_unit(node_name: str, unit_names: set[str]) -> str | None:
-    """The reference unit a node belongs to: its exact name, or the longest unit name that prefixes it."""
+    """The reference unit a node belongs to: its exact name (less a "#n" suffix), or the longest unit name that
+    prefixes it."""
+    if node_index(node_name):
+        node_name = node_name.rpartition("#")[0]
     if node_name in unit_names:
         return node_name
     prefixes = [u for u in unit_names if node_name.startswith(u + ".") or node_name.startswith(u + "/")]
     return max(prefixes, key=len) if prefixes else None
-
-
-def run_onnxruntime_debug(
-    onnx_path: Path, feeds_list: list[Feeds], threads: int | None = None, providers: tuple[str, ...] = ("cpu",)
-) -> list[dict[str, UnitCapture]]:
-    """One capture dict per feed, from a debug session over an in-memory copy of the model."""
-    from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner, session_builder
-
-    model_bytes, taps = debug_model(onnx_path)
-    if not taps:
-        return [{} for _ in feeds_list]
-    build = session_builder(model_bytes, providers, threads, "all", external_data_dir=onnx_path.parent)
-    with OnnxRuntimeRunner(build, name="onnxruntime-debug") as runner:
-        return [captures_from_outputs(runner.infer(feeds), taps) for feeds in feeds_list]
