@@ -1,4 +1,4 @@
-"""Merge statically dominant experts into the base weights (DESIGN.md section 6).
+"""Merge statically dominant experts into the base weights (docs/merging.md).
 
 options.py (CalibrateOptions, MergeOptions) -> run.py (`calibrate`, `merge`: whole model or layer-streamed) ->
 statistics.py (calibration) -> plan.py (which units fold, pure data) -> apply.py (merged reference model;

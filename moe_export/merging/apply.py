@@ -1,4 +1,4 @@
-"""Merge: fold exact and dominant experts into the base weights, and report what it costs (DESIGN.md section 6).
+"""Merge: fold exact and dominant experts into the base weights, and report what it costs (docs/merging.md).
 
 plan_merge(adapter, stats, ...)  -> MergePlan      (plan.py: pure data, JSON round trip)
 apply_merge_plan(loaded, plan)   -> LoadedAdapter  (merged reference model + the adapter left routed)

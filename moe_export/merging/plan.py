@@ -1,4 +1,4 @@
-"""Which units fold into the base weights, and with which static expert weights (DESIGN.md section 6).
+"""Which units fold into the base weights, and with which static expert weights (docs/merging.md).
 
 A plan is data: it names units and stores their static expert weights, so `apply_merge_plan` (and the
 validator, from export.json) rebuilds the merged model exactly without the calibration run.

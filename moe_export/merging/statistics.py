@@ -3,7 +3,7 @@
 Legend: T tokens, E experts, E_A experts owning an A (E or 1), R rank, D_in / D_out linear sizes.
 
 For a routed unit with per-token delta Δ(x) = Σ_e g_e(x) s_e B_e A_e x and a static replacement
-Δ̄ = Σ_e w_e s_e B_e A_e (w = the mean gates ḡ for a merge), the error DESIGN.md section 6 asks for is
+Δ̄ = Σ_e w_e s_e B_e A_e (w = the mean gates ḡ for a merge), the merge error (docs/merging.md) is
 
     ε(w) = sqrt(Σ_t ‖Δ(x_t) − Δ̄ x_t‖²) / sqrt(Σ_t ‖W x_t‖²)      (W x_t = the base linear's output)
 

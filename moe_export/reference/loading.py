@@ -200,7 +200,7 @@ def load(
     task_id: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LoadedAdapter:
-    """Load a checkpoint and build the faithful reference model (see DESIGN.md section 3)."""
+    """Load a checkpoint and build the faithful reference model (README.md, Python API)."""
     return attach_model(load_without_model(ckpt_dir, base_model, family, top_k, task_id), dtype)
 
 
