@@ -12,8 +12,9 @@ wall time, CPU time (user + sys) and the size of what it wrote.
 Presets:
   1b   hidden 2048, 22 layers, intermediate 5632, 32 heads / 4 kv heads, vocab 32000 (1.10B parameters), E=8, r=8
        steps: onnx-fp32, onnx-fp16 (both --no-validate), validate-fp32, validate-fp16 (`validate` alone on those
-       exports, layer-streamed reference; validate-fp32-whole: --reference whole), onnx-fp32-validate,
-       onnx-fp16-validate (export then validate in one process)
+       exports, layer-streamed reference; suffixes -whole: --reference whole, -basic: --optimization basic), onnx-fp32-validate,
+       onnx-fp16-validate (export then validate in one process); on request api-fp32, api-fp16: the same export
+       through `moe_export.export_onnx(ckpt, out, ExportOptions(...))`
   7b   hidden 4096, 32 layers, intermediate 11008, 32 heads / 32 kv heads, vocab 32000 (6.74B parameters), E=8, r=16
        steps: calibrate (--samples/--seq-len), merge (--stats, --no-eval, streaming writer), onnx-merged
        (`onnx merged/adapter --dtype bf16 --no-validate`: the merged base plus the units that stay routed);
@@ -194,17 +195,29 @@ def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace
     """The command line of one step and the file or directory it writes."""
     ckpt, out = root / "ckpt", root / step
     if step.startswith("validate-"):
-        # validate-fp32[-whole]: `validate` alone on the kept `onnx-fp32` export (run that step with --keep first).
-        _, dtype, *whole = step.split("-")
+        # validate-fp32[-whole][-basic]: `validate` alone on the kept `onnx-fp32` export (made by that step, kept when a
+        # validate step follows); -whole: --reference whole; -basic: --optimization basic (fp16 weights stay fp16).
+        _, dtype, *variants = step.split("-")
         export = root / f"onnx-{dtype}"
         if not (export / "export.json").is_file():
             raise SystemExit(f"{step}: no export at {export}; run --steps onnx-{dtype} --keep first")
-        flags = ["--reference", "whole"] if whole else []
+        known = {"whole": ["--reference", "whole"], "basic": ["--optimization", "basic"]}
+        if set(variants) - set(known):
+            raise SystemExit(f"unknown step {step!r}")
+        flags = [flag for v in variants for flag in known[v]]
         return [*cli, "validate", str(export), *flags, "--report", str(root / f"{step}.json")], root / f"{step}.json"
     if step.startswith("onnx-fp"):
         dtype = step.split("-")[1]
         flags = [] if step.endswith("-validate") else ["--no-validate"]
         return [*cli, "onnx", str(ckpt), "--dtype", dtype, *flags, "-o", str(out)], out
+    if step.startswith("api-fp"):
+        # The same export from Python: moe_export.export_onnx on the checkpoint path makes the CLI's load and
+        # hand-over decisions itself, so its peak RSS should be the CLI's (issue 22).
+        code = (
+            "import sys, moe_export; from moe_export.export.options import ExportOptions; "
+            "moe_export.export_onnx(sys.argv[1], sys.argv[2], ExportOptions(dtype=sys.argv[3], validate=False))"
+        )
+        return [sys.executable, "-c", code, str(ckpt), str(out), step.split("-")[1]], out
     if step == "calibrate":
         out = root / "stats.json"
         samples = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
