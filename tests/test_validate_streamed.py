@@ -20,6 +20,7 @@ from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import random_feeds
 from moe_export.validation.generation import default_prompts
 from moe_export.validation.generation_units import forced_feeds, free_running, step_logits
+from moe_export.validation.options import ValidateOptions
 from moe_export.validation.reference_run import Job, StreamedReference, WholeReference
 from moe_export.validation.replay import forced_routes
 from moe_export.validation.report import ValidationReport
@@ -144,3 +145,11 @@ def test_prompts_are_what_the_decoder_gets() -> None:
     feeds = forced_feeds(prompt, np.array([[1, 2, 3], [4, 5, 6]]), interface)
     assert feeds[interface.tokens_name].tolist() == [[5, 6, 7, 1, 2], [8, 0, 0, 4, 5]]
     assert feeds[interface.mask_name].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 1, 1]]
+
+
+def test_validate_takes_its_options_or_their_fields(tmp_path_factory: pytest.TempPathFactory) -> None:
+    export = _export(tmp_path_factory, "mola", "fp32")
+    by_options = moe_export.validate(export, ValidateOptions(batch=2, seq=9, new_tokens=2, reference="whole"))
+    by_fields = moe_export.validate(export, batch=2, seq=9, new_tokens=2, reference="whole")
+    assert by_options.shapes == ["2x9"] and _summary(by_options) == _summary(by_fields)
+    assert not any("layer-streamed" in n for n in by_options.notes)

@@ -22,13 +22,6 @@ def parse_runtimes(value: str) -> list[str]:
     return names
 
 
-def input_shapes(batch: int | None, seq: int | None) -> list[tuple[int, int]] | None:
-    """One (batch, seq) shape when either option is given, else None (the default shapes)."""
-    if batch is None and seq is None:
-        return None
-    return [(batch or 1, seq or 32)]
-
-
 @command("validate")
 def validate_command(
     artifact_dir: Path = typer.Argument(
@@ -94,22 +87,15 @@ def validate_command(
     ),
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
-    from moe_export.runtimes.registry import RunnerOptions
+    from moe_export.validation.options import ValidateOptions
     from moe_export.validation.validate_artifact import validate
 
-    if inputs is not None and (batch is not None or seq is not None):
-        raise MoeExportError("--inputs and --batch/--seq are exclusive: the .npz fixes the shape")
-    checks.at_least(batch, 1, "--batch")
-    checks.at_least(seq, 1, "--seq")
-    checks.at_least(atol, 0, "--atol")
-    checks.at_least(rtol, 0, "--rtol")
-    checks.fraction(min_top1, "--min-top1")
-    checks.fraction(max_top1_drop, "--max-top1-drop")
-    checks.at_least(threads, 1, "--threads")
-    checks.at_least(new_tokens, 0, "--new-tokens")
-    checks.one_of(device, ("cpu", "cuda"), "--device")
-    checks.one_of(reference, ("streamed", "whole"), "--reference")
-    checks.one_of(optimization, ("disable", "basic", "extended", "all"), "--optimization")
+    # ValidateOptions checks every value (one line naming the flag) before anything loads.
+    settings = ValidateOptions(
+        runtimes=tuple(parse_runtimes(runtimes)), inputs=inputs, batch=batch, seq=seq, seed=seed, atol=atol, rtol=rtol,
+        min_top1=min_top1, max_top1_drop=max_top1_drop, new_tokens=new_tokens, threads=threads, device=device,
+        checkpoint=ckpt, base_model=base, reference=reference, optimization=optimization,
+    )  # fmt: skip
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((report_path, "--report"), (junit_path, "--junit"))
     if load_results is not None:
@@ -119,21 +105,9 @@ def validate_command(
     with status:
         report = validate(
             artifact_dir,
-            runtimes=parse_runtimes(runtimes),
-            inputs=inputs,
-            shapes=input_shapes(batch, seq),
-            seed=seed,
-            atol=atol,
-            rtol=rtol,
-            min_top1=min_top1,
-            max_top1_drop=max_top1_drop,
-            options=RunnerOptions(device=device, threads=threads, optimization=optimization),
+            settings,
             progress=lambda message: status.update(message),
-            new_tokens=new_tokens,
-            checkpoint=ckpt,
-            base_model=base,
             save_results=save_results,
             load_results=load_results,
-            reference=reference,
         )
     finish_report(report, as_json, [(report_path, report.write_json), (junit_path, report.write_junit)])

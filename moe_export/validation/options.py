@@ -1,20 +1,22 @@
 """ValidateOptions: the settings of `moe-export validate` as data (config.py), one field per flag.
 
 The rendering flags (--json, --report, --junit) are the CLI's; everything that decides what is run and how
-it is judged is here. `arguments()` gives `moe_export.validate`'s keyword arguments.
+it is judged is here. `moe_export.validate(export_dir, ValidateOptions(...))` takes them (or their fields as
+keywords).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from moe_export.config import Options, at_least, fraction, help_text, one_of
 from moe_export.errors import MoeExportError
+from moe_export.runtimes.onnxruntime import OPTIMIZATION_LEVELS
 
 DEVICES = ("cpu", "cuda")
 DEFAULT_RUNTIMES = ("torch", "onnxruntime")
 DEFAULT_SEQ = 32  # --batch without --seq
+REFERENCES = ("streamed", "whole")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class ValidateOptions(Options):
     device: str = field(default="cpu", metadata=help_text("cpu or cuda"))
     checkpoint: str | None = field(default=None, metadata=help_text("source checkpoint (default: export.json's)"))
     base_model: str | None = field(default=None, metadata=help_text("base model (default: export.json's)"))
+    reference: str = field(
+        default="streamed",
+        metadata=help_text("streamed: the torch reference one decoder layer at a time; whole: the whole model"),
+    )
+    optimization: str = field(
+        default="all",
+        metadata=help_text("ONNX Runtime graph optimisation of the candidates: disable|basic|extended|all"),
+    )
 
     def __post_init__(self) -> None:
         runtimes = (self.runtimes,) if isinstance(self.runtimes, str) else tuple(self.runtimes)
@@ -58,28 +68,11 @@ class ValidateOptions(Options):
         fraction(self.min_top1, "--min-top1")
         fraction(self.max_top1_drop, "--max-top1-drop")
         one_of(self.device, DEVICES, "--device")
+        one_of(self.reference, REFERENCES, "--reference")
+        one_of(self.optimization, OPTIMIZATION_LEVELS, "--optimization")
 
     def shapes(self) -> list[tuple[int, int]] | None:
         """One (batch, seq) shape when either is given, else None (validate's default shapes)."""
         if self.batch is None and self.seq is None:
             return None
         return [(self.batch or 1, self.seq or DEFAULT_SEQ)]
-
-    def arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `moe_export.validate` (validation/validate_artifact.py) these options mean."""
-        from moe_export.runtimes.registry import RunnerOptions
-
-        return {
-            "runtimes": list(self.runtimes),
-            "inputs": self.inputs,
-            "shapes": self.shapes(),
-            "seed": self.seed,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "min_top1": self.min_top1,
-            "max_top1_drop": self.max_top1_drop,
-            "options": RunnerOptions(device=self.device, threads=self.threads),
-            "new_tokens": self.new_tokens,
-            "checkpoint": self.checkpoint,
-            "base_model": self.base_model,
-        }

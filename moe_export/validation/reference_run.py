@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from moe_export.errors import MoeExportError
 from moe_export.export.manifest import Artifact
 from moe_export.reference.model import ReferenceUnit, force_routing
 from moe_export.reference.routing import ForcedRoute
@@ -53,6 +52,7 @@ class Reference(ABC):
     """The reference model for one validation: enter it, read `units`, `run` job lists, exit (frees it)."""
 
     name = "torch"
+    replays = False  # whether it can run with forced routing and tap its units (known before it is entered)
 
     def __init__(self) -> None:
         self.units: dict[str, ReferenceUnit] = {}  # empty: this reference cannot replay routing
@@ -74,7 +74,7 @@ class WholeReference(Reference):
     def __init__(self, runner: Runner, replay: bool) -> None:
         super().__init__()
         self.runner, self.name = runner, runner.name
-        self.replay = replay and callable(getattr(runner, "units", None))
+        self.replay = self.replays = replay and callable(getattr(runner, "units", None))
 
     def __enter__(self) -> WholeReference:
         if self.replay:
@@ -100,6 +100,8 @@ class WholeReference(Reference):
 
 class StreamedReference(Reference):
     """The PyTorch reference of an export, layer-streamed (module docstring); always replays routing."""
+
+    replays = True
 
     def __init__(self, artifact: Artifact, options: RunnerOptions) -> None:
         super().__init__()
@@ -182,9 +184,3 @@ def streamable(artifact: Artifact) -> str:
     if not ((base / SINGLE_FILE).is_file() or (base / INDEX_FILE).is_file()):
         return f"the base model {base} has no safetensors weights (streaming reads safetensors)"
     return ""
-
-
-def check_mode(mode: str) -> str:
-    if mode not in REFERENCE_MODES:
-        raise MoeExportError(f"--reference {mode!r}: expected one of {', '.join(REFERENCE_MODES)}")
-    return mode

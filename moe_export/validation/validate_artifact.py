@@ -10,8 +10,9 @@ every routed op is checked on the candidate's own inputs (validation/replay.py, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,9 @@ from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.decoding import Prompts, pad_token_id
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
-from moe_export.validation.generation import DEFAULT_NEW_TOKENS, default_prompts
+from moe_export.validation.generation import default_prompts
 from moe_export.validation.generation_units import GenerationJobs, check_generation, decode_candidate, generation_jobs
+from moe_export.validation.options import ValidateOptions
 from moe_export.validation.parity import CompareFunc, Tolerance, compare_func
 from moe_export.validation.quantized import exact_arithmetic_artifact, quantization_cost
 from moe_export.validation.reference_run import (
@@ -33,7 +35,6 @@ from moe_export.validation.reference_run import (
     Replayed,
     StreamedReference,
     WholeReference,
-    check_mode,
     streamable,
 )
 from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes
@@ -82,73 +83,60 @@ def make_feeds(
 
 def validate(
     artifact_dir: str | Path,
-    runtimes: Sequence[str] = ("torch", "onnxruntime"),
-    inputs: str | Path | None = None,
+    options: ValidateOptions | None = None,
+    *,
     shapes: Sequence[tuple[int, int]] | None = None,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
     per_output: dict[str, Tolerance] | None = None,
-    min_top1: float | None = None,
     routing: bool = True,
-    options: RunnerOptions | None = None,
     progress: ProgressCallback | None = None,
-    new_tokens: int = DEFAULT_NEW_TOKENS,
-    checkpoint: str | Path | None = None,
-    base_model: str | Path | None = None,
     save_results: str | Path | None = None,
     load_results: str | Path | None = None,
     reference_runner: Runner | None = None,
-    max_top1_drop: float | None = None,
-    reference: str = "streamed",
+    **fields: Any,
 ) -> ValidationReport:
-    """Run `runtimes[1:]` on an export directory, then judge each against `runtimes[0]` run with its routing replayed.
+    """Run the candidates (`options.runtimes[1:]`) on an export directory, then judge each against the reference
+    (`runtimes[0]`) run with its routing replayed.
 
-    `checkpoint` / `base_model` replace the source paths export.json recorded (the sources have moved).
+    `options` holds what `moe-export validate`'s flags set (validation/options.py); its fields may also be given as
+    keywords (`validate(d, new_tokens=0)`), which replace those of `options`. `options.reference`: "streamed" (the
+    default) runs the torch reference one decoder layer part at a time, after the candidates have run and freed
+    their sessions, so validating holds about one copy of the weights, the candidate's; "whole" builds the whole
+    reference model (validation/reference_run.py). `shapes`: several (batch, seq) random inputs.
     `save_results` writes each candidate's run (outputs, taps, generation) to DIR/<runtime>/; `load_results` reads
     them from there instead of running the candidates (validation/results.py). `reference_runner` (inactive) stands
     in for `runtimes[0]`: e.g. a TorchRunner over an already-built model, or one with substituted base weights
     (a dequantized int4 base), so any reference model gets the same route replay and judgement.
-    `reference`: "streamed" (default) runs the torch reference one decoder layer part at a time, after the
-    candidates have run and freed their sessions, so validating holds about one copy of the weights (the
-    candidate's); "whole" builds the whole reference model (validation/reference_run.py).
     A quantized export (`onnx --quantize`) is checked in two parts (validation/quantized.py): its arithmetic
     against the reference with its dequantized base weights, at the fp32 tolerance, and the quantization's
     cost against the fp32 reference on held-out text (a gate only with `max_top1_drop`)."""
-    plan = _plan(artifact_dir, runtimes, checkpoint, base_model, options, reference, max_top1_drop, save_results,
-                 load_results)  # fmt: skip
-    artifact, options = plan.artifact, plan.options
+    settings = (options or ValidateOptions()).replace(**fields) if fields else options or ValidateOptions()
+    plan = _plan(artifact_dir, settings, save_results, load_results)
+    artifact, say = plan.artifact, progress or (lambda _msg: None)
     default = DEFAULT_TOLERANCES.get(artifact.dtype, DEFAULT_TOLERANCES["fp32"])
-    tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
-    say = progress or (lambda _msg: None)
-    ref = reference_runner or make_runner(plan.reference_name, artifact, options)
-    judge_with = _reference(artifact, ref, options, plan.mode, routing and reference_runner is None)
-    replay = routing and not artifact.base_only and (isinstance(judge_with, StreamedReference) or
-                                                     callable(getattr(ref, "units", None)))  # fmt: skip
-    generate = artifact.manifest.kv_cache and new_tokens > 0
-    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), seed) if generate else []
+    tol = Tolerance(*(d if v is None else v for d, v in ((default.atol, settings.atol), (default.rtol, settings.rtol))))
+    reference = _reference(plan, reference_runner, routing)
+    replay = routing and not artifact.base_only and reference.replays
+    prompts = default_prompts(artifact.vocab_size(), pad_token_id(artifact.path), settings.seed)
+    prompts = prompts if artifact.manifest.kv_cache and settings.new_tokens > 0 else []
     if load_results is not None:
         results = {name: RunResult.load(load_results, name) for name in plan.candidates}
         prompts = prompts if all(r.generation for r in results.values()) else []  # judged as they were run
     else:
-        feeds_list = make_feeds(artifact, inputs, shapes, seed)
-        results = run_candidates(plan, feeds_list, prompts, new_tokens, replay, save_results, say)
-    report = _new_report(plan.deployed, artifact.dtype, plan.reference_name, tol, results, replay, options)
-    if isinstance(judge_with, StreamedReference):
-        report.notes.append("reference: layer-streamed (one decoder layer part's weights in memory at a time)")
-    elif plan.mode == "streamed" and plan.why_whole:
-        report.notes.append(f"reference: whole model ({plan.why_whole})")
+        feeds_list = make_feeds(artifact, settings.inputs, shapes or settings.shapes(), settings.seed)
+        results = run_candidates(plan, feeds_list, prompts, settings.new_tokens, replay, save_results, say)
+    report = _new_report(plan.deployed, artifact.dtype, plan.reference_name, tol, results, replay, plan.options)
+    report.notes += _reference_notes(reference, plan)
     say(f"running the reference ({plan.reference_name}) with each candidate's routing replayed")
-    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=min_top1)
-    with judge_with:
-        judge_all(report, judge_with, results, prompts, compare, artifact, default, tol)
+    compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=settings.min_top1)
+    with reference:
+        judge_all(report, reference, results, prompts, compare, artifact, default, tol)
     if plan.deployed.manifest.quant_scheme is not None:
         say("measuring the quantization's cost against the fp32 reference (held-out text)")
         report.notes.append(
             f"{plan.deployed.manifest.quant_scheme.scheme} export: parity is against the reference with the export's "
             "dequantized base weights, the export computing in fp32 (MatMulNBits accuracy level 0)"
         )
-        report.quantization = quantization_cost(plan.deployed, options, max_top1_drop)
+        report.quantization = quantization_cost(plan.deployed, plan.options, settings.max_top1_drop)
     return report
 
 
@@ -168,38 +156,36 @@ class _Plan:
 
 def _plan(
     artifact_dir: str | Path,
-    runtimes: Sequence[str],
-    checkpoint: str | Path | None,
-    base_model: str | Path | None,
-    options: RunnerOptions | None,
-    mode: str,
-    max_top1_drop: float | None,
+    settings: ValidateOptions,
     save_results: str | Path | None,
     load_results: str | Path | None,
 ) -> _Plan:
-    names = list(dict.fromkeys(runtimes))
-    if len(names) < 2:
-        raise MoeExportError(f"--runtimes {','.join(names)}: name at least two runtimes (the first is the reference)")
     if save_results is not None and load_results is not None:
         raise MoeExportError("--save-results and --load-results are exclusive")
-    check_mode(mode)
-    deployed = Artifact.open(artifact_dir, checkpoint, base_model)
-    if max_top1_drop is not None and deployed.manifest.quant_scheme is None:
+    deployed = Artifact.open(artifact_dir, settings.checkpoint, settings.base_model)
+    if settings.max_top1_drop is not None and deployed.manifest.quant_scheme is None:
         raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
     artifact = exact_arithmetic_artifact(deployed)  # itself unless quantized
-    options = options or RunnerOptions()
-    if options.torch_dtype is None:
-        options = replace(options, torch_dtype=REFERENCE_DTYPE)
+    options = RunnerOptions(settings.device, settings.threads, settings.optimization, REFERENCE_DTYPE)
+    names = settings.runtimes
     candidates = {name: make_runner(name, artifact, options) for name in names[1:]}
-    return _Plan(deployed, artifact, options, names[0], candidates, mode, streamable(artifact))
+    return _Plan(deployed, artifact, options, names[0], candidates, settings.reference, streamable(artifact))
 
 
-def _reference(artifact: Artifact, runner: Runner, options: RunnerOptions, mode: str, may_stream: bool) -> Reference:
-    """The layer-streamed torch reference when asked for and possible (a torch reference of a streamable export),
-    else `runner` run whole."""
-    if mode == "streamed" and may_stream and runner.name == "torch" and not streamable(artifact):
-        return StreamedReference(artifact, options)
-    return WholeReference(runner, replay=True)
+def _reference_notes(reference: Reference, plan: _Plan) -> list[str]:
+    if isinstance(reference, StreamedReference):
+        return ["reference: layer-streamed (one decoder layer part's weights in memory at a time)"]
+    if plan.mode == "streamed" and plan.why_whole and plan.reference_name == "torch":
+        return [f"reference: whole model ({plan.why_whole})"]
+    return []
+
+
+def _reference(plan: _Plan, runner: Runner | None, routing: bool) -> Reference:
+    """The layer-streamed torch reference when asked for and possible (a torch reference of a streamable export, no
+    runner given), else the reference runner run whole."""
+    if plan.mode == "streamed" and runner is None and routing and plan.reference_name == "torch" and not plan.why_whole:
+        return StreamedReference(plan.artifact, plan.options)
+    return WholeReference(runner or make_runner(plan.reference_name, plan.artifact, plan.options), replay=routing)
 
 
 def run_candidates(
