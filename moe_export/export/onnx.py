@@ -14,10 +14,8 @@ next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_on
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from moe_export.errors import ExportError, FormatError, InternalError, MoeExport
 from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
+from moe_export.export.dtypes import GRAPH_DTYPES, torch_dtype
 from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
@@ -48,6 +47,7 @@ from moe_export.files import (
     replace_files,
 )
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
+from moe_export.progress import status_spinner
 from moe_export.reference.loading import LoadedAdapter, attach_model, load_base_model, load_without_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
 from moe_export.reference.model_copy import copy_for_edit
@@ -70,8 +70,6 @@ COPIED_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-GRAPH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # export dtype -> the graph's tensors
 
 
 @dataclass
@@ -150,7 +148,7 @@ def export_onnx(
         # and nobody can reuse a half-folded model.
         loaded.model = merged.model = None
 
-    with _status(console, options.progress, "preparing the model") as status:
+    with status_spinner(console, options.progress, "preparing the model") as status:
         model = _prepare_model(source, merged, options.dtype, options.base_only, consume)
         del source
         units = [] if options.base_only else _unit_records(loaded, model)
@@ -183,7 +181,7 @@ def load_for_export(
     loaded = load_without_model(ckpt, base_model=base_model, family=family, top_k=top_k, task_id=task_id)
     if options.base_only:
         return loaded
-    dtype = TORCH_DTYPES[options.dtype]
+    dtype = torch_dtype(options.dtype)
     direct = options.merge is None and _stored_dtypes(loaded.base_model_path) == {dtype}
     return attach_model(loaded, dtype if direct else torch.float32)
 
@@ -315,9 +313,9 @@ def _prepare_model(
     module tree shares every weight, a folded weight is cloned, folded and cast one at a time, and the cast
     rebinds the copy's parameters. Extra memory: the weights in `dtype` (nothing for fp32 without folds).
     With `consume` everything happens in place, so the model in memory is the only copy."""
-    torch_dtype = TORCH_DTYPES[dtype]
+    target = torch_dtype(dtype)
     if base_only:
-        return load_base_model(Path(loaded.base_model_path), torch_dtype)
+        return load_base_model(Path(loaded.base_model_path), target)
     assert source is not None  # export_onnx refuses a LoadedAdapter without a model
     model = source if consume else copy_for_edit(source, [])
     for name, module in moe_modules(model):
@@ -326,9 +324,9 @@ def _prepare_model(
         if not consume:
             module.base.weight = _new_parameter(module.base.weight.detach().clone())
         module.fold_shared_into_base(loaded.adapter.unit(name))  # type: ignore[arg-type]
-        if module.base.weight.dtype != torch_dtype:  # now: one weight-sized temporary, not a model-sized one
-            module.base.weight = _new_parameter(module.base.weight.detach().to(torch_dtype))
-    return cast_reference_model(model, torch_dtype).eval()
+        if module.base.weight.dtype != target:  # now: one weight-sized temporary, not a model-sized one
+            module.base.weight = _new_parameter(module.base.weight.detach().to(target))
+    return cast_reference_model(model, target).eval()
 
 
 def _new_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
@@ -471,20 +469,3 @@ def _copy_base_files(base: Path, tmp: Path) -> list[str]:
             shutil.copy2(base / name, tmp / name)
             copied.append(name)
     return copied
-
-
-@contextlib.contextmanager
-def _status(console: Console, enabled: bool, message: str) -> Iterator[Any]:
-    """A rich spinner with a changing message on stderr, or a no-op when progress is off. Always stderr: the
-    `console` the caller passes gets the reports (tables), which the CLI shows on stdout."""
-    console = Console(stderr=True) if not console.stderr else console
-    if not enabled:
-
-        class _Quiet:
-            def update(self, *args: Any, **kwargs: Any) -> None:
-                pass
-
-        yield _Quiet()
-        return
-    with console.status(message) as status:
-        yield status
