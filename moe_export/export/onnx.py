@@ -171,14 +171,18 @@ def export_onnx(
 
 
 def load_for_export(
-    ckpt: str | Path, options: ExportOptions, base_model: str | Path | None = None, family: str | None = None,
-    top_k: int | list[int] | None = None, task_id: int | None = None,
+    ckpt: str | Path, out_dir: str | Path, options: ExportOptions, base_model: str | Path | None = None,
+    family: str | None = None, top_k: int | list[int] | None = None, task_id: int | None = None,
 ) -> LoadedAdapter:  # fmt: skip
     """The checkpoint loaded the way an export needs it, as the only holder of its model (hand it over with
     consume=True): in the export dtype when the base is stored in it and no merge calibrates in fp32 (one copy
     of the weights; the shared LoRAs still fold into exact W, one rounding), else in fp32, cast in place after
-    the folds (a fp32 base loaded in fp16 would round W twice). A base-only export builds no adapter model."""
+    the folds (a fp32 base loaded in fp16 would round W twice). A base-only export builds no adapter model.
+    `out_dir` is checked first (check_export_target), and against the base the checkpoint names once that is
+    read, before any weight loads."""
+    check_export_target(out_dir, options, [ckpt, base_model])
     loaded = load_without_model(ckpt, base_model=base_model, family=family, top_k=top_k, task_id=task_id)
+    check_export_target(out_dir, options, [loaded.base_model_path])
     if options.base_only:
         return loaded
     dtype = torch_dtype(options.dtype)
