@@ -152,22 +152,32 @@ def export_onnx(
         model = _prepare_model(source, merged, options.dtype, options.base_only, consume)
         del source
         units = [] if options.base_only else _unit_records(loaded, model)
-        with output_errors(out_dir):  # a full disk or read-only -o: one line naming -o, exit 2
-            tmp = make_staging_dir(out_dir)
-            try:
-                status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
-                interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
-                program = _trace(model, interface, options.opset)
-                model_path, scheme = _post_process(program, model, tmp, options, units, status)
-                interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
-                manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
-                manifest.quantization = scheme.to_dict() if scheme is not None else None
-                library = kernel_library if manifest.custom_ops else None
-                _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        manifest = _write_export(model, merged, out_dir, ours, options, units, merge_plan, kernel_library, status)
     return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
+
+
+def _write_export(
+    model: torch.nn.Module, merged: LoadedAdapter, out_dir: Path, ours: set[str] | None, options: ExportOptions,
+    units: list[UnitRecord], merge_plan: dict[str, Any] | None, kernel_library: Path | None, status: Any,
+) -> ExportManifest:  # fmt: skip
+    """Trace, post-process and write the export in a staging directory renamed into place (check_out_dir said
+    how: `ours`); on any failure the staging directory goes and `out_dir` is as it was."""
+    with output_errors(out_dir):  # a full disk or read-only -o: one line naming -o, exit 2
+        tmp = make_staging_dir(out_dir)
+        try:
+            status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
+            interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
+            program = _trace(model, interface, options.opset)
+            model_path, scheme = _post_process(program, model, tmp, options, units, status)
+            interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
+            manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
+            manifest.quantization = scheme.to_dict() if scheme is not None else None
+            library = kernel_library if manifest.custom_ops else None
+            _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
+            return manifest
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def load_for_export(
