@@ -218,6 +218,24 @@ def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace
     raise SystemExit(f"unknown step {step!r}")
 
 
+def run_step(step: str, root: Path, cli: list[str], args: argparse.Namespace) -> tuple[dict[str, object], Path]:
+    """Run one step in its own measured process; its figures and the file or directory it wrote."""
+    command, out = step_command(step, root, cli, args)
+    if out.is_dir():
+        shutil.rmtree(out)
+    print(f"{step}: {' '.join(command[1:])}", flush=True)
+    result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
+    result["log_tail"] = (root / f"{step}.log").read_text().strip().splitlines()[-3:]
+    if result["rc"] == 0 and out.exists():
+        result["output_mib"] = size_mib(out)
+        manifest = out / "export.json"
+        if manifest.is_file():
+            result["external_data"] = json.loads(manifest.read_text()).get("external_data")
+    if step == "calibrate" and out.is_file():
+        result["tokens"] = json.loads(out.read_text()).get("tokens")
+    return result, out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
@@ -259,20 +277,7 @@ def main() -> None:
     floor = [sys.executable, "-c", "import torch, transformers, moe_export.cli, moe_export.export.onnx"]
     figures["import_floor_mib"] = measure(floor, root / "floor.log")["peak_rss_mib"]
     for step in steps:
-        command, out = step_command(step, root, cli, args)
-        if out.is_dir():
-            shutil.rmtree(out)
-        print(f"{step}: {' '.join(command[1:])}", flush=True)
-        result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
-        result["log_tail"] = (root / f"{step}.log").read_text().strip().splitlines()[-3:]
-        if result["rc"] == 0 and out.exists():
-            result["output_mib"] = size_mib(out)
-            manifest = out / "export.json"
-            if manifest.is_file():
-                result["external_data"] = json.loads(manifest.read_text()).get("external_data")
-        if step == "calibrate" and out.is_file():
-            stats = json.loads(out.read_text())
-            result["tokens"] = stats.get("tokens")
+        result, out = run_step(step, root, cli, args)
         figures[step] = result
         print(json.dumps(result, indent=1), flush=True)
         if not args.keep and step not in ("calibrate", "merge") and out.exists():
