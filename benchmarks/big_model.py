@@ -26,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import measure
 
 
 @dataclass(frozen=True)
@@ -163,22 +165,6 @@ def make_adapter(ckpt: Path, base: Path, shape: Shape) -> None:
             )
             units.append(LinearMoE(f"model.layers.{layer}.{proj}", d_in, d_out, stack, router, [shared]))
     Adapter("canonical", units, base_model=str(base)).save(ckpt)
-
-
-def measure(command: list[str], log: Path) -> dict[str, float]:
-    """Peak RSS (MiB), wall and CPU (user + sys) seconds and exit code of `command`, run in a fresh wrapper
-    process so RUSAGE_CHILDREN holds that command alone; its output goes to `log`."""
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT).returncode; "
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(u.ru_maxrss, time.perf_counter() - t, u.ru_utime + u.ru_stime, rc)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", wrapper, str(log), *command], capture_output=True, text=True, check=True
-    )
-    kib, wall, cpu, rc = out.stdout.split()
-    return {"peak_rss_mib": int(kib) / 1024, "wall_s": float(wall), "cpu_s": float(cpu), "rc": int(rc)}
 
 
 def size_mib(path: Path) -> float:
