@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import measure
 
 
 @dataclass(frozen=True)
@@ -170,22 +172,6 @@ def make_adapter(ckpt: Path, base: Path, shape: Shape) -> None:
     Adapter("canonical", units, base_model=str(base)).save(ckpt)
 
 
-def measure(command: list[str], log: Path) -> dict[str, float]:
-    """Peak RSS (MiB), wall and CPU (user + sys) seconds and exit code of `command`, run in a fresh wrapper
-    process so RUSAGE_CHILDREN holds that command alone; its output goes to `log`."""
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT).returncode; "
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(u.ru_maxrss, time.perf_counter() - t, u.ru_utime + u.ru_stime, rc)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", wrapper, str(log), *command], capture_output=True, text=True, check=True
-    )
-    kib, wall, cpu, rc = out.stdout.split()
-    return {"peak_rss_mib": int(kib) / 1024, "wall_s": float(wall), "cpu_s": float(cpu), "rc": int(rc)}
-
-
 def size_mib(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 2**20
@@ -233,6 +219,29 @@ def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace
         flags += ["--dtype", args.merged_dtype, "--no-validate"]
         return [*cli, "onnx", str(source), *flags, "-o", str(out)], out
     raise SystemExit(f"unknown step {step!r}")
+
+
+def run_step(step: str, root: Path, cli: list[str], args: argparse.Namespace) -> tuple[dict[str, object], Path]:
+    """Run one step in its own measured process; its figures and the file or directory it wrote."""
+    command, out = step_command(step, root, cli, args)
+    if out.is_dir():
+        shutil.rmtree(out)
+    print(f"{step}: {' '.join(command[1:])}", flush=True)
+    result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
+    result["log_tail"] = (root / f"{step}.log").read_text().strip().splitlines()[-3:]
+    if result["rc"] == 0 and out.exists():
+        result["output_mib"] = size_mib(out)
+        manifest = out / "export.json"
+        if manifest.is_file():
+            result["external_data"] = json.loads(manifest.read_text()).get("external_data")
+    if step.startswith("validate-") and out.is_file():
+        result["passed"] = json.loads(out.read_text()).get("passed")
+        export = root / f"onnx-{step.split('-')[1]}"
+        result["export_mib"] = size_mib(export)  # the weights validate runs (plus the small graph files)
+        result["peak_over_export"] = result["peak_rss_mib"] / result["export_mib"]  # type: ignore[operator]
+    if step == "calibrate" and out.is_file():
+        result["tokens"] = json.loads(out.read_text()).get("tokens")
+    return result, out
 
 
 def main() -> None:
@@ -283,25 +292,7 @@ def main() -> None:
     figures["import_floor_mib"] = measure(floor, root / "floor.log")["peak_rss_mib"]
     validated = {f"onnx-{s.split('-')[1]}" for s in steps if s.startswith("validate-")}  # kept for validate-*
     for step in steps:
-        command, out = step_command(step, root, cli, args)
-        if out.is_dir():
-            shutil.rmtree(out)
-        print(f"{step}: {' '.join(command[1:])}", flush=True)
-        result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
-        result["log_tail"] = (root / f"{step}.log").read_text().strip().splitlines()[-3:]
-        if result["rc"] == 0 and out.exists():
-            result["output_mib"] = size_mib(out)
-            manifest = out / "export.json"
-            if manifest.is_file():
-                result["external_data"] = json.loads(manifest.read_text()).get("external_data")
-        if step.startswith("validate-") and out.is_file():
-            result["passed"] = json.loads(out.read_text()).get("passed")
-            export = root / f"onnx-{step.split('-')[1]}"
-            result["export_mib"] = size_mib(export)  # the weights validate runs (plus the small graph files)
-            result["peak_over_export"] = result["peak_rss_mib"] / result["export_mib"]  # type: ignore[operator]
-        if step == "calibrate" and out.is_file():
-            stats = json.loads(out.read_text())
-            result["tokens"] = stats.get("tokens")
+        result, out = run_step(step, root, cli, args)
         figures[step] = result
         print(json.dumps(result, indent=1), flush=True)
         if not args.keep and step not in ("calibrate", "merge", *validated) and out.exists():
