@@ -133,12 +133,12 @@ class StreamedReference(Reference):
         """A fresh skeleton per pass: `part` leaves adapter modules in the layers it ran."""
         import torch
 
+        from moe_export.export.dtypes import torch_dtype
         from moe_export.reference.streamed import StreamedReference as Stream
-        from moe_export.runtimes.torch_runner import TORCH_DTYPES
 
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
-        dtype = TORCH_DTYPES[self.options.torch_dtype or self.artifact.dtype]
+        dtype = torch_dtype(self.options.torch_dtype or self.artifact.dtype)
         return Stream(self.loaded.base_model_path, self.loaded.adapter, self.loaded.task_id, dtype, self.options.device)
 
     def run(self, jobs: list[Job]) -> list[Replayed]:
