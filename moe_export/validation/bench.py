@@ -237,30 +237,8 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
             row = next((r for r in report.rows if r.runtime == runtime and r.shape == shape), None)
             if row is None:
                 ax.set_axis_off()
-                continue
-            bars = [("adapter", row.latency, ADAPTER_COLOR, None)]
-            if row.floor is not None:
-                bars.append(("base floor", row.floor, FLOOR_COLOR, "//"))
-            top = whisker = 0.0
-            for x, (_label, lat, color, hatch) in enumerate(bars):
-                ax.bar(x, lat.p50_ms, 0.6, color=color, hatch=hatch, edgecolor="#505050")
-                ax.errorbar(x, lat.p50_ms, yerr=[[0], [lat.p90_ms - lat.p50_ms]], color="#404040", capsize=3, lw=1)
-                ax.annotate(_ms(lat.p50_ms), (x, lat.p50_ms), xytext=(0, 3), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=9)  # fmt: skip
-                top, whisker = max(top, lat.p50_ms), max(whisker, lat.p90_ms)
-            ax.set_xticks(range(len(bars)), [b[0] for b in bars])
-            ax.set_xlim(-0.6, len(bars) - 0.4)
-            # Room for the p50 labels above the bars and for the whole p90 whisker: an axis that cuts a whisker
-            # hides how far the slow runs went (a p90 outlier does make the bars smaller; that is the data).
-            ax.set_ylim(0, max(top * 1.35, whisker * 1.08) if top > 0 else 1.0)
-            ax.grid(axis="y", alpha=0.3)
-            ax.set_axisbelow(True)
-            headline = f"{runtime} · {shape.replace('x', ' × ')}"
-            if row.ratio is not None:
-                headline += f"\n{row.ratio:.2f}× floor"
-            ax.set_title(headline, fontsize=10, fontweight="bold" if row.ratio is not None else "normal")
-            if s_index == 0:
-                ax.set_ylabel("p50 latency, ms\n(whisker: p90)", fontsize=9)
+            else:
+                _plot_panel(ax, row, runtime, shape, first_column=s_index == 0)
     threads = report.settings.get("threads")
     fig.suptitle(
         f"moe-export bench: {Path(report.artifact).name} ({report.dtype}, {report.settings['iters']} iters"
@@ -278,6 +256,33 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _plot_panel(ax: Any, row: BenchRow, runtime: str, shape: str, first_column: bool) -> None:
+    """One runtime x shape panel: the adapter's p50 bar (and the base floor's) with p90 whiskers."""
+    bars = [("adapter", row.latency, ADAPTER_COLOR, None)]
+    if row.floor is not None:
+        bars.append(("base floor", row.floor, FLOOR_COLOR, "//"))
+    top = whisker = 0.0
+    for x, (_label, lat, color, hatch) in enumerate(bars):
+        ax.bar(x, lat.p50_ms, 0.6, color=color, hatch=hatch, edgecolor="#505050")
+        ax.errorbar(x, lat.p50_ms, yerr=[[0], [lat.p90_ms - lat.p50_ms]], color="#404040", capsize=3, lw=1)
+        ax.annotate(_ms(lat.p50_ms), (x, lat.p50_ms), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=9)  # fmt: skip
+        top, whisker = max(top, lat.p50_ms), max(whisker, lat.p90_ms)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars])
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+    # Room for the p50 labels above the bars and for the whole p90 whisker: an axis that cuts a whisker
+    # hides how far the slow runs went (a p90 outlier does make the bars smaller; that is the data).
+    ax.set_ylim(0, max(top * 1.35, whisker * 1.08) if top > 0 else 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    headline = f"{runtime} · {shape.replace('x', ' × ')}"
+    if row.ratio is not None:
+        headline += f"\n{row.ratio:.2f}× floor"
+    ax.set_title(headline, fontsize=10, fontweight="bold" if row.ratio is not None else "normal")
+    if first_column:
+        ax.set_ylabel("p50 latency, ms\n(whisker: p90)", fontsize=9)
 
 
 def _ms(value: float) -> str:
