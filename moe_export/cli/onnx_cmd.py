@@ -60,6 +60,12 @@ def onnx_command(
         help="With --quantize: fail (exit 1) when more than this fraction of held-out positions change argmax "
         "against the fp32 reference (reported, not gated, without it).",
     ),
+    fusion: str = typer.Option(
+        "contrib",
+        "--fusion",
+        help="contrib: the KV-cache decoder's attention, rotary and residual norms as ONNX Runtime com.microsoft "
+        "ops (GroupQueryAttention...; not for TensorRT); none: standard ops only.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
     forward: str = ONNX_FORWARD_OPTION,
@@ -69,6 +75,7 @@ def onnx_command(
     With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
     from moe_export.api import check_validation_possible, export_onnx
+    from moe_export.export.decoder_fused import check_fusion
     from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
     from moe_export.export.quantize import check_quantize_options
     from moe_export.files import check_not_input
@@ -83,6 +90,7 @@ def onnx_command(
     check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
     check_validation_possible(dtype, not no_validate)
     check_quantize_options(quantize, block_size, dtype)
+    check_fusion(fusion)
     checks.fraction(max_top1_drop, "--max-top1-drop")
     if max_top1_drop is not None and (quantize is None or no_validate):
         raise MoeExportError(
@@ -127,6 +135,7 @@ def onnx_command(
         quantize=quantize,
         block_size=block_size,
         max_top1_drop=max_top1_drop,
+        fusion=fusion,
     )
     if as_json:
         print_json(result.to_dict())

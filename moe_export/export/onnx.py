@@ -30,6 +30,7 @@ from moe_export.errors import ExportError, FormatError, InternalError, MoeExport
 from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
+from moe_export.export.decoder_fused import FUSION_CONTRIB, resolve_fusion
 from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
@@ -127,6 +128,7 @@ def export_onnx(
     quantize: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     kernel_library: Path | None = None,
+    fusion: str = FUSION_CONTRIB,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
@@ -141,6 +143,8 @@ def export_onnx(
     `block_size` after the folds and the merge (export/quantize.py); routers and experts stay fp32.
     `kernel_library` (the native GroupedLoRA library; the API passes the one built here) ships with a KV-cache
     export that has custom ops, and genai_config.json names it (export/client_files.py).
+    `fusion` ("contrib" | "none"): the KV-cache decoder's attention, rotary and residual norms as ONNX Runtime
+    com.microsoft ops where the model allows it (export/decoder_fused.py), else the plain traced graph.
     """
     start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -186,7 +190,8 @@ def export_onnx(
                 status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
                 routed = {u.name for u in units if u.status == "routed"}
                 interface = GraphInterface.for_model(model.config, kv_cache, GRAPH_DTYPES[dtype])
-                model_path, program = _export(model, tmp, opset, routed, interface)
+                fused = resolve_fusion(fusion, model, interface.is_decoder, console)
+                model_path, program = _export(model, tmp, opset, routed, interface, fused["mode"])
                 fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
                 scheme = None
                 if quantize is not None:
@@ -216,6 +221,7 @@ def export_onnx(
                     custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
                     copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
                     quantization=scheme.to_dict() if scheme is not None else None,
+                    fusion=fused,
                 )
                 if interface.is_decoder:
                     library = kernel_library if manifest.custom_ops else None
@@ -329,12 +335,12 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
 
 
 def _export(
-    model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], interface: GraphInterface
+    model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], interface: GraphInterface, fusion: str
 ) -> tuple[Path, Any]:
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
     try:
         if interface.is_decoder:
-            program = trace_decoder(model, interface, opset, translation_table())
+            program = trace_decoder(model, interface, opset, translation_table(), fusion)
         else:
             batch, sequence = EXAMPLE_SHAPE
             feeds = interface.example_feeds(vocab, batch, sequence)
