@@ -11,7 +11,8 @@ wall time, CPU time (user + sys) and the size of what it wrote.
 
 Presets:
   1b   hidden 2048, 22 layers, intermediate 5632, 32 heads / 4 kv heads, vocab 32000 (1.10B parameters), E=8, r=8
-       steps: onnx-fp32, onnx-fp16 (both --no-validate), onnx-fp32-validate, onnx-fp16-validate
+       steps: onnx-fp32, onnx-fp16 (both --no-validate), onnx-fp32-validate, onnx-fp16-validate; on request
+       api-fp32, api-fp16: the same export through `moe_export.export_onnx(ckpt, out, ExportOptions(...))`
   7b   hidden 4096, 32 layers, intermediate 11008, 32 heads / 32 kv heads, vocab 32000 (6.74B parameters), E=8, r=16
        steps: calibrate (--samples/--seq-len), merge (--stats, --no-eval, streaming writer), onnx-merged
        (`onnx merged/adapter --dtype bf16 --no-validate`: the merged base plus the units that stay routed)
@@ -192,6 +193,14 @@ def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace
         dtype = step.split("-")[1]
         flags = [] if step.endswith("-validate") else ["--no-validate"]
         return [*cli, "onnx", str(ckpt), "--dtype", dtype, *flags, "-o", str(out)], out
+    if step.startswith("api-fp"):
+        # The same export from Python: moe_export.export_onnx on the checkpoint path makes the CLI's load and
+        # hand-over decisions itself, so its peak RSS should be the CLI's (issue 22).
+        code = (
+            "import sys, moe_export; from moe_export.export.options import ExportOptions; "
+            "moe_export.export_onnx(sys.argv[1], sys.argv[2], ExportOptions(dtype=sys.argv[3], validate=False))"
+        )
+        return [sys.executable, "-c", code, str(ckpt), str(out), step.split("-")[1]], out
     if step == "calibrate":
         out = root / "stats.json"
         samples = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]

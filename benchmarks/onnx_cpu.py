@@ -30,6 +30,7 @@ import torch
 
 import moe_export
 from moe_export.export.manifest import ExportManifest
+from moe_export.ops.names import GROUPED_LORA, GROUPED_LORA_ADD, OP_TYPES
 from moe_export.reference.model import MoELoRALinear, moe_modules
 from moe_export.reference.routing import route_tokens
 
@@ -230,7 +231,7 @@ def main() -> None:
 def op_class(event: dict) -> str:
     """Profile bucket of one node: adapter kernel, router MatMul (to E = 8 logits) and TopK, or the op type."""
     op = event["args"]["op_name"]
-    if op in ("GroupedLoRA", "GroupedLoRAAdd", "GroupedLoRASlots"):
+    if op in (*OP_TYPES, GROUPED_LORA_ADD):
         return op
     if op == "MatMul":
         shapes = event["args"].get("output_type_shape", [{}])
@@ -293,7 +294,7 @@ def projection_model(d_in: int, d_out: int, experts: int, rank: int, top_k: int,
             helper.make_node("TopK", ["probs", "k"], ["top", "ids"], axis=-1),
             helper.make_node("ReduceSum", ["top"], ["top_sum"], keepdims=1),  # renormalise the top-k
             helper.make_node("Div", ["top", "top_sum"], ["gates"]),
-            helper.make_node("GroupedLoRA", ["x", "ids", "gates", "A", "B"], ["delta"], domain=DOMAIN,
+            helper.make_node(GROUPED_LORA, ["x", "ids", "gates", "A", "B"], ["delta"], domain=DOMAIN,
                              **PLUGIN_ATTRIBUTES),
             helper.make_node("Add", ["base", "delta"], ["y"]),
         ]  # fmt: skip

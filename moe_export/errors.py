@@ -1,4 +1,4 @@
-"""Whose fault it is decides the exit code (DESIGN.md section 2).
+"""Whose fault it is decides the exit code (README.md, Commands: exit codes 0 / 1 / 2 / 3).
 
 MoeExportError: the input is wrong -> one line naming the file/option, exit 2 (ParityError: a gate failed, exit 1).
 InternalError: our bug, or a library we drive crashed on input we accepted -> exit 3, a line saying so.

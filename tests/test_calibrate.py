@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 import moe_export
 from moe_export.cli import app
 from moe_export.errors import FormatError, MergeError
+from moe_export.merging import calibrate
 from moe_export.merging.statistics import (
     CalibrationSet,
     CalibrationStats,
     UnitAccumulator,
-    calibrate,
     calibration_inputs,
 )
 from moe_export.reference.loading import load_without_model
@@ -123,7 +123,7 @@ def test_text_data_is_tokenized_and_split(tmp_path) -> None:
     assert not {tuple(t[0].tolist()) for t in stats_inputs} & {tuple(t[0].tolist()) for t in held_inputs}
     short, _ = calibration_inputs(loaded, CalibrationSet(data, 2, 4, 0))
     assert len(short) == 2 and all(t.shape[1] <= 4 for t in short)
-    stats = calibrate(loaded, data, samples=2, seq_len=8, progress=False)
+    stats = calibrate(loaded, data=data, samples=2, seq_len=8, progress=False)
     assert stats.source == str(data) and stats.samples == 2
     assert set(stats.units) == {u.name for u in loaded.adapter.units if u.routed}
     one = tmp_path / "one.txt"
@@ -146,7 +146,7 @@ def test_data_without_tokenizer_is_refused(tmp_path, tiny_base) -> None:
     loaded = moe_export.load(save_checkpoint(tmp_path / "ckpt", tiny_base))
     (tmp_path / "d.txt").write_text("a line\nanother line\n")
     with pytest.raises(FormatError, match="no tokenizer"):
-        calibrate(loaded, tmp_path / "d.txt", progress=False)
+        calibrate(loaded, data=tmp_path / "d.txt", progress=False)
 
 
 def test_calibrate_cli(tmp_path, tiny_base) -> None:

@@ -1,6 +1,6 @@
 """Whose fault decides the exit code: bad input 2, a failed gate 1, our bug or a library crash 3.
 
-`--debug` adds the traceback and never changes the exit code (DESIGN.md section 2).
+`--debug` adds the traceback and never changes the exit code (README.md, Commands).
 """
 
 from __future__ import annotations

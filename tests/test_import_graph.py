@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "moe_export"
 # Data flows top to bottom; a module may import its own stage and the ones above it.
 STAGES: list[tuple[str, ...]] = [
     (
+        "moe_export.config",
         "moe_export.errors",
         "moe_export.files",
         "moe_export.lazy_api",

@@ -12,8 +12,7 @@ import torch
 import moe_export
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE, Router, TaskGate
-from moe_export.merging import MergePlan, apply_merge_plan, merge, plan_merge
-from moe_export.merging.statistics import calibrate
+from moe_export.merging import MergePlan, apply_merge_plan, calibrate, merge, plan_merge
 from moe_export.reference.loading import load_adapter
 from moe_export.reference.model import moe_modules
 from tests.conftest import SAMPLES

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 import moe_export
 from moe_export.cli import app
-from moe_export.merging import merge
-from moe_export.merging.statistics import calibrate
+from moe_export.merging import calibrate, merge
 from tests.conftest import SAMPLES
 from tests.tiny import random_adapter, tiny_llama_config
 

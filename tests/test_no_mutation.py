@@ -1,4 +1,4 @@
-"""No API function changes the caller's LoadedAdapter (DESIGN.md section 3, issue 11).
+"""No API function changes the caller's LoadedAdapter (README.md, Python API; issue 11).
 
 Before the fix, `export_onnx` folded GOAT's shared correction into `loaded.model` while `loaded.adapter`
 still listed it, so a later merge folded it again (logits off by 9.4e-2 relative on samples/goat).

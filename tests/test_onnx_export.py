@@ -213,11 +213,11 @@ def test_cli_base_only(mixed_ckpt: Path, tiny_base: Path, tmp_path: Path) -> Non
 def test_failure_leaves_nothing(mixed_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after files were written (here: a broken export step) removes the temporary directory."""
 
-    def broken_export(model: torch.nn.Module, tmp: Path, *args: object) -> None:
+    def broken_post_process(program: object, model: object, tmp: Path, *rest: object) -> None:
         (tmp / "model.onnx").write_bytes(b"partial")
         raise ExportError("simulated failure")
 
-    monkeypatch.setattr(onnx_export, "_export", broken_export)
+    monkeypatch.setattr(onnx_export, "_post_process", broken_post_process)
     loaded = moe_export.load(mixed_ckpt)
     with pytest.raises(ExportError, match="simulated"):
         moe_export.export_onnx(loaded, tmp_path / "out", validate=False, progress=False)
@@ -228,7 +228,7 @@ def test_existing_export_is_kept_on_failure(mixed_ckpt: Path, tmp_path: Path, mo
     out = tmp_path / "out"
     out.mkdir()
     (out / MANIFEST_NAME).write_text("{}")
-    monkeypatch.setattr(onnx_export, "_export", lambda *a: (_ for _ in ()).throw(ExportError("simulated")))
+    monkeypatch.setattr(onnx_export, "_trace", lambda *a: (_ for _ in ()).throw(ExportError("simulated")))
     with pytest.raises(ExportError):
         moe_export.export_onnx(moe_export.load(mixed_ckpt), out, validate=False, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / MANIFEST_NAME).read_text() == "{}"
@@ -237,7 +237,7 @@ def test_existing_export_is_kept_on_failure(mixed_ckpt: Path, tmp_path: Path, mo
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--merge-threshold", "0.9", "--merge-budget", "0.1"], "exclusive"),
+        (["--merge-threshold", "0.9", "--merge-budget", "0.1"], "exclude"),
         (["--dtype", "int8"], "--dtype"),
         (["--opset", "12"], "--opset"),
         (["--data", "missing.txt"], "--data"),

@@ -9,7 +9,6 @@ import typer
 
 from moe_export.cli import checks, options
 from moe_export.cli.app import command, console, err_console, parse_int_list, print_json, report_console, shell_command
-from moe_export.errors import MoeExportError
 
 
 def render_stats(stats: Any) -> None:
@@ -58,25 +57,18 @@ def calibrate_cmd(
 
     By default (--forward auto = layers) the reference runs one decoder layer at a time in the model's dtype,
     so the process holds one layer's weights, not the model."""
-    from moe_export.merging.layerwise import calibrate_layerwise, check_forward, choose_streaming
-    from moe_export.merging.statistics import CalibrationSet, calibrate_whole, fewer_samples_notice
-    from moe_export.reference.loading import attach_model, load_without_model
+    from moe_export.merging import calibrate
+    from moe_export.merging.options import CalibrateOptions
+    from moe_export.merging.statistics import fewer_samples_notice
 
-    calib = CalibrationSet(data, samples, seq_len, seed)  # checks --samples and --seq-len before anything loads
+    # checks --data, --samples, --seq-len, --forward and --device's spelling before anything loads
+    calibration = CalibrateOptions(data, samples, seq_len, seed, device, forward, progress=not as_json)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
     checks.writable_files((out, "-o"))
     checks.outputs_apart([(out, "-o")], [ckpt, base, data])
-    if data is not None and not data.is_file():
-        raise MoeExportError(f"--data {data}: calibration text file not found")
-    check_forward(forward, device)
-    loaded = load_without_model(ckpt, base, family, k, task_id)
-    streaming = choose_streaming(forward, device, loaded.base_model_path)
-    if streaming is None:
-        stats = calibrate_whole(attach_model(loaded), calib, progress=not as_json)
-    else:
-        stats = calibrate_layerwise(loaded, calib, not as_json, streaming)
+    stats = calibrate(ckpt, calibration, base_model=base, family=family, top_k=k, task_id=task_id)
     stats.save(out)
     notice = fewer_samples_notice(stats, samples)
     if notice:

@@ -5,31 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moe_export.config import at_least, fraction, one_of, top_k_values
 from moe_export.errors import MoeExportError
 from moe_export.files import check_not_input, check_writable
 
-
-def at_least(value: int | float | None, minimum: float, option: str) -> None:
-    if value is not None and not value >= minimum:
-        raise MoeExportError(f"{option} {value}: must be >= {minimum:g}")
-
-
-def fraction(value: float | None, option: str) -> None:
-    """A share in [0, 1] (agreement thresholds)."""
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise MoeExportError(f"{option} {value}: must be between 0 and 1")
-
-
-def one_of(value: str, choices: tuple[str, ...], option: str) -> None:
-    if value not in choices:
-        raise MoeExportError(f"{option} {value!r}: expected one of {', '.join(choices)}")
-
-
-def top_k_values(value: int | list[int] | None) -> None:
-    """--top-k is >= 1 everywhere; its upper bound (the experts of each layer) is checked when the adapter is read."""
-    for k in [value] if isinstance(value, int) else value or []:
-        if k < 1:
-            raise MoeExportError(f"--top-k {k}: each router selects at least 1 expert")
+__all__ = ["at_least", "fraction", "input_dir", "one_of", "top_k_values", "writable_files"]
 
 
 def writable_files(*outputs: tuple[Path | None, str]) -> None:

@@ -39,50 +39,23 @@ def merge_cmd(
     Exact folds: shared LoRAs, E=1, a fixed task id, constant routers. Calibration and the held-out check run
     the reference one decoder layer at a time by default (--forward); the merged weights stream shard by shard.
     """
-    from moe_export.errors import MergeError
-    from moe_export.files import check_not_input, check_writable
-    from moe_export.merging.apply import merge, save_merged
-    from moe_export.merging.layerwise import check_forward, choose_streaming
-    from moe_export.merging.plan import check_options
-    from moe_export.merging.statistics import CalibrationStats, fewer_samples_notice
-    from moe_export.reference.loading import attach_model, load_without_model
+    from moe_export.merging import merge, save_merged
+    from moe_export.merging.options import CalibrateOptions, MergeOptions
+    from moe_export.merging.statistics import fewer_samples_notice
+    from moe_export.merging.write import check_merge_output
 
-    check_options(threshold, budget)
-    checks.at_least(samples, 1, "--samples")
-    checks.at_least(seq_len, 1, "--seq-len")
+    calibration = CalibrateOptions(data, samples, seq_len, seed, device, forward, progress=not as_json)
+    merge_options = MergeOptions(threshold, budget, stats_path, evaluate=not no_eval, calibration=calibration)
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an empty one (a mount point) is fine
-        raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
-    check_writable(out, "-o", directory=True)
-    check_not_input(out, "-o", [ckpt, base, stats_path, data], directory=True)
-    if data is not None and not data.is_file():
-        raise MergeError(f"--data {data}: calibration text file not found")
-    check_forward(forward, device)
-    stats = CalibrationStats.load(stats_path) if stats_path is not None else None
-    needs_model = not no_eval or (stats is None and (threshold is not None or budget is not None))
-    loaded = load_without_model(ckpt, base, family, k, task_id)
-    streaming = choose_streaming(forward, device, loaded.base_model_path)
-    if needs_model and streaming is None:
-        loaded = attach_model(loaded)
-    if threshold is None and budget is None:
+    check_merge_output(out, [ckpt, base, stats_path, data])
+    if not merge_options.selects:
         err_console.print("note: no --merge-threshold/--merge-budget: only exact folds are merged", highlight=False)
-    result = merge(
-        loaded,
-        threshold,
-        budget,
-        stats,
-        data,
-        not as_json,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        evaluate=not no_eval,
-        streaming=streaming,
-    )
+    result = merge(ckpt, merge_options, base_model=base, family=family, top_k=k, task_id=task_id)
     save_merged(result, out, progress=not as_json)
-    notice = fewer_samples_notice(result.stats, samples) if result.stats is not None and stats is None else None
+    calibrated = result.stats is not None and merge_options.stats is None
+    notice = fewer_samples_notice(result.stats, samples) if calibrated else None
     if notice:
         err_console.print(f"note: {notice}", highlight=False, markup=False)
     if as_json:

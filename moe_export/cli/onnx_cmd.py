@@ -23,7 +23,6 @@ from moe_export.cli.options import (
     TASK_ID_OPTION,
     TOP_K_OPTION,
 )
-from moe_export.errors import MoeExportError
 
 
 @command("onnx")
@@ -74,69 +73,21 @@ def onnx_command(
 
     With a merge option, --device/--forward say how its calibration runs: auto uses the fp32 model the export
     holds anyway when on the CPU, and streams layer by layer on a GPU."""
-    from moe_export.api import check_validation_possible, export_onnx
-    from moe_export.export.decoder_fused import check_fusion
-    from moe_export.export.onnx import TORCH_DTYPES, check_export_options, check_out_dir
-    from moe_export.export.quantize import check_quantize_options
-    from moe_export.files import check_not_input
-    from moe_export.merging.layerwise import check_forward, choose_streaming
-    from moe_export.merging.plan import check_options
-    from moe_export.reference.loading import attach_model, load_without_model
+    from moe_export.api import export_onnx
+    from moe_export.export.options import ExportOptions, merge_from_flags
 
-    if data is not None and merge_threshold is None and merge_budget is None:
-        raise MoeExportError("--data is calibration text for merging: pass --merge-threshold or --merge-budget too")
-    if data is not None and not data.is_file():
-        raise MoeExportError(f"{data}: calibration data file not found (--data)")
-    check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
-    check_validation_possible(dtype, not no_validate)
-    check_quantize_options(quantize, block_size, dtype)
-    check_fusion(fusion)
-    checks.fraction(max_top1_drop, "--max-top1-drop")
-    if max_top1_drop is not None and (quantize is None or no_validate):
-        raise MoeExportError(
-            "--max-top1-drop gates a quantized export's validation: pass --quantize, not --no-validate"
-        )
-    check_options(merge_threshold, merge_budget)
+    merge = merge_from_flags(merge_threshold, merge_budget, data, device=device, forward=forward, progress=not as_json)
+    options = ExportOptions(
+        dtype=dtype, opset=opset, kv_cache=not no_kv_cache, base_only=base_only, merge=merge, quantize=quantize,
+        block_size=block_size, validate=not no_validate, max_top1_drop=max_top1_drop, force=force,
+        progress=not as_json, fusion=fusion,
+    )  # fmt: skip
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)
     checks.input_dir(ckpt, "checkpoint")
     out = out if out is not None else Path.cwd() / f"{ckpt.resolve().name}-onnx"
-    check_not_input(out, "-o", [ckpt, base, data], directory=True)
-    check_out_dir(out.resolve(), force)
-    check_forward(forward, device)
-    # The CLI exits after the export, so it hands the model over (consume=True: folds and the cast happen in
-    # place). It loads the model in the export dtype when the base is stored in it and no merge calibrates in
-    # fp32: one copy of the weights, and the shared LoRAs still fold into exact W (one rounding, as the API).
-    # Otherwise fp32, cast in place after the folds (a fp32 base loaded in fp16 would round W twice).
-    # --base-only exports the base model alone and builds no adapter model.
-    loaded = load_without_model(ckpt, base_model=base, family=family, top_k=k, task_id=task_id)
-    check_not_input(out, "-o", [loaded.base_model_path], directory=True)  # the base the checkpoint names
-    if not base_only:
-        merging = merge_threshold is not None or merge_budget is not None
-        direct = not merging and _stored_dtypes(loaded.base_model_path) == {TORCH_DTYPES[dtype]}
-        loaded = attach_model(loaded, TORCH_DTYPES[dtype if direct else "fp32"])
-    streaming = choose_streaming(forward, device, loaded.base_model_path, whole_model_loaded=True)
-    result = export_onnx(
-        loaded,
-        out,
-        dtype=dtype,
-        opset=opset,
-        base_only=base_only,
-        merge_threshold=merge_threshold,
-        merge_budget=merge_budget,
-        calibration_data=data,
-        validate=not no_validate,
-        progress=not as_json,
-        console=err_console if as_json else report_console(),  # --json: stdout holds the JSON alone
-        kv_cache=not no_kv_cache,
-        force=force,
-        merge_streaming=streaming,
-        consume=True,
-        quantize=quantize,
-        block_size=block_size,
-        max_top1_drop=max_top1_drop,
-        fusion=fusion,
-    )
+    console_ = err_console if as_json else report_console()  # --json: stdout holds the JSON alone
+    result = export_onnx(ckpt, out, options, console=console_, base_model=base, family=family, top_k=k, task_id=task_id)
     if as_json:
         print_json(result.to_dict())
         return
@@ -155,19 +106,3 @@ def onnx_command(
         highlight=False,
         markup=False,
     )
-
-
-def _stored_dtypes(base: Path) -> set[object]:
-    """The base's stored weight dtypes; empty when it has no safetensors weights (transformers reads other files)."""
-    from moe_export.errors import FormatError
-    from moe_export.formats.base_weights import BaseWeights
-
-    try:
-        return set(BaseWeights(base).stored_dtypes())
-    except FormatError:
-        return set()
-
-
-def _quant_label(manifest: object) -> str:
-    scheme = getattr(manifest, "quant_scheme", None)
-    return f", {scheme.scheme} base weights in blocks of {scheme.block_size}" if scheme is not None else ""

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from moe_export.errors import ExportError
-from moe_export.export.decoder_fused import FUSION_CONTRIB, FUSION_NONE, FusedDecoderWithPast
+from moe_export.export.decoder_fused import FusedDecoderWithPast
 from moe_export.export.interface import TOTAL_SEQUENCE, GraphInterface, KVLayout
+from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
 
 
 class DecoderWithPast(torch.nn.Module):

@@ -30,12 +30,10 @@ from typing import Any
 
 import torch
 
-from moe_export.errors import ExportError
 from moe_export.export.interface import KVLayout
+from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
 
 CONTRIB_DOMAIN = "com.microsoft"
-FUSION_CONTRIB, FUSION_NONE = "contrib", "none"
-FUSIONS = (FUSION_CONTRIB, FUSION_NONE)
 # Decoder layers whose structure the explicit forward follows (pre-norm RMSNorm, q/k/v/o, rotate-half rope).
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # rope types whose cos/sin depend on the sequence length, not only the position: no fixed cache exists.
@@ -211,14 +209,9 @@ def rotary_caches(model: torch.nn.Module, head_dim: int) -> tuple[torch.Tensor, 
     return cos[0, :, :half].to(dtype).contiguous(), sin[0, :, :half].to(dtype).contiguous()
 
 
-def check_fusion(requested: str) -> None:
-    if requested not in FUSIONS:
-        raise ExportError(f"--fusion {requested!r}: expected one of {', '.join(FUSIONS)}")
-
-
 def resolve_fusion(requested: str, model: torch.nn.Module, is_decoder: bool, console: Any) -> dict[str, Any]:
-    """export.json's `fusion` record: what was asked, what the export gets, and why when they differ."""
-    check_fusion(requested)
+    """export.json's `fusion` record: what was asked (ExportOptions checked it), what the export gets, and why
+    when they differ."""
     reason = None
     if requested == FUSION_CONTRIB:
         reason = "the scoring graph (--no-kv-cache) stays in standard ops" if not is_decoder else fusion_blocker(model)

@@ -7,7 +7,7 @@ traces with it, export.json stores it (`to_dict`), and every consumer (runtimes,
 serving, TensorRT, benchmarks) reads it back instead of spelling a name. No other module spells an input or
 output name or the past-KV pattern (tests/test_interface.py checks that).
 
-Kinds (DESIGN.md section 2 lives on as docs/export-layout.md):
+Kinds (docs/export-layout.md):
 - `scoring`: input_ids [B,S], attention_mask [B,S] (int64) -> logits [B,S,V].
 - `decoder` (the KV-cache decoder that onnxruntime-genai and optimum run): input_ids [B,S], attention_mask
   [B,past+S], position_ids [B,S] (int64), then per layer i past_key_values.{i}.key / .value

@@ -30,15 +30,14 @@ from moe_export.errors import ExportError, FormatError, InternalError, MoeExport
 from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
-from moe_export.export.decoder_fused import FUSION_CONTRIB, resolve_fusion
+from moe_export.export.decoder_fused import resolve_fusion
 from moe_export.export.interface import GraphInterface, read_onnx_io
-from moe_export.export.manifest import DTYPES, MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
+from moe_export.export.manifest import MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
-from moe_export.export.onnx_ops import MAX_OPSET, MIN_OPSET, function_bodies, translation_table
+from moe_export.export.onnx_ops import function_bodies, translation_table
+from moe_export.export.options import ExportOptions
 from moe_export.export.quantize import (
-    DEFAULT_BLOCK_SIZE,
     base_linear_names,
-    check_quantize_options,
     quantize_saved_model,
 )
 from moe_export.files import (
@@ -50,13 +49,12 @@ from moe_export.files import (
     replace_files,
 )
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
-from moe_export.reference.loading import LoadedAdapter, load_base_model
+from moe_export.reference.loading import LoadedAdapter, attach_model, load_base_model, load_without_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
 from moe_export.reference.model_copy import copy_for_edit
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
-DEFAULT_OPSET = 20
 # A protobuf cannot exceed 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # The scoring graph's example call; sizes >= 2 on every dynamic dim: torch.export specialises a dim of 1.
@@ -112,146 +110,175 @@ class _CausalLMLogits(torch.nn.Module):
 def export_onnx(
     loaded: LoadedAdapter,
     out_dir: str | Path,
+    options: ExportOptions | None = None,
     *,
-    dtype: str = "fp32",
-    opset: int = DEFAULT_OPSET,
-    base_only: bool = False,
-    merge_threshold: float | None = None,
-    merge_budget: float | None = None,
-    calibration_data: str | Path | None = None,
-    progress: bool = True,
     console: Console | None = None,
-    kv_cache: bool = True,
-    force: bool = False,
     merge_streaming: Any = None,
     consume: bool = False,
-    quantize: str | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
     kernel_library: Path | None = None,
-    fusion: str = FUSION_CONTRIB,
+    **fields: Any,
 ) -> ExportResult:
     """Export `loaded` to `out_dir` (model.onnx + export.json + config/tokenizer); see the module docstring.
 
-    `loaded` is never changed: the shared LoRAs fold into a copy of the weights they touch (model_copy.py),
-    a fp16/bf16 export casts a copy of the weights, and a merge works on its own copy. `consume=True` hands the
-    model over instead (the CLI, which exits after the export): folds and casts happen in place, so the export
-    needs no second copy of the weights, and `loaded.model` is None afterwards, never half-folded.
-    An existing `out_dir` that holds a previous export is replaced; one that also holds files we did not
-    write is refused unless `force`, which replaces our files and leaves the others alone.
-    `merge_streaming` (merging.layerwise.Streaming) runs the merge's calibration and held-out check layer by layer.
-    `quantize` ("int4" | "int8") rewrites the base linears (lm_head included) into MatMulNBits blocks of
-    `block_size` after the folds and the merge (export/quantize.py); routers and experts stay fp32.
-    `kernel_library` (the native GroupedLoRA library; the API passes the one built here) ships with a KV-cache
-    export that has custom ops, and genai_config.json names it (export/client_files.py).
-    `fusion` ("contrib" | "none"): the KV-cache decoder's attention, rotary and residual norms as ONNX Runtime
-    com.microsoft ops where the model allows it (export/decoder_fused.py), else the plain traced graph.
+    `options` (or its fields as keywords) say what to write. `loaded` is never changed: the shared LoRAs fold into
+    a copy of the weights they touch (model_copy.py), a fp16/bf16 export casts a copy of the weights, and a merge
+    works on its own copy. `consume=True` hands the model over instead (`moe_export.export_onnx` on a checkpoint
+    path, whose model nobody else holds): folds and casts happen in place, so the export needs no second copy of
+    the weights, and `loaded.model` is None afterwards, never half-folded. An existing `out_dir` that holds a
+    previous export is replaced; one that also holds files we did not write is refused unless `force`, which
+    replaces our files and leaves the others alone. `merge_streaming` (merging.layerwise.Streaming) runs the
+    merge's calibration and held-out check layer by layer. `quantize` ("int4" | "int8") rewrites the base linears
+    (lm_head included) into MatMulNBits blocks of `block_size` after the folds and the merge
+    (export/quantize.py); routers and experts stay fp32. `kernel_library` (the native GroupedLoRA library; the
+    API passes the one built here) ships with a KV-cache export that has custom ops, and genai_config.json names
+    it (export/client_files.py). `fusion` ("contrib", the default, or "none"): the KV-cache decoder's attention,
+    rotary and residual norms as ONNX Runtime com.microsoft ops where the model allows it (export/decoder_fused.py).
     """
     start = time.perf_counter()
+    options = ExportOptions.build(options, fields)
     console = console or Console(stderr=True)
-    check_export_options(dtype, opset, merge_threshold, merge_budget, base_only)
-    check_quantize_options(quantize, block_size, dtype)
     out_dir = Path(out_dir).resolve()
-    ours = check_out_dir(out_dir, force)
     # the base a checkpoint names is known only now: -o must not be it, or inside it, either
-    check_not_input(out_dir, "-o", [loaded.checkpoint, loaded.base_model_path, calibration_data], directory=True)
-    if loaded.model is None and not base_only:
+    ours = check_export_target(out_dir, options, [loaded.checkpoint, loaded.base_model_path])
+    if loaded.model is None and not options.base_only:
         raise ExportError(
             f"{loaded.checkpoint}: this LoadedAdapter has no model (an earlier export_onnx(consume=True) took it, "
             "or it was loaded without one); load the checkpoint again"
         )
-    merge_plan = None
-    original = loaded
-    if merge_threshold is not None or merge_budget is not None:
-        from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
-
-        result = merge(
-            loaded,
-            threshold=merge_threshold,
-            budget=merge_budget,
-            data=calibration_data,
-            progress=progress,
-            streaming=merge_streaming,
-        )
-        result.report.render(console)
-        loaded, merge_plan = result.loaded, result.plan.to_dict()
-    source = loaded.model
+    merged, merge_plan = _merge_first(loaded, options, console, merge_streaming)
+    source = merged.model
     if consume:
         # Handed over: only `source` holds the model now, so an in-place cast frees each fp32 weight as it goes,
         # and nobody can reuse a half-folded model.
-        original.model = loaded.model = None
+        loaded.model = merged.model = None
 
-    with _status(console, progress, "preparing the model") as status:
-        model = _prepare_model(source, loaded, dtype, base_only, consume)
+    with _status(console, options.progress, "preparing the model") as status:
+        model = _prepare_model(source, merged, options.dtype, options.base_only, consume)
         del source
-        units = [] if base_only else _unit_records(original, model)
+        units = [] if options.base_only else _unit_records(loaded, model)
         with output_errors(out_dir):  # a full disk or read-only -o: one line naming -o, exit 2
             tmp = make_staging_dir(out_dir)
             try:
-                status.update(f"exporting {len(units)} units to ONNX (opset {opset}, {dtype})")
-                routed = {u.name for u in units if u.status == "routed"}
-                interface = GraphInterface.for_model(model.config, kv_cache, GRAPH_DTYPES[dtype])
-                fused = resolve_fusion(fusion, model, interface.is_decoder, console)
-                model_path, program = _export(model, tmp, opset, routed, interface, fused["mode"])
-                fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
-                scheme = None
-                if quantize is not None:
-                    status.update(f"quantizing the base weights ({quantize}, blocks of {block_size})")
-                    scheme = quantize_saved_model(model_path, base_linear_names(model), quantize, block_size)
-                status.update("checking the ONNX model")
-                _check_saved(model_path, units)
+                status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
+                interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
+                fusion = resolve_fusion(options.fusion, model, interface.is_decoder, console)
+                program = _trace(model, interface, options.opset, fusion["mode"])
+                model_path, scheme = _post_process(program, model, tmp, options, units, status)
                 interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
-                manifest = ExportManifest(
-                    moe_export_version=__version__,
-                    source_checkpoint=str(Path(loaded.checkpoint).resolve()),
-                    base_model=str(Path(loaded.base_model_path).resolve()),
-                    relative_sources={
-                        "source_checkpoint": portable_path(loaded.checkpoint, out_dir),
-                        "base_model": portable_path(loaded.base_model_path, out_dir),
-                    },
-                    family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
-                    dtype=dtype,
-                    opset=opset,
-                    model_file=MODEL_FILE,
-                    external_data=EXTERNAL_DATA_FILE if (tmp / EXTERNAL_DATA_FILE).exists() else None,
-                    base_only=base_only,
-                    load_options={"top_k": loaded.options.top_k, "task_id": loaded.options.task_id},
-                    units=units,
-                    merge_plan=merge_plan,
-                    interface=interface,
-                    custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
-                    copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
-                    quantization=scheme.to_dict() if scheme is not None else None,
-                    fusion=fused,
-                )
-                if interface.is_decoder:
-                    library = kernel_library if manifest.custom_ops else None
-                    manifest.copied_files += write_client_files(tmp, model.config, interface, MODEL_FILE, library)
-                manifest.save(tmp)
-                if ours is None:
-                    replace_directory(tmp, out_dir)
-                else:
-                    replace_files(tmp, out_dir, ours, MANIFEST_NAME)
+                manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
+                manifest.quantization = scheme.to_dict() if scheme is not None else None
+                manifest.fusion = fusion
+                library = kernel_library if manifest.custom_ops else None
+                _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
-def check_export_options(
-    dtype: str, opset: int, threshold: float | None, budget: float | None, base_only: bool
+def load_for_export(
+    ckpt: str | Path, options: ExportOptions, base_model: str | Path | None = None, family: str | None = None,
+    top_k: int | list[int] | None = None, task_id: int | None = None,
+) -> LoadedAdapter:  # fmt: skip
+    """The checkpoint loaded the way an export needs it, as the only holder of its model (hand it over with
+    consume=True): in the export dtype when the base is stored in it and no merge calibrates in fp32 (one copy
+    of the weights; the shared LoRAs still fold into exact W, one rounding), else in fp32, cast in place after
+    the folds (a fp32 base loaded in fp16 would round W twice). A base-only export builds no adapter model."""
+    loaded = load_without_model(ckpt, base_model=base_model, family=family, top_k=top_k, task_id=task_id)
+    if options.base_only:
+        return loaded
+    dtype = TORCH_DTYPES[options.dtype]
+    direct = options.merge is None and _stored_dtypes(loaded.base_model_path) == {dtype}
+    return attach_model(loaded, dtype if direct else torch.float32)
+
+
+def merge_streaming_for(loaded: LoadedAdapter, options: ExportOptions) -> Any:
+    """How the export's merge runs the reference (merging.layerwise.Streaming, or None: the model the export
+    holds anyway, when on the CPU); None without a merge."""
+    if options.merge is None:
+        return None
+    from moe_export.merging.layerwise import choose_streaming
+
+    calibration = options.merge.calibration
+    return choose_streaming(calibration.forward, calibration.device, loaded.base_model_path, whole_model_loaded=True)
+
+
+def _stored_dtypes(base: Path) -> set[object]:
+    """The base's stored weight dtypes; empty when it has no safetensors weights (transformers reads other files)."""
+    from moe_export.formats.base_weights import BaseWeights
+
+    try:
+        return set(BaseWeights(base).stored_dtypes())
+    except FormatError:
+        return set()
+
+
+def _merge_first(
+    loaded: LoadedAdapter, options: ExportOptions, console: Console, streaming: Any
+) -> tuple[LoadedAdapter, dict[str, Any] | None]:
+    """The merged model and its plan when `options.merge` asks for one (its report rendered), else `loaded`."""
+    if options.merge is None:
+        return loaded, None
+    from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
+
+    merge_options, calibration = options.merge, options.merge.calibration
+    result = merge(
+        loaded, merge_options.threshold, merge_options.budget, None, calibration.data, options.progress,
+        samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed,
+        evaluate=merge_options.evaluate, streaming=streaming,
+    )  # fmt: skip
+    result.report.render(console)
+    return result.loaded, result.plan.to_dict()
+
+
+def _manifest(
+    loaded: LoadedAdapter, out_dir: Path, tmp: Path, options: ExportOptions, units: list[UnitRecord],
+    merge_plan: dict[str, Any] | None, interface: GraphInterface, program: Any,
+) -> ExportManifest:  # fmt: skip
+    return ExportManifest(
+        moe_export_version=__version__,
+        source_checkpoint=str(Path(loaded.checkpoint).resolve()),
+        base_model=str(Path(loaded.base_model_path).resolve()),
+        relative_sources={
+            "source_checkpoint": portable_path(loaded.checkpoint, out_dir),
+            "base_model": portable_path(loaded.base_model_path, out_dir),
+        },
+        family=loaded.loader_family or loaded.family,  # the loader that reads the checkpoint again
+        dtype=options.dtype,
+        opset=options.opset,
+        model_file=MODEL_FILE,
+        external_data=EXTERNAL_DATA_FILE if (tmp / EXTERNAL_DATA_FILE).exists() else None,
+        base_only=options.base_only,
+        load_options={"top_k": loaded.options.top_k, "task_id": loaded.options.task_id},
+        units=units,
+        merge_plan=merge_plan,
+        interface=interface,
+        custom_ops=sorted({n.op_type for n in program.model.graph if n.domain == DOMAIN}),
+        copied_files=_copy_base_files(Path(loaded.base_model_path), tmp),
+    )
+
+
+def _write_artifact(
+    tmp: Path, out_dir: Path, ours: set[str] | None, manifest: ExportManifest, config: Any, library: Path | None
 ) -> None:
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: the GroupedLoRA function body needs opset >= {MIN_OPSET}")
-    if opset > MAX_OPSET:
-        raise ExportError(
-            f"--opset {opset}: torch's ONNX exporter writes opsets {MIN_OPSET}..{MAX_OPSET}; pass one of those"
-        )
-    if threshold is not None and budget is not None:
-        raise ExportError("--merge-threshold and --merge-budget are exclusive: pass one")
-    if base_only and (threshold is not None or budget is not None):
-        raise ExportError("--base-only exports no adapter: it cannot be combined with a merge option")
+    """Client files and export.json into the staging directory, then renamed into place (export.json last)."""
+    if manifest.interface.is_decoder:
+        manifest.copied_files += write_client_files(tmp, config, manifest.interface, MODEL_FILE, library)
+    manifest.save(tmp)
+    if ours is None:
+        replace_directory(tmp, out_dir)
+    else:
+        replace_files(tmp, out_dir, ours, MANIFEST_NAME)
+
+
+def check_export_target(
+    out_dir: str | Path, options: ExportOptions, inputs: list[str | Path | None]
+) -> set[str] | None:
+    """Refuse, before any work, an `out_dir` that is or holds one of the export's inputs (`inputs` and the
+    merge's calibration text) or that we may not replace (check_out_dir, whose answer it returns)."""
+    out_dir = Path(out_dir).resolve()
+    check_not_input(out_dir, "-o", [*inputs, options.calibration_data], directory=True)
+    return check_out_dir(out_dir, options.force)
 
 
 def check_out_dir(out_dir: Path, force: bool) -> set[str] | None:
@@ -334,40 +361,53 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
     return records
 
 
-def _export(
-    model: torch.nn.Module, tmp: Path, opset: int, routed: set[str], interface: GraphInterface, fusion: str
-) -> tuple[Path, Any]:
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion: str) -> Any:
+    """torch.onnx.export of the model into the interface (the decoder's base graph as `fusion` says: contrib
+    or none, export/decoder_fused.py); returns the ONNXProgram."""
     try:
         if interface.is_decoder:
-            program = trace_decoder(model, interface, opset, translation_table(), fusion)
-        else:
-            batch, sequence = EXAMPLE_SHAPE
-            feeds = interface.example_feeds(vocab, batch, sequence)
-            with torch.no_grad():
-                program = torch.onnx.export(
-                    _CausalLMLogits(model).eval(),
-                    tuple(torch.from_numpy(feeds[name]) for name in interface.input_names()),
-                    dynamo=True,
-                    opset_version=opset,
-                    input_names=interface.input_names(),
-                    output_names=interface.output_names(),
-                    dynamic_shapes=interface.dynamic_shapes(),
-                    custom_translation_table=translation_table(),
-                    optimize=True,
-                    verbose=False,
-                )
+            return trace_decoder(model, interface, opset, translation_table(), fusion)
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+        feeds = interface.example_feeds(vocab, *EXAMPLE_SHAPE)
+        with torch.no_grad():
+            return torch.onnx.export(
+                _CausalLMLogits(model).eval(),
+                tuple(torch.from_numpy(feeds[name]) for name in interface.input_names()),
+                dynamo=True,
+                opset_version=opset,
+                input_names=interface.input_names(),
+                output_names=interface.output_names(),
+                dynamic_shapes=interface.dynamic_shapes(),
+                custom_translation_table=translation_table(),
+                optimize=True,
+                verbose=False,
+            )
     except MoeExportError:
         raise
     except Exception as exc:
         first = (str(exc).splitlines() or [""])[0][:300]
         raise InternalError(f"torch.onnx.export crashed: {type(exc).__name__}: {first}") from exc
-    _name_custom_nodes(program.model, routed)
-    _attach_function_bodies(program.model, opset)
+
+
+def _post_process(
+    program: Any, model: torch.nn.Module, tmp: Path, options: ExportOptions, units: list[UnitRecord], status: Any
+) -> tuple[Path, Any]:
+    """Name each custom node after its unit, attach the function bodies, save (external data above the
+    protobuf limit), fuse RMSNorm, quantize the base weights when asked, and check the saved file; returns its
+    path and the quantization scheme (None: not quantized)."""
+    _name_custom_nodes(program.model, {u.name for u in units if u.status == "routed"})
+    _attach_function_bodies(program.model, options.opset)
     model_path = tmp / MODEL_FILE
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     program.save(str(model_path), external_data=size > EXTERNAL_DATA_THRESHOLD)
-    return model_path, program
+    fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
+    scheme = None
+    if options.quantize is not None:
+        status.update(f"quantizing the base weights ({options.quantize}, blocks of {options.block_size})")
+        scheme = quantize_saved_model(model_path, base_linear_names(model), options.quantize, options.block_size)
+    status.update("checking the ONNX model")
+    _check_saved(model_path, units)
+    return model_path, scheme
 
 
 def _unit_scope(node: Any, units: set[str]) -> str | None:

@@ -32,20 +32,6 @@ def layer_index(module: str) -> int:
     return int(m.group(1))
 
 
-def group_keys(tensors: dict[str, torch.Tensor], pattern: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Group tensors by module: `pattern` is a regex with named groups `module` and `part` matched in full.
-
-    Returns {module path (PEFT prefix stripped): {part: tensor}}.
-    """
-    rx = re.compile(pattern)
-    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in tensors.items():
-        m = rx.fullmatch(key)
-        if m:
-            grouped[module_path(m.group("module"))][m.group("part")] = tensor
-    return dict(grouped)
-
-
 def stack_experts(
     module: str, a_list: list[torch.Tensor], b_list: list[torch.Tensor], scaling: list[float] | float
 ) -> ExpertStack:

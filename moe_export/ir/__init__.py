@@ -1,4 +1,4 @@
-"""The canonical adapter (DESIGN.md section 4): units in `units.py`, the on-disk layout in `adapter.py`."""
+"""The canonical adapter (docs/formats.md, "canonical"): units in `units.py`, the on-disk layout in `adapter.py`."""
 
 from moe_export.ir.adapter import IR_VERSION, MANIFEST_NAME, TENSORS_NAME, Adapter
 from moe_export.ir.units import (

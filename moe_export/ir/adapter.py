@@ -58,9 +58,6 @@ class Adapter:
         """Every tensor under its canonical key (docs/formats.md, "canonical")."""
         return adapter_tensors(self)
 
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors().values())
-
     def to_manifest(self) -> dict[str, Any]:
         return adapter_manifest(self)
 

@@ -1,4 +1,4 @@
-"""Merge: fold exact and dominant experts into the base weights, and report what it costs (DESIGN.md section 6).
+"""Merge: fold exact and dominant experts into the base weights, and report what it costs (docs/merging.md).
 
 plan_merge(adapter, stats, ...)  -> MergePlan      (plan.py: pure data, JSON round trip)
 apply_merge_plan(loaded, plan)   -> LoadedAdapter  (merged reference model + the adapter left routed)
@@ -19,10 +19,10 @@ from moe_export.ir import Adapter, LinearMoE
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise, measure_layerwise
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
+from moe_export.merging.options import check_merge_choice
 from moe_export.merging.plan import (
     MergePlan,
     UnitMerge,
-    check_options,
     exact_expert_weights,
     plan_merge,
 )
@@ -110,7 +110,7 @@ def merge(
     `stats` are given (or only exact folds are asked) and `evaluate=False`: then only the plan and the
     remaining adapter are produced, for `save_merged`. With `streaming`, calibration and the held-out measurement
     run the reference one decoder layer at a time (layerwise.py) and `loaded.model` may be None throughout."""
-    check_options(threshold, budget)
+    check_merge_choice(threshold, budget)
     calib = CalibrationSet(data, samples, seq_len, seed)
     adapter = loaded.adapter
     if stats is None and (threshold is not None or budget is not None) and _needs_stats(adapter, loaded.task_id):

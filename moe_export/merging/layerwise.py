@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_export.errors import MergeError
 from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.ir.fold import unmap_large_frees
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
+from moe_export.merging.options import check_forward_choice
 from moe_export.merging.plan import MergePlan
 from moe_export.merging.statistics import (
     CalibrationSet,
@@ -46,16 +46,11 @@ class Streaming:
     dtype: torch.dtype | None = None
 
 
-FORWARDS = ("auto", "layers", "whole")
-
-
 def check_forward(forward: str, device: str) -> str:
-    """--forward and --device checked (before anything loads); returns the resolved device."""
-    if forward not in FORWARDS:
-        raise MergeError(f"--forward {forward!r}: expected one of {', '.join(FORWARDS)}")
+    """--forward and --device checked against this machine (before anything loads); returns the resolved device."""
+    check_forward_choice(forward, device)
     resolved = str(resolve_device(device))
-    if forward == "whole" and resolved != "cpu":
-        raise MergeError(f"--forward whole runs on the CPU; --device {device} needs --forward layers (or auto)")
+    check_forward_choice(forward, device, resolved)
     return resolved
 
 

@@ -1,4 +1,4 @@
-"""Which units fold into the base weights, and with which static expert weights (DESIGN.md section 6).
+"""Which units fold into the base weights, and with which static expert weights (docs/merging.md).
 
 A plan is data: it names units and stores their static expert weights, so `apply_merge_plan` (and the
 validator, from export.json) rebuilds the merged model exactly without the calibration run.
@@ -16,6 +16,7 @@ import torch
 from moe_export.errors import MergeError
 from moe_export.files import known_fields
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.merging.options import check_merge_choice
 from moe_export.merging.statistics import CalibrationStats
 from moe_export.ops.grouped_lora import dense_gates
 from moe_export.reference.routing import route_constant, router_probabilities, select_experts
@@ -65,7 +66,7 @@ class MergePlan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
-        check_options(self.threshold, self.budget)
+        check_merge_choice(self.threshold, self.budget)
 
     def entry(self, name: str) -> UnitMerge | None:
         return next((u for u in self.units if u.name == name), None)
@@ -90,15 +91,6 @@ class MergePlan:
             return cls(**kept, units=units)
         except (TypeError, AttributeError) as exc:
             raise MergeError(f"{where}: not a merge plan ({exc})") from exc
-
-
-def check_options(threshold: float | None, budget: float | None) -> None:
-    if threshold is not None and budget is not None:
-        raise MergeError("--merge-threshold and --merge-budget exclude each other; pass one")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise MergeError(f"--merge-threshold {threshold}: a dominance threshold must be in (0, 1]")
-    if budget is not None and not budget >= 0.0:
-        raise MergeError(f"--merge-budget {budget}: a total error budget must be >= 0")
 
 
 def exact_expert_weights(unit: LinearMoE, adapter: Adapter, task_id: int | None) -> tuple[str, torch.Tensor] | None:
@@ -140,7 +132,7 @@ def plan_merge(
     task_id: int | None = None,
 ) -> MergePlan:
     """Exact folds always; plus units whose dominance ≥ threshold, or the lowest-ε units within budget."""
-    check_options(threshold, budget)
+    check_merge_choice(threshold, budget)
     plan = MergePlan(threshold=threshold, budget=budget, task_id=task_id)
     candidates: list[LinearMoE] = []
     for unit in adapter.units:

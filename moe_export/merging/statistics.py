@@ -3,7 +3,7 @@
 Legend: T tokens, E experts, E_A experts owning an A (E or 1), R rank, D_in / D_out linear sizes.
 
 For a routed unit with per-token delta Δ(x) = Σ_e g_e(x) s_e B_e A_e x and a static replacement
-Δ̄ = Σ_e w_e s_e B_e A_e (w = the mean gates ḡ for a merge), the error DESIGN.md section 6 asks for is
+Δ̄ = Σ_e w_e s_e B_e A_e (w = the mean gates ḡ for a merge), the merge error (docs/merging.md) is
 
     ε(w) = sqrt(Σ_t ‖Δ(x_t) − Δ̄ x_t‖²) / sqrt(Σ_t ‖W x_t‖²)      (W x_t = the base linear's output)
 
@@ -28,6 +28,7 @@ import torch
 from moe_export.errors import FormatError, MergeError
 from moe_export.files import known_fields, read_json_object, write_text_atomic
 from moe_export.ir import Adapter, ExpertStack, LinearMoE
+from moe_export.merging.options import check_calibration_sizes
 from moe_export.ops.grouped_lora import dense_gates
 from moe_export.reference.model import MoELoRALinear, moe_modules
 
@@ -234,9 +235,7 @@ class CalibrationSet:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for option, value in (("--samples", self.samples), ("--seq-len", self.seq_len)):
-            if value < 1:
-                raise MergeError(f"{option} {value}: must be >= 1")
+        check_calibration_sizes(self.samples, self.seq_len)
 
 
 def calibration_inputs(
@@ -361,20 +360,9 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callab
         yield lambda n=1: bar.advance(task, n)
 
 
-def calibrate(
-    loaded: LoadedAdapter,
-    data: str | Path | None = None,
-    samples: int = 32,
-    seq_len: int = 64,
-    seed: int = 0,
-    progress: bool = True,
-) -> CalibrationStats:
-    """Run the reference on calibration text and collect per-unit routing statistics."""
-    return calibrate_whole(loaded, CalibrationSet(data, samples, seq_len, seed), progress)
-
-
 def calibrate_whole(loaded: LoadedAdapter, calib: CalibrationSet, progress: bool = True) -> CalibrationStats:
-    """`calibrate` on the whole reference model (`loaded.model`); layerwise.py streams it instead."""
+    """Calibration on the whole reference model (`loaded.model`); layerwise.py streams it instead, and
+    `moe_export.calibrate` (run.py) chooses."""
     if loaded.model is None:
         raise MergeError(f"{loaded.checkpoint}: calibration needs the reference model (load it with moe_export.load)")
     units = routed_linear_units(loaded.adapter)

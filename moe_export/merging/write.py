@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe_export.errors import FormatError, MergeError
-from moe_export.files import make_staging_dir, output_errors, replace_directory
+from moe_export.files import check_not_input, check_writable, make_staging_dir, output_errors, replace_directory
 from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, BaseWeights
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
@@ -98,13 +98,21 @@ def _patch_shard(path: Path, merges: list[tuple[str, LinearMoE, UnitMerge]]) -> 
             f.write(raw)
 
 
+def check_merge_output(out: Path, inputs: list[str | Path | None]) -> None:
+    """Refuse, before any work, an -o that exists (an empty directory, such as a mount point, is fine), cannot
+    be written, or is, holds or lies inside one of the merge's `inputs`: a merge never replaces anything."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"-o {out}: already exists; pass a new -o directory or remove it first")
+    check_writable(out, "-o", directory=True)
+    check_not_input(out, "-o", inputs, directory=True)
+
+
 def save_merged(result: MergeResult, out_dir: str | Path, progress: bool = True) -> Path:
     """Write OUT: the base model with every fold of the plan merged into its weights (safetensors shards,
     index, config, generation config, tokenizer), plus OUT/adapter with the units that stay routed."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an empty one (a mount point) is fine
-        raise MergeError(f"{out}: already exists; pass a new -o directory or remove it first")
     base_dir = Path(result.loaded.base_model_path)
+    check_merge_output(out, [result.loaded.checkpoint, base_dir])
     shards = base_shards(base_dir)
     todo = _locate(result, shards)
     with output_errors(out):  # a full disk or read-only -o: one line naming -o, exit 2

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from moe_export.errors import FormatError
+from moe_export.errors import FormatError, MoeExportError
 from moe_export.formats import Family, LoadOptions, detect_family, get_family
 from moe_export.formats.base_weights import BaseWeights
 from moe_export.formats.checkpoint import open_checkpoint
@@ -200,7 +200,7 @@ def load(
     task_id: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LoadedAdapter:
-    """Load a checkpoint and build the faithful reference model (see DESIGN.md section 3)."""
+    """Load a checkpoint and build the faithful reference model (README.md, Python API)."""
     return attach_model(load_without_model(ckpt_dir, base_model, family, top_k, task_id), dtype)
 
 
@@ -224,3 +224,24 @@ def load_without_model(
     options = LoadOptions(top_k=top_k, task_id=task_id)
     adapter, base_path, loader_family = _read_checkpoint(ckpt_dir, base_model, family, options)
     return LoadedAdapter(adapter, None, Path(ckpt_dir), base_path, task_id, options, loader_family)
+
+
+def open_source(
+    source: LoadedAdapter | str | Path,
+    base_model: str | Path | None = None,
+    family: str | None = None,
+    top_k: int | list[int] | None = None,
+    task_id: int | None = None,
+) -> LoadedAdapter:
+    """What the orchestrating API functions take: a LoadedAdapter as it is, or a checkpoint directory read
+    without its model (the function builds the model, or streams it, as its options say)."""
+    if isinstance(source, LoadedAdapter):
+        given = [
+            k
+            for k, v in (("base_model", base_model), ("family", family), ("top_k", top_k), ("task_id", task_id))
+            if v is not None
+        ]
+        if given:
+            raise MoeExportError(f"{', '.join(given)}: load options go with a checkpoint path, not a LoadedAdapter")
+        return source
+    return load_without_model(source, base_model, family, top_k, task_id)

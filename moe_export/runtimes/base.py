@@ -74,7 +74,7 @@ class Runner(ABC):
         self._last_time = time.perf_counter() - start
         return outputs
 
-    run = infer  # DESIGN.md section 8 calls it run()
+    run = infer  # the same call for callers used to a session's run()
 
     def last_inference_time(self) -> float:
         if self._last_time is None:

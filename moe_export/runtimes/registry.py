@@ -49,10 +49,6 @@ def register_runtime(name: str, factory: str | RunnerFactory) -> None:
     _FACTORIES[name] = factory
 
 
-def runtime_names() -> list[str]:
-    return list(_FACTORIES)
-
-
 def get_factory(name: str) -> RunnerFactory:
     if name not in _FACTORIES:
         raise MoeExportError(f"unknown runtime {name!r}; choose from {', '.join(_FACTORIES)}")

@@ -1,4 +1,4 @@
-// Native ONNX Runtime CPU kernels for the moe_export custom ops (DESIGN.md section 5):
+// Native ONNX Runtime CPU kernels for the moe_export custom ops (docs/op-contract.md):
 //
 //   GroupedLoRA(x [T,D_in], expert_ids [T,K] int64, gates [T,K], A [E_A,R,D_in], B [E,D_out,R]) -> y [T,D_out]
 //       y[t] = sum_j gates[t,j] * B[e] (A[e or 0] x[t]),  e = expert_ids[t,j]
