@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import moe_export
+from moe_export.export.tensorrt import ENGINE_INFO_NAME, ENGINE_NAME
 from moe_export.runtimes.generate import generate
 from moe_export.serving.repository import TritonOptions, write_repository
 
@@ -33,8 +34,8 @@ def main(work: Path) -> None:
     fake = work / "goat-trt"
     shutil.rmtree(fake, ignore_errors=True)
     shutil.copytree(kv, fake)
-    (fake / "model.engine").write_text("not a real engine: only its config is checked\n")
-    (fake / "engine.json").write_text('{"engine": "model.engine"}\n')
+    (fake / ENGINE_NAME).write_text("not a real engine: only its config is checked\n")
+    (fake / ENGINE_INFO_NAME).write_text(json.dumps({"engine": ENGINE_NAME}) + "\n")
     write_repository(fake, work / "repo-trt", TritonOptions(name="goat_t", device="gpu"))
     expected = [
         {"prompt": p, "tokens": generate(kv, p, NEW_TOKENS, runtime="torch").tokens, "max_new_tokens": NEW_TOKENS}

@@ -27,7 +27,7 @@ from bench_model import VOCAB, write_bench_checkpoint
 import moe_export
 from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact
-from moe_export.export.tensorrt import TrtBuildOptions, build_engine
+from moe_export.export.tensorrt import ENGINE_INFO_NAME, ENGINE_NAME, TrtBuildOptions, build_engine
 from moe_export.reference.model import cast_reference_model
 from moe_export.runtimes.tensorrt import TensorRTRunner
 from moe_export.runtimes.trt_engine import median_ms
@@ -48,7 +48,7 @@ def _export(ckpt: Path, out: Path, base_only: bool) -> Path:
 def _engine(work: Path, name: str, batches: list[int], seq: int) -> tuple[Path, dict[str, Any]]:
     onnx_dir, plugin = ENGINES[name]
     out = work / f"engine-{name}"
-    if not (out / "engine.json").is_file():
+    if not (out / ENGINE_INFO_NAME).is_file():
         interface = Artifact.open(work / onnx_dir).interface
         shapes = interface.input_shapes(max(batches), seq)
         options = TrtBuildOptions(
@@ -59,7 +59,7 @@ def _engine(work: Path, name: str, batches: list[int], seq: int) -> tuple[Path, 
             timing_cache=str(work / "timing.cache"),
         )
         build_engine(work / onnx_dir, out, options, time_engine=median_ms)
-    return out / "model.engine", json.loads((out / "engine.json").read_text())
+    return out / ENGINE_NAME, json.loads((out / ENGINE_INFO_NAME).read_text())
 
 
 def _feeds(interface: GraphInterface, batch: int, seq: int) -> dict[str, np.ndarray]:

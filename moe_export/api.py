@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from moe_export.errors import ParityError
-from moe_export.export.onnx import ExportResult, check_export_target, load_for_export, merge_streaming_for
+from moe_export.export.onnx import ExportResult, load_for_export, merge_streaming_for
 from moe_export.export.onnx import export_onnx as _export_only
 from moe_export.export.options import ExportOptions
 from moe_export.merging.layerwise import check_forward
@@ -51,10 +51,9 @@ def export_onnx(
 
         loaded = open_source(source, base_model, family, top_k, task_id)  # refuses load options here
     else:
-        check_export_target(out_dir, options, [source, base_model])  # before the slow load
         if options.merge is not None:
             check_forward(options.merge.calibration.forward, options.merge.calibration.device)
-        loaded = load_for_export(source, options, base_model, family, top_k, task_id)
+        loaded = load_for_export(source, out_dir, options, base_model, family, top_k, task_id)  # checks -o first
         consume = True  # nobody else holds this model
     streaming = merge_streaming_for(loaded, options)
     library = None

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from moe_export.errors import MoeExportError
+from moe_export.errors import FormatError, MoeExportError
 
 T = TypeVar("T", bound="Options")
 
@@ -102,4 +102,4 @@ def top_k_values(value: int | tuple[int, ...] | list[int] | None) -> None:
 def existing_file(path: str | Path | None, option: str, what: str) -> None:
     """An input file that must exist (e.g. --data calibration text), checked before anything loads."""
     if path is not None and not Path(path).is_file():
-        raise MoeExportError(f"{option} {path}: {what} not found")
+        raise FormatError(f"{option} {path}: {what} not found")

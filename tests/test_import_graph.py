@@ -20,6 +20,7 @@ STAGES: list[tuple[str, ...]] = [
         "moe_export.files",
         "moe_export.lazy_api",
         "moe_export.ops",
+        "moe_export.progress",
     ),  # foundation: no moe_export imports but these
     ("moe_export.ir",),
     ("moe_export.formats",),

@@ -125,3 +125,23 @@ def test_api_refuses_outputs_onto_inputs_before_the_work(tmp_path: Path, monkeyp
     with pytest.raises(MoeExportError, match="an input of this command"):
         save_merged(result, ckpt / "merged", progress=False)
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_api_checks_out_dir_against_the_declared_base_before_loading_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base a checkpoint names is known once its config is read: -o is checked against it before any weight
+    of the base loads (attach_model), not after."""
+    import shutil
+
+    import moe_export
+    from tests.conftest import SAMPLES, copy_sample
+
+    base = Path(shutil.copytree(SAMPLES / "tiny-llama", tmp_path / "base"))
+    ckpt = copy_sample(tmp_path, "lora")
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("moe_export.export.onnx.attach_model", lambda *a, **k: pytest.fail("weights loaded first"))
+    with pytest.raises(MoeExportError, match="an input of this command"):
+        moe_export.export_onnx(ckpt, base / "onnx", validate=False, progress=False)

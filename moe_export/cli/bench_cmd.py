@@ -57,7 +57,7 @@ def bench_command(
             import matplotlib  # noqa: F401  checked before the slow part
         except ImportError:
             raise MoeExportError("--plot needs matplotlib; pip install 'moe-export[plot]'") from None
-    from moe_export.merging.statistics import progress_bar
+    from moe_export.progress import progress_bar
 
     with progress_bar(True, "bench", total_steps(names, batches, warmup, iters, base is not None)) as advance:
         report = bench(

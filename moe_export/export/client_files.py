@@ -27,6 +27,17 @@ GENAI_MODEL_TYPE = "decoder"  # the generic type: accepts any decoder graph that
 DEFAULT_CONTEXT = 2048
 
 
+def read_genai_model(export_dir: str | Path) -> dict[str, Any]:
+    """The `model` section of an export's genai_config.json, for the clients that read their settings from it
+    (eos, pad, the decoder's session options); {} when the file is absent or unreadable: genai's defaults."""
+    try:
+        data = json.loads((Path(export_dir) / GENAI_CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
 def special_ids(config: Any, generation: dict[str, Any]) -> tuple[int | None, int | list[int], int]:
     """(bos, eos, pad) from generation_config first, then config; pad falls back to eos (genai defaults to 0)."""
 

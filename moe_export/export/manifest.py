@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.errors import FormatError
+from moe_export.export.dtypes import DTYPES
 from moe_export.export.interface import GraphInterface, TensorSpec
 from moe_export.export.quantize import QuantScheme
 from moe_export.files import check_field_types, known_fields, name_inside, read_json_object
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "moe-export-onnx"
-DTYPES = ("fp32", "fp16", "bf16")
 UNIT_STATUSES = ("routed", "folded", "merged")
 LEGACY_KEYS = ("inputs", "outputs", "kv_cache")  # export.json before the interface object held these
 

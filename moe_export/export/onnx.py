@@ -14,10 +14,8 @@ next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_on
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.decoder_fused import resolve_fusion
+from moe_export.export.dtypes import GRAPH_DTYPES, torch_dtype
 from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
@@ -49,6 +48,7 @@ from moe_export.files import (
     replace_files,
 )
 from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
+from moe_export.progress import status_spinner
 from moe_export.reference.loading import LoadedAdapter, attach_model, load_base_model, load_without_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
 from moe_export.reference.model_copy import copy_for_edit
@@ -71,8 +71,6 @@ COPIED_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-GRAPH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # export dtype -> the graph's tensors
 
 
 @dataclass
@@ -152,7 +150,7 @@ def export_onnx(
         # and nobody can reuse a half-folded model.
         loaded.model = merged.model = None
 
-    with _status(console, options.progress, "preparing the model") as status:
+    with status_spinner(console, options.progress, "preparing the model") as status:
         model = _prepare_model(source, merged, options.dtype, options.base_only, consume)
         del source
         units = [] if options.base_only else _unit_records(loaded, model)
@@ -177,17 +175,21 @@ def export_onnx(
 
 
 def load_for_export(
-    ckpt: str | Path, options: ExportOptions, base_model: str | Path | None = None, family: str | None = None,
-    top_k: int | list[int] | None = None, task_id: int | None = None,
+    ckpt: str | Path, out_dir: str | Path, options: ExportOptions, base_model: str | Path | None = None,
+    family: str | None = None, top_k: int | list[int] | None = None, task_id: int | None = None,
 ) -> LoadedAdapter:  # fmt: skip
     """The checkpoint loaded the way an export needs it, as the only holder of its model (hand it over with
     consume=True): in the export dtype when the base is stored in it and no merge calibrates in fp32 (one copy
     of the weights; the shared LoRAs still fold into exact W, one rounding), else in fp32, cast in place after
-    the folds (a fp32 base loaded in fp16 would round W twice). A base-only export builds no adapter model."""
+    the folds (a fp32 base loaded in fp16 would round W twice). A base-only export builds no adapter model.
+    `out_dir` is checked first (check_export_target), and against the base the checkpoint names once that is
+    read, before any weight loads."""
+    check_export_target(out_dir, options, [ckpt, base_model])
     loaded = load_without_model(ckpt, base_model=base_model, family=family, top_k=top_k, task_id=task_id)
+    check_export_target(out_dir, options, [loaded.base_model_path])
     if options.base_only:
         return loaded
-    dtype = TORCH_DTYPES[options.dtype]
+    dtype = torch_dtype(options.dtype)
     direct = options.merge is None and _stored_dtypes(loaded.base_model_path) == {dtype}
     return attach_model(loaded, dtype if direct else torch.float32)
 
@@ -319,9 +321,9 @@ def _prepare_model(
     module tree shares every weight, a folded weight is cloned, folded and cast one at a time, and the cast
     rebinds the copy's parameters. Extra memory: the weights in `dtype` (nothing for fp32 without folds).
     With `consume` everything happens in place, so the model in memory is the only copy."""
-    torch_dtype = TORCH_DTYPES[dtype]
+    target = torch_dtype(dtype)
     if base_only:
-        return load_base_model(Path(loaded.base_model_path), torch_dtype)
+        return load_base_model(Path(loaded.base_model_path), target)
     assert source is not None  # export_onnx refuses a LoadedAdapter without a model
     model = source if consume else copy_for_edit(source, [])
     for name, module in moe_modules(model):
@@ -330,9 +332,9 @@ def _prepare_model(
         if not consume:
             module.base.weight = _new_parameter(module.base.weight.detach().clone())
         module.fold_shared_into_base(loaded.adapter.unit(name))  # type: ignore[arg-type]
-        if module.base.weight.dtype != torch_dtype:  # now: one weight-sized temporary, not a model-sized one
-            module.base.weight = _new_parameter(module.base.weight.detach().to(torch_dtype))
-    return cast_reference_model(model, torch_dtype).eval()
+        if module.base.weight.dtype != target:  # now: one weight-sized temporary, not a model-sized one
+            module.base.weight = _new_parameter(module.base.weight.detach().to(target))
+    return cast_reference_model(model, target).eval()
 
 
 def _new_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
@@ -476,20 +478,3 @@ def _copy_base_files(base: Path, tmp: Path) -> list[str]:
             shutil.copy2(base / name, tmp / name)
             copied.append(name)
     return copied
-
-
-@contextlib.contextmanager
-def _status(console: Console, enabled: bool, message: str) -> Iterator[Any]:
-    """A rich spinner with a changing message on stderr, or a no-op when progress is off. Always stderr: the
-    `console` the caller passes gets the reports (tables), which the CLI shows on stdout."""
-    console = Console(stderr=True) if not console.stderr else console
-    if not enabled:
-
-        class _Quiet:
-            def update(self, *args: Any, **kwargs: Any) -> None:
-                pass
-
-        yield _Quiet()
-        return
-    with console.status(message) as status:
-        yield status

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from moe_export.config import Options, fraction, help_text, one_of
 from moe_export.errors import ExportError
-from moe_export.export.manifest import DTYPES
+from moe_export.export.dtypes import DTYPES
 from moe_export.export.onnx_nodes import MAX_OPSET, MIN_OPSET
 from moe_export.export.quantize import DEFAULT_BLOCK_SIZE, check_quantize_options
 from moe_export.merging.options import CalibrateOptions, MergeOptions

@@ -27,10 +27,10 @@ from moe_export.merging.statistics import (
     UnitAccumulator,
     calibration_inputs,
     collect_stats,
-    progress_bar,
     recording,
     routed_linear_units,
 )
+from moe_export.progress import progress_bar
 from moe_export.reference.loading import require_task_id
 from moe_export.reference.streamed import PARTS, StreamedReference, resolve_device
 

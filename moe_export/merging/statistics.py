@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moe_export.config import existing_file
 from moe_export.errors import FormatError, MergeError
 from moe_export.files import known_fields, read_json_object, write_text_atomic
 from moe_export.ir import Adapter, ExpertStack, LinearMoE
 from moe_export.merging.options import check_calibration_sizes
 from moe_export.ops.grouped_lora import dense_gates
+from moe_export.progress import progress_bar
 from moe_export.reference.model import MoELoRALinear, moe_modules
 
 if TYPE_CHECKING:
@@ -212,8 +214,7 @@ def load_tokenizer(base_path: Path) -> Any | None:
 
 def read_lines(data: str | Path) -> list[str]:
     path = Path(data)
-    if not path.is_file():
-        raise FormatError(f"{path}: calibration data file not found (--data takes a text file, one sample per line)")
+    existing_file(path, "--data", "calibration text file")  # CalibrateOptions checked it before the load; gone since?
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as exc:
@@ -343,21 +344,6 @@ def run_samples(
             if on_logits is not None:
                 on_logits(i, logits)
             advance()
-
-
-@contextmanager
-def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[..., None]]:
-    """A transient progress bar on stderr; yields the function that advances it (by one step, or by n).
-
-    Only on a terminal: elsewhere (CI logs, pipes) rich cannot redraw the bar, and a transient bar still leaves
-    an empty line behind when it ends."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not enabled or not console.is_terminal) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 def calibrate_whole(loaded: LoadedAdapter, calib: CalibrationSet, progress: bool = True) -> CalibrationStats:

@@ -25,7 +25,7 @@ from moe_export.formats.base_weights import FLOAT_DTYPES, INDEX_FILE, SINGLE_FIL
 from moe_export.ir import LinearMoE
 from moe_export.ir.fold import fold_into_weight
 from moe_export.merging.plan import UnitMerge
-from moe_export.merging.statistics import progress_bar
+from moe_export.progress import progress_bar
 
 if TYPE_CHECKING:
     from moe_export.merging.report import MergeResult

@@ -12,7 +12,6 @@ a padded batch generates what it would alone.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import MoeExportError
-from moe_export.export.client_files import GENAI_CONFIG
+from moe_export.export.client_files import read_genai_model
 from moe_export.export.decoder import cache_argument, returned_cache
 from moe_export.export.interface import position_ids
 from moe_export.reference.model import force_routing
@@ -230,8 +229,7 @@ def torch_generate(model: Any, prompts: Prompts, new_tokens: int, pad_id: int) -
 
 def pad_token_id(export_dir: Path) -> int:
     """The pad id onnxruntime-genai uses for this export (genai_config.json), 0 (genai's default) without one."""
-    path = export_dir / GENAI_CONFIG
     try:
-        return int(json.loads(path.read_text())["model"]["pad_token_id"])
-    except (OSError, KeyError, TypeError, ValueError):
+        return int(read_genai_model(export_dir)["pad_token_id"])
+    except (KeyError, TypeError, ValueError):
         return 0

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import FormatError, RuntimeUnavailableError
-
-GENAI_CONFIG = "genai_config.json"
+from moe_export.export.client_files import GENAI_CONFIG, read_genai_model
 
 
 def import_genai() -> Any:
@@ -39,9 +38,9 @@ def genai_model(og: Any, export_dir: Path) -> Iterator[Any]:
     one) gets this machine's native library when it is built or can be built: genai only loads a library from
     inside the model folder (it resolves symbolic links), so the export is mirrored into a temporary folder
     whose config names a hard link to the library. The user's export is never written to."""
-    decoder = json.loads((export_dir / GENAI_CONFIG).read_text()).get("model", {}).get("decoder", {})
+    decoder = read_genai_model(export_dir).get("decoder") or {}
     library = None
-    if "custom_ops_library" not in decoder.get("session_options", {}):
+    if "custom_ops_library" not in (decoder.get("session_options") or {}):
         from moe_export.runtimes.native import session_library
 
         library = session_library()[0]

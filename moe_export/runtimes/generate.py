@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -12,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import MoeExportError
+from moe_export.export.client_files import read_genai_model
 from moe_export.export.manifest import Artifact
-from moe_export.merging.statistics import progress_bar
+from moe_export.progress import progress_bar
 from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_greedy
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 
@@ -39,11 +39,12 @@ class GenerateResult:
 
 
 def eos_ids(export_dir: Path) -> set[int]:
+    """The ids that end a generation (genai_config.json's eos_token_id); none without the file."""
+    eos = read_genai_model(export_dir).get("eos_token_id")
     try:
-        eos = json.loads((export_dir / "genai_config.json").read_text())["model"]["eos_token_id"]
-    except (OSError, KeyError, TypeError, ValueError):
+        return {int(e) for e in eos} if isinstance(eos, list) else ({int(eos)} if eos is not None else set())
+    except (TypeError, ValueError):
         return set()
-    return set(eos) if isinstance(eos, list) else {int(eos)}
 
 
 def check_fits_context(artifact: Artifact, prompt_length: int, max_new_tokens: int) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from moe_export.errors import FormatError, RuntimeUnavailableError
+from moe_export.export.dtypes import torch_dtype
 from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.reference.model import ReferenceUnit, force_routing, reference_units
@@ -18,8 +19,6 @@ from moe_export.reference.routing import ForcedRoute
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.registry import RunnerOptions
 from moe_export.runtimes.taps import record_torch_routing
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchRunner(Runner):
@@ -103,7 +102,7 @@ def reference_model_loader(
     (the reference for the export's arithmetic); "original": the checkpoint's weights (the quantization's cost)."""
     manifest = artifact.manifest
     where = artifact.path / "export.json"
-    dtype = TORCH_DTYPES[dtype_name or manifest.dtype]  # ExportManifest checked the name
+    dtype = torch_dtype(dtype_name or manifest.dtype)  # ExportManifest checked the name
 
     def load() -> torch.nn.Module:
         from moe_export.reference.loading import load_base_model

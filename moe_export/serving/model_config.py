@@ -13,6 +13,7 @@ from pathlib import Path
 from moe_export.errors import FormatError
 from moe_export.export.interface import INPUT_IDS, TensorSpec, read_onnx_io
 from moe_export.export.manifest import Artifact
+from moe_export.export.tensorrt import ENGINE_INFO_NAME, ENGINE_NAME
 from moe_export.serving.pbtxt import Enum, Message, parameters
 
 NUMPY_TO_TRITON = {
@@ -136,5 +137,5 @@ def tensorrt_model_config(name: str, io: GraphIO, instances: int) -> Message:
 
 def engine_path(artifact: Artifact) -> Path | None:
     """model.engine of `moe-export trt` in the export dir, when both it and engine.json are there."""
-    engine, info = artifact.path / "model.engine", artifact.path / "engine.json"
+    engine, info = artifact.path / ENGINE_NAME, artifact.path / ENGINE_INFO_NAME
     return engine if engine.is_file() and info.is_file() else None
