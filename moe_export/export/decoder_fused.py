@@ -16,7 +16,7 @@ body and its unit name come out exactly as in the plain decoder; the graph inter
 GroupQueryAttention reads only each row's attended-token count from the mask, and keeps a row's cache
 compacted (a new token lands right after the row's real tokens). That is exact for unpadded rows, for right
 padding (what onnxruntime-genai and our validate feed) and, with the graph rotating a left-padded row's tokens
-so its real ones come first (and its logits back), for left padding (optimum's batches). A mask with holes
+so its real ones come first (and its hidden states back before lm_head), for left padding (optimum's batches). A mask with holes
 inside one call, or a batch of several multi-token rows after a past (ORT refuses that: "batch_size must be 1
 when sequence_length > 1 and past context is given"), needs `fusion="none"`. `fusion_blocker` says when a model cannot take this graph:
 sliding-window bases (Mistral, Qwen2 with use_sliding_window) keep the plain decoder, because GQA's
@@ -89,7 +89,7 @@ class FusedDecoderWithPast(torch.nn.Module):
         seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
         total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
         # GroupQueryAttention takes a row's real tokens to be the first ones of its cache. A left-padded row
-        # (optimum pads on the left) is rotated so its real tokens come first, and its logits rotated back:
+        # (optimum pads on the left) is rotated so its real tokens come first, and its hidden states rotated back:
         # the present then holds them first too, where the next step's GroupQueryAttention looks.
         forward, back = _left_pad_rotation(attention_mask, input_ids.shape[1])
         input_ids, position_ids = input_ids.gather(1, forward), position_ids.gather(1, forward)
@@ -107,8 +107,9 @@ class FusedDecoderWithPast(torch.nn.Module):
             mlp = layer.mlp(normed)
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
             normed, residual = skip_rms_norm(mlp, residual, after)
-        logits = self.model.lm_head(normed)
-        return (logits.gather(1, back[..., None].expand(-1, -1, logits.shape[-1])), *presents)
+        # back to the caller's order before lm_head (per position): hidden is vocab/hidden times smaller than logits
+        normed = normed.gather(1, back[..., None].expand(-1, -1, normed.shape[-1]))
+        return (self.model.lm_head(normed), *presents)
 
     def _attention(
         self,
