@@ -33,12 +33,12 @@ from moe_export.merging.options import check_calibration_sizes
 from moe_export.ops.grouped_lora import dense_gates
 from moe_export.progress import progress_bar
 from moe_export.reference.model import MoELoRALinear, moe_modules
+from moe_export.reference.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from moe_export.reference.loading import LoadedAdapter
 
 STATS_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 class UnitAccumulator:
@@ -198,18 +198,6 @@ class CalibrationStats:
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def load_tokenizer(base_path: Path) -> Any | None:
-    """The base model's tokenizer, or None when its directory has no tokenizer files."""
-    if not any((base_path / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(base_path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"{base_path}: tokenizer files are present but cannot be loaded ({str(exc)[:160]})") from exc
 
 
 def read_lines(data: str | Path) -> list[str]:
