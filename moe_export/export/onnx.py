@@ -229,12 +229,9 @@ def _merge_first(
         return loaded, None
     from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
 
-    merge_options, calibration = options.merge, options.merge.calibration
-    result = merge(
-        loaded, merge_options.threshold, merge_options.budget, None, calibration.data, options.progress,
-        samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed,
-        evaluate=merge_options.evaluate, streaming=streaming,
-    )  # fmt: skip
+    # the export's progress setting covers its merge's calibration bars too
+    calibration = options.merge.calibration.replace(progress=options.progress)
+    result = merge(loaded, options.merge.replace(calibration=calibration), streaming=streaming)
     result.report.render(console)
     return result.loaded, result.plan.to_dict()
 

@@ -29,7 +29,7 @@ from moe_export.config import existing_file
 from moe_export.errors import FormatError, MergeError
 from moe_export.files import known_fields, read_json_object, write_text_atomic
 from moe_export.ir import Adapter, ExpertStack, LinearMoE
-from moe_export.merging.options import check_calibration_sizes
+from moe_export.merging.options import CalibrateOptions, check_calibration_sizes
 from moe_export.ops.grouped_lora import dense_gates
 from moe_export.progress import progress_bar
 from moe_export.reference.model import MoELoRALinear, moe_modules
@@ -225,6 +225,10 @@ class CalibrationSet:
 
     def __post_init__(self) -> None:
         check_calibration_sizes(self.samples, self.seq_len)
+
+    @classmethod
+    def from_options(cls, options: CalibrateOptions) -> CalibrationSet:
+        return cls(options.data, options.samples, options.seq_len, options.seed)
 
 
 def calibration_inputs(
