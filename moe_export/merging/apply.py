@@ -15,6 +15,7 @@ import torch
 
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.merging.calibration_data import CalibrationSet, calibration_inputs
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise, measure_layerwise
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
@@ -27,11 +28,9 @@ from moe_export.merging.plan import (
 )
 from moe_export.merging.report import MergeReport, MergeResult, UnitReport
 from moe_export.merging.statistics import (
-    CalibrationSet,
     CalibrationStats,
     UnitAccumulator,
     calibrate_whole,
-    calibration_inputs,
     recording,
     routed_linear_units,
     run_samples,

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.merging import apply
+from moe_export.merging.calibration_data import CalibrationSet
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise, check_forward, choose_streaming
 from moe_export.merging.options import CalibrateOptions, MergeOptions
 from moe_export.merging.report import MergeResult
-from moe_export.merging.statistics import CalibrationSet, CalibrationStats, calibrate_whole
+from moe_export.merging.statistics import CalibrationStats, calibrate_whole
 from moe_export.reference.loading import LoadedAdapter, attach_model, open_source
 
 Source = LoadedAdapter | str | Path
