@@ -26,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import measure
 
 
 @dataclass(frozen=True)
@@ -165,22 +167,6 @@ def make_adapter(ckpt: Path, base: Path, shape: Shape) -> None:
     Adapter("canonical", units, base_model=str(base)).save(ckpt)
 
 
-def measure(command: list[str], log: Path) -> dict[str, float]:
-    """Peak RSS (MiB), wall and CPU (user + sys) seconds and exit code of `command`, run in a fresh wrapper
-    process so RUSAGE_CHILDREN holds that command alone; its output goes to `log`."""
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT).returncode; "
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(u.ru_maxrss, time.perf_counter() - t, u.ru_utime + u.ru_stime, rc)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", wrapper, str(log), *command], capture_output=True, text=True, check=True
-    )
-    kib, wall, cpu, rc = out.stdout.split()
-    return {"peak_rss_mib": int(kib) / 1024, "wall_s": float(wall), "cpu_s": float(cpu), "rc": int(rc)}
-
-
 def size_mib(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 2**20
@@ -216,6 +202,36 @@ def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace
         flags += ["--dtype", args.merged_dtype, "--no-validate"]
         return [*cli, "onnx", str(source), *flags, "-o", str(out)], out
     raise SystemExit(f"unknown step {step!r}")
+
+
+def run_step(step: str, root: Path, cli: list[str], args: argparse.Namespace) -> tuple[dict[str, object], Path]:
+    """Run one step in its own measured process; its figures and the file or directory it wrote."""
+    command, out = step_command(step, root, cli, args)
+    if out.is_dir():
+        shutil.rmtree(out)
+    print(f"{step}: {' '.join(command[1:])}", flush=True)
+    result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
+    result["log_tail"] = (root / f"{step}.log").read_text().strip().splitlines()[-3:]
+    if result["rc"] == 0 and out.exists():
+        result["output_mib"] = size_mib(out)
+        manifest = out / "export.json"
+        if manifest.is_file():
+            result["external_data"] = json.loads(manifest.read_text()).get("external_data")
+    if step == "calibrate" and out.is_file():
+        result["tokens"] = json.loads(out.read_text()).get("tokens")
+    return result, out
+
+
+def print_summary(figures: dict[str, object], steps: list[str]) -> None:
+    """One line per step that ran: peak RSS (and its ratio to the fp32 weights), wall and CPU time, exit code."""
+    fp32 = figures["fp32_weight_mib"]
+    for step in steps:
+        if isinstance(figures.get(step), dict):
+            r = figures[step]
+            print(
+                f"{step:>20}: peak RSS {r['peak_rss_mib']:8.0f} MiB ({r['peak_rss_mib'] / fp32:.2f} x fp32 weights), "  # type: ignore[index]
+                f"wall {r['wall_s']:7.0f} s, cpu {r['cpu_s']:7.0f} s, rc {r['rc']}"  # type: ignore[index]
+            )
 
 
 def main() -> None:
@@ -259,20 +275,7 @@ def main() -> None:
     floor = [sys.executable, "-c", "import torch, transformers, moe_export.cli, moe_export.export.onnx"]
     figures["import_floor_mib"] = measure(floor, root / "floor.log")["peak_rss_mib"]
     for step in steps:
-        command, out = step_command(step, root, cli, args)
-        if out.is_dir():
-            shutil.rmtree(out)
-        print(f"{step}: {' '.join(command[1:])}", flush=True)
-        result: dict[str, object] = dict(measure(command, root / f"{step}.log"))
-        result["log_tail"] = (root / f"{step}.log").read_text().strip().splitlines()[-3:]
-        if result["rc"] == 0 and out.exists():
-            result["output_mib"] = size_mib(out)
-            manifest = out / "export.json"
-            if manifest.is_file():
-                result["external_data"] = json.loads(manifest.read_text()).get("external_data")
-        if step == "calibrate" and out.is_file():
-            stats = json.loads(out.read_text())
-            result["tokens"] = stats.get("tokens")
+        result, out = run_step(step, root, cli, args)
         figures[step] = result
         print(json.dumps(result, indent=1), flush=True)
         if not args.keep and step not in ("calibrate", "merge") and out.exists():
@@ -281,14 +284,7 @@ def main() -> None:
             break
         if step == "merge" and "onnx-merged" in steps and not args.keep:
             shutil.rmtree(base)  # the export reads merged/ only: free the disk before it writes the ONNX model
-    fp32 = figures["fp32_weight_mib"]
-    for step in steps:
-        if isinstance(figures.get(step), dict):
-            r = figures[step]
-            print(
-                f"{step:>20}: peak RSS {r['peak_rss_mib']:8.0f} MiB ({r['peak_rss_mib'] / fp32:.2f} x fp32 weights), "  # type: ignore[index]
-                f"wall {r['wall_s']:7.0f} s, cpu {r['cpu_s']:7.0f} s, rc {r['rc']}"  # type: ignore[index]
-            )
+    print_summary(figures, steps)
     if args.json:
         runs = json.loads(args.json.read_text()) if args.json.is_file() else []
         args.json.write_text(json.dumps([*runs, figures], indent=2) + "\n")

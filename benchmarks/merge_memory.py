@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import measure
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS, KV_HEADS = 4096, 11008, 4, 8000, 32, 32
 EXPERTS, RANK, TOP_K = 8, 16, 2
@@ -82,23 +84,32 @@ def make_adapter_and_stats(ckpt: Path, base: Path, stats_path: Path) -> None:
     calib.save(stats_path)
 
 
-def peak_rss(command: list[str]) -> tuple[float, float, int]:
-    """(peak RSS in MiB, wall seconds, exit code) of `command`, measured in a fresh wrapper process."""
-    rss, seconds, _, rc = measure(command)
-    return rss, seconds, rc
-
-
-def measure(command: list[str]) -> tuple[float, float, float, int]:
-    """(peak RSS in MiB, wall seconds, CPU seconds user+sys, exit code) of `command` in a fresh wrapper process."""
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(u.ru_maxrss, time.perf_counter() - t, u.ru_utime + u.ru_stime, rc)"
-    )
-    out = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True)
-    kib, seconds, cpu, rc = out.stdout.split()
-    return int(kib) / 1024, float(seconds), float(cpu), int(rc)
+def calibration_runs(cli: list[str], ckpt: Path, root: Path, args: argparse.Namespace) -> dict[str, object]:
+    """--calibrate: layer-streamed `calibrate`, `merge` with its own calibration (and `calibrate --forward whole`
+    with --whole), each measured in its own process."""
+    figures: dict[str, object] = {}
+    tokens = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    runs = {"calibrate": [*cli, "calibrate", str(ckpt), "-o", str(root / "calib.json"), *tokens]}
+    merged_calibrated = root / "merged-calibrated"
+    shutil.rmtree(merged_calibrated, ignore_errors=True)
+    runs["merge_calibrated"] = [
+        *cli, "merge", str(ckpt), "--merge-threshold", "0.5", "-o", str(merged_calibrated), *tokens
+    ]  # fmt: skip
+    if args.whole:
+        runs["calibrate_whole"] = [*runs["calibrate"], "--forward", "whole", "-o", str(root / "calib-whole.json")]
+    for name, command in runs.items():
+        run = measure(command)
+        assert run["rc"] == 0, f"{name} failed: {' '.join(command)}"
+        figures.update(
+            {
+                f"{name}_peak_rss_mib": run["peak_rss_mib"],
+                f"{name}_seconds": run["wall_s"],
+                f"{name}_cpu_seconds": run["cpu_s"],
+            }
+        )
+    figures["calibration_tokens"] = json.loads((root / "calib.json").read_text())["tokens"]
+    shutil.rmtree(merged_calibrated, ignore_errors=True)
+    return figures
 
 
 def main() -> None:
@@ -126,7 +137,7 @@ def main() -> None:
     cli = [shutil.which("moe-export") or "moe-export"]
     figures: dict[str, object] = {"shards": len(shards), "largest_shard_mib": max(shard_mib), "total_mib": total}
     floor = [sys.executable, "-c", "import torch, transformers, moe_export.merging, moe_export.cli"]
-    figures["import_floor_mib"], _, _ = peak_rss(floor)
+    figures["import_floor_mib"] = measure(floor)["peak_rss_mib"]
     out = root / "merged"
     shutil.rmtree(out, ignore_errors=True)
     merge_cmd = [
@@ -141,31 +152,17 @@ def main() -> None:
         "-o",
         str(out),
     ]
-    rss, seconds, rc = peak_rss(merge_cmd)
-    assert rc == 0, "moe-export merge failed"
+    run = measure(merge_cmd)
+    assert run["rc"] == 0, "moe-export merge failed"
     merged = json.loads((out / "moe_export_merge.json").read_text())["plan"]
     figures.update(
-        merge_peak_rss_mib=rss,
-        merge_seconds=seconds,
+        merge_peak_rss_mib=run["peak_rss_mib"],
+        merge_seconds=run["wall_s"],
         merged_units=sum(1 for u in merged["units"] if u["expert_weights"]),
         shared_folds=sum(1 for u in merged["units"] if u["fold_shared"]),
     )
     if args.calibrate:
-        tokens = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
-        runs = {"calibrate": [*cli, "calibrate", str(ckpt), "-o", str(root / "calib.json"), *tokens]}
-        merged_calibrated = root / "merged-calibrated"
-        shutil.rmtree(merged_calibrated, ignore_errors=True)
-        runs["merge_calibrated"] = [
-            *cli, "merge", str(ckpt), "--merge-threshold", "0.5", "-o", str(merged_calibrated), *tokens
-        ]  # fmt: skip
-        if args.whole:
-            runs["calibrate_whole"] = [*runs["calibrate"], "--forward", "whole", "-o", str(root / "calib-whole.json")]
-        for name, command in runs.items():
-            rss, seconds, cpu, rc = measure(command)
-            assert rc == 0, f"{name} failed: {' '.join(command)}"
-            figures.update({f"{name}_peak_rss_mib": rss, f"{name}_seconds": seconds, f"{name}_cpu_seconds": cpu})
-        figures["calibration_tokens"] = json.loads((root / "calib.json").read_text())["tokens"]
-        shutil.rmtree(merged_calibrated, ignore_errors=True)
+        figures.update(calibration_runs(cli, ckpt, root, args))
     for key, value in figures.items():
         print(f"{key:>24}: {value:.1f}" if isinstance(value, float) else f"{key:>24}: {value}")
     for name in ("merge", "calibrate", "merge_calibrated", "calibrate_whole"):

@@ -339,3 +339,32 @@ def test_auto_keeps_the_faster_path_and_says_why(gpu_exports: dict[str, Path], t
     latency = report["latency_ms_at_opt"]
     assert report["plugin"] == min(latency, key=latency.get)
     assert report["reason"].startswith("auto:") and set(report["build_seconds"]) == {"off", "on"}
+
+
+@pytest.mark.parametrize(
+    ("plugin", "nodes", "unavailable", "timer", "paths", "why"),
+    [
+        ("off", 3, None, True, ["off"], "requested --plugin off"),
+        ("on", 3, None, False, ["on"], "requested --plugin on"),
+        ("auto", 0, None, True, ["off"], "no GroupedLoRA nodes"),
+        ("auto", 3, "no TensorRT plugins", True, ["off"], "plugin unavailable: no TensorRT plugins"),
+        ("auto", 3, None, False, ["on"], "without timing"),
+        ("auto", 3, None, True, ["off", "on"], ""),
+    ],
+)
+def test_plugin_paths_follow_the_option_and_the_graph(
+    plugin: str, nodes: int, unavailable: str | None, timer: bool, paths: list[str], why: str
+) -> None:
+    """Which engines `trt --plugin` builds, decided without TensorRT (build_engine passes what it found)."""
+    from moe_export.export.tensorrt import plugin_paths
+
+    got, reason = plugin_paths(plugin, nodes, unavailable, (lambda engine, feeds: 1.0) if timer else None)
+    assert got == paths and why in reason
+
+
+def test_plugin_on_refused_when_the_plugin_is_unavailable() -> None:
+    from moe_export.errors import RuntimeUnavailableError
+    from moe_export.export.tensorrt import plugin_paths
+
+    with pytest.raises(RuntimeUnavailableError, match="--plugin on: too old"):
+        plugin_paths("on", 3, "too old", None)

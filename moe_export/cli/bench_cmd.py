@@ -41,14 +41,7 @@ def bench_command(
     batches = parse_int_list(batch, "--batch")
     batches = [batches] if isinstance(batches, int) else batches
     names = parse_runtimes(runtimes)
-    for b in batches:
-        checks.at_least(b, 1, "--batch")
-    checks.at_least(seq, 1, "--seq")
-    checks.at_least(warmup, 0, "--warmup")
-    checks.at_least(iters, 1, "--iters")
-    checks.at_least(threads, 1, "--threads")
-    checks.one_of(device, ("cpu", "cuda"), "--device")
-    checks.at_least(max_ratio, 0, "--max-ratio")
+    _check_numbers(batches, seq, warmup, iters, threads, device, max_ratio)
     checks.input_dir(artifact_dir, "export directory")
     checks.writable_files((plot, "--plot"), (report_path, "--report"))
     checks.outputs_apart([(plot, "--plot"), (report_path, "--report")], [artifact_dir, base])
@@ -73,3 +66,17 @@ def bench_command(
             max_ratio=max_ratio,
         )
     finish_report(report, as_json, [(report_path, report.write_json), (plot, report.plot)])
+
+
+def _check_numbers(
+    batches: list[int], seq: int, warmup: int, iters: int, threads: int | None, device: str, max_ratio: float | None
+) -> None:
+    """Every number and choice of `bench`, before anything loads."""
+    for b in batches:
+        checks.at_least(b, 1, "--batch")
+    checks.at_least(seq, 1, "--seq")
+    checks.at_least(warmup, 0, "--warmup")
+    checks.at_least(iters, 1, "--iters")
+    checks.at_least(threads, 1, "--threads")
+    checks.one_of(device, ("cpu", "cuda"), "--device")
+    checks.at_least(max_ratio, 0, "--max-ratio")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -61,6 +62,11 @@ def merge_cmd(
     if as_json:
         print_json({"output": str(out), "plan": result.plan.to_dict(), "report": result.report.to_dict()})
         return
+    _render(result, out)
+
+
+def _render(result: Any, out: Path) -> None:
+    """The merge report, what was written, and what to run next."""
     result.report.render(report_console())
     left = len(result.loaded.adapter.units)
     console.print(

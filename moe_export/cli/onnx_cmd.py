@@ -7,6 +7,7 @@ Exit 0: exported (and parity passed); 1: parity failed (the export stays, the ta
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -91,6 +92,11 @@ def onnx_command(
     if as_json:
         print_json(result.to_dict())
         return
+    _render(result)
+
+
+def _render(result: Any) -> None:
+    """What was exported, then the commands that come next."""
     routed = len(result.manifest.routed_units)
     console.print(
         f"[green]exported[/] {result.model_path} ({result.manifest.dtype}, opset {result.manifest.opset}, "

@@ -273,24 +273,7 @@ def build_engine(
         "profiles": {n: {"min": p[0], "opt": p[1], "max": p[2]} for n, p in profiles.items()},
         "options": options.to_dict(),
     }
-    unavailable = _plugin_unavailable_reason(trt)
-    if options.plugin == "on" and unavailable:
-        raise RuntimeUnavailableError(f"--plugin on: {unavailable}")
-    if options.plugin == "off":
-        paths, reason = ["off"], "requested --plugin off"
-    elif options.plugin == "on":
-        paths, reason = ["on"], "requested --plugin on"
-    elif info.grouped_lora_nodes == 0:
-        paths, reason = (
-            ["off"],
-            "no GroupedLoRA nodes (base-only, fully merged, or only GroupedLoRASlots, which has no plugin)",
-        )
-    elif unavailable:
-        paths, reason = ["off"], f"plugin unavailable: {unavailable}"
-    elif time_engine is None:
-        paths, reason = ["on"], "auto: plugin kept without timing (build_engine was given no time_engine)"
-    else:
-        paths, reason = ["off", "on"], ""
+    paths, reason = plugin_paths(options.plugin, info.grouped_lora_nodes, _plugin_unavailable_reason(trt), time_engine)
     built = {path: _build_one(trt, info, profiles, options, plugin=path == "on") for path in paths}
     report["build_seconds"] = {path: round(b[1], 3) for path, b in built.items()}
     if len(paths) == 2:
@@ -312,6 +295,24 @@ def build_engine(
     report["engine"] = ENGINE_NAME
     _write_outputs(Path(out_dir) if out_dir else info.directory, built[chosen][0], report)
     return report
+
+
+def plugin_paths(
+    plugin: str, grouped_lora_nodes: int, unavailable: str | None, time_engine: EngineTimer | None
+) -> tuple[list[str], str]:
+    """Which engines `--plugin` builds ("off": function bodies, "on": the plugin; both: auto times them) and
+    why; `unavailable` is why the plugin cannot be used here (None: it can)."""
+    if plugin == "on" and unavailable:
+        raise RuntimeUnavailableError(f"--plugin on: {unavailable}")
+    if plugin in ("off", "on"):
+        return [plugin], f"requested --plugin {plugin}"
+    if grouped_lora_nodes == 0:
+        return ["off"], "no GroupedLoRA nodes (base-only, fully merged, or only GroupedLoRASlots, which has no plugin)"
+    if unavailable:
+        return ["off"], f"plugin unavailable: {unavailable}"
+    if time_engine is None:
+        return ["on"], "auto: plugin kept without timing (build_engine was given no time_engine)"
+    return ["off", "on"], ""
 
 
 def _write_outputs(out: Path, engine: bytes, report: dict[str, Any]) -> None:

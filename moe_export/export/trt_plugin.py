@@ -67,6 +67,45 @@ def kernel_config(A: "trtp.TensorDesc", B: "trtp.TensorDesc", tactic: int) -> Ke
     return choose_config(num_experts, rank, d_in, tactic=tactic if tactic in TACTICS else min(TACTICS))
 
 
+def _aot_kernel(
+    x: "trtp.TensorDesc",
+    expert_ids: "trtp.TensorDesc",
+    gates: "trtp.TensorDesc",
+    A: "trtp.TensorDesc",
+    B: "trtp.TensorDesc",
+    tactic: int,
+) -> Tuple[Union[str, bytes], Union[str, bytes], "trtp.KernelLaunchParams", "trtp.SymIntExprs"]:  # noqa: UP006,UP007
+    """The AOT implementation: the Triton kernel compiled to PTX for `tactic`'s tiles, its launch grid and the
+    scalar arguments (symbolic where the shape is dynamic)."""
+    config = kernel_config(A, B, tactic)
+    kernel = compile_ptx(
+        _triton_type(x.dtype, "x"),
+        _triton_type(expert_ids.dtype, "expert_ids"),
+        _triton_type(gates.dtype, "gates"),
+        config,
+        target=AOT_TARGET,
+    )
+    num_tokens = x.shape_expr[0]  # symbolic: dynamic batch * sequence
+    d_out = _constant(B.shape_expr[1], "D_out (B.shape[1])")
+    scalars = {
+        "num_tokens": num_tokens,
+        "d_in": A.shape_expr[2],
+        "d_out": B.shape_expr[1],
+        "rank": B.shape_expr[2],
+        "top_k": expert_ids.shape_expr[1],
+        "num_experts": B.shape_expr[0],
+        "shared_a": int(_constant(A.shape_expr[0], "E_A (A.shape[0])") == 1),
+    }
+    extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(scalars[name]) for name in SCALAR_ARGS])
+    config = kernel.config  # tiles may have shrunk to fit shared memory
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = trtp.cdiv(num_tokens, config.block_t)
+    launch.grid_y = (d_out + config.outputs_per_program - 1) // config.outputs_per_program
+    launch.block_x = kernel.num_warps * 32
+    launch.shared_mem = kernel.shared_mem
+    return kernel.name, kernel.ptx, launch, extra_args
+
+
 def register_plugin() -> str:
     """Register the QDP once per process; returns the plugin id. Safe to call repeatedly."""
     global _registered
@@ -109,33 +148,7 @@ def register_plugin() -> str:
         outputs: Tuple[trtp.TensorDesc],  # noqa: UP006
         tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:  # noqa: UP006,UP007
-        config = kernel_config(A, B, tactic)
-        kernel = compile_ptx(
-            _triton_type(x.dtype, "x"),
-            _triton_type(expert_ids.dtype, "expert_ids"),
-            _triton_type(gates.dtype, "gates"),
-            config,
-            target=AOT_TARGET,
-        )
-        num_tokens = x.shape_expr[0]  # symbolic: dynamic batch * sequence
-        d_out = _constant(B.shape_expr[1], "D_out (B.shape[1])")
-        scalars = {
-            "num_tokens": num_tokens,
-            "d_in": A.shape_expr[2],
-            "d_out": B.shape_expr[1],
-            "rank": B.shape_expr[2],
-            "top_k": expert_ids.shape_expr[1],
-            "num_experts": B.shape_expr[0],
-            "shared_a": int(_constant(A.shape_expr[0], "E_A (A.shape[0])") == 1),
-        }
-        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(scalars[name]) for name in SCALAR_ARGS])
-        config = kernel.config  # tiles may have shrunk to fit shared memory
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(num_tokens, config.block_t)
-        launch.grid_y = (d_out + config.outputs_per_program - 1) // config.outputs_per_program
-        launch.block_x = kernel.num_warps * 32
-        launch.shared_mem = kernel.shared_mem
-        return kernel.name, kernel.ptx, launch, extra_args
+        return _aot_kernel(x, expert_ids, gates, A, B, tactic)
 
     _registered = True
     return PLUGIN_ID

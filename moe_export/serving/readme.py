@@ -51,26 +51,7 @@ def repository_readme(
         backends_line(sorted({info["backend"] for info in models.values()})),
         "",
     ]
-    if backend == "onnxruntime":
-        lines += [
-            f"`{name}` uses Triton's onnxruntime backend (`platform: onnxruntime_onnx`), shipped in the "
-            "`nvcr.io/nvidia/tritonserver:<yy.mm>-py3` container. The graph carries `moe_export::GroupedLoRA` "
-            "nodes with standard-op function bodies; ONNX Runtime inlines them when the session is created, "
-            "so the backend's ORT must be recent enough for the export's opset "
-            f"({artifact.manifest.opset}). The backend passes requests to ORT unchecked: a negative token id "
-            "indexes the embedding from its end (ONNX Gather) and answers with wrong logits; the python backend "
-            "checks ids and the context first.",
-            "",
-        ]
-    else:
-        lines += [
-            f"`{name}` uses the python backend: `model.py` runs the ONNX file with onnxruntime "
-            '(`pip install onnxruntime "numpy<2"` in the server\'s Python; CUDA: `onnxruntime-gpu`). '
-            "Each request is checked before ORT runs it: token ids in [0, vocab), shapes that agree (mask length "
-            "= past + new tokens), past + new tokens within the context; a bad request gets 400 / "
-            "INVALID_ARGUMENT and fails alone, never its dynamic-batching batch-mates.",
-            "",
-        ]
+    lines += [_backend_paragraph(name, backend, artifact.manifest.opset), ""]
     for suffix, what in EXTRA_MODELS.items():
         if any(m.endswith(suffix) for m in models):
             lines += [f"`{name}{suffix}` {what}", ""]
@@ -86,6 +67,27 @@ def repository_readme(
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _backend_paragraph(name: str, backend: str, opset: int) -> str:
+    """How the main model is served: Triton's onnxruntime backend, or our python backend."""
+    if backend == "onnxruntime":
+        return (
+            f"`{name}` uses Triton's onnxruntime backend (`platform: onnxruntime_onnx`), shipped in the "
+            "`nvcr.io/nvidia/tritonserver:<yy.mm>-py3` container. The graph carries `moe_export::GroupedLoRA` "
+            "nodes with standard-op function bodies; ONNX Runtime inlines them when the session is created, "
+            "so the backend's ORT must be recent enough for the export's opset "
+            f"({opset}). The backend passes requests to ORT unchecked: a negative token id "
+            "indexes the embedding from its end (ONNX Gather) and answers with wrong logits; the python backend "
+            "checks ids and the context first."
+        )
+    return (
+        f"`{name}` uses the python backend: `model.py` runs the ONNX file with onnxruntime "
+        '(`pip install onnxruntime "numpy<2"` in the server\'s Python; CUDA: `onnxruntime-gpu`). '
+        "Each request is checked before ORT runs it: token ids in [0, vocab), shapes that agree (mask length "
+        "= past + new tokens), past + new tokens within the context; a bad request gets 400 / "
+        "INVALID_ARGUMENT and fails alone, never its dynamic-batching batch-mates."
+    )
 
 
 def backends_line(backends: list[str]) -> str:

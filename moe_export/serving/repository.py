@@ -142,6 +142,33 @@ def _native_library() -> Path | None:
     return native.session_library()[0]
 
 
+def _write_generate_model(
+    artifact: Artifact, staging: Path, options: TritonOptions, plan: _Plan, ort_params: dict[str, str],
+    limits: dict[str, str],
+) -> dict[str, dict[str, str]]:  # fmt: skip
+    """The `<name>_generate` python-backend model (greedy generation on the KV-cache decoder); its report row."""
+    gen_name = f"{plan.name}_generate"
+    folder = staging / gen_name / "1"
+    _place_onnx(artifact, folder)
+    _place_backend(folder, "generate_model.py")
+    library_name = plan.library.name if plan.library else None
+    if plan.library is not None:
+        _link_or_copy(plan.library, folder / plan.library.name)
+    gen_params = {
+        **ort_params,
+        "onnx_file": artifact.manifest.model_file,
+        "custom_ops_library": library_name or "",
+        "eos_token_ids": ",".join(map(str, sorted(eos_ids(artifact.path)))),
+        **limits,
+        "max_new_tokens_limit": str(MAX_NEW_TOKENS_LIMIT),
+        "default_max_new_tokens": "32",
+    }
+    _write_config(
+        staging / gen_name, model_config.generate_model_config(gen_name, options.instances, options.device, gen_params)
+    )
+    return {gen_name: {"backend": "python", "role": f"greedy generation ({INPUT_IDS} -> output_ids)"}}
+
+
 def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOptions, plan: _Plan) -> RepositoryReport:
     report = RepositoryReport(str(final), notes=list(plan.notes))
     ort_params = {"intra_op_thread_count": str(options.threads), "inter_op_thread_count": "1"}
@@ -172,27 +199,7 @@ def _write(artifact: Artifact, staging: Path, final: Path, options: TritonOption
     report.models[plan.name] = _describe(options.backend, plan.max_batch_size, artifact.interface)
 
     if artifact.manifest.kv_cache:
-        gen_name = f"{plan.name}_generate"
-        folder = staging / gen_name / "1"
-        _place_onnx(artifact, folder)
-        _place_backend(folder, "generate_model.py")
-        if library_name:
-            _link_or_copy(plan.library, folder / library_name)  # type: ignore[arg-type]
-        gen_params = {
-            **ort_params,
-            "onnx_file": artifact.manifest.model_file,
-            "custom_ops_library": library_name or "",
-            "eos_token_ids": ",".join(map(str, sorted(eos_ids(artifact.path)))),
-            **limits,
-            "max_new_tokens_limit": str(MAX_NEW_TOKENS_LIMIT),
-            "default_max_new_tokens": "32",
-        }
-        _write_config(
-            staging / gen_name,
-            model_config.generate_model_config(gen_name, options.instances, options.device, gen_params),
-        )
-        report.models[gen_name] = {"backend": "python", "role": f"greedy generation ({INPUT_IDS} -> output_ids)"}
-
+        report.models.update(_write_generate_model(artifact, staging, options, plan, ort_params, limits))
     if plan.engine is not None:
         trt_name = f"{plan.name}_trt"
         _link_or_copy(plan.engine, staging / trt_name / "1" / "model.plan")
