@@ -244,6 +244,18 @@ def run_step(step: str, root: Path, cli: list[str], args: argparse.Namespace) ->
     return result, out
 
 
+def print_summary(figures: dict[str, object], steps: list[str]) -> None:
+    """One line per step that ran: peak RSS (and its ratio to the fp32 weights), wall and CPU time, exit code."""
+    fp32 = figures["fp32_weight_mib"]
+    for step in steps:
+        if isinstance(figures.get(step), dict):
+            r = figures[step]
+            print(
+                f"{step:>20}: peak RSS {r['peak_rss_mib']:8.0f} MiB ({r['peak_rss_mib'] / fp32:.2f} x fp32 weights), "  # type: ignore[index]
+                f"wall {r['wall_s']:7.0f} s, cpu {r['cpu_s']:7.0f} s, rc {r['rc']}"  # type: ignore[index]
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
@@ -301,14 +313,7 @@ def main() -> None:
             break
         if step == "merge" and "onnx-merged" in steps and not args.keep:
             shutil.rmtree(base)  # the export reads merged/ only: free the disk before it writes the ONNX model
-    fp32 = figures["fp32_weight_mib"]
-    for step in steps:
-        if isinstance(figures.get(step), dict):
-            r = figures[step]
-            print(
-                f"{step:>20}: peak RSS {r['peak_rss_mib']:8.0f} MiB ({r['peak_rss_mib'] / fp32:.2f} x fp32 weights), "  # type: ignore[index]
-                f"wall {r['wall_s']:7.0f} s, cpu {r['cpu_s']:7.0f} s, rc {r['rc']}"  # type: ignore[index]
-            )
+    print_summary(figures, steps)
     if args.json:
         runs = json.loads(args.json.read_text()) if args.json.is_file() else []
         args.json.write_text(json.dumps([*runs, figures], indent=2) + "\n")

@@ -6,12 +6,14 @@ model builder and torch, in one interleaved run.
 
 The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style E=8 r=8 top-2 on
 all 7 projections). Variants:
-  ours-base          `moe-export onnx --base-only` (KV-cache decoder of the base model), fp32
-  ours-base-unfused  the same graph with export/base_fusions.py undone (RMSNorm as Reciprocal + Mul, which ORT
-                     does not fuse): what the rewrite is worth
+  ours-base          `moe-export onnx --base-only` (KV-cache decoder of the base model), fp32; the default
+                     `--fusion contrib`: GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization
+  ours-base-plain    the same with `--fusion none` (transformers' attention traced into standard ops)
   ours-moe-body      `moe-export onnx` of the MoE-LoRA checkpoint, ORT running the GroupedLoRA function bodies
   ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)
+  ours-moe-native-plain  `--fusion none` of the same, native kernels
   ours-moe-int4      `moe-export onnx --quantize int4` (MatMulNBits, block 32, accuracy level 4), native kernels
+  ours-moe-int4-plain    `--fusion none` of the same
   builder-fp32       `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` of the base model's local
                      directory (offline): fused qkv, GroupQueryAttention, fused norms
   builder-int4       the same with `-p int4` (MatMulNBits, lm_head included)
@@ -50,10 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the builder wants a tokenizer next to the model
 VARIANTS = (
     "ours-base",
-    "ours-base-unfused",
+    "ours-base-plain",
     "ours-moe-body",
     "ours-moe-native",
+    "ours-moe-native-plain",
     "ours-moe-int4",
+    "ours-moe-int4-plain",
     "builder-fp32",
     "builder-int4",
     "torch",
@@ -61,17 +65,29 @@ VARIANTS = (
 # variant -> (export directory, native kernels)
 ORT_VARIANTS = {
     "ours-base": ("ours-base", False),
-    "ours-base-unfused": ("ours-base-unfused", False),
+    "ours-base-plain": ("ours-base-plain", False),
     "ours-moe-body": ("ours-moe", False),
     "ours-moe-native": ("ours-moe", True),
+    "ours-moe-native-plain": ("ours-moe-plain", True),
     "ours-moe-int4": ("ours-moe-int4", True),
+    "ours-moe-int4-plain": ("ours-moe-int4-plain", True),
     "builder-fp32": ("builder-fp32", False),
     "builder-int4": ("builder-int4", False),
 }
+# our export directories -> export_onnx options
+OUR_EXPORTS = {
+    "ours-base": {"base_only": True},
+    "ours-base-plain": {"base_only": True, "fusion": "none"},
+    "ours-moe": {},
+    "ours-moe-plain": {"fusion": "none"},
+    "ours-moe-int4": {"quantize": "int4"},
+    "ours-moe-int4-plain": {"quantize": "int4", "fusion": "none"},
+}
 
 
-def prepare(work: Path) -> dict[str, Path]:
-    """The bench base + checkpoint and every export (each made once; later runs reuse them)."""
+def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
+    """The bench base + checkpoint and the variants' exports (each made once; later runs reuse one whose
+    export.json records the same fusion mode)."""
     base, ckpt = work / "base", work / "ckpt"
     if not (base / "config.json").is_file():
         write_base(base)
@@ -79,23 +95,18 @@ def prepare(work: Path) -> dict[str, Path]:
             shutil.copy2(REPO / "samples" / "tiny-llama" / name, base / name)
     if not (ckpt / "manifest.json").is_file():
         write_bench_checkpoint(work)
-    dirs = {name: work / name for name in ("ours-base", "ours-moe", "ours-moe-int4", "builder-fp32", "builder-int4")}
-    for name, options in (
-        ("ours-base", {"base_only": True}),
-        ("ours-moe", {}),
-        ("ours-moe-int4", {"quantize": "int4"}),
-    ):
-        if not (dirs[name] / "export.json").is_file():
+    wanted = {ORT_VARIANTS[v][0] for v in variants if v in ORT_VARIANTS} | {"ours-moe", "ours-moe-int4"}
+    dirs = {name: work / name for name in sorted(wanted)}
+    for name, options in OUR_EXPORTS.items():
+        if name in dirs and _fusion_mode(dirs[name]) != options.get("fusion", "contrib"):
             print(f"exporting {name}", flush=True)
             loaded = moe_export.load(ckpt, base_model=base)
-            moe_export.export_onnx(loaded, dirs[name], validate=False, progress=False, consume=True, **options)
-    unfused = work / "ours-base-unfused"
-    if not (unfused / "model.onnx").is_file():
-        unfuse_rms(dirs["ours-base"], unfused)
-    dirs["ours-base-unfused"] = unfused
+            moe_export.export_onnx(
+                loaded, dirs[name], validate=False, progress=False, consume=True, force=True, **options
+            )
     for precision in ("fp32", "int4"):
-        out = dirs[f"builder-{precision}"]
-        if not (out / "model.onnx").is_file():
+        out = dirs.get(f"builder-{precision}")
+        if out is not None and not (out / "model.onnx").is_file():
             print(f"building builder-{precision} (onnxruntime-genai model builder, offline)", flush=True)
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out),
                    "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")]  # fmt: skip
@@ -103,28 +114,11 @@ def prepare(work: Path) -> dict[str, Path]:
     return dirs
 
 
-def unfuse_rms(source: Path, out: Path) -> None:
-    """A copy of the export in `source` with each `Div(x, Sqrt(v))` of base_fusions.py written back as
-    `Mul(x, Reciprocal(Sqrt(v)))`, as torch.onnx exported it (the weights file is hard-linked)."""
-    import onnx
-    from onnx import helper
-
-    out.mkdir(parents=True, exist_ok=True)
-    proto = onnx.load(str(source / "model.onnx"), load_external_data=False)
-    nodes = []
-    for node in proto.graph.node:
-        if node.op_type == "Div" and node.name.endswith("_div_rms"):
-            reciprocal = node.output[0] + "_reciprocal"
-            nodes.append(helper.make_node("Reciprocal", [node.input[1]], [reciprocal], name=node.name + "_r"))
-            nodes.append(helper.make_node("Mul", [node.input[0], reciprocal], list(node.output), name=node.name + "_m"))
-        else:
-            nodes.append(node)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    for name in ("model.onnx.data", "genai_config.json", "config.json"):
-        if (source / name).is_file() and not (out / name).exists():
-            (out / name).hardlink_to(source / name)
-    onnx.save_model(proto, str(out / "model.onnx"))
+def _fusion_mode(directory: Path) -> str | None:
+    """The fusion mode export.json records (None: no export there yet)."""
+    if not (directory / "export.json").is_file():
+        return None
+    return (json.loads((directory / "export.json").read_text()).get("fusion") or {}).get("mode", "none")
 
 
 def native_library() -> str:
@@ -258,9 +252,12 @@ def ratio_lines(results: dict[str, dict[str, tuple[float, float]]], batches: lis
         for phase in ("prefill", "decode"):
             cell = f"{phase} b{batch}"
             ratio("ours-moe-int4", "builder-int4", cell)
+            ratio("ours-moe-int4-plain", "builder-int4", cell)
             ratio("ours-moe-native", "builder-fp32", cell)
+            ratio("ours-moe-native-plain", "builder-fp32", cell)
             ratio("ours-moe-native", "ours-base", cell)
             ratio("ours-base", "builder-fp32", cell)
+            ratio("ours-base", "ours-base-plain", cell)
             ratio("ours-moe-native", "ours-moe-body", cell)
     return lines
 
@@ -283,7 +280,7 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    dirs = prepare(args.work)
+    dirs = prepare(args.work, variants)
     if args.profile:
         profile(dirs, variants, args)
         return
@@ -312,7 +309,7 @@ def main() -> None:
     print()
     for line in ratio_lines(results, batches):
         print(line)
-    sizes = {name: export_bytes(path) for name, path in dirs.items()}
+    sizes = {name: export_bytes(path) for name, path in dirs.items() if path.is_dir()}
     print("\nexport sizes (MB): " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sizes.items()))
     print(f"ours-moe-int4 / ours-moe size: {sizes['ours-moe-int4'] / sizes['ours-moe']:.3f}; "
           f"builder-int4 / builder-fp32: {sizes['builder-int4'] / sizes['builder-fp32']:.3f}")  # fmt: skip

@@ -101,6 +101,28 @@ def _stats(times: list[float], tokens: int) -> dict[str, float]:
             "tokens_per_s": tokens / (p50 / 1e3)}  # fmt: skip
 
 
+def summarise(
+    report: dict[str, Any], latency: dict[tuple[str, int], float], parity: dict[str, np.ndarray], batches: list[int],
+    seq: int,
+) -> None:  # fmt: skip
+    """Ratios against the base-only engine, the plugin-vs-body logits difference and the goal, into `report`
+    and printed as a table."""
+    diff = float(np.abs(parity["moe-plugin"] - parity["moe-body"]).max())
+    report["plugin_vs_body_max_abs_logit_diff"] = diff
+    print(f"\n{report['gpu']}, seq {seq}, fp16; ratio = p50 / base-only engine p50 at the same batch")
+    print(f"{'runtime':28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'tokens/s':>11} {'ratio':>7}")
+    for row in report["rows"]:
+        row["ratio_vs_base_engine"] = row["p50_ms"] / latency[("base-only", row["batch"])]
+        print(
+            f"{row['runtime']:28} {row['batch']:>5} {row['p50_ms']:>9.3f} {row['p90_ms']:>9.3f} "
+            f"{row['tokens_per_s']:>11.0f} {row['ratio_vs_base_engine']:>7.3f}"
+        )
+    best = {b: min(latency[("moe-plugin", b)], latency[("moe-body", b)]) / latency[("base-only", b)] for b in batches}
+    report["goal"] = {"target_ratio": 1.10, "best_moe_engine_ratio": best, "met": all(r <= 1.10 for r in best.values())}
+    print(f"\nplugin vs body max |logit diff| at batch 1: {diff:.4g}")
+    print(f"goal MoE engine / base engine <= 1.10: {best} -> {'met' if report['goal']['met'] else 'NOT met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work_dir", type=Path)
@@ -146,20 +168,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
 
-    diff = float(np.abs(parity["moe-plugin"] - parity["moe-body"]).max())
-    report["plugin_vs_body_max_abs_logit_diff"] = diff
-    print(f"\n{report['gpu']}, seq {args.seq}, fp16; ratio = p50 / base-only engine p50 at the same batch")
-    print(f"{'runtime':28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'tokens/s':>11} {'ratio':>7}")
-    for row in report["rows"]:
-        row["ratio_vs_base_engine"] = row["p50_ms"] / latency[("base-only", row["batch"])]
-        print(
-            f"{row['runtime']:28} {row['batch']:>5} {row['p50_ms']:>9.3f} {row['p90_ms']:>9.3f} "
-            f"{row['tokens_per_s']:>11.0f} {row['ratio_vs_base_engine']:>7.3f}"
-        )
-    best = {b: min(latency[("moe-plugin", b)], latency[("moe-body", b)]) / latency[("base-only", b)] for b in batches}
-    report["goal"] = {"target_ratio": 1.10, "best_moe_engine_ratio": best, "met": all(r <= 1.10 for r in best.values())}
-    print(f"\nplugin vs body max |logit diff| at batch 1: {diff:.4g}")
-    print(f"goal MoE engine / base engine <= 1.10: {best} -> {'met' if report['goal']['met'] else 'NOT met'}")
+    summarise(report, latency, parity, batches, args.seq)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
 

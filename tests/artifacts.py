@@ -102,12 +102,14 @@ def save_tiny_checkpoint(directory: Path, base: Path, seed: int = 0) -> Path:
     return adapter.save(directory)
 
 
-def export_tiny(ckpt: Path, base: Path, out: Path, base_only: bool = False, dtype: str = "fp32") -> Path:
+def export_tiny(
+    ckpt: Path, base: Path, out: Path, base_only: bool = False, dtype: str = "fp32", fusion: str = "contrib"
+) -> Path:
     """`moe_export.export_onnx` of the checkpoint (validation off: the tests run it themselves)."""
     import moe_export
 
     loaded = moe_export.load(ckpt, base_model=base)
-    moe_export.export_onnx(loaded, out, dtype=dtype, base_only=base_only, validate=False, progress=False)
+    moe_export.export_onnx(loaded, out, dtype=dtype, base_only=base_only, validate=False, progress=False, fusion=fusion)
     return out
 
 
@@ -119,6 +121,16 @@ def shared_export(factory: pytest.TempPathFactory, base: Path) -> Path:
         export_tiny(ckpt, base, root / "onnx")
 
     return shared_dir(factory, "export-adapter", build) / "onnx"
+
+
+def shared_plain_export(factory: pytest.TempPathFactory, base: Path) -> Path:
+    """The same decoder export with `fusion="none"` (standard-op attention: what TensorRT builds), once per run."""
+
+    def build(root: Path) -> None:
+        ckpt = save_tiny_checkpoint(root / "ckpt", base)
+        export_tiny(ckpt, base, root / "onnx", fusion="none")
+
+    return shared_dir(factory, "export-adapter-plain", build) / "onnx"
 
 
 def shared_scoring_run(factory: pytest.TempPathFactory, base: Path) -> CliRun:

@@ -13,12 +13,8 @@ import moe_export
 from moe_export.cli import app
 from moe_export.errors import FormatError, MergeError
 from moe_export.merging import calibrate
-from moe_export.merging.statistics import (
-    CalibrationSet,
-    CalibrationStats,
-    UnitAccumulator,
-    calibration_inputs,
-)
+from moe_export.merging.calibration_data import CalibrationSet, calibration_inputs
+from moe_export.merging.statistics import CalibrationStats, UnitAccumulator
 from moe_export.reference.loading import load_without_model
 from tests.conftest import SAMPLES
 from tests.loop_reference import LoopLinear

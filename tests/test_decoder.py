@@ -168,11 +168,13 @@ def _corrupt_present(model: onnx.ModelProto) -> None:
 
 
 def _forget_past_offset(model: onnx.ModelProto) -> None:
-    """positions - past length: every step restarts at position 0 (a uniform offset would be invisible
-    under rotary embeddings, which see only relative positions)."""
+    """|positions - past length|: every step restarts near position 0 (a uniform offset would be invisible
+    under rotary embeddings, which see only relative positions; Abs keeps a padded row's position in the
+    contrib decoder's rotary cache range)."""
     nodes = [
         helper.make_node("Shape", ["past_key_values.0.key"], ["past_len"], start=2, end=3),
-        helper.make_node("Sub", ["position_ids", "past_len"], ["position_ids.shifted"]),
+        helper.make_node("Sub", ["position_ids", "past_len"], ["position_ids.signed"]),
+        helper.make_node("Abs", ["position_ids.signed"], ["position_ids.shifted"]),
     ]
     _rewire_input(model, "position_ids", nodes, "position_ids.shifted")
 

@@ -74,3 +74,26 @@ def test_generation_up_to_the_context_runs_and_reports_progress(
     result = generate_run.generate(export_dir, prompt, new, runtime, progress=True)
     assert seen["total"] == new
     assert 1 <= seen["steps"] <= new and len(result.tokens) <= seen["steps"]
+
+
+def test_text_prompt_is_tokenized_by_the_api(export_dir: Path) -> None:
+    """`generate` takes text as well as ids (what `--prompt` passes on): tokenized with the export's copy of the
+    base's tokenizer, and the new tokens come back as text; checked against the base's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    base_tokenizer = AutoTokenizer.from_pretrained(str(SAMPLES / "tiny-llama"), local_files_only=True)
+    result = generate_run.generate(export_dir, "the cat sat", max_new_tokens=3, runtime="torch")
+    assert result.prompt_ids == list(base_tokenizer.encode("the cat sat"))
+    assert result.text == base_tokenizer.decode(result.tokens)
+
+
+def test_text_prompt_without_tokenizer_files_is_bad_input(export_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from moe_export.reference.tokenizer import TOKENIZER_FILES
+
+    bare = Path(shutil.copytree(export_dir, tmp_path / "bare", symlinks=True))
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["generate", str(bare), "--prompt", "the cat", "--runtime", "torch"])
+    assert result.exit_code == 2 and "no tokenizer files" in result.output and "--prompt-ids" in result.output

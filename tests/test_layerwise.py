@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 import moe_export
 from moe_export.cli import app
-from moe_export.merging import calibrate
-from moe_export.merging.apply import merge
+from moe_export.merging import calibrate, merge
+from moe_export.merging.calibration_data import CalibrationSet, calibration_inputs
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise
-from moe_export.merging.statistics import CalibrationSet, CalibrationStats, calibration_inputs
+from moe_export.merging.statistics import CalibrationStats
 from moe_export.reference.loading import load_without_model
 from moe_export.reference.streamed import PARTS, StreamedReference
 from tests.conftest import SAMPLES

@@ -81,9 +81,59 @@ def test_int4_export_rewrites_only_base_linears(int4_run, tmp_path_factory: pyte
     fp32 = merged_sample_run(tmp_path_factory, SAMPLES / "goat")
     assert fp32.exit_code == 0
     assert _custom_parts(out / "model.onnx") == _custom_parts(fp32.out_dir / "model.onnx")
-    # The model shrinks: int4 weights are 1/8 of fp32 plus a scale per 32 (the embedding stays fp32).
+    # The model shrinks: int4 weights (the embedding table too) are 1/8 of fp32 plus a scale per 32.
     size = (out / "model.onnx").stat().st_size
     assert size < 0.75 * (fp32.out_dir / "model.onnx").stat().st_size
+
+
+def test_int4_embedding_table(int4_run, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[no-untyped-def]
+    """The embedding table is int4 too (GatherBlockQuantized, the MatMulNBits blocks): what ORT gathers for
+    every token id equals `dequantize` of the stored codes, and is within one quantization step of the fp32
+    export's table (each block's largest-magnitude value exact); no fp32 table is left in the graph."""
+    import onnxruntime as ort
+
+    out = int4_run.out_dir
+    scheme = ExportManifest.load(out).quant_scheme
+    assert scheme is not None and list(scheme.embedding) == ["model.embed_tokens"]
+    proto = onnx.load(str(out / "model.onnx"))
+    (node,) = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert node.name == scheme.embedding["model.embed_tokens"]
+    assert not any(
+        n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].ndim == 2 for n in proto.graph.node
+    )
+    codes, scales = inits[node.input[0]], inits[node.input[2]]
+    fp32 = onnx.load(str(merged_sample_run(tmp_path_factory, SAMPLES / "goat").out_dir / "model.onnx"))
+    fp32_inits = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    (gather,) = [
+        n
+        for n in fp32.graph.node
+        if n.op_type == "Gather" and n.input[0] in fp32_inits and fp32_inits[n.input[0]].ndim == 2
+    ]
+    table = fp32_inits[gather.input[0]]
+    vocab, hidden = table.shape
+    assert codes.shape == (vocab, hidden // 2) and codes.dtype == np.uint8 and gather.input[0] not in inits
+    assert not any(v.shape == table.shape and v.dtype == np.float32 for v in inits.values())
+    ids = np.arange(vocab, dtype=np.int64)[None]
+    node.input[1] = "input_ids"  # in the export it reads the ids after the decoder's left-pad rotation
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, vocab])],
+        [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(codes, node.input[0]), numpy_helper.from_array(scales, node.input[2])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    )
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids}
+    )[0][0]
+    deq = dequantize(codes, scales, None, hidden, vocab, 4, scheme.block_size)
+    np.testing.assert_array_equal(got, deq)
+    step = np.repeat(np.abs(scales).reshape(vocab, -1), scheme.block_size, axis=1)
+    assert (np.abs(deq - table) <= step * (1 + 1e-6)).all()
+    blocks = np.abs(table).reshape(vocab, -1, scheme.block_size)
+    largest = np.abs(deq).reshape(vocab, -1, scheme.block_size).max(-1)
+    np.testing.assert_allclose(largest, blocks.max(-1), rtol=1e-6)
 
 
 def test_int4_validation_split(int4_run) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ import typer
 
 from moe_export.cli import checks
 from moe_export.cli.app import command, console, parse_int_list, print_json
-from moe_export.errors import FormatError, MoeExportError
+from moe_export.errors import MoeExportError
 
 
 @command("generate")
@@ -39,15 +39,9 @@ def generate_command(
         raise MoeExportError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT")
     checks.at_least(threads, 1, "--threads")
     checks.input_dir(export_dir, "export directory")
-    tokenizer = _tokenizer(export_dir) if prompt is not None else None
-    if tokenizer is not None:
-        ids = list(tokenizer.encode(prompt))
-    else:
-        parsed = parse_int_list(prompt_ids, "--prompt-ids")
-        ids = parsed if isinstance(parsed, list) else [parsed]  # type: ignore[list-item]
-    result = generate(export_dir, ids, max_new_tokens, runtime, threads, progress=not as_json)
-    if tokenizer is not None:
-        result.text = tokenizer.decode(result.tokens)
+    ids = parse_int_list(prompt_ids, "--prompt-ids") if prompt is None else None
+    source = prompt if prompt is not None else (ids if isinstance(ids, list) else [ids])  # text: the API tokenizes it
+    result = generate(export_dir, source, max_new_tokens, runtime, threads, progress=not as_json)  # type: ignore[arg-type]
     if as_json:
         print_json(result.to_dict())
         return
@@ -60,14 +54,3 @@ def generate_command(
         f"{result.runtime}, greedy)",
         highlight=False,
     )
-
-
-def _tokenizer(export_dir: Path) -> object:
-    if not (export_dir / "tokenizer.json").is_file() and not (export_dir / "tokenizer_config.json").is_file():
-        raise FormatError(f"{export_dir}: no tokenizer files; use --prompt-ids instead of --prompt")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(export_dir))
-    except Exception as exc:  # transformers raises many kinds here
-        raise FormatError(f"{export_dir}: cannot load the tokenizer ({str(exc).splitlines()[0][:200]})") from exc

@@ -60,6 +60,12 @@ def onnx_command(
         help="With --quantize: fail (exit 1) when more than this fraction of held-out positions change argmax "
         "against the fp32 reference (reported, not gated, without it).",
     ),
+    fusion: str = typer.Option(
+        "contrib",
+        "--fusion",
+        help="contrib: the KV-cache decoder's attention, rotary and residual norms as ONNX Runtime com.microsoft "
+        "ops (GroupQueryAttention...; not for TensorRT); none: standard ops only.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
     forward: str = ONNX_FORWARD_OPTION,
@@ -75,7 +81,7 @@ def onnx_command(
     options = ExportOptions(
         dtype=dtype, opset=opset, kv_cache=not no_kv_cache, base_only=base_only, merge=merge, quantize=quantize,
         block_size=block_size, validate=not no_validate, max_top1_drop=max_top1_drop, force=force,
-        progress=not as_json,
+        progress=not as_json, fusion=fusion,
     )  # fmt: skip
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)

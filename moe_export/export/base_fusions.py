@@ -6,6 +6,9 @@ written with a Div: ... -> Sqrt -> Div(x, .) -> Mul(weight). Rewriting Reciproca
 graph in standard ops (TensorRT and any other runtime read it as before) and turns 7 kernels per norm into one
 on ORT. x / s and x * (1 / s) differ by at most one rounding: well inside the fp32 parity tolerance.
 
+The contrib decoder (export/decoder_fused.py) traces SkipSimplifiedLayerNormalization with all four outputs;
+`drop_unused_norm_outputs` empties the mean / inv-std ones nothing reads.
+
 Main-graph nodes only: the GroupedLoRA nodes and their model-local function bodies are not touched.
 """
 
@@ -55,12 +58,30 @@ def divide_by_rms(proto: Any) -> int:
     return len(divides)
 
 
+def drop_unused_norm_outputs(proto: Any) -> int:
+    """Empty SkipSimplifiedLayerNormalization's mean / inv-std outputs (1 and 2) that nothing reads, so ORT
+    does not compute them and no declared shape has to match its own. In place; returns the outputs dropped."""
+    used = {name for node in proto.graph.node for name in node.input} | {v.name for v in proto.graph.output}
+    dropped: set[str] = set()
+    for node in proto.graph.node:
+        if node.domain != "com.microsoft" or node.op_type != "SkipSimplifiedLayerNormalization":
+            continue
+        for i in (1, 2):
+            if i < len(node.output) and node.output[i] and node.output[i] not in used:
+                dropped.add(node.output[i])
+                node.output[i] = ""
+    kept = [v for v in proto.graph.value_info if v.name not in dropped]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    return len(dropped)
+
+
 def fuse_saved_model(model_path: Path) -> int:
     """Apply the rewrites to a saved export (its weights, in external data or not, are not rewritten)."""
     import onnx
 
     proto = onnx.load(str(model_path), load_external_data=False)
-    count = divide_by_rms(proto)
+    count = divide_by_rms(proto) + drop_unused_norm_outputs(proto)
     if count:
         # Initializers keep their external_data references: only the graph proto is written again.
         onnx.save_model(proto, str(model_path))

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from moe_export.errors import ExportError
+from moe_export.export.decoder_fused import FusedDecoderWithPast
 from moe_export.export.interface import TOTAL_SEQUENCE, GraphInterface, KVLayout
+from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -63,8 +65,16 @@ def returned_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def trace_decoder(model: torch.nn.Module, interface: GraphInterface, opset: int, translations: dict[Any, Any]) -> Any:
-    """torch.onnx.export of the decoder with past; returns the ONNXProgram (dims renamed to the interface's)."""
+def trace_decoder(
+    model: torch.nn.Module,
+    interface: GraphInterface,
+    opset: int,
+    translations: dict[Any, Any],
+    fusion: str = FUSION_NONE,
+) -> Any:
+    """torch.onnx.export of the decoder with past; returns the ONNXProgram (dims renamed to the interface's).
+
+    `fusion="contrib"`: attention, rotary and residual norms as com.microsoft ops (export/decoder_fused.py)."""
     assert interface.past is not None
     layout = interface.past
     feeds = interface.example_feeds(int(model.config.vocab_size))
@@ -72,9 +82,10 @@ def trace_decoder(model: torch.nn.Module, interface: GraphInterface, opset: int,
     dtype = model.get_input_embeddings().weight.dtype  # routers stay fp32 in a fp16 export: not them
     # via fp32: torch cannot read numpy's (ml_dtypes') bfloat16
     past = [torch.from_numpy(feeds[name].astype("float32")).to(dtype) for name in interface.past_names()]
+    wrapper = FusedDecoderWithPast(model, layout) if fusion == FUSION_CONTRIB else DecoderWithPast(model, layout)
     with torch.no_grad():
         program = torch.onnx.export(
-            DecoderWithPast(model, layout).eval(),
+            wrapper.eval(),
             (*args, past),
             dynamo=True,
             opset_version=opset,

@@ -62,6 +62,10 @@ class ExportManifest:
     quantization: dict[str, Any] | None = field(
         default=None, metadata={"help": "export/quantize.QuantScheme of the base weights, or null (not quantized)"}
     )
+    fusion: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "decoder base-graph fusion: requested, mode (contrib | none), reason when not applied"},
+    )
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
     relative_sources: dict[str, str] = field(
         default_factory=dict,

@@ -1,6 +1,7 @@
 """`export_onnx`: the whole causal LM to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
 
-By default the graph is the KV-cache decoder that generation clients run (export/decoder.py, plus
+By default the graph is the KV-cache decoder that generation clients run (export/decoder.py, its attention,
+rotary and residual norms in ONNX Runtime contrib ops where the model allows it: export/decoder_fused.py; plus
 genai_config.json from export/client_files.py); `kv_cache=False` writes the scoring graph
 (input_ids, attention_mask) -> logits.
 
@@ -28,6 +29,7 @@ from moe_export.errors import ExportError, FormatError, InternalError, MoeExport
 from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
+from moe_export.export.decoder_fused import resolve_fusion
 from moe_export.export.dtypes import GRAPH_DTYPES, torch_dtype
 from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
@@ -128,7 +130,8 @@ def export_onnx(
     (lm_head included) into MatMulNBits blocks of `block_size` after the folds and the merge
     (export/quantize.py); routers and experts stay fp32. `kernel_library` (the native GroupedLoRA library; the
     API passes the one built here) ships with a KV-cache export that has custom ops, and genai_config.json names
-    it (export/client_files.py).
+    it (export/client_files.py). `fusion` ("contrib", the default, or "none"): the KV-cache decoder's attention,
+    rotary and residual norms as ONNX Runtime com.microsoft ops where the model allows it (export/decoder_fused.py).
     """
     start = time.perf_counter()
     options = ExportOptions.build(options, fields)
@@ -152,26 +155,32 @@ def export_onnx(
         model = _prepare_model(source, merged, options.dtype, options.base_only, consume)
         del source
         units = [] if options.base_only else _unit_records(loaded, model)
-        manifest = _write_export(model, merged, out_dir, ours, options, units, merge_plan, kernel_library, status)
+        fusion = resolve_fusion(options.fusion, model, options.kv_cache, console)  # export/decoder_fused.py
+        manifest = _write_export(
+            model, merged, out_dir, ours, options, units, merge_plan, kernel_library, status, fusion
+        )
     return ExportResult(out_dir, out_dir / MODEL_FILE, manifest, time.perf_counter() - start)
 
 
 def _write_export(
     model: torch.nn.Module, merged: LoadedAdapter, out_dir: Path, ours: set[str] | None, options: ExportOptions,
     units: list[UnitRecord], merge_plan: dict[str, Any] | None, kernel_library: Path | None, status: Any,
+    fusion: dict[str, Any],
 ) -> ExportManifest:  # fmt: skip
     """Trace, post-process and write the export in a staging directory renamed into place (check_out_dir said
-    how: `ours`); on any failure the staging directory goes and `out_dir` is as it was."""
+    how: `ours`); on any failure the staging directory goes and `out_dir` is as it was. `fusion`: the decoder's
+    base-graph record (export/decoder_fused.py resolve_fusion), whose mode the trace follows."""
     with output_errors(out_dir):  # a full disk or read-only -o: one line naming -o, exit 2
         tmp = make_staging_dir(out_dir)
         try:
             status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
             interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
-            program = _trace(model, interface, options.opset)
+            program = _trace(model, interface, options.opset, fusion["mode"])
             model_path, scheme = _post_process(program, model, tmp, options, units, status)
             interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
             manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
             manifest.quantization = scheme.to_dict() if scheme is not None else None
+            manifest.fusion = fusion
             library = kernel_library if manifest.custom_ops else None
             _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
             return manifest
@@ -229,12 +238,9 @@ def _merge_first(
         return loaded, None
     from moe_export.merging.apply import merge  # lazy: merge pulls in calibration
 
-    merge_options, calibration = options.merge, options.merge.calibration
-    result = merge(
-        loaded, merge_options.threshold, merge_options.budget, None, calibration.data, options.progress,
-        samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed,
-        evaluate=merge_options.evaluate, streaming=streaming,
-    )  # fmt: skip
+    # the export's progress setting covers its merge's calibration bars too
+    calibration = options.merge.calibration.replace(progress=options.progress)
+    result = merge(loaded, options.merge.replace(calibration=calibration), streaming=streaming)
     result.report.render(console)
     return result.loaded, result.plan.to_dict()
 
@@ -369,11 +375,12 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
     return records
 
 
-def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int) -> Any:
-    """torch.onnx.export of the model into the interface; returns the ONNXProgram."""
+def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion: str) -> Any:
+    """torch.onnx.export of the model into the interface (the decoder's base graph as `fusion` says: contrib
+    or none, export/decoder_fused.py); returns the ONNXProgram."""
     try:
         if interface.is_decoder:
-            return trace_decoder(model, interface, opset, translation_table())
+            return trace_decoder(model, interface, opset, translation_table(), fusion)
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
         feeds = interface.example_feeds(vocab, *EXAMPLE_SHAPE)
         with torch.no_grad():

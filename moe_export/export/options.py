@@ -15,6 +15,9 @@ from moe_export.export.quantize import DEFAULT_BLOCK_SIZE, check_quantize_option
 from moe_export.merging.options import CalibrateOptions, MergeOptions
 
 DEFAULT_OPSET = 20
+# The KV-cache decoder's base graph (export/decoder_fused.py): ONNX Runtime contrib ops, or standard ops only.
+FUSION_CONTRIB, FUSION_NONE = "contrib", "none"
+FUSIONS = (FUSION_CONTRIB, FUSION_NONE)
 # Keyword arguments of moe_export.export_onnx before ExportOptions (still accepted, mapped onto `merge`).
 LEGACY_MERGE_KEYS = {"merge_threshold": "threshold", "merge_budget": "budget"}
 
@@ -36,11 +39,19 @@ class ExportOptions(Options):
     max_top1_drop: float | None = field(
         default=None, metadata=help_text("with quantize: fail when more held-out argmaxes change than this share")
     )
+    fusion: str = field(
+        default=FUSION_CONTRIB,
+        metadata=help_text(
+            "contrib: the decoder's attention, rotary and residual norms as com.microsoft ops where the model "
+            "allows it (not for TensorRT) | none: standard ops only"
+        ),
+    )
     force: bool = field(default=False, metadata=help_text("replace an export that sits beside other files"))
     progress: bool = field(default=True, metadata=help_text("show progress on stderr"))
 
     def __post_init__(self) -> None:
         one_of(self.dtype, DTYPES, "--dtype")
+        one_of(self.fusion, FUSIONS, "--fusion")
         if self.opset < MIN_OPSET:
             raise ExportError(f"--opset {self.opset}: the GroupedLoRA function body needs opset >= {MIN_OPSET}")
         if self.opset > MAX_OPSET:

@@ -29,7 +29,9 @@ DEFAULT_BLOCK_SIZE = 32
 FAST_ACCURACY_LEVEL = 4  # int8 activations: 3.6x faster than level 0 at one token (reference/quantization.md)
 EXACT_ACCURACY_LEVEL = 0  # fp32 activations, the same dequantized weights
 NBITS_OP = "MatMulNBits"
+GATHER_OP = "GatherBlockQuantized"
 MS_DOMAIN = "com.microsoft"
+EMBEDDING_MODULE = "model.embed_tokens"  # transformers' decoder-only models name their input embedding so
 
 
 @dataclass
@@ -45,6 +47,10 @@ class QuantScheme:
     method: str = field(default="onnxruntime MatMulNBitsQuantizer, round to nearest", metadata={"help": "tool"})
     weights: dict[str, str] = field(
         default_factory=dict, metadata={"help": "module path of each quantized linear -> its MatMulNBits node"}
+    )
+    embedding: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "int4: the embedding table's module -> its GatherBlockQuantized node (same blocks)"},
     )
 
     def __post_init__(self) -> None:
@@ -126,8 +132,73 @@ def quantize_saved_model(model_path: Path, linears: set[str], quantize: str, blo
         raise ExportError(f"{model_path}: the quantizer left {len(missing)} base linears as MatMul, e.g. {missing[0]}")
     if len(nodes) != len(weights):
         raise ExportError(f"{model_path}: {len(nodes)} MatMulNBits nodes for {len(weights)} base linears")
+    embedding = quantize_embedding(out, block_size) if bits == 4 else {}
     _save(out, model_path, external)
-    return QuantScheme(scheme=quantize, bits=bits, block_size=block_size, weights=weights)
+    return QuantScheme(scheme=quantize, bits=bits, block_size=block_size, weights=weights, embedding=embedding)
+
+
+def quantize_embedding(proto: Any, block_size: int) -> dict[str, str]:
+    """The embedding table's Gather -> `com.microsoft::GatherBlockQuantized` with int4 codes, in place.
+
+    The same scheme as MatMulNBits (symmetric round to nearest, blocks of `block_size` along the hidden axis,
+    zero point 8, one fp32 scale per block; onnxruntime-genai's builder writes this op for its int4 tied
+    embeddings): the table is the largest fp32 tensor left after --quantize int4 (vocab x hidden). Skipped (the
+    table stays fp32) when hidden is not a multiple of the block or the table is not a plain fp32 initializer.
+    Returns {module: node} for export.json (empty when skipped)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    tensors = {t.name: t for t in proto.graph.initializer}
+    users = [name for node in proto.graph.node for name in node.input]
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type != "Gather" or node.domain != "" or _innermost_module(node) != EMBEDDING_MODULE:
+            continue
+        table = tensors.get(node.input[0])
+        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2:
+            return {}
+        if table.dims[1] % block_size or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            return {}
+        codes, scales = quantize_blocks(numpy_helper.to_array(table), block_size)
+        name = f"{node.name}_Q4"
+        gather = helper.make_node(
+            GATHER_OP,
+            [f"{table.name}_Q4", node.input[1], f"{table.name}_scales"],
+            list(node.output),
+            name=name,
+            domain=MS_DOMAIN,
+            bits=4,
+            block_size=block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+        gather.metadata_props.extend(node.metadata_props)
+        proto.graph.node.remove(node)
+        proto.graph.node.insert(index, gather)
+        if users.count(table.name) == 1:  # a tied lm_head may still read the fp32 table
+            proto.graph.initializer.remove(table)
+        proto.graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, f"{table.name}_Q4"),
+                numpy_helper.from_array(scales, f"{table.name}_scales"),
+            ]
+        )
+        if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        return {EMBEDDING_MODULE: name}
+    return {}
+
+
+def quantize_blocks(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[V, H] fp32 -> (uint8 codes [V, H/2], two per byte, low nibble first; fp32 scales [V, H/block]).
+
+    Symmetric int4 as MLAS quantizes MatMulNBits weights: per block, the value of largest magnitude maps to code 0
+    (scale = that value / -8, so the sign is in the scale), w ~ (code - 8) * scale, codes clipped to 0..15."""
+    rows, hidden = table.shape
+    blocks = table.reshape(rows, hidden // block_size, block_size).astype(np.float32)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], axis=-1)[..., 0]
+    scales = np.where(extreme == 0, 1.0, extreme / -8.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15).astype(np.uint8)
+    codes = (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(rows, hidden // 2)
+    return np.ascontiguousarray(codes), scales
 
 
 def _gemms_to_matmuls(proto: Any, linears: set[str]) -> None:
@@ -175,7 +246,8 @@ def _save(proto: Any, model_path: Path, external: bool) -> None:
 
 
 def dequantized_weights(model_path: Path, scheme: QuantScheme) -> dict[str, np.ndarray]:
-    """module path -> the [N, K] weight (nn.Linear layout) that the export's MatMulNBits node computes with.
+    """module path -> the [N, K] weight (nn.Linear layout) that the export's MatMulNBits node computes with,
+    and the [vocab, hidden] table its GatherBlockQuantized embedding gathers from (int4).
 
     Read from the quantizer's own tensors: packed codes [N, blocks, block_size*bits/8] (low nibble first for
     4 bits), one fp32 scale per (column, block), zero point 2^(bits-1) when symmetric (no zero-point input)."""
@@ -184,8 +256,17 @@ def dequantized_weights(model_path: Path, scheme: QuantScheme) -> dict[str, np.n
 
     proto = onnx.load(str(model_path))
     tensors = {t.name: t for t in proto.graph.initializer}
-    nodes = {n.name: n for n in proto.graph.node if n.op_type == NBITS_OP}
     weights = {}
+    gathers = {n.name: n for n in proto.graph.node if n.op_type == GATHER_OP}
+    for module, node_name in scheme.embedding.items():
+        node = gathers.get(node_name)
+        if node is None:
+            raise FormatError(f"{model_path}: no {GATHER_OP} node {node_name} (export.json names it for {module})")
+        codes = numpy_helper.to_array(tensors[node.input[0]])
+        scales = numpy_helper.to_array(tensors[node.input[2]]).astype(np.float32)
+        rows, hidden = codes.shape[0], codes.shape[1] * 2
+        weights[module] = dequantize(codes, scales, None, hidden, rows, 4, scheme.block_size)
+    nodes = {n.name: n for n in proto.graph.node if n.op_type == NBITS_OP}
     for module, node_name in scheme.weights.items():
         node = nodes.get(node_name)
         if node is None:

@@ -249,6 +249,12 @@ def build_engine(
     without one it keeps the plugin, and engine.json says it was not timed."""
     options = options or TrtBuildOptions()
     info = inspect_onnx_dir(onnx_dir)
+    fusion = info.manifest.fusion or {}
+    if fusion.get("mode") == "contrib":  # export/decoder_fused.py: ONNX Runtime contrib ops TensorRT cannot parse
+        raise ExportError(
+            f"{info.onnx_path}: the decoder uses ONNX Runtime's com.microsoft ops (GroupQueryAttention...), which "
+            "TensorRT cannot build; export it again with --fusion none"
+        )
     profiles = resolve_profiles(info, options)
     trt = import_tensorrt()
     gpu = require_cuda()

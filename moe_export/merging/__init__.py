@@ -1,7 +1,7 @@
 """Merge statically dominant experts into the base weights (docs/merging.md).
 
 options.py (CalibrateOptions, MergeOptions) -> run.py (`calibrate`, `merge`: whole model or layer-streamed) ->
-statistics.py (calibration) -> plan.py (which units fold, pure data) -> apply.py (merged reference model;
+calibration_data.py (which tokens) -> statistics.py (calibration) -> plan.py (which units fold, pure data) -> apply.py (merged reference model;
 report.py: what it cost) -> write.py (merged HF directory, shard by shard). The fold itself is `moe_export.ir.fold`.
 """
 

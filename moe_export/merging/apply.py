@@ -2,24 +2,24 @@
 
 plan_merge(adapter, stats, ...)  -> MergePlan      (plan.py: pure data, JSON round trip)
 apply_merge_plan(loaded, plan)   -> LoadedAdapter  (merged reference model + the adapter left routed)
-merge(loaded, threshold=...)     -> MergeResult    (calibrate if needed, plan, apply, held-out report)
+merge(loaded, MergeOptions(...)) -> MergeResult    (calibrate if needed, plan, apply, held-out report)
 save_merged(result, out_dir)     -> Path           (write.py: streaming HF model dir)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moe_export.errors import MergeError
 from moe_export.ir import Adapter, LinearMoE
+from moe_export.merging.calibration_data import CalibrationSet, calibration_inputs
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise, measure_layerwise
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
-from moe_export.merging.options import check_merge_choice
+from moe_export.merging.options import MergeOptions
 from moe_export.merging.plan import (
     MergePlan,
     UnitMerge,
@@ -28,11 +28,9 @@ from moe_export.merging.plan import (
 )
 from moe_export.merging.report import MergeReport, MergeResult, UnitReport
 from moe_export.merging.statistics import (
-    CalibrationSet,
     CalibrationStats,
     UnitAccumulator,
     calibrate_whole,
-    calibration_inputs,
     recording,
     routed_linear_units,
     run_samples,
@@ -93,25 +91,22 @@ def _needs_stats(adapter: Adapter, task_id: int | None) -> bool:
 
 def merge(
     loaded: LoadedAdapter,
-    threshold: float | None = None,
-    budget: float | None = None,
+    options: MergeOptions | None = None,
     stats: CalibrationStats | None = None,
-    data: str | Path | None = None,
-    progress: bool = True,
-    *,
-    samples: int = 32,
-    seq_len: int = 64,
-    seed: int = 0,
-    evaluate: bool = True,
     streaming: Streaming | None = None,
 ) -> MergeResult:
-    """Plan and apply a merge (calibrating first when the plan needs statistics), then measure it on
-    held-out calibration tokens. `loaded` is not changed (the merge works on a copy); `loaded.model` may be None when
-    `stats` are given (or only exact folds are asked) and `evaluate=False`: then only the plan and the
+    """Plan and apply a merge as `options` say (calibrating first when the plan needs statistics and none are
+    given, here or as `options.stats`), then, unless `options.evaluate` is off, measure it on held-out
+    calibration tokens. `loaded` is not changed (the merge works on a copy); `loaded.model` may be None when
+    statistics are given (or only exact folds are asked) and evaluate is off: then only the plan and the
     remaining adapter are produced, for `save_merged`. With `streaming`, calibration and the held-out measurement
-    run the reference one decoder layer at a time (layerwise.py) and `loaded.model` may be None throughout."""
-    check_merge_choice(threshold, budget)
-    calib = CalibrationSet(data, samples, seq_len, seed)
+    run the reference one decoder layer at a time (layerwise.py) and `loaded.model` may be None throughout.
+    `moe_export.merge` (run.py) decides the streaming and the model for you."""
+    options = options or MergeOptions()
+    threshold, budget, evaluate = options.threshold, options.budget, options.evaluate
+    calib, progress = CalibrationSet.from_options(options.calibration), options.calibration.progress
+    if stats is None and options.stats is not None:
+        stats = CalibrationStats.load(options.stats)
     adapter = loaded.adapter
     if stats is None and (threshold is not None or budget is not None) and _needs_stats(adapter, loaded.task_id):
         if streaming is not None:

@@ -17,15 +17,14 @@ import torch
 
 from moe_export.formats.base_weights import INDEX_FILE, SINGLE_FILE
 from moe_export.ir.fold import unmap_large_frees
+from moe_export.merging.calibration_data import CalibrationSet, calibration_inputs
 from moe_export.merging.logits_agreement import LogitsAgreement
 from moe_export.merging.module_folds import check_plan, fold_entries
 from moe_export.merging.options import check_forward_choice
 from moe_export.merging.plan import MergePlan
 from moe_export.merging.statistics import (
-    CalibrationSet,
     CalibrationStats,
     UnitAccumulator,
-    calibration_inputs,
     collect_stats,
     recording,
     routed_linear_units,

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from moe_export.merging import apply
+from moe_export.merging.calibration_data import CalibrationSet
 from moe_export.merging.layerwise import Streaming, calibrate_layerwise, check_forward, choose_streaming
 from moe_export.merging.options import CalibrateOptions, MergeOptions
 from moe_export.merging.report import MergeResult
-from moe_export.merging.statistics import CalibrationSet, CalibrationStats, calibrate_whole
+from moe_export.merging.statistics import CalibrationStats, calibrate_whole
 from moe_export.reference.loading import LoadedAdapter, attach_model, open_source
 
 Source = LoadedAdapter | str | Path
@@ -33,7 +34,7 @@ def calibrate(source: Source, options: CalibrateOptions | None = None, **fields:
     check_forward(options.forward, options.device)  # CUDA asked for and absent: refused before the load
     loaded = open_source(source, **load)
     streaming = _streaming(loaded, options)
-    calib = _calibration_set(options)
+    calib = CalibrationSet.from_options(options)
     if streaming is None:
         return calibrate_whole(_with_model(loaded), calib, options.progress)
     return calibrate_layerwise(loaded, calib, options.progress, streaming)
@@ -59,17 +60,12 @@ def merge(
         check_forward(options.calibration.forward, options.calibration.device)  # before the load
     loaded = open_source(source, **load)
     if stats is None and options.stats is not None:
-        stats = CalibrationStats.load(options.stats)
-    calibration = options.calibration
-    streaming = streaming if streaming is not None else _streaming(loaded, calibration)
+        stats = CalibrationStats.load(options.stats)  # before any model is built: a bad file costs no waiting
+    streaming = streaming if streaming is not None else _streaming(loaded, options.calibration)
     needs_model = options.evaluate or (stats is None and options.selects)
     if needs_model and streaming is None:
         loaded = _with_model(loaded)
-    return apply.merge(
-        loaded, options.threshold, options.budget, stats, calibration.data, calibration.progress,
-        samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed,
-        evaluate=options.evaluate, streaming=streaming,
-    )  # fmt: skip
+    return apply.merge(loaded, options, stats, streaming)
 
 
 def _build(cls: Any, options: Any, fields: Mapping[str, Any]) -> Any:
@@ -86,7 +82,3 @@ def _streaming(loaded: LoadedAdapter, options: CalibrateOptions) -> Streaming | 
 def _with_model(loaded: LoadedAdapter) -> LoadedAdapter:
     """`loaded` itself when it has its model, else a copy with the whole fp32 reference attached."""
     return loaded if loaded.model is not None else attach_model(loaded)
-
-
-def _calibration_set(options: CalibrateOptions) -> CalibrationSet:
-    return CalibrationSet(options.data, options.samples, options.seq_len, options.seed)

@@ -13,7 +13,8 @@ from moe_export.reference.model import MoELoRALinear
 
 @torch.no_grad()
 def substitute_base_weights(model: nn.Module, adapter: Adapter | None, weights: dict[str, torch.Tensor]) -> None:
-    """Replace the weight of each nn.Linear named in `weights` ([out, in]) by the given tensor, in place.
+    """Replace the weight of each nn.Linear ([out, in]) or nn.Embedding named in `weights` by the given tensor,
+    in place.
 
     A base inside a MoELoRALinear with always-on (shared) LoRAs stands for W + the shared LoRAs: the export
     folded them before quantizing, so the shared branch is folded first and then the sum replaced. Each
@@ -23,7 +24,8 @@ def substitute_base_weights(model: nn.Module, adapter: Adapter | None, weights: 
             linear = model.get_submodule(name)
         except AttributeError as exc:
             raise FormatError(f"substituted weight {name}: the reference model has no such module") from exc
-        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(weight.shape):
+        # nn.Embedding: an int4 export's embedding table ([vocab, hidden], export/quantize.py)
+        if not isinstance(linear, (nn.Linear, nn.Embedding)) or tuple(linear.weight.shape) != tuple(weight.shape):
             shape = tuple(getattr(getattr(linear, "weight", None), "shape", ()))
             raise FormatError(
                 f"substituted weight {name}: {tuple(weight.shape)} does not fit {type(linear).__name__} {shape}"

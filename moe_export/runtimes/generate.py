@@ -14,6 +14,7 @@ from moe_export.errors import MoeExportError
 from moe_export.export.client_files import read_genai_model
 from moe_export.export.manifest import Artifact
 from moe_export.progress import progress_bar
+from moe_export.reference.tokenizer import load_tokenizer
 from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_greedy
 from moe_export.runtimes.registry import RunnerOptions, make_runner
 
@@ -60,13 +61,19 @@ def check_fits_context(artifact: Artifact, prompt_length: int, max_new_tokens: i
 
 
 def generate(
-    export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int = 32, runtime: str = "onnxruntime",
+    export_dir: str | Path, prompt: list[int] | str, max_new_tokens: int = 32, runtime: str = "onnxruntime",
     threads: int | None = None, progress: bool = False,
 ) -> GenerateResult:  # fmt: skip
-    """Greedy decoding of `max_new_tokens` (fewer at an EOS) after `prompt_ids` on a KV-cache export;
-    `progress` shows a bar on stderr (one step per new token)."""
+    """Greedy decoding of `max_new_tokens` (fewer at an EOS) after `prompt` on a KV-cache export: token ids, or
+    text for the export's tokenizer (the result then has the new tokens' text too). `progress` shows a bar on
+    stderr (one step per new token)."""
     if runtime not in RUNTIMES:
         raise MoeExportError(f"--runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
+    tokenizer = None
+    if isinstance(prompt, str):
+        tokenizer = load_tokenizer(export_dir, "pass token ids (--prompt-ids) instead of text")
+        prompt = list(tokenizer.encode(prompt))
+    prompt_ids = list(prompt)
     if not prompt_ids:
         raise MoeExportError("--prompt-ids: empty prompt; give at least one token id")
     if max_new_tokens < 1:
@@ -85,7 +92,8 @@ def generate(
         new, seconds = _decode(artifact, prompt_ids, max_new_tokens, runtime, threads, advance)
     stop = eos_ids(artifact.path)
     end = next((i + 1 for i, t in enumerate(new) if t in stop), len(new))
-    return GenerateResult(runtime, list(prompt_ids), new[:end], seconds)
+    text = tokenizer.decode(new[:end]) if tokenizer is not None else None
+    return GenerateResult(runtime, prompt_ids, new[:end], seconds, text)
 
 
 def _decode(
