@@ -1,8 +1,8 @@
 """`export_onnx`: the whole causal LM to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
 
-By default the graph is the KV-cache decoder that generation clients run (export/decoder.py, its attention,
-rotary and residual norms in ONNX Runtime contrib ops where the model allows it: export/decoder_fused.py; plus
-genai_config.json from export/client_files.py); `kv_cache=False` writes the scoring graph
+By default the graph is the KV-cache decoder that generation clients run (export/decoder.py; with
+`fusion="contrib"` its attention, rotary and residual norms in ONNX Runtime contrib ops where the model allows
+it: export/decoder_fused.py; plus genai_config.json from export/client_files.py); `kv_cache=False` writes the scoring graph
 (input_ids, attention_mask) -> logits.
 
 Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
