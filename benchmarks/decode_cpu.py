@@ -6,13 +6,14 @@ model builder and torch, in one interleaved run.
 
 The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style E=8 r=8 top-2 on
 all 7 projections). Variants:
-  ours-base          `moe-export onnx --base-only` (KV-cache decoder of the base model), fp32; the default
-                     `--fusion contrib`: GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization
-  ours-base-plain    the same with `--fusion none` (transformers' attention traced into standard ops)
-  ours-moe-body      `moe-export onnx` of the MoE-LoRA checkpoint, ORT running the GroupedLoRA function bodies
+  ours-base          `moe-export onnx --base-only --fusion contrib` (KV-cache decoder of the base model), fp32:
+                     GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization
+  ours-base-plain    the same with `--fusion none`, the default (transformers' attention traced into standard ops)
+  ours-moe-body      `moe-export onnx --fusion contrib` of the MoE-LoRA checkpoint, ORT running the function bodies
   ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)
   ours-moe-native-plain  `--fusion none` of the same, native kernels
-  ours-moe-int4      `moe-export onnx --quantize int4` (MatMulNBits, block 32, accuracy level 4), native kernels
+  ours-moe-int4      `moe-export onnx --quantize int4 --fusion contrib` (MatMulNBits, block 32, accuracy level 4; the
+                     embedding as GatherBlockQuantized), native kernels
   ours-moe-int4-plain    `--fusion none` of the same
   builder-fp32       `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` of the base model's local
                      directory (offline): fused qkv, GroupQueryAttention, fused norms
@@ -76,11 +77,11 @@ ORT_VARIANTS = {
 }
 # our export directories -> export_onnx options
 OUR_EXPORTS = {
-    "ours-base": {"base_only": True},
+    "ours-base": {"base_only": True, "fusion": "contrib"},
     "ours-base-plain": {"base_only": True, "fusion": "none"},
-    "ours-moe": {},
+    "ours-moe": {"fusion": "contrib"},
     "ours-moe-plain": {"fusion": "none"},
-    "ours-moe-int4": {"quantize": "int4"},
+    "ours-moe-int4": {"quantize": "int4", "fusion": "contrib"},
     "ours-moe-int4-plain": {"quantize": "int4", "fusion": "none"},
 }
 
@@ -98,7 +99,7 @@ def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     wanted = {ORT_VARIANTS[v][0] for v in variants if v in ORT_VARIANTS} | {"ours-moe", "ours-moe-int4"}
     dirs = {name: work / name for name in sorted(wanted)}
     for name, options in OUR_EXPORTS.items():
-        if name in dirs and _fusion_mode(dirs[name]) != options.get("fusion", "contrib"):
+        if name in dirs and _fusion_mode(dirs[name]) != options["fusion"]:
             print(f"exporting {name}", flush=True)
             loaded = moe_export.load(ckpt, base_model=base)
             moe_export.export_onnx(

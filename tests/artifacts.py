@@ -103,7 +103,7 @@ def save_tiny_checkpoint(directory: Path, base: Path, seed: int = 0) -> Path:
 
 
 def export_tiny(
-    ckpt: Path, base: Path, out: Path, base_only: bool = False, dtype: str = "fp32", fusion: str = "contrib"
+    ckpt: Path, base: Path, out: Path, base_only: bool = False, dtype: str = "fp32", fusion: str = "none"
 ) -> Path:
     """`moe_export.export_onnx` of the checkpoint (validation off: the tests run it themselves)."""
     import moe_export
@@ -123,14 +123,14 @@ def shared_export(factory: pytest.TempPathFactory, base: Path) -> Path:
     return shared_dir(factory, "export-adapter", build) / "onnx"
 
 
-def shared_plain_export(factory: pytest.TempPathFactory, base: Path) -> Path:
-    """The same decoder export with `fusion="none"` (standard-op attention: what TensorRT builds), once per run."""
+def shared_fused_export(factory: pytest.TempPathFactory, base: Path) -> Path:
+    """The same decoder export with `fusion="contrib"` (export/decoder_fused.py), once per run."""
 
     def build(root: Path) -> None:
         ckpt = save_tiny_checkpoint(root / "ckpt", base)
-        export_tiny(ckpt, base, root / "onnx", fusion="none")
+        export_tiny(ckpt, base, root / "onnx", fusion="contrib")
 
-    return shared_dir(factory, "export-adapter-plain", build) / "onnx"
+    return shared_dir(factory, "export-adapter-contrib", build) / "onnx"
 
 
 def shared_scoring_run(factory: pytest.TempPathFactory, base: Path) -> CliRun:

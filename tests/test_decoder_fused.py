@@ -1,11 +1,10 @@
-"""The contrib-op KV-cache decoder (export/decoder_fused.py, the default) against the standard-op one.
+"""The contrib-op KV-cache decoder (export/decoder_fused.py, `fusion="contrib"`) against the standard-op one.
 
 Both graphs come from the same tiny checkpoint; the plain one (`fusion="none"`) is the decoder the rest of the
 suite checks against the PyTorch reference, so here the fused graph must (a) really hold the contrib ops, (b) keep
 every GroupedLoRA node and function body byte for byte, and (c) give the same logits at every decode step, for
-one row and for a right-padded batch, within an fp32 bound. Generation in onnxruntime-genai and validate's
-parity / route replay run on the fused export in tests/test_decoder.py (shared_export is fused) and on the
-llama3-rope sample in tests/test_real_configs.py.
+one row and for a right- and a left-padded batch, within an fp32 bound; and onnxruntime-genai must generate the
+reference's tokens from it.
 """
 
 from __future__ import annotations
@@ -22,9 +21,11 @@ import pytest
 import moe_export
 from moe_export.export.manifest import Artifact
 from moe_export.runtimes.decoding import next_token_logits
+from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.validation.generation import default_prompts
-from tests.artifacts import sample_export, shared_export, shared_plain_export
+from tests.artifacts import shared_export, shared_fused_export
 from tests.conftest import SAMPLES
+from tests.genai_check import assert_genai_matches_torch
 
 LAYERS = 2  # tests/tiny.py's Llama
 # fp32 against fp32: GroupQueryAttention's GEMM/softmax order differs from the decomposed graph's; measured
@@ -37,8 +38,8 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
     return {
-        "contrib": shared_export(tmp_path_factory, tiny_base),
-        "none": shared_plain_export(tmp_path_factory, tiny_base),
+        "contrib": shared_fused_export(tmp_path_factory, tiny_base),
+        "none": shared_export(tmp_path_factory, tiny_base),
     }
 
 
@@ -61,7 +62,7 @@ def test_fused_graph_holds_the_contrib_ops(exports: dict[str, Path]) -> None:
     assert [v.name for v in fused.graph.output] == [v.name for v in plain.graph.output]
     fusion = json.loads((exports["contrib"] / "export.json").read_text())["fusion"]
     assert fusion == {"requested": "contrib", "mode": "contrib", "reason": None}
-    assert json.loads((exports["none"] / "export.json").read_text())["fusion"]["mode"] == "none"
+    assert json.loads((exports["none"] / "export.json").read_text())["fusion"]["mode"] == "none"  # the default
 
 
 def test_grouped_lora_nodes_and_bodies_unchanged(exports: dict[str, Path]) -> None:
@@ -130,21 +131,33 @@ def test_fp16_fused_export_passes_validate(tmp_path: Path) -> None:
     decoder fails there as well: generation max |Δ| 0.0092 plain, 0.0066 fused, bound 0.0047.)"""
     loaded = moe_export.load(SAMPLES / "goat")
     out = tmp_path / "goat-fp16"
-    moe_export.export_onnx(loaded, out, dtype="fp16", validate=False, progress=False)
+    moe_export.export_onnx(loaded, out, dtype="fp16", validate=False, progress=False, fusion="contrib")
     assert sum(n.op_type == "GroupQueryAttention" for n in _load(out).graph.node) == LAYERS
     report = moe_export.validate(out, new_tokens=8)
     assert report.passed, report.failures()
     assert len(report.generation) == 2 and all(g.passed for g in report.generation)
 
 
-def test_sliding_window_bases_keep_the_plain_decoder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """GroupQueryAttention windows a right-padded row's real tokens, transformers' mask its columns: the
-    export falls back, says why in export.json, and the llama3-rope sample (no window) is fused."""
-    for sample, mode in (("goat_mistral", "none"), ("mixlora_qwen2", "none"), ("moe_peft_mola_llama3", "contrib")):
-        export = sample_export(tmp_path_factory, SAMPLES / sample).out_dir
+def test_sliding_window_bases_keep_the_plain_decoder(tmp_path: Path) -> None:
+    """GroupQueryAttention windows a right-padded row's real tokens, transformers' mask its columns: a Mistral
+    export falls back and says why in export.json; the llama3-rope sample (no window) is fused."""
+    for sample, mode in (("goat_mistral", "none"), ("moe_peft_mola_llama3", "contrib")):
+        export = tmp_path / sample
+        moe_export.export_onnx(
+            moe_export.load(SAMPLES / sample), export, validate=False, progress=False, fusion="contrib"
+        )
         fusion = json.loads((export / "export.json").read_text())["fusion"]
         assert fusion["requested"] == "contrib" and fusion["mode"] == mode, (sample, fusion)
         gqa = sum(n.op_type == "GroupQueryAttention" for n in _load(export).graph.node)
         assert (gqa > 0) == (mode == "contrib")
         if mode == "none":
             assert "sliding window 16" in fusion["reason"]
+
+
+def test_genai_generates_the_reference_tokens(exports: dict[str, Path]) -> None:
+    """onnxruntime-genai runs the contrib decoder as it is and generates the PyTorch reference's tokens, for one
+    row and a right-padded batch."""
+    reference = reference_model_loader(Artifact.open(exports["contrib"]))().eval()
+    pad = json.loads((exports["contrib"] / "genai_config.json").read_text())["model"]["pad_token_id"]
+    for prompts in default_prompts(64, pad_id=pad, seed=7):
+        assert_genai_matches_torch(exports["contrib"], reference, prompts, new_tokens=8)

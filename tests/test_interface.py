@@ -19,7 +19,7 @@ from moe_export.export.interface import GraphInterface, KVLayout
 from moe_export.export.manifest import Artifact, ExportManifest
 from moe_export.export.tensorrt import TrtBuildOptions, inspect_onnx_dir, opt_feeds, resolve_profiles
 from moe_export.export.trt_engine import check_bindings
-from tests.artifacts import shared_plain_export, shared_scoring_run
+from tests.artifacts import shared_export, shared_scoring_run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_export"
 OWNER = PACKAGE / "export" / "interface.py"
@@ -169,8 +169,7 @@ class StandInEngine:
 def exports(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
     scoring = shared_scoring_run(tmp_path_factory, tiny_base)
     assert scoring.exit_code == 0, scoring.stdout + scoring.stderr
-    # TensorRT builds the standard-op decoder (a contrib-op one is refused: export/tensorrt.py)
-    return {"decoder": shared_plain_export(tmp_path_factory, tiny_base), "scoring": scoring.out_dir}
+    return {"decoder": shared_export(tmp_path_factory, tiny_base), "scoring": scoring.out_dir}
 
 
 @pytest.mark.parametrize("kind", ["decoder", "scoring"])

@@ -61,10 +61,10 @@ def onnx_command(
         "against the fp32 reference (reported, not gated, without it).",
     ),
     fusion: str = typer.Option(
-        "contrib",
+        "none",
         "--fusion",
-        help="contrib: the KV-cache decoder's attention, rotary and residual norms as ONNX Runtime com.microsoft "
-        "ops (GroupQueryAttention...; not for TensorRT); none: standard ops only.",
+        help="none: standard ops only; contrib: the KV-cache decoder's attention, rotary and residual norms as "
+        "ONNX Runtime com.microsoft ops (GroupQueryAttention...; ONNX Runtime only, not TensorRT).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,

@@ -1,4 +1,5 @@
-"""The KV-cache decoder written with ONNX Runtime's `com.microsoft` contrib ops, as onnxruntime-genai's builder does.
+"""The KV-cache decoder written with ONNX Runtime's `com.microsoft` contrib ops, as onnxruntime-genai's builder does
+(`--fusion contrib`, opt-in: the standard-op decoder stays the default, see the README's Measured section).
 
 The plain decoder (export/decoder.py) traces transformers' attention: rotary, KV concat, head repeat, the 4-D
 mask and the softmax come out as ~50 small standard ops per layer, which dominate a CPU decode step once the

@@ -1,8 +1,8 @@
 """`export_onnx`: the whole causal LM to ONNX, one `moe_export::GroupedLoRA` node per routed unit.
 
-By default the graph is the KV-cache decoder that generation clients run (export/decoder.py, its attention,
-rotary and residual norms in ONNX Runtime contrib ops where the model allows it: export/decoder_fused.py; plus
-genai_config.json from export/client_files.py); `kv_cache=False` writes the scoring graph
+By default the graph is the KV-cache decoder that generation clients run (export/decoder.py; with
+`fusion="contrib"` its attention, rotary and residual norms in ONNX Runtime contrib ops where the model allows
+it: export/decoder_fused.py; plus genai_config.json from export/client_files.py); `kv_cache=False` writes the scoring graph
 (input_ids, attention_mask) -> logits.
 
 Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -> optional fp16/bf16 cast
@@ -130,7 +130,7 @@ def export_onnx(
     (lm_head included) into MatMulNBits blocks of `block_size` after the folds and the merge
     (export/quantize.py); routers and experts stay fp32. `kernel_library` (the native GroupedLoRA library; the
     API passes the one built here) ships with a KV-cache export that has custom ops, and genai_config.json names
-    it (export/client_files.py). `fusion` ("contrib", the default, or "none"): the KV-cache decoder's attention,
+    it (export/client_files.py). `fusion` ("none", the default, or "contrib"): the KV-cache decoder's attention,
     rotary and residual norms as ONNX Runtime com.microsoft ops where the model allows it (export/decoder_fused.py).
     """
     start = time.perf_counter()

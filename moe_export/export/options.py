@@ -40,10 +40,10 @@ class ExportOptions(Options):
         default=None, metadata=help_text("with quantize: fail when more held-out argmaxes change than this share")
     )
     fusion: str = field(
-        default=FUSION_CONTRIB,
+        default=FUSION_NONE,
         metadata=help_text(
-            "contrib: the decoder's attention, rotary and residual norms as com.microsoft ops where the model "
-            "allows it (not for TensorRT) | none: standard ops only"
+            "none: standard ops only | contrib: the decoder's attention, rotary and residual norms as "
+            "com.microsoft ops where the model allows it (ONNX Runtime only)"
         ),
     )
     force: bool = field(default=False, metadata=help_text("replace an export that sits beside other files"))
