@@ -307,7 +307,8 @@ def main() -> None:
         result, out = run_step(step, root, cli, args)
         figures[step] = result
         print(json.dumps(result, indent=1), flush=True)
-        if not args.keep and step not in ("calibrate", "merge", *validated) and out.exists():
+        kept = step in ("calibrate", "merge", *validated) or step.startswith("validate-")  # reports are small
+        if not args.keep and not kept and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         if result["rc"] != 0:
             break
