@@ -184,7 +184,7 @@ class StreamedReference:
     def embed(self, inputs: list[torch.Tensor]) -> list[SampleState]:
         """Embed each [1, L] sample (every token attended) and record what the model passes every decoder layer for
         it; the embedding weights are freed afterwards (a tied head loads them again)."""
-        return self.embed_calls([{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in inputs])
+        return self.embed_calls([dict(input_ids=ids, attention_mask=torch.ones_like(ids)) for ids in inputs])
 
     @torch.no_grad()
     def embed_calls(self, inputs: list[dict[str, torch.Tensor]]) -> list[SampleState]:

@@ -110,7 +110,7 @@ def validate(
     against the reference with its dequantized base weights, at the fp32 tolerance, and the quantization's
     cost against the fp32 reference on held-out text (a gate only with `max_top1_drop`)."""
     settings = (options or ValidateOptions()).replace(**fields) if fields else options or ValidateOptions()
-    plan = _plan(artifact_dir, settings, save_results, load_results)
+    plan = _plan(artifact_dir, settings, shapes, save_results, load_results)
     artifact, say = plan.artifact, progress or (lambda _msg: None)
     default = DEFAULT_TOLERANCES.get(artifact.dtype, DEFAULT_TOLERANCES["fp32"])
     tol = Tolerance(*(d if v is None else v for d, v in ((default.atol, settings.atol), (default.rtol, settings.rtol))))
@@ -122,8 +122,7 @@ def validate(
         results = {name: RunResult.load(load_results, name) for name in plan.candidates}
         prompts = prompts if all(r.generation for r in results.values()) else []  # judged as they were run
     else:
-        feeds_list = make_feeds(artifact, settings.inputs, shapes or settings.shapes(), settings.seed)
-        results = run_candidates(plan, feeds_list, prompts, settings.new_tokens, replay, save_results, say)
+        results = run_candidates(plan, plan.feeds, prompts, settings.new_tokens, replay, save_results, say)
     report = _new_report(plan.deployed, artifact.dtype, plan.reference_name, tol, results, replay, plan.options)
     report.notes += _reference_notes(reference, plan)
     say(f"running the reference ({plan.reference_name}) with each candidate's routing replayed")
@@ -152,11 +151,13 @@ class _Plan:
     candidates: dict[str, Runner]
     mode: str
     why_whole: str
+    feeds: list[Feeds]  # the validation inputs (none when judging loaded results)
 
 
 def _plan(
     artifact_dir: str | Path,
     settings: ValidateOptions,
+    shapes: Sequence[tuple[int, int]] | None,
     save_results: str | Path | None,
     load_results: str | Path | None,
 ) -> _Plan:
@@ -167,9 +168,12 @@ def _plan(
         raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
     artifact = exact_arithmetic_artifact(deployed)  # itself unless quantized
     options = RunnerOptions(settings.device, settings.threads, settings.optimization, REFERENCE_DTYPE)
+    # The inputs before the runners: a bad --inputs file is named before a missing model is.
+    shape_list = shapes or settings.shapes()
+    feeds = [] if load_results is not None else make_feeds(artifact, settings.inputs, shape_list, settings.seed)
     names = settings.runtimes
     candidates = {name: make_runner(name, artifact, options) for name in names[1:]}
-    return _Plan(deployed, artifact, options, names[0], candidates, settings.reference, streamable(artifact))
+    return _Plan(deployed, artifact, options, names[0], candidates, settings.reference, streamable(artifact), feeds)
 
 
 def _reference_notes(reference: Reference, plan: _Plan) -> list[str]:
