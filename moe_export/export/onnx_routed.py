@@ -257,7 +257,14 @@ def fuse_adapter(model: onnx.ModelProto) -> dict[str, int]:
     """Both adapter passes, in order: each residual Add into its GroupedLoRA (onnx_fused.py), then each
     matched router into its node. Returns the counts export.json records."""
     residual = fuse_residual_add(model)
-    return {"residual_adds": residual, "routers": fuse_routers(model)}
+    counts = {"residual_adds": residual, "routers": fuse_routers(model)}
+    # The bodies of op types no node uses any more (GroupedLoRA once every node took its Add or router in).
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    kept = [f for f in model.functions if f.domain != DOMAIN or f.name in used]
+    if len(kept) != len(model.functions):
+        del model.functions[:]
+        model.functions.extend(kept)
+    return counts
 
 
 def fuse_saved_adapter(model_path: Path) -> dict[str, int]:
