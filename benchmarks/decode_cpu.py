@@ -15,6 +15,10 @@ all 7 projections). Variants:
   ours-moe-int4      `moe-export onnx --quantize int4 --fusion contrib` (MatMulNBits, block 32, accuracy level 4; the
                      embedding as GatherBlockQuantized), native kernels
   ours-moe-int4-plain    `--fusion none` of the same
+  ours-moe-native-unfused  ours-moe-native exported with `--no-adapter-fusion`: routers (MatMul, Softmax, TopK,
+                     ReduceSum, Div), GroupedLoRA and the residual Add as separate nodes (before
+                     RoutedGroupedLoRAAdd, export/onnx_routed.py), native kernels
+  ours-moe-int4-unfused  the same for ours-moe-int4
   builder-fp32       `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` of the base model's local
                      directory (offline): fused qkv, GroupQueryAttention, fused norms
   builder-int4       the same with `-p int4` (MatMulNBits, lm_head included)
@@ -59,6 +63,8 @@ VARIANTS = (
     "ours-moe-native-plain",
     "ours-moe-int4",
     "ours-moe-int4-plain",
+    "ours-moe-native-unfused",
+    "ours-moe-int4-unfused",
     "builder-fp32",
     "builder-int4",
     "torch",
@@ -72,6 +78,8 @@ ORT_VARIANTS = {
     "ours-moe-native-plain": ("ours-moe-plain", True),
     "ours-moe-int4": ("ours-moe-int4", True),
     "ours-moe-int4-plain": ("ours-moe-int4-plain", True),
+    "ours-moe-native-unfused": ("ours-moe-unfused", True),
+    "ours-moe-int4-unfused": ("ours-moe-int4-unfused", True),
     "builder-fp32": ("builder-fp32", False),
     "builder-int4": ("builder-int4", False),
 }
@@ -83,12 +91,14 @@ OUR_EXPORTS = {
     "ours-moe-plain": {"fusion": "none"},
     "ours-moe-int4": {"quantize": "int4", "fusion": "contrib"},
     "ours-moe-int4-plain": {"quantize": "int4", "fusion": "none"},
+    "ours-moe-unfused": {"fusion": "contrib", "adapter_fusion": False},
+    "ours-moe-int4-unfused": {"quantize": "int4", "fusion": "contrib", "adapter_fusion": False},
 }
 
 
 def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     """The bench base + checkpoint and the variants' exports (each made once; later runs reuse one whose
-    export.json records the same fusion mode)."""
+    export.json records the same fusion mode and adapter passes)."""
     base, ckpt = work / "base", work / "ckpt"
     if not (base / "config.json").is_file():
         write_base(base)
@@ -99,7 +109,8 @@ def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     wanted = {ORT_VARIANTS[v][0] for v in variants if v in ORT_VARIANTS} | {"ours-moe", "ours-moe-int4"}
     dirs = {name: work / name for name in sorted(wanted)}
     for name, options in OUR_EXPORTS.items():
-        if name in dirs and _fusion_mode(dirs[name]) != options["fusion"]:
+        adapter = options.get("adapter_fusion", not options.get("base_only", False))  # base-only: no adapter
+        if name in dirs and _recorded_passes(dirs[name]) != (options["fusion"], adapter):
             print(f"exporting {name}", flush=True)
             loaded = moe_export.load(ckpt, base_model=base)
             moe_export.export_onnx(
@@ -115,11 +126,14 @@ def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     return dirs
 
 
-def _fusion_mode(directory: Path) -> str | None:
-    """The fusion mode export.json records (None: no export there yet)."""
+def _recorded_passes(directory: Path) -> tuple[str, bool] | None:
+    """The fusion mode and whether the adapter passes ran, as export.json records them (None: no export there
+    yet; an export from before the adapter passes counts as without them)."""
     if not (directory / "export.json").is_file():
         return None
-    return (json.loads((directory / "export.json").read_text()).get("fusion") or {}).get("mode", "none")
+    manifest = json.loads((directory / "export.json").read_text())
+    mode = (manifest.get("fusion") or {}).get("mode", "none")
+    return mode, bool((manifest.get("adapter_fusion") or {}).get("requested", False))
 
 
 def native_library() -> str:
@@ -260,6 +274,8 @@ def ratio_lines(results: dict[str, dict[str, tuple[float, float]]], batches: lis
             ratio("ours-base", "builder-fp32", cell)
             ratio("ours-base", "ours-base-plain", cell)
             ratio("ours-moe-native", "ours-moe-body", cell)
+            ratio("ours-moe-native", "ours-moe-native-unfused", cell)
+            ratio("ours-moe-int4", "ours-moe-int4-unfused", cell)
     return lines
 
 
