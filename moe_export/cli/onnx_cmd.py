@@ -64,7 +64,8 @@ def onnx_command(
         "none",
         "--fusion",
         help="none: standard ops only; contrib: the KV-cache decoder's attention, rotary and residual norms as "
-        "ONNX Runtime com.microsoft ops (GroupQueryAttention...; ONNX Runtime only, not TensorRT).",
+        "ONNX Runtime com.microsoft ops (GroupQueryAttention...; ONNX Runtime only: moe-export trt refuses it, "
+        "hence not the default).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
