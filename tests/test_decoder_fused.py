@@ -22,6 +22,7 @@ import pytest
 
 import moe_export
 from moe_export.export.manifest import Artifact
+from moe_export.ops.names import DOMAIN, GATED_OP_TYPES, ROUTED_OP_TYPES
 from moe_export.runtimes.decoding import next_token_logits
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.validation.generation import default_prompts
@@ -57,8 +58,9 @@ def test_fused_graph_holds_the_contrib_ops(exports: dict[str, Path]) -> None:
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * LAYERS
     plain_ops = collections.Counter((n.domain, n.op_type) for n in plain.graph.node)
     assert not any(domain == "com.microsoft" for domain, _ in plain_ops)
-    # the attention block's standard ops are gone: no Softmax outside the routers (one per routed unit)
-    routers = sum(1 for n in fused.graph.node if n.op_type == "GroupedLoRA")
+    # the attention block's standard ops are gone: no Softmax outside the routers left in standard ops (one per
+    # unit whose node reads its routing: GroupedLoRA(Add); RoutedGroupedLoRAAdd routes inside)
+    routers = sum(1 for n in fused.graph.node if n.op_type in GATED_OP_TYPES)
     assert ops[("", "Softmax")] <= routers < plain_ops[("", "Softmax")]
     assert [v.name for v in fused.graph.input] == [v.name for v in plain.graph.input]
     assert [v.name for v in fused.graph.output] == [v.name for v in plain.graph.output]
@@ -194,8 +196,9 @@ def test_left_padded_inputs_still_name_a_mutated_expert(exports: dict[str, Path]
 
     model = _load(exports["contrib"])
     onnx.load_external_data_for_model(model, str(exports["contrib"]))
-    node = next(n for n in model.graph.node if n.op_type == "GroupedLoRA" and n.name == MUTATED_UNIT)
-    init = next(i for i in model.graph.initializer if i.name == node.input[4])  # B [E, D_out, R]
+    node = next(n for n in model.graph.node if n.domain == DOMAIN and n.name == MUTATED_UNIT)
+    b_input = node.input[3 if node.op_type in ROUTED_OP_TYPES else 4]  # B [E, D_out, R] (docs/op-contract.md)
+    init = next(i for i in model.graph.initializer if i.name == b_input)
     b = numpy_helper.to_array(init).copy()
     b[:, 0, 0] += 5.0 * (np.abs(b).max() + 1.0)  # every expert: whichever a token picks is wrong
     init.CopyFrom(numpy_helper.from_array(b, init.name))

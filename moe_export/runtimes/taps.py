@@ -41,7 +41,7 @@ class UnitCapture:
     gates: np.ndarray | None  # [T, K]; None when the op takes no gates (GroupedLoRASlots)
     probs: np.ndarray | None = None  # [T, E] fp32 router probabilities (torch reference only)
     output: np.ndarray | None = None  # the op node's output ([T, D_out] GroupedLoRA, [T, K, D_out] slots)
-    base: np.ndarray | None = None  # the fused-residual forms' base input [..., D_out] (output = base + delta)
+    base: np.ndarray | None = None  # the fused-residual forms: base input [T, D_out] (output = base + delta)
     op_type: str = GROUPED_LORA
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -177,12 +177,15 @@ def captures_from_outputs(outputs: dict[str, np.ndarray], taps: list[NodeTaps]) 
     for tap in taps:
         if tap.expert_ids not in outputs or (tap.gates is not None and tap.gates not in outputs):
             continue  # constant routing: nothing input dependent to compare
+        output, base = outputs.get(tap.output), None if tap.base is None else outputs.get(tap.base)
+        if base is not None and output is not None:  # the *Add forms: [..., D_out] in base's shape -> [T, D_out]
+            output, base = (v.reshape(-1, v.shape[-1]) for v in (output, base))
         captures[tap.unit] = UnitCapture(
             outputs.get(tap.x),
             outputs[tap.expert_ids],
             None if tap.gates is None else outputs[tap.gates],
-            output=outputs.get(tap.output),
-            base=None if tap.base is None else outputs.get(tap.base),
+            output=output,
+            base=base,
             op_type=tap.op_type,
         )
     return captures

@@ -207,7 +207,7 @@ def candidate_delta(candidate: UnitCapture) -> tuple[np.ndarray, float]:
     got = candidate.output.astype(np.float64)
     if candidate.base is None:
         return got, 0.0
-    got = (got - candidate.base.astype(np.float64)).reshape(-1, got.shape[-1])  # [T, D_out]
+    got = got - candidate.base.astype(np.float64)  # [T, D_out] (captures_from_outputs flattened both)
     largest = float(np.abs(candidate.output.astype(np.float64)).max()) if got.size else 0.0
     return got, float(np.finfo(candidate.output.dtype).eps) * largest
 
