@@ -262,7 +262,7 @@ def print_summary(figures: dict[str, object], steps: list[str]) -> None:
             )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     parser.add_argument("--dir", type=Path, help="scratch directory (default /tmp/moe-export-big-<preset>)")
@@ -280,7 +280,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep each step's output (default: delete after measuring)")
     parser.add_argument("--clean", action="store_true", help="remove the scratch directory and exit")
     parser.add_argument("--json", type=Path, help="append the figures to this JSON file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     shape = PRESETS[args.preset]
     root: Path = args.dir or Path(f"/tmp/moe-export-big-{args.preset}")
     if args.clean:

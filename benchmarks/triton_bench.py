@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -62,6 +63,41 @@ def run_clients(concurrency: int, total: int, call: Callable[[int, int], int], s
     }
 
 
+def triton_calls(grpc: Any, ids: np.ndarray, prompts: np.ndarray) -> tuple[Callable, Callable]:
+    """The served counterparts of direct_score and direct_generate (one gRPC request each)."""
+
+    def triton_score(c: object, n: int) -> int:
+        a = grpc.InferInput("input_ids", [1, SEQ], "INT64")
+        a.set_data_from_numpy(ids[n % 64])
+        m = grpc.InferInput("attention_mask", [1, SEQ], "INT64")
+        m.set_data_from_numpy(np.ones((1, SEQ), np.int64))
+        c.infer("goat_score", [a, m])  # type: ignore[attr-defined]
+        return SEQ
+
+    def triton_generate(c: object, n: int) -> int:
+        a = grpc.InferInput("input_ids", [PROMPT], "INT64")
+        a.set_data_from_numpy(prompts[n % 64])
+        k = grpc.InferInput("max_new_tokens", [1], "INT32")
+        k.set_data_from_numpy(np.asarray([NEW], np.int32))
+        out = c.infer("goat_generate", [a, k]).as_numpy("output_ids")  # type: ignore[attr-defined]
+        return len(out)
+
+    return triton_score, triton_generate
+
+
+def sweep(cases: dict[str, tuple[Callable, Callable, int]], client: Callable[[], object]) -> dict[str, dict]:
+    """Direct ORT and Triton side by side at each concurrency, each after its own warm-up."""
+    results: dict[str, dict] = {}
+    for task, (direct, served, total) in cases.items():
+        for concurrency in (1, 4, 16):
+            for where, call, setup in (("direct ORT", direct, lambda: None), ("Triton grpc", served, client)):
+                run_clients(concurrency, min(total, 16), call, setup)  # warm-up
+                row = run_clients(concurrency, total, call, setup)
+                results[f"{task} c={concurrency} {where}"] = row
+                print(f"{task:10s} c={concurrency:2d} {where:11s} {row}", flush=True)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -92,40 +128,18 @@ def main() -> int:
         return len(runtime.greedy(gen_local, prompts[n % 64].tolist(), NEW))
 
     server = Server(args.work, [str(args.work / "repo-score"), str(args.work / "repo-kv")], args.work / "bench.log")
-    results: dict[str, dict] = {}
     try:
         server.wait_ready(["goat_score", "goat_generate"])
 
         def client() -> object:
             return grpc.InferenceServerClient(server.grpc_url)
 
-        def triton_score(c: object, n: int) -> int:
-            a = grpc.InferInput("input_ids", [1, SEQ], "INT64")
-            a.set_data_from_numpy(ids[n % 64])
-            m = grpc.InferInput("attention_mask", [1, SEQ], "INT64")
-            m.set_data_from_numpy(np.ones((1, SEQ), np.int64))
-            c.infer("goat_score", [a, m])  # type: ignore[attr-defined]
-            return SEQ
-
-        def triton_generate(c: object, n: int) -> int:
-            a = grpc.InferInput("input_ids", [PROMPT], "INT64")
-            a.set_data_from_numpy(prompts[n % 64])
-            k = grpc.InferInput("max_new_tokens", [1], "INT32")
-            k.set_data_from_numpy(np.asarray([NEW], np.int32))
-            out = c.infer("goat_generate", [a, k]).as_numpy("output_ids")  # type: ignore[attr-defined]
-            return len(out)
-
+        triton_score, triton_generate = triton_calls(grpc, ids, prompts)
         cases = {
             "scoring": (direct_score, triton_score, args.requests),
             "generation": (direct_generate, triton_generate, max(args.requests // 2, 32)),
         }
-        for task, (direct, served, total) in cases.items():
-            for concurrency in (1, 4, 16):
-                for where, call, setup in (("direct ORT", direct, lambda: None), ("Triton grpc", served, client)):
-                    run_clients(concurrency, min(total, 16), call, setup)  # warm-up
-                    row = run_clients(concurrency, total, call, setup)
-                    results[f"{task} c={concurrency} {where}"] = row
-                    print(f"{task:10s} c={concurrency:2d} {where:11s} {row}", flush=True)
+        results = sweep(cases, client)
     finally:
         server.stop()
     if args.json:

@@ -95,6 +95,39 @@ def generate_ok(got: list[int], case: dict, eos: set[int]) -> bool:
     return got == want[: len(got)] and (len(got) == len(want) or (bool(got) and got[-1] in eos))
 
 
+def check_outputs(clients: dict, args: argparse.Namespace, repo_of: dict[str, Path], cases: list[dict],
+                  eos: set[int]) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:  # fmt: skip
+    """Served scoring logits and first-step logits equal local ORT exactly; served generation gives the
+    reference's tokens, over both protocols. Returns the local scoring session and the step feeds (reused)."""
+    rng = np.random.default_rng(0)
+    score_local = local_session(repo_of[args.score_model].parent / "1")
+    feeds = scoring_feeds(rng, 2, 9)
+    want = score_local.run(["logits"], feeds)[0]
+    for proto, (client, module) in clients.items():
+        got = infer(client, module, args.score_model, feeds, ["logits"])["logits"]
+        check(np.array_equal(got, want), f"{proto}: {args.score_model} logits equal local ORT exactly")
+
+    step_local = local_session(repo_of[args.step_model].parent / "1")
+    step_feeds = {"input_ids": feeds["input_ids"][:1], "attention_mask": np.ones((1, 9), np.int64),
+                  "position_ids": np.arange(9, dtype=np.int64)[None]}  # fmt: skip
+    for spec in step_local.get_inputs():
+        if spec.name.startswith("past_key_values."):
+            step_feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
+    want_step = step_local.run(["logits"], step_feeds)[0]
+    for proto, (client, module) in clients.items():
+        got = infer(client, module, args.step_model, step_feeds, ["logits"])["logits"]
+        check(np.array_equal(got, want_step), f"{proto}: {args.step_model} first-step logits equal local ORT")
+
+    for proto, (client, module) in clients.items():
+        for case in cases:
+            request = {"input_ids": np.asarray(case["prompt"], np.int64),
+                       "max_new_tokens": np.asarray([case["max_new_tokens"]], np.int32)}  # fmt: skip
+            got = infer(client, module, args.generate_model, request, ["output_ids"])["output_ids"].tolist()
+            check(generate_ok(got, case, eos), f"{proto}: generate {case['prompt']} -> {got} (torch reference)")
+
+    return score_local, step_feeds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -128,32 +161,7 @@ def main() -> int:
         check_backends(server, serve, unloadable)
         clients = {"http": (http.InferenceServerClient(server.http_url), http),
                    "grpc": (grpc.InferenceServerClient(server.grpc_url), grpc)}  # fmt: skip
-        rng = np.random.default_rng(0)
-        score_local = local_session(repo_of[args.score_model].parent / "1")
-        feeds = scoring_feeds(rng, 2, 9)
-        want = score_local.run(["logits"], feeds)[0]
-        for proto, (client, module) in clients.items():
-            got = infer(client, module, args.score_model, feeds, ["logits"])["logits"]
-            check(np.array_equal(got, want), f"{proto}: {args.score_model} logits equal local ORT exactly")
-
-        step_local = local_session(repo_of[args.step_model].parent / "1")
-        step_feeds = {"input_ids": feeds["input_ids"][:1], "attention_mask": np.ones((1, 9), np.int64),
-                      "position_ids": np.arange(9, dtype=np.int64)[None]}  # fmt: skip
-        for spec in step_local.get_inputs():
-            if spec.name.startswith("past_key_values."):
-                step_feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
-        want_step = step_local.run(["logits"], step_feeds)[0]
-        for proto, (client, module) in clients.items():
-            got = infer(client, module, args.step_model, step_feeds, ["logits"])["logits"]
-            check(np.array_equal(got, want_step), f"{proto}: {args.step_model} first-step logits equal local ORT")
-
-        for proto, (client, module) in clients.items():
-            for case in cases:
-                request = {"input_ids": np.asarray(case["prompt"], np.int64),
-                           "max_new_tokens": np.asarray([case["max_new_tokens"]], np.int32)}  # fmt: skip
-                got = infer(client, module, args.generate_model, request, ["output_ids"])["output_ids"].tolist()
-                check(generate_ok(got, case, eos), f"{proto}: generate {case['prompt']} -> {got} (torch reference)")
-
+        score_local, step_feeds = check_outputs(clients, args, repo_of, cases, eos)
         concurrent(server, args, cases, eos, score_local)
         bad_requests(clients, args, step_feeds)
         bad_request_alone(server, args, score_local)

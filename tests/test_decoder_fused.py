@@ -3,14 +3,16 @@
 Both graphs come from the same tiny checkpoint; the plain one (`fusion="none"`) is the decoder the rest of the
 suite checks against the PyTorch reference, so here the fused graph must (a) really hold the contrib ops, (b) keep
 every GroupedLoRA node and function body byte for byte, and (c) give the same logits at every decode step, for
-one row and for a right- and a left-padded batch, within an fp32 bound; and onnxruntime-genai must generate the
-reference's tokens from it.
+one row and for a right- and a left-padded batch, within an fp32 bound; onnxruntime-genai must generate the
+reference's tokens from it; and validate must judge a left-padded batch unit by unit (its taps mapped back from
+the graph's rotated token order), naming a mutated expert.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,46 @@ def test_genai_generates_the_reference_tokens(exports: dict[str, Path]) -> None:
     pad = json.loads((exports["contrib"] / "genai_config.json").read_text())["model"]["pad_token_id"]
     for prompts in default_prompts(64, pad_id=pad, seed=7):
         assert_genai_matches_torch(exports["contrib"], reference, prompts, new_tokens=8)
+
+
+MUTATED_UNIT = "model.layers.1.self_attn.v_proj"
+
+
+def _left_padded_npz(path: Path) -> Path:
+    """A batch whose second and third rows are left-padded (optimum's side) by different amounts."""
+    ids = np.random.default_rng(11).integers(1, 64, size=(3, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    return path
+
+
+def test_left_padded_inputs_pass_validate(exports: dict[str, Path], tmp_path: Path) -> None:
+    """The contrib graph's units run on each row's rotated tokens; validate maps their taps back to the caller's
+    order (export/token_order.py), so route replay and every unit line up with the reference's."""
+    report = moe_export.validate(exports["contrib"], inputs=_left_padded_npz(tmp_path / "in.npz"), new_tokens=0)
+    assert report.passed, report.failures()
+    units = report.units["onnxruntime"]
+    assert len(units) == 14 and all(u.passed and u.flip_count == 0 for u in units.values())
+    # taps in the rotated order would hand the reference another token's routing at every padded row
+    assert all(u.tokens == 3 * 9 - 8 for u in units.values())
+
+
+def test_left_padded_inputs_still_name_a_mutated_expert(exports: dict[str, Path], tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    model = _load(exports["contrib"])
+    onnx.load_external_data_for_model(model, str(exports["contrib"]))
+    node = next(n for n in model.graph.node if n.op_type == "GroupedLoRA" and n.name == MUTATED_UNIT)
+    init = next(i for i in model.graph.initializer if i.name == node.input[4])  # B [E, D_out, R]
+    b = numpy_helper.to_array(init).copy()
+    b[:, 0, 0] += 5.0 * (np.abs(b).max() + 1.0)  # every expert: whichever a token picks is wrong
+    init.CopyFrom(numpy_helper.from_array(b, init.name))
+    mutated = tmp_path / "mutated"
+    shutil.copytree(exports["contrib"], mutated, ignore=shutil.ignore_patterns("model.onnx*"))
+    onnx.save_model(model, str(mutated / "model.onnx"))
+    report = moe_export.validate(mutated, inputs=_left_padded_npz(tmp_path / "in.npz"), new_tokens=0)
+    assert not report.passed
+    failing = [name for name, u in report.units["onnxruntime"].items() if not u.passed]
+    assert failing == [MUTATED_UNIT]

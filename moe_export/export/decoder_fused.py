@@ -1,5 +1,6 @@
 """The KV-cache decoder written with ONNX Runtime's `com.microsoft` contrib ops, as onnxruntime-genai's builder does
-(`--fusion contrib`, opt-in: the standard-op decoder stays the default, see the README's Measured section).
+(`--fusion contrib`, opt-in: the standard-op decoder stays the default because TensorRT cannot build this graph,
+see export/options.py DEFAULT_FUSION).
 
 The plain decoder (export/decoder.py) traces transformers' attention: rotary, KV concat, head repeat, the 4-D
 mask and the softmax come out as ~50 small standard ops per layer, which dominate a CPU decode step once the
@@ -33,6 +34,7 @@ import torch
 
 from moe_export.export.interface import KVLayout
 from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
+from moe_export.export.token_order import left_pad_rotation
 
 CONTRIB_DOMAIN = "com.microsoft"
 # Decoder layers whose structure the explicit forward follows (pre-norm RMSNorm, q/k/v/o, rotate-half rope).
@@ -91,8 +93,9 @@ class FusedDecoderWithPast(torch.nn.Module):
         total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
         # GroupQueryAttention takes a row's real tokens to be the first ones of its cache. A left-padded row
         # (optimum pads on the left) is rotated so its real tokens come first, and its hidden states rotated back:
-        # the present then holds them first too, where the next step's GroupQueryAttention looks.
-        forward, back = _left_pad_rotation(attention_mask, input_ids.shape[1])
+        # the present then holds them first too, where the next step's GroupQueryAttention looks. Every unit runs
+        # in this order: validation maps their taps back with the same rotation (export/token_order.py).
+        forward, back = left_pad_rotation(attention_mask, input_ids.shape[1])
         input_ids, position_ids = input_ids.gather(1, forward), position_ids.gather(1, forward)
         hidden = base.embed_tokens(input_ids)
         residual = hidden
@@ -158,16 +161,6 @@ class FusedDecoderWithPast(torch.nn.Module):
             shape=x.shape,
             version=1,
         )
-
-
-def _left_pad_rotation(attention_mask: torch.Tensor, sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S] gather indices that move each row's leading pads (zeros at the start of the mask's last S columns)
-    to its end, and the inverse. Unpadded and right-padded rows (no leading zeros) keep their order."""
-    new = attention_mask[:, attention_mask.shape[1] - sequence :]
-    pads = (new.cumsum(-1) == 0).sum(-1, keepdim=True)
-    steps = torch.arange(sequence, device=attention_mask.device)[None]
-    forward, back = steps + pads, steps - pads  # modulo S, written with Where (ONNX has no Mod by a SymInt)
-    return torch.where(forward >= sequence, forward - sequence, forward), torch.where(back < 0, back + sequence, back)
 
 
 def layer_window(config: Any, attn: torch.nn.Module) -> int | None:

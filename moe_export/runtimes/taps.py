@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,20 @@ def captures_from_outputs(outputs: dict[str, np.ndarray], taps: list[NodeTaps]) 
             op_type=tap.op_type,
         )
     return captures
+
+
+def reorder_tokens(captures: dict[str, UnitCapture], order: np.ndarray) -> dict[str, UnitCapture]:
+    """Each capture with its token rows put in `order` [B, S] (row b's position s takes its position order[b, s]).
+
+    Every array field has T = B*S token rows first, or T*m (a slots node's [T*K] rows), token-major."""
+    batch, seq = order.shape
+
+    def reordered(v: np.ndarray) -> np.ndarray:
+        assert v.shape[0] % (batch * seq) == 0, f"{v.shape[0]} rows are not per token of a {batch}x{seq} batch"
+        rows = v.reshape(batch, seq, -1)  # [B, S, m * rest]
+        return np.take_along_axis(rows, order[:, :, None], axis=1).reshape(v.shape)
+
+    return {name: replace(c, **{k: reordered(v) for k, v in c.arrays().items()}) for name, c in captures.items()}
 
 
 def node_index(node_name: str) -> int:

@@ -95,7 +95,7 @@ def heldout_inputs(
 ) -> tuple[list[np.ndarray], str]:
     """Held-out token ids ([1, L] each): the merge's held-out split of the built-in text (random tokens
     when the base has no tokenizer)."""
-    from moe_export.merging.statistics import CalibrationSet, calibration_inputs
+    from moe_export.merging.calibration_data import CalibrationSet, calibration_inputs
 
     # calibration_inputs reads only the base path and, given `vocab`, nothing of the model.
     source = SimpleNamespace(base_model_path=Path(artifact.manifest.base_model), model=None)

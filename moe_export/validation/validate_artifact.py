@@ -19,10 +19,12 @@ import numpy as np
 from moe_export.errors import MoeExportError
 from moe_export.export.interface import GraphInterface
 from moe_export.export.manifest import Artifact
+from moe_export.export.token_order import caller_order, rotates_tokens
 from moe_export.reference.model import ReferenceUnit
 from moe_export.runtimes.base import Feeds, Runner
 from moe_export.runtimes.decoding import Prompts, pad_token_id
 from moe_export.runtimes.registry import RunnerOptions, make_runner
+from moe_export.runtimes.taps import UnitCapture, reorder_tokens
 from moe_export.validation.feeds import DEFAULT_SHAPES, load_npz_feeds, random_feeds, shape_label
 from moe_export.validation.generation import default_prompts
 from moe_export.validation.generation_units import GenerationJobs, check_generation, decode_candidate, generation_jobs
@@ -222,7 +224,8 @@ def run_candidates(
     artifact = plan.artifact
     for name, runner in plan.candidates.items():
         say(f"running {name}")
-        results[name] = run_candidate(runner, feeds_list, artifact.interface, taps=replay)
+        rotated = rotates_tokens(artifact.manifest.fusion)
+        results[name] = run_candidate(runner, feeds_list, artifact.interface, taps=replay, rotated=rotated)
         trim_heap()  # what the released session left on the heap, before the next session or the reference
         if prompts:
             say(f"greedy generation on {name} ({new_tokens} tokens)")
@@ -287,18 +290,32 @@ def _new_report(
     return report
 
 
-def run_candidate(runner: Runner, feeds_list: list[Feeds], interface: GraphInterface, taps: bool) -> RunResult:
-    """Run one candidate on every input (with its per-unit taps when asked and it can)."""
+def run_candidate(
+    runner: Runner, feeds_list: list[Feeds], interface: GraphInterface, taps: bool, rotated: bool = False
+) -> RunResult:
+    """Run one candidate on every input (with its per-unit taps when asked and it can). `rotated`: the graph runs
+    its units on each left-padded row's rotated tokens (a contrib decoder): the taps are put back in the feeds'
+    order, so they line up with the reference's and the saved results read like any other."""
     tapped = taps and runner.request_taps()
     result = RunResult(runner.name, [shape_label(f, interface) for f in feeds_list], feeds_list, [], [], [], tapped)
     with runner:
         for feeds in feeds_list:
             result.outputs.append(runner.infer(feeds))
             result.seconds.append(runner.last_inference_time())
-            result.taps.append(dict(runner.last_taps) if tapped else {})
+            result.taps.append(_caller_order_taps(runner.last_taps, feeds, interface, rotated) if tapped else {})
         if getattr(runner, "kernel_note", ""):  # native kernels or function bodies ran the custom ops
             result.notes.append(runner.kernel_note)  # type: ignore[attr-defined]
     return result
+
+
+def _caller_order_taps(
+    taps: dict[str, UnitCapture], feeds: Feeds, interface: GraphInterface, rotated: bool
+) -> dict[str, UnitCapture]:
+    """`taps` in the feeds' token order: undo the contrib decoder's left-pad rotation (export/token_order.py)."""
+    mask = feeds.get(interface.mask_name)
+    seq = int(np.asarray(feeds[interface.tokens_name]).shape[1])
+    order = caller_order(mask, seq) if rotated and mask is not None else None
+    return dict(taps) if order is None else reorder_tokens(taps, order)
 
 
 def judge_run(
