@@ -12,7 +12,8 @@ wall time, CPU time (user + sys) and the size of what it wrote.
 Presets:
   1b   hidden 2048, 22 layers, intermediate 5632, 32 heads / 4 kv heads, vocab 32000 (1.10B parameters), E=8, r=8
        steps: onnx-fp32, onnx-fp16 (both --no-validate), validate-fp32, validate-fp16 (`validate` alone on those
-       exports, layer-streamed reference; suffixes -whole: --reference whole, -basic: --optimization basic), onnx-fp32-validate,
+       exports, layer-streamed reference, validate's default ONNX Runtime level: basic for fp16, all for fp32;
+       suffixes -whole: --reference whole, -basic / -all: that --optimization), onnx-fp32-validate,
        onnx-fp16-validate (export then validate in one process); on request api-fp32, api-fp16: the same export
        through `moe_export.export_onnx(ckpt, out, ExportOptions(...))`
   7b   hidden 4096, 32 layers, intermediate 11008, 32 heads / 32 kv heads, vocab 32000 (6.74B parameters), E=8, r=16
@@ -181,13 +182,18 @@ def step_command(step: str, root: Path, cli: list[str], args: argparse.Namespace
     """The command line of one step and the file or directory it writes."""
     ckpt, out = root / "ckpt", root / step
     if step.startswith("validate-"):
-        # validate-fp32[-whole][-basic]: `validate` alone on the kept `onnx-fp32` export (made by that step, kept when a
-        # validate step follows); -whole: --reference whole; -basic: --optimization basic (fp16 weights stay fp16).
+        # validate-fp32[-whole][-basic|-all]: `validate` alone on the kept `onnx-fp32` export (made by that step, kept
+        # when a validate step follows); -whole: --reference whole; -basic / -all: that --optimization (validate's
+        # default is basic for fp16, where all stores the fp16 weights converted to fp32, and all for fp32).
         _, dtype, *variants = step.split("-")
         export = root / f"onnx-{dtype}"
         if not (export / "export.json").is_file():
             raise SystemExit(f"{step}: no export at {export}; run --steps onnx-{dtype} --keep first")
-        known = {"whole": ["--reference", "whole"], "basic": ["--optimization", "basic"]}
+        known = {
+            "whole": ["--reference", "whole"],
+            "basic": ["--optimization", "basic"],
+            "all": ["--optimization", "all"],
+        }
         if set(variants) - set(known):
             raise SystemExit(f"unknown step {step!r}")
         flags = [flag for v in variants for flag in known[v]]

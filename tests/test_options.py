@@ -102,6 +102,10 @@ def test_validate_options_say_what_validate_runs() -> None:
         ValidateOptions(reference="half")
     with pytest.raises(MoeExportError, match="--optimization"):
         ValidateOptions(optimization="max")
+    # No --optimization: basic for fp16 on the CPU (ORT's `all` stores fp16 weights in fp32), all otherwise.
+    assert ValidateOptions().optimization_for("fp16") == "basic" and ValidateOptions().optimization_for("fp32") == "all"
+    assert ValidateOptions(device="cuda").optimization_for("fp16") == "all"
+    assert ValidateOptions(optimization="extended").optimization_for("fp16") == "extended"
 
 
 def test_bf16_without_validation_is_fine() -> None:

@@ -153,3 +153,31 @@ def test_validate_takes_its_options_or_their_fields(tmp_path_factory: pytest.Tem
     by_fields = moe_export.validate(export, batch=2, seq=9, new_tokens=2, reference="whole")
     assert by_options.shapes == ["2x9"] and _summary(by_options) == _summary(by_fields)
     assert not any("layer-streamed" in n for n in by_options.notes)
+
+
+def test_fp16_exports_validate_at_basic_without_the_arena(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --optimization, an fp16 export's sessions run at basic on the CPU (at all ORT stores its weights in
+    fp32) and fp32's at all; validate's sessions never keep ORT's arena; an explicit level is kept."""
+    import moe_export.runtimes.onnxruntime as ort_runtime
+
+    built: list[tuple[str, bool]] = []
+    original = ort_runtime.session_builder
+
+    def recording(*args: object, **kwargs: object) -> object:
+        optimization = kwargs.get("optimization", args[3] if len(args) > 3 else "all")
+        built.append((str(optimization), bool(kwargs.get("memory_arena", args[6] if len(args) > 6 else True))))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ort_runtime, "session_builder", recording)
+    fp16 = moe_export.validate(_export(tmp_path_factory, "mola", "fp16"), batch=1, seq=5, new_tokens=2)
+    assert fp16.passed, fp16.failures
+    assert built and set(built) == {("basic", False)}
+    assert any("--optimization basic, the default for an fp16 export" in n for n in fp16.notes)
+    built.clear()
+    fp32 = moe_export.validate(_export(tmp_path_factory, "mola", "fp32"), batch=1, seq=5, new_tokens=0)
+    assert fp32.passed and set(built) == {("all", False)} and not any("--optimization" in n for n in fp32.notes)
+    built.clear()
+    moe_export.validate(_export(tmp_path_factory, "mola", "fp16"), batch=1, seq=5, new_tokens=0, optimization="all")
+    assert set(built) == {("all", False)}

@@ -72,12 +72,13 @@ def validate_command(
     load_results: Path | None = typer.Option(
         None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
     ),
-    optimization: str = typer.Option(
-        "all",
+    optimization: str | None = typer.Option(
+        None,
         "--optimization",
-        help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. On the CPU, "
-        "all stores an fp16 export's weights converted to fp32 (twice its size, ONNX Runtime 1.32); extended or "
-        "basic keep them fp16 and cast per op, so a large fp16 export validates in about its own size.",
+        help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. Default: "
+        "basic for an fp16 export on the CPU, all otherwise: on the CPU, all stores an fp16 export's weights "
+        "converted to fp32 (twice its size, ONNX Runtime 1.32), while basic keeps them fp16 and casts per op, so a "
+        "large fp16 export validates in about its own size.",
     ),
     reference: str = typer.Option(
         "streamed",

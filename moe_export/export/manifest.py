@@ -64,7 +64,10 @@ class ExportManifest:
     )
     fusion: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "decoder base-graph fusion: requested, mode (contrib | none), reason when not applied"},
+        metadata={
+            "help": "decoder base-graph fusion: requested, mode (contrib | none), reason when not applied; "
+            "contrib: packed, the projections packed into one MatMul (export/packing.py)"
+        },
     )
     adapter_fusion: dict[str, Any] | None = field(
         default=None,

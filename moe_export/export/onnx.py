@@ -37,6 +37,7 @@ from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
 from moe_export.export.onnx_ops import function_bodies, translation_table
 from moe_export.export.onnx_routed import fuse_saved_adapter
 from moe_export.export.options import ExportOptions
+from moe_export.export.packing import PackPlan
 from moe_export.export.quantize import (
     base_linear_names,
     quantize_saved_model,
@@ -176,8 +177,9 @@ def _write_export(
         try:
             status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
             interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
-            program = _trace(model, interface, options.opset, fusion["mode"])
-            model_path, scheme, adapter_fusion = _post_process(program, model, tmp, options, units, status)
+            packed = fusion.get("packed") or {}
+            program = _trace(model, interface, options.opset, fusion["mode"], packed)
+            model_path, scheme, adapter_fusion = _post_process(program, model, tmp, options, units, status, set(packed))
             interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
             manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
             manifest.quantization = scheme.to_dict() if scheme is not None else None
@@ -379,12 +381,12 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
     return records
 
 
-def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion: str) -> Any:
+def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion: str, packed: PackPlan) -> Any:
     """torch.onnx.export of the model into the interface (the decoder's base graph as `fusion` says: contrib
-    or none, export/decoder_fused.py); returns the ONNXProgram."""
+    or none, export/decoder_fused.py, with the `packed` projections: export/packing.py); returns the ONNXProgram."""
     try:
         if interface.is_decoder:
-            return trace_decoder(model, interface, opset, translation_table(), fusion)
+            return trace_decoder(model, interface, opset, translation_table(), fusion, packed)
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
         feeds = interface.example_feeds(vocab, *EXAMPLE_SHAPE)
         with torch.no_grad():
@@ -408,12 +410,14 @@ def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion
 
 
 def _post_process(
-    program: Any, model: torch.nn.Module, tmp: Path, options: ExportOptions, units: list[UnitRecord], status: Any
-) -> tuple[Path, Any, dict[str, Any] | None]:
+    program: Any, model: torch.nn.Module, tmp: Path, options: ExportOptions, units: list[UnitRecord], status: Any,
+    packs: set[str],
+) -> tuple[Path, Any, dict[str, Any] | None]:  # fmt: skip
     """Name each custom node after its unit, attach the function bodies, save (external data above the
     protobuf limit), fuse RMSNorm, fuse the adapter's routers and residual Adds into their nodes (unless
-    `adapter_fusion` is off), quantize the base weights when asked, and check the saved file; returns its path,
-    the quantization scheme (None: not quantized) and the adapter passes' record (None: no adapter)."""
+    `adapter_fusion` is off), quantize the base weights when asked (the `packs`, packed projections' linears,
+    too), and check the saved file; returns its path, the quantization scheme (None: not quantized) and the
+    adapter passes' record (None: no adapter)."""
     _name_custom_nodes(program.model, {u.name for u in units if u.status == "routed"})
     _attach_function_bodies(program.model, options.opset)
     model_path = tmp / MODEL_FILE
@@ -429,7 +433,8 @@ def _post_process(
     scheme = None
     if options.quantize is not None:
         status.update(f"quantizing the base weights ({options.quantize}, blocks of {options.block_size})")
-        scheme = quantize_saved_model(model_path, base_linear_names(model), options.quantize, options.block_size)
+        linears = base_linear_names(model) | packs
+        scheme = quantize_saved_model(model_path, linears, options.quantize, options.block_size)
     status.update("checking the ONNX model")
     _check_saved(model_path, units)
     return model_path, scheme, adapter_fusion

@@ -91,3 +91,13 @@ def unmap_large_frees() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim): memory a released ONNX Runtime session or
+    freed tensors left below the mmap threshold otherwise stays in RSS until it is reused. No-op off glibc."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

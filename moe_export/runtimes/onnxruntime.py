@@ -63,11 +63,15 @@ def session_builder(
     optimization: str = "all",
     external_data_dir: Path | None = None,
     native_kernels: bool = True,
+    memory_arena: bool = True,
 ) -> Callable[[], Any]:
     """A callable that builds the InferenceSession; errors name the model file.
 
     With `native_kernels` the native GroupedLoRA library (moe_export/runtimes/native) is registered when it is
     built or can be built here; otherwise, or without it, ORT runs the model's function bodies.
+    `memory_arena=False` turns off the CPU arena: ORT keeps every buffer it ever freed in its arena (and the memory
+    pattern's block beside it), so a session whose runs cast fp16 weights to fp32 per op holds those casts'
+    memory until it is released; without the arena each freed buffer goes back to the system.
     """
     if optimization not in OPTIMIZATION_LEVELS:
         raise RuntimeUnavailableError(f"onnxruntime: optimization {optimization!r}; choose from {OPTIMIZATION_LEVELS}")
@@ -84,6 +88,8 @@ def session_builder(
         }[optimization]
         # Errors come back as exceptions with one-line messages; ORT's own log would print them twice.
         options.log_severity_level = 4
+        if not memory_arena:
+            options.enable_cpu_mem_arena = False
         if threads is not None:
             options.intra_op_num_threads = threads
         if external_data_dir is not None:
@@ -169,16 +175,22 @@ class OnnxRuntimeRunner(Runner):
         optimization: str = "all",
         providers: Sequence[str] | None = None,
         native_kernels: bool = True,
+        memory_arena: bool = True,
     ) -> OnnxRuntimeRunner:
         path = Path(path)
         if not path.is_file():
             raise FormatError(f"{path}: ONNX model not found")
         providers = providers or (("cuda",) if device == "cuda" else ("cpu",))
-        build = session_builder(path, providers, threads, optimization, native_kernels=native_kernels)
+        build = session_builder(
+            path, providers, threads, optimization, native_kernels=native_kernels, memory_arena=memory_arena
+        )
 
         def build_tapped() -> tuple[Callable[[], Any], TappedModel]:
+            # The copy holds the graph only: ORT maps the weights from the external data file next to the model.
             tapped = tapped_model(path)
-            build = session_builder(tapped.model, providers, threads, optimization, path.parent, native_kernels)
+            build = session_builder(
+                tapped.model, providers, threads, optimization, path.parent, native_kernels, memory_arena
+            )
             return build, tapped
 
         return cls(build, device=device, build_tapped=build_tapped)
@@ -229,14 +241,23 @@ class OnnxRuntimeRunner(Runner):
 
 def runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> OnnxRuntimeRunner:
     return OnnxRuntimeRunner.from_path(
-        artifact.onnx_path, device=options.device, threads=options.threads, optimization=options.optimization
+        artifact.onnx_path,
+        device=options.device,
+        threads=options.threads,
+        optimization=options.optimization,
+        memory_arena=options.memory_arena,
     )
 
 
 def body_runner_for_artifact(artifact: Artifact, options: RunnerOptions) -> OnnxRuntimeRunner:
     """Runtime 'onnxruntime-body': never the native kernels, so validate can check them against the bodies."""
     runner = OnnxRuntimeRunner.from_path(
-        artifact.onnx_path, options.device, options.threads, options.optimization, native_kernels=False
+        artifact.onnx_path,
+        options.device,
+        options.threads,
+        options.optimization,
+        native_kernels=False,
+        memory_arena=options.memory_arena,
     )
     runner.name = "onnxruntime-body"
     return runner

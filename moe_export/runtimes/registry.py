@@ -26,6 +26,9 @@ class RunnerOptions:
     torch_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the torch model (None: the export's); validation uses fp32"}
     )
+    memory_arena: bool = field(
+        default=True, metadata={"help": "ORT CPU memory arena (validation turns it off: freed buffers are returned)"}
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

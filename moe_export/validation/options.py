@@ -43,9 +43,12 @@ class ValidateOptions(Options):
         default="streamed",
         metadata=help_text("streamed: the torch reference one decoder layer at a time; whole: the whole model"),
     )
-    optimization: str = field(
-        default="all",
-        metadata=help_text("ONNX Runtime graph optimisation of the candidates: disable|basic|extended|all"),
+    optimization: str | None = field(
+        default=None,
+        metadata=help_text(
+            "ONNX Runtime graph optimisation of the candidates: disable|basic|extended|all "
+            "(default: basic for an fp16 export on the CPU, all otherwise)"
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -69,7 +72,16 @@ class ValidateOptions(Options):
         fraction(self.max_top1_drop, "--max-top1-drop")
         one_of(self.device, DEVICES, "--device")
         one_of(self.reference, REFERENCES, "--reference")
-        one_of(self.optimization, OPTIMIZATION_LEVELS, "--optimization")
+        if self.optimization is not None:
+            one_of(self.optimization, OPTIMIZATION_LEVELS, "--optimization")
+
+    def optimization_for(self, export_dtype: str) -> str:
+        """The ORT optimisation level validate runs: the one asked for, else `basic` for an fp16 export on the CPU
+        (at `all` ONNX Runtime's CPU provider stores fp16 weights converted to fp32, twice the export's size, while
+        `basic` keeps them fp16, mapped from the external data file, and casts per op) and `all` otherwise."""
+        if self.optimization is not None:
+            return self.optimization
+        return "basic" if export_dtype == "fp16" and self.device == "cpu" else "all"
 
     def shapes(self) -> list[tuple[int, int]] | None:
         """One (batch, seq) shape when either is given, else None (validate's default shapes)."""

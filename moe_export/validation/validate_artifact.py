@@ -126,7 +126,7 @@ def validate(
     else:
         results = run_candidates(plan, plan.feeds, prompts, settings.new_tokens, replay, save_results, say)
     report = _new_report(plan.deployed, artifact.dtype, plan.reference_name, tol, results, replay, plan.options)
-    report.notes += _reference_notes(reference, plan)
+    report.notes += _reference_notes(reference, plan) + _optimization_notes(settings, plan)
     say(f"running the reference ({plan.reference_name}) with each candidate's routing replayed")
     compare = compare_func(tol.atol, tol.rtol, per_output=per_output, min_top1=settings.min_top1)
     with reference:
@@ -169,7 +169,10 @@ def _plan(
     if settings.max_top1_drop is not None and deployed.manifest.quant_scheme is None:
         raise MoeExportError(f"--max-top1-drop: {deployed.path} is not a quantized export (onnx --quantize)")
     artifact = exact_arithmetic_artifact(deployed)  # itself unless quantized
-    options = RunnerOptions(settings.device, settings.threads, settings.optimization, REFERENCE_DTYPE)
+    # Validation runs each session for a few inferences, so ORT's arena buys little speed; without it the buffers of
+    # the per-op weight casts (fp16 at `basic`) go back to the system after each run instead of staying reserved.
+    optimization = settings.optimization_for(artifact.dtype)
+    options = RunnerOptions(settings.device, settings.threads, optimization, REFERENCE_DTYPE, memory_arena=False)
     # The inputs before the runners: a bad --inputs file is named before a missing model is.
     shape_list = shapes or settings.shapes()
     feeds = [] if load_results is not None else make_feeds(artifact, settings.inputs, shape_list, settings.seed)
@@ -184,6 +187,16 @@ def _reference_notes(reference: Reference, plan: _Plan) -> list[str]:
     if plan.mode == "streamed" and plan.why_whole and plan.reference_name == "torch":
         return [f"reference: whole model ({plan.why_whole})"]
     return []
+
+
+def _optimization_notes(settings: ValidateOptions, plan: _Plan) -> list[str]:
+    ort = any(name.startswith("onnxruntime") for name in plan.candidates)
+    if settings.optimization is not None or plan.options.optimization == "all" or not ort:
+        return []
+    return [
+        f"ONNX Runtime at --optimization {plan.options.optimization}, the default for an {plan.artifact.dtype} export "
+        "on the CPU (at all, its CPU provider stores the weights converted to fp32)"
+    ]
 
 
 def _reference(plan: _Plan, runner: Runner | None, routing: bool) -> Reference:
@@ -204,16 +217,21 @@ def run_candidates(
     say: ProgressCallback,
 ) -> dict[str, RunResult]:
     """Each candidate's RunResult; one session at a time, each freed before the next (and before the reference)."""
+    from moe_export.ir.fold import trim_heap, unmap_large_frees
+
+    unmap_large_frees()  # the sessions' large buffers (outputs, taps, per-op casts) are unmapped when freed
     results = {}
     artifact = plan.artifact
     for name, runner in plan.candidates.items():
         say(f"running {name}")
         rotated = rotates_tokens(artifact.manifest.fusion)
         results[name] = run_candidate(runner, feeds_list, artifact.interface, taps=replay, rotated=rotated)
+        trim_heap()  # what the released session left on the heap, before the next session or the reference
         if prompts:
             say(f"greedy generation on {name} ({new_tokens} tokens)")
             fresh = make_runner(name, artifact, plan.options)
             results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
+            trim_heap()
         if save_results is not None:
             results[name].save(save_results)
     return results
