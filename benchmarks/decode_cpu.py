@@ -8,7 +8,7 @@ The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 3
 all 7 projections). Variants:
   ours-base          `moe-export onnx --base-only --fusion contrib` (KV-cache decoder of the base model), fp32:
                      GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, one MatMul for q/k/v
-                     and one for gate/up per layer (export/packing.py)
+                     per layer (export/packing.py)
   ours-base-plain    the same with `--fusion none`, the default (transformers' attention traced into standard ops)
   ours-moe-body      `moe-export onnx --fusion contrib` of the MoE-LoRA checkpoint, ORT running the function bodies
   ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)

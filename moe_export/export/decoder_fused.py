@@ -12,8 +12,8 @@ MatMuls are int4. Here the same model is traced through an explicit forward that
   builder does;
 - `SkipSimplifiedLayerNormalization` for each residual add + RMSNorm (the first layer's input norm stays in
   standard ops, which ORT fuses itself: export/base_fusions.py).
-- one MatMul for q, k and v and one for gate and up (the base weights packed after every fold and merge,
-  export/packing.py); each routed projection adds its own delta to its slice.
+- one MatMul for q, k and v (the base weights packed after every fold and merge, export/packing.py); each routed
+  projection adds its own delta to its slice.
 The projections are the model's own modules, so every `moe_export::GroupedLoRA` node, its function body, its
 router chain and its unit name come out exactly as in the plain decoder; the graph interface is unchanged.
 
@@ -36,7 +36,7 @@ import torch
 
 from moe_export.export.interface import KVLayout
 from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
-from moe_export.export.packing import ATTENTION_PACK, MLP_PACK, packed_forward, packing_plan
+from moe_export.export.packing import ATTENTION_PACK, packed_forward, packing_plan
 from moe_export.export.token_order import left_pad_rotation
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -111,7 +111,7 @@ class FusedDecoderWithPast(torch.nn.Module):
             )
             presents.extend(key_value)
             normed, residual = skip_rms_norm(attn, residual, layer.post_attention_layernorm)
-            mlp = _mlp(layer.mlp, normed)
+            mlp = layer.mlp(normed)
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
             normed, residual = skip_rms_norm(mlp, residual, after)
         # back to the caller's order before lm_head (per position): hidden is vocab/hidden times smaller than logits
@@ -163,14 +163,6 @@ class FusedDecoderWithPast(torch.nn.Module):
             shape=x.shape,
             version=1,
         )
-
-
-def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Llama / Mistral / Qwen2's MLP, down(act(gate(x)) * up(x)), with gate and up from one MatMul when packed."""
-    if getattr(mlp, MLP_PACK[2], None) is None:
-        return mlp(x)
-    gate, up = packed_forward(mlp, MLP_PACK, x)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def layer_window(config: Any, attn: torch.nn.Module) -> int | None:

@@ -1,9 +1,10 @@
-"""Packed base projections for the contrib decoder: one MatMul for a layer's q, k and v, one for its gate and up,
-as onnxruntime-genai's builder writes them.
+"""Packed base projections for the contrib decoder: one MatMul for a layer's q, k and v, as onnxruntime-genai's
+builder writes it for Llama. (gate/up packed the same way measured within noise of two MatMuls on the bench model,
+-1.6% to +0.7% per call, README: Measured, so the MLP keeps its own; a pack is one PACKS entry.)
 
-Each packed projection is an nn.Linear attached to the layer for the trace (`self_attn.qkv_proj`,
-`mlp.gate_up_proj`), whose weight rows are its members' base weights in order, taken after every fold and merge;
-int4 quantization then rewrites one MatMulNBits per pack (export/quantize.py sees an nn.Linear's module scope).
+Each packed projection is an nn.Linear attached to the layer for the trace (`self_attn.qkv_proj`), whose weight
+rows are its members' base weights in order, taken after every fold and merge; int4 quantization then rewrites
+one MatMulNBits per pack (export/quantize.py sees an nn.Linear's module scope).
 The members keep their modules: a routed member (reference.MoELoRALinear) still runs its router and GroupedLoRA
 node under its own name and adds its delta to its slice of the packed output, so node and unit names, function
 bodies and router chains are those of the unpacked graph. The plan is export.json's `fusion.packed`
@@ -21,11 +22,8 @@ import numpy as np
 
 # (owner module under a decoder layer, member projections in packed order, the packed module's name, what else the
 # decoder's explicit forward calls on the owner: export/decoder_fused.py)
-PACKS = (
-    ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj", ()),
-    ("mlp", ("gate_proj", "up_proj"), "gate_up_proj", ("down_proj", "act_fn")),
-)
-ATTENTION_PACK, MLP_PACK = PACKS
+ATTENTION_PACK = ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj", ())
+PACKS = (ATTENTION_PACK,)
 PackPlan = dict[str, list[list[Any]]]  # packed module path -> [[member base linear path, rows], ...]
 
 

@@ -71,7 +71,7 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor | None = None) -> torch.Tensor:
         """base(x) + the shared and routed LoRA deltas; `base_output`: base(x) computed by the caller (the contrib
-        decoder's packed q/k/v or gate/up MatMul, export/packing.py)."""
+        decoder's packed q/k/v MatMul, export/packing.py)."""
         y = self.base(x) if base_output is None else base_output
         flat = x.reshape(-1, self.in_features)  # [T, D_in]
         delta = None
