@@ -2,12 +2,13 @@
 model builder and torch, in one interleaved run.
 
     flock /tmp/heavy.lock python benchmarks/decode_cpu.py [--work /tmp/moe-export-decode-bench] [--batch 1,8]
-        [--past 128] [--threads 2] [--runs 7] [--variants ...] [--json out.json]
+        [--past 128] [--threads 2] [--runs 7] [--variants ...] [--extra NAME=EXPORT_DIR ...] [--json out.json]
 
 The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style E=8 r=8 top-2 on
 all 7 projections). Variants:
   ours-base          `moe-export onnx --base-only --fusion contrib` (KV-cache decoder of the base model), fp32:
-                     GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization
+                     GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, one MatMul for q/k/v
+                     per layer (export/packing.py)
   ours-base-plain    the same with `--fusion none`, the default (transformers' attention traced into standard ops)
   ours-moe-body      `moe-export onnx --fusion contrib` of the MoE-LoRA checkpoint, ORT running the function bodies
   ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)
@@ -15,6 +16,10 @@ all 7 projections). Variants:
   ours-moe-int4      `moe-export onnx --quantize int4 --fusion contrib` (MatMulNBits, block 32, accuracy level 4; the
                      embedding as GatherBlockQuantized), native kernels
   ours-moe-int4-plain    `--fusion none` of the same
+  ours-moe-native-unfused  ours-moe-native exported with `--no-adapter-fusion`: routers (MatMul, Softmax, TopK,
+                     ReduceSum, Div), GroupedLoRA and the residual Add as separate nodes (before
+                     RoutedGroupedLoRAAdd, export/onnx_routed.py), native kernels
+  ours-moe-int4-unfused  the same for ours-moe-int4
   builder-fp32       `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` of the base model's local
                      directory (offline): fused qkv, GroupQueryAttention, fused norms
   builder-int4       the same with `-p int4` (MatMulNBits, lm_head included)
@@ -59,6 +64,8 @@ VARIANTS = (
     "ours-moe-native-plain",
     "ours-moe-int4",
     "ours-moe-int4-plain",
+    "ours-moe-native-unfused",
+    "ours-moe-int4-unfused",
     "builder-fp32",
     "builder-int4",
     "torch",
@@ -72,6 +79,8 @@ ORT_VARIANTS = {
     "ours-moe-native-plain": ("ours-moe-plain", True),
     "ours-moe-int4": ("ours-moe-int4", True),
     "ours-moe-int4-plain": ("ours-moe-int4-plain", True),
+    "ours-moe-native-unfused": ("ours-moe-unfused", True),
+    "ours-moe-int4-unfused": ("ours-moe-int4-unfused", True),
     "builder-fp32": ("builder-fp32", False),
     "builder-int4": ("builder-int4", False),
 }
@@ -83,12 +92,14 @@ OUR_EXPORTS = {
     "ours-moe-plain": {"fusion": "none"},
     "ours-moe-int4": {"quantize": "int4", "fusion": "contrib"},
     "ours-moe-int4-plain": {"quantize": "int4", "fusion": "none"},
+    "ours-moe-unfused": {"fusion": "contrib", "adapter_fusion": False},
+    "ours-moe-int4-unfused": {"quantize": "int4", "fusion": "contrib", "adapter_fusion": False},
 }
 
 
 def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     """The bench base + checkpoint and the variants' exports (each made once; later runs reuse one whose
-    export.json records the same fusion mode)."""
+    export.json records the same fusion mode and adapter passes)."""
     base, ckpt = work / "base", work / "ckpt"
     if not (base / "config.json").is_file():
         write_base(base)
@@ -99,7 +110,8 @@ def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     wanted = {ORT_VARIANTS[v][0] for v in variants if v in ORT_VARIANTS} | {"ours-moe", "ours-moe-int4"}
     dirs = {name: work / name for name in sorted(wanted)}
     for name, options in OUR_EXPORTS.items():
-        if name in dirs and _fusion_mode(dirs[name]) != options["fusion"]:
+        adapter = options.get("adapter_fusion", not options.get("base_only", False))  # base-only: no adapter
+        if name in dirs and _fusion_key(dirs[name]) != (options["fusion"], options["fusion"] == "contrib", adapter):
             print(f"exporting {name}", flush=True)
             loaded = moe_export.load(ckpt, base_model=base)
             moe_export.export_onnx(
@@ -115,11 +127,29 @@ def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
     return dirs
 
 
-def _fusion_mode(directory: Path) -> str | None:
-    """The fusion mode export.json records (None: no export there yet)."""
+def _fusion_key(directory: Path) -> tuple[str, bool, bool] | None:
+    """The fusion mode export.json records, whether its projections are packed (export/packing.py) and whether
+    the adapter passes ran (export/onnx_routed.py; an export from before them counts as without); None: no
+    export there yet."""
     if not (directory / "export.json").is_file():
         return None
-    return (json.loads((directory / "export.json").read_text()).get("fusion") or {}).get("mode", "none")
+    manifest = json.loads((directory / "export.json").read_text())
+    fusion = manifest.get("fusion") or {}
+    adapter = bool((manifest.get("adapter_fusion") or {}).get("requested", False))
+    return fusion.get("mode", "none"), bool(fusion.get("packed")), adapter
+
+
+def extra_variants(specs: list[str]) -> dict[str, tuple[Path, bool]]:
+    """--extra NAME=DIR: export directories made elsewhere (another commit's code, other options), timed in the
+    same rounds; native kernels when the export has custom ops."""
+    extra = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        path = Path(folder)
+        if not sep or name in VARIANTS or not (path / "export.json").is_file():
+            raise SystemExit(f"--extra {spec}: expected NEW_NAME=EXPORT_DIR (a directory with export.json)")
+        extra[name] = (path, bool(json.loads((path / "export.json").read_text()).get("custom_ops")))
+    return extra
 
 
 def native_library() -> str:
@@ -260,7 +290,45 @@ def ratio_lines(results: dict[str, dict[str, tuple[float, float]]], batches: lis
             ratio("ours-base", "builder-fp32", cell)
             ratio("ours-base", "ours-base-plain", cell)
             ratio("ours-moe-native", "ours-moe-body", cell)
+            ratio("ours-moe-native", "ours-moe-native-unfused", cell)
+            ratio("ours-moe-int4", "ours-moe-int4-unfused", cell)
     return lines
+
+
+def measure(
+    makers: dict[str, Callable[[int, int, int], Callable[[], object]]],
+    variants: list[str],
+    batches: list[int],
+    args: argparse.Namespace,
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """variant -> cell ("decode b1"...) -> (median wall ms, median CPU ms), every cell in interleaved rounds."""
+    results: dict[str, dict[str, tuple[float, float]]] = {v: {} for v in variants}
+    for batch in batches:
+        for phase, seq, past, runs in (("decode", 1, args.past, args.runs * 3), ("prefill", args.past, 0, args.runs)):
+            cell = f"{phase} b{batch}"
+            measured = time_rounds({v: makers[v](batch, seq, past) for v in variants}, runs, args.warmup)
+            for variant, value in measured.items():
+                results[variant][cell] = value
+            print(cell, "wall/cpu ms", {v: (round(w, 1), round(c, 1)) for v, (w, c) in measured.items()}, flush=True)
+    return results
+
+
+def sizes_and_quality(dirs: dict[str, Path], args: argparse.Namespace) -> tuple[dict[str, int], dict | None]:
+    """The export sizes, and the int4 export's quantization cost (None with --no-quality); both printed."""
+    sizes = {name: export_bytes(path) for name, path in dirs.items() if path.is_dir()}
+    print("\nexport sizes (MB): " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sizes.items()))
+    if "builder-int4" in sizes and "builder-fp32" in sizes:
+        print(f"ours-moe-int4 / ours-moe size: {sizes['ours-moe-int4'] / sizes['ours-moe']:.3f}; "
+              f"builder-int4 / builder-fp32: {sizes['builder-int4'] / sizes['builder-fp32']:.3f}")  # fmt: skip
+    if args.no_quality:
+        return sizes, None
+    from moe_export.export.manifest import Artifact
+    from moe_export.runtimes.registry import RunnerOptions
+    from moe_export.validation.quantized import quantization_cost
+
+    cost = quantization_cost(Artifact.open(dirs["ours-moe-int4"]), RunnerOptions(threads=args.threads))
+    print(f"quantization cost: {cost.message}")
+    return sizes, cost.to_dict()
 
 
 def main() -> None:
@@ -275,6 +343,7 @@ def main() -> None:
     parser.add_argument("--no-quality", action="store_true", help="skip the int4 export's top-1 / perplexity check")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="instead: per-op ORT profile of a b1 decode step")
+    parser.add_argument("--extra", action="append", default=[], help="NAME=EXPORT_DIR: also time this export")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.variants.split(",")
@@ -285,22 +354,19 @@ def main() -> None:
     if args.profile:
         profile(dirs, variants, args)
         return
-    makers = {}
+    extra = extra_variants(args.extra)
+    makers = {name: ort_step(path, args.threads, native) for name, (path, native) in extra.items()}
+    variants += list(extra)
     for variant in variants:
+        if variant in makers:
+            continue
         if variant == "torch":
             loaded = moe_export.load(args.work / "ckpt", base_model=args.work / "base")
             makers[variant] = torch_step(loaded.model.eval(), args.threads)
         else:
             folder, native = ORT_VARIANTS[variant]
             makers[variant] = ort_step(dirs[folder], args.threads, native)
-    results: dict[str, dict[str, tuple[float, float]]] = {v: {} for v in variants}
-    for batch in batches:
-        for phase, seq, past, runs in (("decode", 1, args.past, args.runs * 3), ("prefill", args.past, 0, args.runs)):
-            cell = f"{phase} b{batch}"
-            measured = time_rounds({v: makers[v](batch, seq, past) for v in variants}, runs, args.warmup)
-            for variant, value in measured.items():
-                results[variant][cell] = value
-            print(cell, "wall/cpu ms", {v: (round(w, 1), round(c, 1)) for v, (w, c) in measured.items()}, flush=True)
+    results = measure(makers, variants, batches, args)
     cells = list(next(iter(results.values())))
     print(f"\nms per call, wall / cpu (user+sys); {args.threads} ORT/torch threads, past {args.past}")
     print(f"| variant | {' | '.join(cells)} |")
@@ -310,19 +376,7 @@ def main() -> None:
     print()
     for line in ratio_lines(results, batches):
         print(line)
-    sizes = {name: export_bytes(path) for name, path in dirs.items() if path.is_dir()}
-    print("\nexport sizes (MB): " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sizes.items()))
-    print(f"ours-moe-int4 / ours-moe size: {sizes['ours-moe-int4'] / sizes['ours-moe']:.3f}; "
-          f"builder-int4 / builder-fp32: {sizes['builder-int4'] / sizes['builder-fp32']:.3f}")  # fmt: skip
-    quality = None
-    if not args.no_quality:
-        from moe_export.export.manifest import Artifact
-        from moe_export.runtimes.registry import RunnerOptions
-        from moe_export.validation.quantized import quantization_cost
-
-        cost = quantization_cost(Artifact.open(dirs["ours-moe-int4"]), RunnerOptions(threads=args.threads))
-        quality = cost.to_dict()
-        print(f"quantization cost: {cost.message}")
+    sizes, quality = sizes_and_quality(dirs, args)
     if args.json:
         payload = {"results_ms_wall_cpu": results, "sizes_bytes": sizes, "quantization": quality,
                    "threads": args.threads, "past": args.past}  # fmt: skip

@@ -18,6 +18,7 @@ import moe_export
 from moe_export.cli import app
 from moe_export.export.interface import position_ids
 from moe_export.export.manifest import Artifact, ExportManifest
+from moe_export.export.onnx import LINEAR_UNIT_OP_TYPES
 from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_reference
 from moe_export.runtimes.registry import make_runner
 from moe_export.runtimes.torch_runner import reference_model_loader
@@ -62,7 +63,7 @@ def test_io_contract(export_dir: Path) -> None:
     assert _io(model.graph.output) == [("logits", f32, ["batch", "sequence", VOCAB]), *present]
     manifest = ExportManifest.load(export_dir)
     assert manifest.kv_cache
-    nodes = sorted(n.name for n in model.graph.node if n.op_type == "GroupedLoRA")
+    nodes = sorted(n.name for n in model.graph.node if n.op_type in LINEAR_UNIT_OP_TYPES)
     assert nodes == sorted(u.name for u in manifest.routed_units) and len(nodes) == 14
 
 

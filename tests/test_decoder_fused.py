@@ -1,7 +1,8 @@
 """The contrib-op KV-cache decoder (export/decoder_fused.py, `fusion="contrib"`) against the standard-op one.
 
 Both graphs come from the same tiny checkpoint; the plain one (`fusion="none"`) is the decoder the rest of the
-suite checks against the PyTorch reference, so here the fused graph must (a) really hold the contrib ops, (b) keep
+suite checks against the PyTorch reference, so here the fused graph must (a) really hold the contrib ops and the
+packed q/k/v MatMul (int4 quantizing each pack once), (b) keep
 every GroupedLoRA node and function body byte for byte, and (c) give the same logits at every decode step, for
 one row and for a right- and a left-padded batch, within an fp32 bound; onnxruntime-genai must generate the
 reference's tokens from it; and validate must judge a left-padded batch unit by unit (its taps mapped back from
@@ -22,6 +23,7 @@ import pytest
 
 import moe_export
 from moe_export.export.manifest import Artifact
+from moe_export.ops.names import DOMAIN, GATED_OP_TYPES, ROUTED_OP_TYPES
 from moe_export.runtimes.decoding import next_token_logits
 from moe_export.runtimes.torch_runner import reference_model_loader
 from moe_export.validation.generation import default_prompts
@@ -57,13 +59,28 @@ def test_fused_graph_holds_the_contrib_ops(exports: dict[str, Path]) -> None:
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * LAYERS
     plain_ops = collections.Counter((n.domain, n.op_type) for n in plain.graph.node)
     assert not any(domain == "com.microsoft" for domain, _ in plain_ops)
-    # the attention block's standard ops are gone: no Softmax outside the routers (one per routed unit)
-    routers = sum(1 for n in fused.graph.node if n.op_type == "GroupedLoRA")
+    # the attention block's standard ops are gone: no Softmax outside the routers left in standard ops (one per
+    # unit whose node reads its routing: GroupedLoRA(Add); RoutedGroupedLoRAAdd routes inside)
+    routers = sum(1 for n in fused.graph.node if n.op_type in GATED_OP_TYPES)
     assert ops[("", "Softmax")] <= routers < plain_ops[("", "Softmax")]
     assert [v.name for v in fused.graph.input] == [v.name for v in plain.graph.input]
     assert [v.name for v in fused.graph.output] == [v.name for v in plain.graph.output]
     fusion = json.loads((exports["contrib"] / "export.json").read_text())["fusion"]
+    packed = fusion.pop("packed")
     assert fusion == {"requested": "contrib", "mode": "contrib", "reason": None}
+    # q/k/v as one MatMul (export/packing.py), the builder's layout; the routers (one MatMul on a [D, E] weight per
+    # routed unit) are untouched
+    assert sorted(packed) == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(LAYERS)]
+    assert [m for m, _ in packed["model.layers.0.self_attn.qkv_proj"]] == [
+        f"model.layers.0.self_attn.{p}_proj.base" for p in "qkv"
+    ]
+    inits = {t.name: list(t.dims) for t in fused.graph.initializer}
+    weights = [inits[n.input[1]] for n in fused.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    base = [dims for dims in weights if dims[-1] != 4]  # routers: [D_in, E=4]
+    assert len(weights) - len(base) == routers
+    assert len(base) == 5 * LAYERS + 1  # qkv, o, gate, up, down per layer; lm_head
+    # tests/tiny.py: the packs [hidden 32, 32 + 2 kv heads of 8], and lm_head [32, vocab 64]
+    assert base.count([32, 32 + 2 * 16]) == LAYERS + 1
     assert json.loads((exports["none"] / "export.json").read_text())["fusion"]["mode"] == "none"  # the default
 
 
@@ -194,8 +211,9 @@ def test_left_padded_inputs_still_name_a_mutated_expert(exports: dict[str, Path]
 
     model = _load(exports["contrib"])
     onnx.load_external_data_for_model(model, str(exports["contrib"]))
-    node = next(n for n in model.graph.node if n.op_type == "GroupedLoRA" and n.name == MUTATED_UNIT)
-    init = next(i for i in model.graph.initializer if i.name == node.input[4])  # B [E, D_out, R]
+    node = next(n for n in model.graph.node if n.domain == DOMAIN and n.name == MUTATED_UNIT)
+    b_input = node.input[3 if node.op_type in ROUTED_OP_TYPES else 4]  # B [E, D_out, R] (docs/op-contract.md)
+    init = next(i for i in model.graph.initializer if i.name == b_input)
     b = numpy_helper.to_array(init).copy()
     b[:, 0, 0] += 5.0 * (np.abs(b).max() + 1.0)  # every expert: whichever a token picks is wrong
     init.CopyFrom(numpy_helper.from_array(b, init.name))
@@ -206,3 +224,27 @@ def test_left_padded_inputs_still_name_a_mutated_expert(exports: dict[str, Path]
     assert not report.passed
     failing = [name for name, u in report.units["onnxruntime"].items() if not u.passed]
     assert failing == [MUTATED_UNIT]
+
+
+def test_int4_quantizes_the_packed_projections(tmp_path: Path) -> None:
+    """--quantize int4 on the contrib decoder: one MatMulNBits per pack (the builder's count), and the export's own
+    parity check (the reference with the dequantized weights, each pack's rows split back into its members) passes,
+    with merged, folded and routed units among the members (GOAT, --merge-threshold 0.9)."""
+    from typer.testing import CliRunner
+
+    from moe_export.cli import app
+    from moe_export.export.manifest import ExportManifest
+
+    out = tmp_path / "int4"
+    args = ["onnx", SAMPLES / "goat", "-o", out, "--merge-threshold", "0.9", "--quantize", "int4"]
+    args += ["--fusion", "contrib"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output[-2000:]
+    manifest = ExportManifest.load(out)
+    assert manifest.quant_scheme is not None and manifest.fusion is not None
+    packs = set(manifest.fusion["packed"])
+    assert len(packs) == LAYERS and packs <= set(manifest.quant_scheme.weights)
+    nbits = [n for n in _load(out).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 5 * LAYERS + 1  # qkv, o, gate, up, down per layer; lm_head
+    members = {m for group in manifest.fusion["packed"].values() for m, _ in group}
+    assert not members & set(manifest.quant_scheme.weights)  # each member is quantized once, inside its pack

@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from moe_export.export.onnx_fused import fuse_residual_add
 from moe_export.export.onnx_ops import grouped_lora_dense_body
 from moe_export.export.onnx_slots import grouped_lora_slots_body
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
@@ -272,8 +271,9 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 def test_whole_model_parity_with_and_without_library(
     library: Path, family: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch
 ) -> None:
-    """top-k (GOAT), shared A (HydraLoRA), slots (MixLoRA), dense k = E (LoRAMoE): both ways match torch,
-    and so does the fused-residual rewrite (GroupedLoRAAdd) with its kernel and with its function body."""
+    """top-k (GOAT), shared A (HydraLoRA), slots (MixLoRA), dense k = E (LoRAMoE): both ways match torch, the
+    default export (residual Adds and top-k routers fused: GroupedLoRAAdd, RoutedGroupedLoRAAdd) and one written
+    with --no-adapter-fusion (GroupedLoRA and the routers in standard ops), with the kernels and with the bodies."""
     import torch
 
     monkeypatch.delenv("MOE_EXPORT_KERNELS", raising=False)  # this test runs both ways itself
@@ -282,14 +282,15 @@ def test_whole_model_parity_with_and_without_library(
     import moe_export
     from moe_export.runtimes.onnxruntime import OnnxRuntimeRunner
 
-    result = sample_export(tmp_path_factory, SAMPLES / family)  # the run's plain export of the sample (read only)
-    fused = onnx.load(str(result.model_path))
-    routed = sum(n.op_type == "GroupedLoRA" for n in fused.graph.node)
-    assert fuse_residual_add(fused) == routed  # every routed linear's residual Add is fused
-    assert routed == 0 or "GroupedLoRAAdd" in {f.name for f in fused.functions}  # the body a plain ORT runs
-    onnx.checker.check_model(fused, full_check=True)
-    onnx.save_model(fused, str(tmp_path / "fused.onnx"))
+    result = sample_export(tmp_path_factory, SAMPLES / family)  # the run's default export of the sample (read only)
     reference = moe_export.load(SAMPLES / family).model
+    moe_export.export_onnx(moe_export.load(SAMPLES / family), tmp_path / "unfused", validate=False, progress=False,
+                           adapter_fusion=False)  # fmt: skip
+    unfused = onnx.load(str(tmp_path / "unfused" / "model.onnx"), load_external_data=False)
+    fused = onnx.load(str(result.model_path), load_external_data=False)
+    plain_nodes = sum(n.op_type == "GroupedLoRA" for n in unfused.graph.node)
+    fused_nodes = sum(n.op_type in ("GroupedLoRAAdd", "RoutedGroupedLoRAAdd") for n in fused.graph.node)
+    assert plain_nodes == fused_nodes and not any(n.op_type == "GroupedLoRA" for n in fused.graph.node)
     vocab = int(reference.config.vocab_size)
     for batch, seq in ((1, 1), (2, 17), (3, 40)):
         ids = np.random.default_rng(seq).integers(0, vocab, (batch, seq))
@@ -297,7 +298,7 @@ def test_whole_model_parity_with_and_without_library(
         feeds = result.manifest.interface.complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)})
         with torch.no_grad():
             want = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ids * 0 + 1)).logits
-        for path in (result.model_path, tmp_path / "fused.onnx"):
+        for path in (result.model_path, tmp_path / "unfused" / "model.onnx"):
             for use_library in (True, False):
                 with OnnxRuntimeRunner.from_path(path, native_kernels=use_library) as runner:
                     got = runner.infer(feeds)["logits"]

@@ -110,14 +110,23 @@ def test_fp32_graph_structure(fp32_export: onnx_export.ExportResult, mixed_ckpt:
     onnx.checker.check_model(str(fp32_export.model_path), full_check=True)
     model = onnx.load(str(fp32_export.model_path))
     units = sorted(u.name for u in Adapter.load(mixed_ckpt).units)
-    custom = [n for n in model.graph.node if n.domain == DOMAIN]
-    assert sorted(n.name for n in custom) == units and {n.op_type for n in custom} == {"GroupedLoRA"}
-    for node in custom:
-        assert {a.name: a.s.decode() for a in node.attribute} == PLUGIN_ATTRIBUTES
-    assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, "GroupedLoRA")]
+    custom = {n.name: n for n in model.graph.node if n.domain == DOMAIN}
+    assert sorted(custom) == units
+    # The adapter passes (on by default): layer 0's top-2 routers move into their nodes with the residual Add;
+    # layer 1's dense routing keeps its standard ops, and only the residual Add joins its node.
+    kinds = {name: ("RoutedGroupedLoRAAdd" if ".layers.0." in name else "GroupedLoRAAdd") for name in units}
+    assert {name: n.op_type for name, n in custom.items()} == kinds
+    for node in custom.values():
+        attributes = {a.name: a.s.decode() if a.type == onnx.AttributeProto.STRING else a.i for a in node.attribute}
+        router = {"k": 2, "normalize": 1} if node.op_type.startswith("Routed") else {}
+        assert attributes == {**PLUGIN_ATTRIBUTES, **router}
+    assert sorted((f.domain, f.name) for f in model.functions) == [(DOMAIN, t) for t in sorted(set(kinds.values()))]
     assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
-    ops = {n.op_type for n in model.graph.node}
-    assert {"TopK", "Softmax"} <= ops  # the router stays standard ops
+    assert fp32_export.manifest.adapter_fusion == {"requested": True, "residual_adds": 14, "routers": 7}
+    assert fp32_export.manifest.custom_ops == sorted(set(kinds.values()))
+    # no router chain is left outside the nodes that took theirs in: one Softmax per dense unit of layer 1
+    assert sum(n.op_type == "Softmax" and n.domain == "" for n in model.graph.node) == 7 + 2  # + attention
+    assert not any(n.op_type == "TopK" for n in model.graph.node)
     # The default export is the KV-cache decoder (test_decoder.py checks its contract in full).
     names = [i.name for i in model.graph.input][:3], [o.name for o in model.graph.output][:2]
     assert names == (["input_ids", "attention_mask", "position_ids"], ["logits", "present.0.key"])
@@ -168,7 +177,7 @@ def test_manifest(fp32_export: onnx_export.ExportResult, mixed_ckpt: Path, tiny_
         ("logits", "float32", ("batch", "sequence", 64)),
         ("present.0.key", "float32", ("batch", 2, "total_sequence", 8)),
     ]
-    assert manifest.external_data is None and manifest.custom_ops == ["GroupedLoRA"]
+    assert manifest.external_data is None and manifest.custom_ops == ["GroupedLoRAAdd", "RoutedGroupedLoRAAdd"]
     assert "config.json" in manifest.copied_files and (out / "config.json").is_file()
     assert not list(out.parent.glob(".*tmp-*")), "no temporary directory may remain"
 
@@ -285,7 +294,7 @@ MERGE_PATH_SAMPLES = {"goat", "mmoelora"}
 @pytest.mark.slow
 @pytest.mark.parametrize("sample", SAMPLE_DIRS, ids=lambda p: p.name)
 def test_sample_export_validates(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every family sample exports, passes the full ONNX checker with one GroupedLoRA node per routed linear, and
+    """Every family sample exports, passes the full ONNX checker with one GroupedLoRA(-family) node per routed linear, and
     passes the `validate` gate (outputs + per-unit routing, top-p MixLoRA included): once, by `validate` here
     for the plain exports, and by the `onnx` command's own closing validate (exit 0) for the merged ones."""
     if sample.name in MERGE_PATH_SAMPLES:
@@ -298,7 +307,7 @@ def test_sample_export_validates(sample: Path, tmp_path_factory: pytest.TempPath
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
-    assert sorted(n.name for n in model.graph.node if n.op_type == "GroupedLoRA") == routed
+    assert sorted(n.name for n in model.graph.node if n.op_type in onnx_export.LINEAR_UNIT_OP_TYPES) == routed
     # onnxruntime-genai generates the reference's tokens from the export folder as it is.
     vocab = int(json.loads((result.out_dir / "config.json").read_text())["vocab_size"])
     pad = json.loads((result.out_dir / "genai_config.json").read_text())["model"]["pad_token_id"]

@@ -10,12 +10,16 @@ from tests.conftest import REPO
 
 
 def _op_types() -> set[str]:
-    return {value for key, value in vars(names).items() if key.startswith("GROUPED_LORA") and isinstance(value, str)}
+    return {
+        value
+        for key, value in vars(names).items()
+        if key.startswith(("GROUPED_LORA", "ROUTED_GROUPED_LORA")) and isinstance(value, str)
+    }
 
 
 def test_every_op_type_is_in_the_contract() -> None:
     contract = (REPO / "docs" / "op-contract.md").read_text()
-    assert {"GroupedLoRA", "GroupedLoRASlots", "GroupedLoRAAdd"} <= _op_types()
+    assert {"GroupedLoRA", "GroupedLoRASlots", "GroupedLoRAAdd", "RoutedGroupedLoRA"} <= _op_types()
     missing = sorted(op for op in _op_types() if not re.search(rf"\b{op}\(", contract))
     assert not missing, f"docs/op-contract.md gives no signature for {missing}"
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from moe_export.cli import app
 from moe_export.export.manifest import ExportManifest
 from moe_export.export.quantize import dequantize
-from moe_export.ops.names import DOMAIN
+from moe_export.ops.names import DOMAIN, ROUTED_OP_TYPES
 from tests.artifacts import merged_sample_run, shared_cli_run
 from tests.conftest import SAMPLES
 
@@ -70,13 +70,14 @@ def test_int4_export_rewrites_only_base_linears(int4_run, tmp_path_factory: pyte
     for node in nbits:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert node.domain == "com.microsoft" and attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
-    # What stays a MatMul on an initializer: one router per routed unit ([D, E] weights), all fp32.
+    # What stays fp32: one router ([D, E] weight) per routed unit, inside its RoutedGroupedLoRAAdd node (input 1)
+    # or, where the router pass left it in standard ops, a MatMul on an initializer.
     inits = {t.name: t for t in proto.graph.initializer}
-    const_matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    routers = [n.input[1] for n in proto.graph.node if n.op_type in ROUTED_OP_TYPES]
+    routers += [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     routed = len(manifest.routed_units)
-    assert len(const_matmuls) == routed == 11
-    assert all(inits[n.input[1]].dims[-1] == 4 and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
-               for n in const_matmuls)  # fmt: skip
+    assert len(routers) == routed == 11
+    assert all(inits[w].dims[-1] == 4 and inits[w].data_type == onnx.TensorProto.FLOAT for w in routers)
     # The GroupedLoRA nodes and their function bodies are byte-identical to the fp32 export's.
     fp32 = merged_sample_run(tmp_path_factory, SAMPLES / "goat")
     assert fp32.exit_code == 0
@@ -223,8 +224,9 @@ def test_corrupted_expert_fails_both_sides(int4_run, tmp_path: Path) -> None:  #
     broken = tmp_path / "export"
     shutil.copytree(int4_run.out_dir, broken)
     proto = onnx.load(str(broken / "model.onnx"))
-    node = next(n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == "GroupedLoRA")
-    tensor = next(t for t in proto.graph.initializer if t.name == node.input[-1])  # B [E, ...]
+    node = next(n for n in proto.graph.node if n.domain == DOMAIN and n.op_type in ("GroupedLoRA", *ROUTED_OP_TYPES))
+    b_input = node.input[3 if node.op_type in ROUTED_OP_TYPES else 4]  # B [E, D_out, R] (docs/op-contract.md)
+    tensor = next(t for t in proto.graph.initializer if t.name == b_input)
     b = numpy_helper.to_array(tensor).copy()
     b[0] *= 3.0
     tensor.CopyFrom(numpy_helper.from_array(b, tensor.name))

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from moe_export.cli import app
+from moe_export.ops.names import DOMAIN, ROUTED_OP_TYPES
 from tests.artifacts import shared_export
 
 CORRUPTED_UNIT = "model.layers.1.self_attn.v_proj"
@@ -26,12 +27,13 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Pat
 
 @pytest.fixture(scope="module")
 def corrupted_dir(tmp_path_factory: pytest.TempPathFactory, export_dir: Path) -> Path:
-    """A copy of the export with one weight of one GroupedLoRA node's B initializer changed."""
+    """A copy of the export with one weight of one routed node's B initializer changed."""
     out = tmp_path_factory.mktemp("corrupted") / "onnx"
     shutil.copytree(export_dir, out)
     model = onnx.load(str(out / "model.onnx"))
-    node = next(n for n in model.graph.node if n.op_type == "GroupedLoRA" and n.name == CORRUPTED_UNIT)
-    init = next(i for i in model.graph.initializer if i.name == node.input[4])  # B [E, D_out, R]
+    node = next(n for n in model.graph.node if n.domain == DOMAIN and n.name == CORRUPTED_UNIT)
+    b_input = node.input[3 if node.op_type in ROUTED_OP_TYPES else 4]  # B [E, D_out, R] (docs/op-contract.md)
+    init = next(i for i in model.graph.initializer if i.name == b_input)
     b = numpy_helper.to_array(init).copy()
     b[0, 0, 0] += 5.0 * (np.abs(b).max() + 1.0)
     init.CopyFrom(numpy_helper.from_array(b, init.name))

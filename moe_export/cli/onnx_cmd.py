@@ -68,6 +68,12 @@ def onnx_command(
         "ONNX Runtime com.microsoft ops (GroupQueryAttention...; ONNX Runtime only: moe-export trt refuses it, "
         "hence not the default).",
     ),
+    no_adapter_fusion: bool = typer.Option(
+        False,
+        "--no-adapter-fusion",
+        help="Keep each routed linear's router (MatMul, Softmax, TopK...), GroupedLoRA and residual Add as "
+        "separate nodes instead of one RoutedGroupedLoRAAdd node.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (on stdout)."),
     device: str = DEVICE_OPTION,
     forward: str = ONNX_FORWARD_OPTION,
@@ -83,7 +89,7 @@ def onnx_command(
     options = ExportOptions(
         dtype=dtype, opset=opset, kv_cache=not no_kv_cache, base_only=base_only, merge=merge, quantize=quantize,
         block_size=block_size, validate=not no_validate, max_top1_drop=max_top1_drop, force=force,
-        progress=not as_json, fusion=fusion,
+        progress=not as_json, fusion=fusion, adapter_fusion=not no_adapter_fusion,
     )  # fmt: skip
     k = parse_int_list(top_k, "--top-k")
     checks.top_k_values(k)

@@ -18,6 +18,7 @@ from moe_export.errors import ExportError
 from moe_export.export.decoder_fused import FusedDecoderWithPast
 from moe_export.export.interface import TOTAL_SEQUENCE, GraphInterface, KVLayout
 from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
+from moe_export.export.packing import PackPlan, packed_projections
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -71,10 +72,12 @@ def trace_decoder(
     opset: int,
     translations: dict[Any, Any],
     fusion: str = FUSION_NONE,
+    packed: PackPlan | None = None,
 ) -> Any:
     """torch.onnx.export of the decoder with past; returns the ONNXProgram (dims renamed to the interface's).
 
-    `fusion="contrib"`: attention, rotary and residual norms as com.microsoft ops (export/decoder_fused.py)."""
+    `fusion="contrib"`: attention, rotary and residual norms as com.microsoft ops (export/decoder_fused.py), and
+    the projections `packed` names as one MatMul per pack (export/packing.py)."""
     assert interface.past is not None
     layout = interface.past
     feeds = interface.example_feeds(int(model.config.vocab_size))
@@ -83,7 +86,7 @@ def trace_decoder(
     # via fp32: torch cannot read numpy's (ml_dtypes') bfloat16
     past = [torch.from_numpy(feeds[name].astype("float32")).to(dtype) for name in interface.past_names()]
     wrapper = FusedDecoderWithPast(model, layout) if fusion == FUSION_CONTRIB else DecoderWithPast(model, layout)
-    with torch.no_grad():
+    with torch.no_grad(), packed_projections(model, packed if fusion == FUSION_CONTRIB and packed else {}):
         program = torch.onnx.export(
             wrapper.eval(),
             (*args, past),

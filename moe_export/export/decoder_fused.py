@@ -12,8 +12,10 @@ MatMuls are int4. Here the same model is traced through an explicit forward that
   builder does;
 - `SkipSimplifiedLayerNormalization` for each residual add + RMSNorm (the first layer's input norm stays in
   standard ops, which ORT fuses itself: export/base_fusions.py).
-The projections and MLPs are the model's own modules, so every `moe_export::GroupedLoRA` node, its function
-body and its unit name come out exactly as in the plain decoder; the graph interface is unchanged.
+- one MatMul for q, k and v (the base weights packed after every fold and merge, export/packing.py); each routed
+  projection adds its own delta to its slice.
+The projections are the model's own modules, so every `moe_export::GroupedLoRA` node, its function body, its
+router chain and its unit name come out exactly as in the plain decoder; the graph interface is unchanged.
 
 GroupQueryAttention reads only each row's attended-token count from the mask, and keeps a row's cache
 compacted (a new token lands right after the row's real tokens). That is exact for unpadded rows, for right
@@ -34,6 +36,7 @@ import torch
 
 from moe_export.export.interface import KVLayout
 from moe_export.export.options import FUSION_CONTRIB, FUSION_NONE
+from moe_export.export.packing import ATTENTION_PACK, packed_forward, packing_plan
 from moe_export.export.token_order import left_pad_rotation
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -127,9 +130,8 @@ class FusedDecoderWithPast(torch.nn.Module):
         from torch.onnx.ops import symbolic_multi_out
 
         layout = self.layout
-        q = self._rotary(attn.q_proj(x), position_ids)
-        k = self._rotary(attn.k_proj(x), position_ids)
-        v = attn.v_proj(x)
+        q, k, v = packed_forward(attn, ATTENTION_PACK, x)  # one MatMul when packed (export/packing.py)
+        q, k = self._rotary(q, position_ids), self._rotary(k, position_ids)
         heads = q.shape[-1] // layout.head_dim
         cache = [past[0].shape[0], layout.kv_heads, past[0].shape[2] + x.shape[1], layout.head_dim]
         window = layer_window(self.model.config, attn)
@@ -213,4 +215,7 @@ def resolve_fusion(requested: str, model: torch.nn.Module, is_decoder: bool, con
         if reason is not None and is_decoder:
             console.print(f"note: --fusion contrib not applied ({reason}); the decoder keeps standard-op attention")
     mode = requested if reason is None else FUSION_NONE
-    return {"requested": requested, "mode": mode, "reason": reason}
+    record: dict[str, Any] = {"requested": requested, "mode": mode, "reason": reason}
+    if mode == FUSION_CONTRIB:
+        record["packed"] = packing_plan(model)  # the projections the explicit forward packs (export/packing.py)
+    return record

@@ -64,7 +64,17 @@ class ExportManifest:
     )
     fusion: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "decoder base-graph fusion: requested, mode (contrib | none), reason when not applied"},
+        metadata={
+            "help": "decoder base-graph fusion: requested, mode (contrib | none), reason when not applied; "
+            "contrib: packed, the projections packed into one MatMul (export/packing.py)"
+        },
+    )
+    adapter_fusion: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "adapter graph passes (export/onnx_routed.py): requested, residual_adds and routers fused; "
+            "null in exports written before them"
+        },
     )
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})
     relative_sources: dict[str, str] = field(

@@ -35,7 +35,9 @@ from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
 from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
 from moe_export.export.onnx_ops import function_bodies, translation_table
+from moe_export.export.onnx_routed import fuse_saved_adapter
 from moe_export.export.options import ExportOptions
+from moe_export.export.packing import PackPlan
 from moe_export.export.quantize import (
     base_linear_names,
     quantize_saved_model,
@@ -48,7 +50,7 @@ from moe_export.files import (
     replace_directory,
     replace_files,
 )
-from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GROUPED_LORA
+from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GATED_OP_TYPES, ROUTED_OP_TYPES
 from moe_export.progress import status_spinner
 from moe_export.reference.loading import LoadedAdapter, attach_model, load_base_model, load_without_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -175,11 +177,15 @@ def _write_export(
         try:
             status.update(f"exporting {len(units)} units to ONNX (opset {options.opset}, {options.dtype})")
             interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
-            program = _trace(model, interface, options.opset, fusion["mode"])
-            model_path, scheme = _post_process(program, model, tmp, options, units, status)
+            packed = fusion.get("packed") or {}
+            program = _trace(model, interface, options.opset, fusion["mode"], packed)
+            model_path, scheme, adapter_fusion = _post_process(program, model, tmp, options, units, status, set(packed))
             interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
             manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
             manifest.quantization = scheme.to_dict() if scheme is not None else None
+            manifest.adapter_fusion = adapter_fusion
+            if adapter_fusion is not None and any(adapter_fusion[k] for k in ("residual_adds", "routers")):
+                manifest.custom_ops = _custom_op_types(model_path)
             manifest.fusion = fusion
             library = kernel_library if manifest.custom_ops else None
             _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
@@ -375,12 +381,12 @@ def _unit_records(loaded: LoadedAdapter, model: torch.nn.Module) -> list[UnitRec
     return records
 
 
-def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion: str) -> Any:
+def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion: str, packed: PackPlan) -> Any:
     """torch.onnx.export of the model into the interface (the decoder's base graph as `fusion` says: contrib
-    or none, export/decoder_fused.py); returns the ONNXProgram."""
+    or none, export/decoder_fused.py, with the `packed` projections: export/packing.py); returns the ONNXProgram."""
     try:
         if interface.is_decoder:
-            return trace_decoder(model, interface, opset, translation_table(), fusion)
+            return trace_decoder(model, interface, opset, translation_table(), fusion, packed)
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
         feeds = interface.example_feeds(vocab, *EXAMPLE_SHAPE)
         with torch.no_grad():
@@ -404,24 +410,34 @@ def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion
 
 
 def _post_process(
-    program: Any, model: torch.nn.Module, tmp: Path, options: ExportOptions, units: list[UnitRecord], status: Any
-) -> tuple[Path, Any]:
+    program: Any, model: torch.nn.Module, tmp: Path, options: ExportOptions, units: list[UnitRecord], status: Any,
+    packs: set[str],
+) -> tuple[Path, Any, dict[str, Any] | None]:  # fmt: skip
     """Name each custom node after its unit, attach the function bodies, save (external data above the
-    protobuf limit), fuse RMSNorm, quantize the base weights when asked, and check the saved file; returns its
-    path and the quantization scheme (None: not quantized)."""
+    protobuf limit), fuse RMSNorm, fuse the adapter's routers and residual Adds into their nodes (unless
+    `adapter_fusion` is off), quantize the base weights when asked (the `packs`, packed projections' linears,
+    too), and check the saved file; returns its path, the quantization scheme (None: not quantized) and the
+    adapter passes' record (None: no adapter)."""
     _name_custom_nodes(program.model, {u.name for u in units if u.status == "routed"})
     _attach_function_bodies(program.model, options.opset)
     model_path = tmp / MODEL_FILE
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     program.save(str(model_path), external_data=size > EXTERNAL_DATA_THRESHOLD)
     fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
+    adapter_fusion = None
+    if not options.base_only:
+        counts = {"residual_adds": 0, "routers": 0}
+        if options.adapter_fusion:
+            counts = fuse_saved_adapter(model_path)  # export/onnx_routed.py
+        adapter_fusion = {"requested": options.adapter_fusion, **counts}
     scheme = None
     if options.quantize is not None:
         status.update(f"quantizing the base weights ({options.quantize}, blocks of {options.block_size})")
-        scheme = quantize_saved_model(model_path, base_linear_names(model), options.quantize, options.block_size)
+        linears = base_linear_names(model) | packs
+        scheme = quantize_saved_model(model_path, linears, options.quantize, options.block_size)
     status.update("checking the ONNX model")
     _check_saved(model_path, units)
-    return model_path, scheme
+    return model_path, scheme, adapter_fusion
 
 
 def _unit_scope(node: Any, units: set[str]) -> str | None:
@@ -445,6 +461,7 @@ def _name_custom_nodes(model: Any, routed: set[str]) -> None:
         node.name = unit if seen[unit] == 1 else f"{unit}{NODE_SUFFIX}{seen[unit]}"
 
 
+LINEAR_UNIT_OP_TYPES = (*GATED_OP_TYPES, *ROUTED_OP_TYPES)
 NODE_SUFFIX = "#"  # a unit's second, third... node (MixLoRA: one GroupedLoRASlots per gate/up/down projection)
 
 
@@ -474,13 +491,22 @@ def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{model_path}: onnx.checker rejects the export: {str(exc).splitlines()[0][:300]}") from exc
     proto = onnx.load(str(model_path), load_external_data=False)
-    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type == GROUPED_LORA]
+    # one gated node (GroupedLoRA, or its fused forms from export/onnx_routed.py) per routed linear unit
+    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type in LINEAR_UNIT_OP_TYPES]
     want = sorted(u.name for u in units if u.status == "routed" and u.kind == "linear_moe")
     if sorted(names) != want:
         missing = sorted(set(want) - set(names))[:3]
         raise ExportError(
             f"{model_path}: {len(names)} GroupedLoRA nodes for {len(want)} routed units (missing {missing})"
         )
+
+
+def _custom_op_types(model_path: Path) -> list[str]:
+    """The moe_export op types the saved graph holds (after the adapter passes)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})
 
 
 def _copy_base_files(base: Path, tmp: Path) -> list[str]:

@@ -50,6 +50,13 @@ class ExportOptions(Options):
             "com.microsoft ops where the model allows it (ONNX Runtime only)"
         ),
     )
+    adapter_fusion: bool = field(
+        default=True,
+        metadata=help_text(
+            "fold each routed linear's residual Add and softmax top-k router into its node "
+            "(RoutedGroupedLoRAAdd: export/onnx_routed.py); False keeps router, GroupedLoRA and Add apart"
+        ),
+    )
     force: bool = field(default=False, metadata=help_text("replace an export that sits beside other files"))
     progress: bool = field(default=True, metadata=help_text("show progress on stderr"))
 

@@ -46,7 +46,8 @@ class QuantScheme:
     op: str = field(default=f"{MS_DOMAIN}::{NBITS_OP}", metadata={"help": "the quantized op"})
     method: str = field(default="onnxruntime MatMulNBitsQuantizer, round to nearest", metadata={"help": "tool"})
     weights: dict[str, str] = field(
-        default_factory=dict, metadata={"help": "module path of each quantized linear -> its MatMulNBits node"}
+        default_factory=dict,
+        metadata={"help": "module path of each quantized linear (or packed projection: fusion.packed) -> its node"},
     )
     embedding: dict[str, str] = field(
         default_factory=dict,

@@ -69,8 +69,10 @@ class MoELoRALinear(nn.Module):
             return route_constant(self.router, self.task_weights, flat.shape[0])
         return route_tokens(self.router, flat, self.router_weight, self.router_bias, forced)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor | None = None) -> torch.Tensor:
+        """base(x) + the shared and routed LoRA deltas; `base_output`: base(x) computed by the caller (the contrib
+        decoder's packed q/k/v MatMul, export/packing.py)."""
+        y = self.base(x) if base_output is None else base_output
         flat = x.reshape(-1, self.in_features)  # [T, D_in]
         delta = None
         for a, b, scaling in self.shared_pairs():

@@ -3,7 +3,9 @@
 A runner asked for taps (`Runner.request_taps()`) returns, with each `infer`, the inputs and output of every
 routed unit it ran, keyed by the unit's node (or module) name:
 - ONNX Runtime (any execution provider): the session is built over a copy of the model in which every
-  `moe_export::GroupedLoRA(Slots)` node's inputs (x, expert_ids, gates) and output are extra graph outputs;
+  routed unit's node's x, expert_ids, gates (inputs of GroupedLoRA(Slots/Add), outputs 1 and 2 of
+  RoutedGroupedLoRA(Add), which route inside the node), output and, for the fused-residual forms, base input
+  are extra graph outputs;
 - torch: the reference modules' `record_routing` hook, with the router's fp32 probabilities.
 Comparators (validation/) judge the taps; the runners only collect them.
 Legend: T tokens, E experts, K slots, D_in / D_out feature sizes.
@@ -19,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from moe_export.errors import FormatError
-from moe_export.ops.names import DOMAIN, GROUPED_LORA, OP_TYPES
+from moe_export.ops.names import (
+    DOMAIN,
+    GATED_OP_TYPES,
+    GROUPED_LORA,
+    GROUPED_LORA_ADD,
+    ROUTED_GROUPED_LORA_ADD,
+    ROUTED_OP_TYPES,
+    UNIT_OP_TYPES,
+)
 
 
 @dataclass
@@ -31,6 +41,7 @@ class UnitCapture:
     gates: np.ndarray | None  # [T, K]; None when the op takes no gates (GroupedLoRASlots)
     probs: np.ndarray | None = None  # [T, E] fp32 router probabilities (torch reference only)
     output: np.ndarray | None = None  # the op node's output ([T, D_out] GroupedLoRA, [T, K, D_out] slots)
+    base: np.ndarray | None = None  # the fused-residual forms: base input [T, D_out] (output = base + delta)
     op_type: str = GROUPED_LORA
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -102,21 +113,28 @@ class NodeTaps:
     expert_ids: str
     gates: str | None
     output: str
+    base: str | None = None  # the *Add forms: the base output the delta is added to
 
 
 def grouped_lora_taps(model_proto: Any) -> list[NodeTaps]:
-    """Every GroupedLoRA(Slots) node of the main graph, named by its unit (the node name, by the export contract).
+    """Every routed unit's node of the main graph, named by its unit (the node name, by the export contract).
 
-    The op's inputs, by its schema (ops/names.py): GroupedLoRA(x, expert_ids, gates, A, B);
-    GroupedLoRASlots(x, expert_ids, A, B) has no gates input.
+    Where each value sits, by the op's schema (ops/names.py, docs/op-contract.md): GroupedLoRA(x, expert_ids,
+    gates, A, B) and GroupedLoRAAdd(..., base); GroupedLoRASlots(x, expert_ids, A, B) has no gates;
+    RoutedGroupedLoRA(x, router_weight, A, B) -> (y, expert_ids, gates) and RoutedGroupedLoRAAdd(..., base).
     """
     taps = []
     for i, node in enumerate(model_proto.graph.node):
-        if node.domain != DOMAIN or node.op_type not in OP_TYPES or len(node.input) < 4:
+        if node.domain != DOMAIN or node.op_type not in UNIT_OP_TYPES or len(node.input) < 4:
             continue
         unit = node.name or f"{node.op_type}_{i}"
-        gates = node.input[2] if node.op_type == GROUPED_LORA else None
-        taps.append(NodeTaps(unit, node.op_type, node.input[0], node.input[1], gates, node.output[0]))
+        if node.op_type in ROUTED_OP_TYPES:
+            ids, gates = node.output[1], node.output[2]
+            base = node.input[4] if node.op_type == ROUTED_GROUPED_LORA_ADD else None
+        else:
+            ids, gates = node.input[1], node.input[2] if node.op_type in GATED_OP_TYPES else None
+            base = node.input[5] if node.op_type == GROUPED_LORA_ADD else None
+        taps.append(NodeTaps(unit, node.op_type, node.input[0], ids, gates, node.output[0], base))
     return taps
 
 
@@ -142,7 +160,7 @@ def tapped_model(onnx_path: Any) -> TappedModel:
     own_outputs = [o.name for o in proto.graph.output]
     existing = set(own_outputs)
     for tap in taps:
-        for name in (tap.x, tap.expert_ids, tap.gates, tap.output):
+        for name in (tap.x, tap.expert_ids, tap.gates, tap.output, tap.base):
             # Initializers (e.g. constant task routing) and inputs cannot be outputs; they are read as is.
             if name is None or name in existing or name in constants:
                 continue
@@ -159,11 +177,15 @@ def captures_from_outputs(outputs: dict[str, np.ndarray], taps: list[NodeTaps]) 
     for tap in taps:
         if tap.expert_ids not in outputs or (tap.gates is not None and tap.gates not in outputs):
             continue  # constant routing: nothing input dependent to compare
+        output, base = outputs.get(tap.output), None if tap.base is None else outputs.get(tap.base)
+        if base is not None and output is not None:  # the *Add forms: [..., D_out] in base's shape -> [T, D_out]
+            output, base = (v.reshape(-1, v.shape[-1]) for v in (output, base))
         captures[tap.unit] = UnitCapture(
             outputs.get(tap.x),
             outputs[tap.expert_ids],
             None if tap.gates is None else outputs[tap.gates],
-            output=outputs.get(tap.output),
+            output=output,
+            base=base,
             op_type=tap.op_type,
         )
     return captures

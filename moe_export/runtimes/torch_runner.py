@@ -132,13 +132,16 @@ def reference_model_loader(
 
 
 def _substitute_dequantized(model: torch.nn.Module, adapter: Any, artifact: Artifact) -> None:
-    """The export's MatMulNBits weights, dequantized, in place of the reference's base linears."""
+    """The export's MatMulNBits weights, dequantized, in place of the reference's base linears (a packed
+    projection's rows split back into its members: export/packing.py)."""
+    from moe_export.export.packing import unpack_weights
     from moe_export.export.quantize import dequantized_weights
     from moe_export.reference.substitute import substitute_base_weights
 
     scheme = artifact.manifest.quant_scheme
     assert scheme is not None
-    weights = dequantized_weights(artifact.onnx_path, scheme)
+    packed = (artifact.manifest.fusion or {}).get("packed")
+    weights = unpack_weights(dequantized_weights(artifact.onnx_path, scheme), packed)
     substitute_base_weights(model, adapter, {k: torch.from_numpy(v) for k, v in weights.items()})
 
 

@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from moe_export.ops.names import GROUPED_LORA, GROUPED_LORA_SLOTS
+from moe_export.ops.names import (
+    GATED_OP_TYPES,
+    GROUPED_LORA_ADD,
+    GROUPED_LORA_SLOTS,
+    ROUTED_GROUPED_LORA_ADD,
+    ROUTED_OP_TYPES,
+)
 from moe_export.runtimes.taps import UnitCapture
 from moe_export.validation.margins import Decision, logit_drift, margins_and_bounds
 from moe_export.validation.parity import Tolerance
@@ -33,6 +39,7 @@ from moe_export.validation.parity import Tolerance
 # export stores tiny ones as 0 (fp16's smallest subnormal is 6e-8), which an exact-zero test would read
 # as a routing flip "with margin inf". A gate below 1e-6 moves the output by less than any tolerance.
 SELECTED_GATE_MIN = 1e-6
+FUSED_RESIDUAL_OP_TYPES = (GROUPED_LORA_ADD, ROUTED_GROUPED_LORA_ADD)  # output = base + delta
 MAX_LISTED_FLIPS = 200  # per unit and check; the counts stay exact beyond it
 
 
@@ -167,7 +174,7 @@ class UnitComparison:
         if expected is None:
             return
         assert candidate.output is not None
-        got = candidate.output.astype(np.float64)
+        got, add_rounding = candidate_delta(candidate)
         if expected.shape != got.shape:
             self.messages.append(f"{node}: op output shape {list(got.shape)}, expected {list(expected.shape)}")
             return
@@ -175,7 +182,7 @@ class UnitComparison:
             self.messages.append(f"{node}: op output has {int((~np.isfinite(got)).sum())} NaN/Inf values")
             return
         err = float(np.abs(expected - got).max()) if got.size else 0.0
-        bound = tol.bound(float(np.abs(expected).max()) if got.size else 0.0)
+        bound = tol.bound(float(np.abs(expected).max()) if got.size else 0.0) + add_rounding
         self.op_max_abs = max(self.op_max_abs or 0.0, err)
         self.op_bound = bound if self.op_bound is None else max(self.op_bound, bound)
         if err > bound:
@@ -190,16 +197,33 @@ class UnitComparison:
             self.messages.append(f"gates differ on the same input: max abs {self.gate_max_abs:.3g} > {gate_tol:g}")
 
 
+def candidate_delta(candidate: UnitCapture) -> tuple[np.ndarray, float]:
+    """The op's routed delta as the candidate computed it, in fp64, and how far rounding can move it beyond the
+    op's own arithmetic. A fused-residual node outputs base + delta in the export dtype: its delta is the output
+    less its base, off by at most the final add's rounding (half an ulp of the output; eps * max |output| bounds
+    it), which the op check allows on top of its tolerance; the bound stays relative to the delta, so a wrong
+    expert is not hidden behind the base's magnitude."""
+    assert candidate.output is not None
+    got = candidate.output.astype(np.float64)
+    if candidate.base is None:
+        return got, 0.0
+    got = got - candidate.base.astype(np.float64)  # [T, D_out] (captures_from_outputs flattened both)
+    largest = float(np.abs(candidate.output.astype(np.float64)).max()) if got.size else 0.0
+    return got, float(np.finfo(candidate.output.dtype).eps) * largest
+
+
 def op_expected(candidate: UnitCapture, expert_a: Any, expert_b: Any) -> np.ndarray | None:
-    """The op's output recomputed in fp64 from the candidate's inputs; None when the taps do not allow it."""
+    """The op's routed delta recomputed in fp64 from the candidate's inputs; None when the taps do not allow it."""
     if candidate.x is None or candidate.output is None:
+        return None
+    if candidate.op_type in FUSED_RESIDUAL_OP_TYPES and candidate.base is None:
         return None
     import torch
 
     x = torch.from_numpy(candidate.x.astype(np.float64))  # [T, D_in]
     ids = torch.from_numpy(candidate.expert_ids.astype(np.int64))  # [T, K]
     a, b = expert_a.double().cpu(), expert_b.double().cpu()
-    if candidate.op_type == GROUPED_LORA and candidate.gates is not None:
+    if candidate.op_type in GATED_OP_TYPES + ROUTED_OP_TYPES and candidate.gates is not None:
         from moe_export.ops.grouped_lora import grouped_lora_dense
 
         gates = torch.from_numpy(candidate.gates.astype(np.float64))  # [T, K]

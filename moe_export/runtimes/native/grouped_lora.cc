@@ -4,6 +4,10 @@
 //       y[t] = sum_j gates[t,j] * B[e] (A[e or 0] x[t]),  e = expert_ids[t,j]
 //   GroupedLoRASlots(x, expert_ids, A, B) -> y [T,K,D_out],  y[t,j] = B[e] (A[e or 0] x[t])
 //   GroupedLoRAAdd(x, expert_ids, gates, A, B, base) -> base + GroupedLoRA(...) viewed as base's shape
+//   RoutedGroupedLoRA(x, router_weight [D_in,E], A, B; k, normalize) -> (y, expert_ids [T,k], gates [T,k]):
+//       the router inside the op: softmax(x W) in fp32, top-k (ties: lower expert id first, as ONNX TopK),
+//       gates divided by their sum when normalize, then GroupedLoRA on that routing
+//   RoutedGroupedLoRAAdd(x, router_weight, A, B, base; k, normalize) -> (base + ..., expert_ids, gates)
 //
 // The model file carries a standard-op function body for each op; when this library is registered
 // (SessionOptions.register_custom_ops_library) ONNX Runtime runs these kernels instead, which do only
@@ -19,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -121,14 +126,27 @@ const Isa& select_isa() {
   return kPortable;
 }
 
-enum class Mode { kSum, kSlots, kAdd };
+enum class Mode { kSum, kSlots, kAdd, kRouted, kRoutedAdd };
 
-// Input positions per op (see the header comment).
-constexpr size_t kX = 0, kIds = 1;
+bool routed(Mode m) { return m == Mode::kRouted || m == Mode::kRoutedAdd; }
+bool adds(Mode m) { return m == Mode::kAdd || m == Mode::kRoutedAdd; }
+
+// Input positions per op (see the header comment). Routed ops take router_weight where the others take
+// expert_ids and give expert_ids and gates back as outputs 1 and 2.
+constexpr size_t kX = 0, kIds = 1, kRouterWeight = 1;
 size_t gates_index(Mode) { return 2; }
-size_t a_index(Mode m) { return m == Mode::kSlots ? 2 : 3; }
-size_t b_index(Mode m) { return m == Mode::kSlots ? 3 : 4; }
-constexpr size_t kBase = 5;
+size_t a_index(Mode m) { return m == Mode::kSum || m == Mode::kAdd ? 3 : 2; }
+size_t b_index(Mode m) { return a_index(m) + 1; }
+size_t base_index(Mode m) { return m == Mode::kAdd ? 5 : 4; }
+const char* op_name(Mode m) {
+  switch (m) {
+    case Mode::kSlots: return "GroupedLoRASlots";
+    case Mode::kAdd: return "GroupedLoRAAdd";
+    case Mode::kRouted: return "RoutedGroupedLoRA";
+    case Mode::kRoutedAdd: return "RoutedGroupedLoRAAdd";
+    default: return "GroupedLoRA";
+  }
+}
 
 void to_float(const void* src, ONNXTensorElementDataType type, size_t n, float* dst) {
   if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
@@ -337,6 +355,87 @@ void run_grouped(Ort::KernelContext& ctx, const Job& job) {
   ctx.ParallelFor(expand_task, static_cast<size_t>((d.d_out + g.chunk - 1) / g.chunk), 0, &g);
 }
 
+// A routed op's router over one call's tokens: what the function body's MatMul -> Cast -> Softmax -> TopK ->
+// ReduceSum/Div computes, token by token.
+struct RouteJob {
+  const Isa* isa;
+  const float* wt;   // router weight transposed [E, D_in], fp32
+  bool half_logits;  // the router runs in fp16 (the model's dtype): its logits are fp16 values
+  bool normalize;
+  int64_t E, d_in, K;
+  const float* x;  // [T, D_in]
+  int64_t* ids;    // [T, K] out
+  float* gates;    // [T, K] out, fp32
+  int64_t T, block;
+};
+
+void route_tokens(const RouteJob& r, int64_t t0, int64_t t1) {
+  std::vector<float> probs(static_cast<size_t>(r.E));
+  std::vector<char> taken(static_cast<size_t>(r.E));
+  for (int64_t t = t0; t < t1; ++t) {
+    r.isa->shrink(r.wt, r.x + t * r.d_in, r.E, r.d_in, probs.data());  // logits [E]
+    if (r.half_logits)
+      for (auto& p : probs) p = Ort::Float16_t(p).ToFloat();
+    const float top = *std::max_element(probs.begin(), probs.end());
+    float sum = 0.f;
+    for (auto& p : probs) sum += (p = std::exp(p - top));
+    const float scale = 1.f / sum;  // softmax as ONNX Runtime's: exp(l - max) times the reciprocal of the sum
+    for (auto& p : probs) p *= scale;
+    std::fill(taken.begin(), taken.end(), 0);
+    int64_t* ids = r.ids + t * r.K;
+    float* gates = r.gates + t * r.K;
+    float picked = 0.f;
+    for (int64_t j = 0; j < r.K; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < r.E; ++e)  // strictly greater: of equal probabilities the lower id wins, as TopK
+        if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
+      taken[best] = 1;
+      ids[j] = best;
+      gates[j] = probs[best];
+      picked += probs[best];
+    }
+    if (r.normalize)
+      for (int64_t j = 0; j < r.K; ++j) gates[j] /= picked;
+  }
+}
+
+void route_block(void* data, size_t i) {
+  const RouteJob& r = *static_cast<const RouteJob*>(data);
+  const int64_t t0 = static_cast<int64_t>(i) * r.block;
+  route_tokens(r, t0, std::min(r.T, t0 + r.block));
+}
+
+constexpr int64_t kRouteParallelTokens = 64;  // fewer tokens route inline: a hand-off costs more than E dots
+
+// Router weight [D_in, E] (fp32 or fp16) -> [E, D_in] fp32 rows, so each logit is one dot product with x.
+// Returns whether the weight is fp16 (then the router runs, and rounds its logits, in fp16).
+bool pack_router(const Ort::ConstValue& w, std::vector<float>& wt, int64_t& rows, int64_t& cols) {
+  const auto info = w.GetTensorTypeAndShapeInfo();
+  const auto shape = info.GetShape();
+  if (shape.size() != 2) throw Ort::Exception("router_weight must be [D_in, E]", ORT_INVALID_ARGUMENT);
+  cols = shape[0];
+  rows = shape[1];
+  std::vector<float> w32(info.GetElementCount());
+  to_float(w.GetTensorRawData(), info.GetElementType(), w32.size(), w32.data());
+  wt.resize(w32.size());
+  for (int64_t i = 0; i < cols; ++i)
+    for (int64_t e = 0; e < rows; ++e) wt[e * cols + i] = w32[i * rows + e];
+  return info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+const float* as_float(const Ort::ConstValue& v, std::vector<float>& buf) {
+  const auto info = v.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return v.GetTensorData<float>();
+  buf.resize(info.GetElementCount());
+  to_float(v.GetTensorRawData(), info.GetElementType(), buf.size(), buf.data());
+  return buf.data();
+}
+
+// One call's fp32 copies (empty when the inputs are fp32 already).
+struct Buffers {
+  std::vector<float> x32, g32, a32, bt, base32, y32, w32;
+};
+
 struct Kernel {
   Kernel(const OrtApi& api, const OrtKernelInfo* info, Mode mode) : api_(api), mode_(mode), isa_(&select_isa()) {
     // A and B are usually initializers: convert/transpose them once here instead of on every call.
@@ -353,6 +452,15 @@ struct Kernel {
       a32_.resize(info_a.GetElementCount());
       to_float(a.GetTensorRawData(), info_a.GetElementType(), a32_.size(), a32_.data());
       a_ready_ = true;
+    }
+    if (routed(mode)) {
+      k_ = kinfo.GetAttribute<int64_t>("k");
+      normalize_ = kinfo.GetAttribute<int64_t>("normalize") != 0;
+      Ort::ConstValue w = kinfo.GetTensorConstantInput(kRouterWeight, &is_const);
+      if (is_const) {
+        wt_half_ = pack_router(w, wt_, wt_rows_, wt_cols_);
+        wt_ready_ = true;
+      }
     }
   }
 
@@ -382,64 +490,110 @@ struct Kernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const char* op = mode_ == Mode::kSlots ? "GroupedLoRASlots" : mode_ == Mode::kAdd ? "GroupedLoRAAdd" : "GroupedLoRA";
-    auto x = ctx.GetInput(kX), ids = ctx.GetInput(kIds);
+    const std::string op = op_name(mode_);
+    auto x = ctx.GetInput(kX);
     auto A = ctx.GetInput(a_index(mode_)), B = ctx.GetInput(b_index(mode_));
-    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape(), is = ids.GetTensorTypeAndShapeInfo().GetShape();
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
     const auto as = A.GetTensorTypeAndShapeInfo().GetShape(), bs = B.GetTensorTypeAndShapeInfo().GetShape();
-    if (xs.size() != 2 || is.size() != 2 || as.size() != 3 || bs.size() != 3 || is[0] != xs[0])
-      fail(std::string(op) + ": expected x [T,D_in], expert_ids [T,K], A [E_A,R,D_in], B [E,D_out,R]");
-    Dims d{xs[0], is[1], bs[0], as[0], as[1], xs[1], bs[1]};
+    if (xs.size() != 2 || as.size() != 3 || bs.size() != 3)
+      fail(op + ": expected x [T,D_in], A [E_A,R,D_in], B [E,D_out,R]");
+    Dims d{xs[0], k_, bs[0], as[0], as[1], xs[1], bs[1]};
     if (as[2] != d.d_in || bs[2] != d.R || !(d.EA == 1 || d.EA == d.E))
-      fail(std::string(op) + ": A/B/x do not chain or E_A is neither 1 nor E");
-    const int64_t* id = ids.GetTensorData<int64_t>();
-    for (int64_t i = 0; i < d.T * d.K; ++i)
-      if (id[i] < 0 || id[i] >= d.E) fail(std::string(op) + ": expert id " + std::to_string(id[i]) + " outside [0, E)");
+      fail(op + ": A/B/x do not chain or E_A is neither 1 nor E");
+    const bool f32 = x.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    Job job{d, mode_, isa_, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1};
+    Buffers buf;
+    job.x = as_float(x, buf.x32);
+    if (routed(mode_))
+      route_call(ctx, job, f32, buf);
+    else
+      read_routing(ctx, job, buf);
+    job.A = a_ready_ ? a32_.data() : as_float(A, buf.a32);
+    if (!bt_ready_) pack_b(B, buf.bt);
+    job.bt = bt_ready_ ? bt_.data() : buf.bt.data();
+    write_output(ctx, job, f32, buf);
+  }
 
-    const auto t_type = x.GetTensorTypeAndShapeInfo().GetElementType();
-    const bool f32 = t_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    Job job{d, mode_, isa_, nullptr, id, nullptr, nullptr, nullptr, nullptr, nullptr, 1};
-    std::vector<float> x32, g32, a32, bt_call, base32, y32;
-    auto as_float = [](const Ort::ConstValue& v, std::vector<float>& buf) -> const float* {
-      const auto info = v.GetTensorTypeAndShapeInfo();
-      if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return v.GetTensorData<float>();
-      buf.resize(info.GetElementCount());
-      to_float(v.GetTensorRawData(), info.GetElementType(), buf.size(), buf.data());
-      return buf.data();
-    };
-    job.x = as_float(x, x32);
+  // GroupedLoRA(Slots/Add): expert_ids and gates are inputs; sets K, ids and gates of `job`.
+  void read_routing(Ort::KernelContext& ctx, Job& job, Buffers& buf) const {
+    const std::string op = op_name(mode_);
+    auto ids = ctx.GetInput(kIds);
+    const auto is = ids.GetTensorTypeAndShapeInfo().GetShape();
+    if (is.size() != 2 || is[0] != job.d.T) fail(op + ": expected expert_ids [T,K] for x [T,D_in]");
+    job.d.K = is[1];
+    job.ids = ids.GetTensorData<int64_t>();
+    for (int64_t i = 0; i < job.d.T * job.d.K; ++i)
+      if (job.ids[i] < 0 || job.ids[i] >= job.d.E)
+        fail(op + ": expert id " + std::to_string(job.ids[i]) + " outside [0, E)");
     if (mode_ != Mode::kSlots) {
       auto gates = ctx.GetInput(gates_index(mode_));
-      if (gates.GetTensorTypeAndShapeInfo().GetShape() != is) fail(std::string(op) + ": gates must match expert_ids");
-      job.gates = as_float(gates, g32);
+      if (gates.GetTensorTypeAndShapeInfo().GetShape() != is) fail(op + ": gates must match expert_ids");
+      job.gates = as_float(gates, buf.g32);
     }
-    job.A = a_ready_ ? a32_.data() : as_float(A, a32);
-    if (!bt_ready_) pack_b(B, bt_call);
-    job.bt = bt_ready_ ? bt_.data() : bt_call.data();
+  }
 
+  // RoutedGroupedLoRA(Add): route every token (outputs 1 and 2), then the op runs on the gates as output, in
+  // x's type, as the function body's GroupedLoRA reads them.
+  void route_call(Ort::KernelContext& ctx, Job& job, bool f32, Buffers& buf) const {
+    const Dims& d = job.d;
+    const std::string op = op_name(mode_);
+    if (k_ < 1 || k_ > d.E) fail(op + ": k=" + std::to_string(k_) + " is not between 1 and B's experts");
+    const float* wt = wt_.data();
+    bool half = wt_half_;
+    int64_t rows = wt_rows_, cols = wt_cols_;
+    if (!wt_ready_) {
+      half = pack_router(ctx.GetInput(kRouterWeight), buf.w32, rows, cols);
+      wt = buf.w32.data();
+    }
+    if (rows != d.E || cols != d.d_in) fail(op + ": router_weight must be [D_in, E] for x [T,D_in] and B [E,...]");
+    auto ids_out = ctx.GetOutput(1, {d.T, d.K});
+    auto gates_out = ctx.GetOutput(2, {d.T, d.K});
+    const size_t n = static_cast<size_t>(d.T * d.K);
+    buf.g32.resize(n);
+    RouteJob r{isa_, wt, half, normalize_, d.E, d.d_in, d.K, job.x, ids_out.GetTensorMutableData<int64_t>(),
+               buf.g32.data(), d.T, 1};
+    if (d.T >= kRouteParallelTokens) {
+      r.block = kRouteParallelTokens / 4;
+      ctx.ParallelFor(route_block, static_cast<size_t>((d.T + r.block - 1) / r.block), 0, &r);
+    } else {
+      route_tokens(r, 0, d.T);
+    }
+    if (f32) {
+      if (n) std::memcpy(gates_out.GetTensorMutableData<float>(), buf.g32.data(), n * sizeof(float));
+    } else {
+      auto* out = gates_out.GetTensorMutableData<Ort::Float16_t>();
+      for (size_t i = 0; i < n; ++i) buf.g32[i] = (out[i] = Ort::Float16_t(buf.g32[i])).ToFloat();
+    }
+    job.ids = r.ids;
+    job.gates = buf.g32.data();
+  }
+
+  // Output 0 (base + delta for the *Add forms, in base's shape), computed in fp32 and converted for fp16.
+  void write_output(Ort::KernelContext& ctx, Job& job, bool f32, Buffers& buf) const {
+    const Dims& d = job.d;
     std::vector<int64_t> out_shape{d.T, d.d_out};
     if (mode_ == Mode::kSlots) out_shape = {d.T, d.K, d.d_out};
-    if (mode_ == Mode::kAdd) {
-      auto base = ctx.GetInput(kBase);
+    if (adds(mode_)) {
+      auto base = ctx.GetInput(base_index(mode_));
       const auto binfo = base.GetTensorTypeAndShapeInfo();
       out_shape = binfo.GetShape();
       if (static_cast<int64_t>(binfo.GetElementCount()) != d.T * d.d_out || out_shape.empty() ||
           out_shape.back() != d.d_out)
-        fail(std::string(op) + ": base must hold T x D_out values with D_out last");
-      job.base = as_float(base, base32);
+        fail(std::string(op_name(mode_)) + ": base must hold T x D_out values with D_out last");
+      job.base = as_float(base, buf.base32);
     }
     auto y = ctx.GetOutput(0, out_shape);
     const size_t y_count = static_cast<size_t>(d.T * d.d_out * (mode_ == Mode::kSlots ? d.K : 1));
     if (f32) {
       job.y = y.GetTensorMutableData<float>();
     } else {
-      y32.resize(y_count);
-      job.y = y32.data();
+      buf.y32.resize(y_count);
+      job.y = buf.y32.data();
     }
     if (d.T > 0) run(ctx, job);
     if (!f32) {
       auto* out = y.GetTensorMutableData<Ort::Float16_t>();
-      for (size_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+      for (size_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(buf.y32[i]);
     }
   }
 
@@ -474,8 +628,9 @@ struct Kernel {
   const OrtApi& api_;
   Mode mode_;
   const Isa* isa_;
-  std::vector<float> bt_, a32_;
-  bool bt_ready_ = false, a_ready_ = false;
+  std::vector<float> bt_, a32_, wt_;
+  bool bt_ready_ = false, a_ready_ = false, wt_ready_ = false, wt_half_ = false, normalize_ = false;
+  int64_t k_ = 0, wt_rows_ = 0, wt_cols_ = 0;  // routed ops: TopK's k; the packed router weight's E, D_in
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, true> {
@@ -494,14 +649,21 @@ struct Op : Ort::CustomOpBase<Op, Kernel, true> {
   }
 
   const char* GetName() const { return name_; }
-  size_t GetInputTypeCount() const { return mode_ == Mode::kSlots ? 4 : mode_ == Mode::kAdd ? 6 : 5; }
+  size_t GetInputTypeCount() const {
+    if (routed(mode_)) return mode_ == Mode::kRoutedAdd ? 5 : 4;
+    return mode_ == Mode::kSlots ? 4 : mode_ == Mode::kAdd ? 6 : 5;
+  }
+  // Routed ops: tg_ is the router weight's type (fp32, or the model's fp16 for routers that run in it).
   ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (routed(mode_)) return i == kRouterWeight ? tg_ : t_;
     if (i == kIds) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     if (mode_ != Mode::kSlots && i == gates_index(mode_)) return tg_;
     return t_;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return t_; }
+  size_t GetOutputTypeCount() const { return routed(mode_) ? 3 : 1; }  // routed: y, expert_ids, gates
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return routed(mode_) && i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : t_;
+  }
 
   const char* name_;
   Mode mode_;
@@ -519,6 +681,8 @@ std::vector<Op>& all_ops() {
       for (auto tg : {kF32, kF16}) {
         v.emplace_back("GroupedLoRA", Mode::kSum, t, tg);
         v.emplace_back("GroupedLoRAAdd", Mode::kAdd, t, tg);
+        v.emplace_back("RoutedGroupedLoRA", Mode::kRouted, t, tg);
+        v.emplace_back("RoutedGroupedLoRAAdd", Mode::kRoutedAdd, t, tg);
       }
     for (auto t : {kF32, kF16}) v.emplace_back("GroupedLoRASlots", Mode::kSlots, t, t);
     return v;

@@ -1,0 +1,194 @@
+"""RoutedGroupedLoRA(Add): the router pass (export/onnx_routed.py), its function body and its native kernels.
+
+- The pass on an export written without it: every softmax top-k router moves into its node, and plain ONNX
+  Runtime gives bit-for-bit the unfused graph's outputs (the body is the traced chain, op for op), in fp32 and
+  in fp16 with a router that runs in the model's dtype (MoLA).
+- The native kernels against the body on single nodes: same experts (an exact tie goes to the lower id, as
+  TopK; a choice that differs must be a near-tie of fp32 rounding), gates and outputs within fp32 rounding.
+The fused default export's validation, route replay and mutated-weight failures run in test_onnx_export.py,
+test_route_override.py and test_mutations.py, which use the default (fused) exports.
+Legend: T tokens, E experts, K slots, R rank, D_in / D_out feature sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import moe_export
+from moe_export.export.manifest import ExportManifest
+from moe_export.export.onnx_routed import fuse_adapter, routed_body
+from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES, ROUTED_GROUPED_LORA, ROUTED_GROUPED_LORA_ADD
+from tests.artifacts import shared_dir
+from tests.conftest import SAMPLES, native_library_or_skip
+
+NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    return native_library_or_skip()
+
+
+def unfused_export(factory: pytest.TempPathFactory, sample: str, dtype: str) -> Path:
+    def build(root: Path) -> None:
+        loaded = moe_export.load(SAMPLES / sample)
+        moe_export.export_onnx(loaded, root, validate=False, progress=False, dtype=dtype, adapter_fusion=False)
+
+    return shared_dir(factory, f"unfused-{sample}-{dtype}", build)
+
+
+def session(model: bytes | str, library: Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("sample", "dtype"), [("goat", "fp32"), ("mola", "fp16")])
+def test_body_is_bit_for_bit_the_unfused_graph(sample: str, dtype: str, tmp_path_factory) -> None:
+    """goat: fp32 top-2 renormalised; mola: fp16 export whose router runs in fp16 (Cast x, fp16 MatMul, Cast to
+    fp32 before the softmax, gates cast back to fp16)."""
+    out = unfused_export(tmp_path_factory, sample, dtype)
+    manifest = ExportManifest.load(out)
+    assert manifest.adapter_fusion == {"requested": False, "residual_adds": 0, "routers": 0}
+    plain = onnx.load(str(out / "model.onnx"))
+    fused = onnx.load(str(out / "model.onnx"))
+    routed = sum(n.op_type == "GroupedLoRA" for n in plain.graph.node)
+    assert routed and fuse_adapter(fused) == {"residual_adds": routed, "routers": routed}
+    assert {n.op_type for n in fused.graph.node if n.domain == DOMAIN} == {ROUTED_GROUPED_LORA_ADD}
+    assert not any(n.op_type in ("TopK", "ReduceSum") for n in fused.graph.node)  # every router moved in
+    assert [f.name for f in fused.functions] == [ROUTED_GROUPED_LORA_ADD]
+    onnx.checker.check_model(fused, full_check=True)
+    plain_session, fused_session = session(plain.SerializeToString()), session(fused.SerializeToString())
+    for batch, seq in ((1, 1), (2, 9), (3, 33)):
+        ids = np.random.default_rng(seq).integers(0, 64, (batch, seq))
+        feeds = manifest.interface.complete_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        feeds = {i.name: feeds[i.name] for i in plain_session.get_inputs()}
+        for want, got in zip(plain_session.run(None, feeds), fused_session.run(None, feeds), strict=True):
+            assert np.array_equal(want, got), (sample, dtype, batch, seq)
+
+
+def routed_model(p: dict, add: bool) -> bytes:
+    """One RoutedGroupedLoRA(Add) node over graph inputs (weights as initializers when p["constant"]) plus its body."""
+    t, tw = NP_TO_ONNX[p["x"].dtype.type], NP_TO_ONNX[p["W"].dtype.type]
+    names = ["x", "W", "A", "B", *(["base"] if add else [])]
+    types = {"x": t, "W": tw, "A": t, "B": t, "base": t}
+    weights = ("W", "A", "B") if p["constant"] else ()
+    inputs = [helper.make_tensor_value_info(n, types[n], list(p[n].shape)) for n in names if n not in weights]
+    op = ROUTED_GROUPED_LORA_ADD if add else ROUTED_GROUPED_LORA
+    node = helper.make_node(
+        op, names, ["y", "ids", "gates"], domain=DOMAIN, k=p["k"], normalize=p["normalize"], **PLUGIN_ATTRIBUTES
+    )
+    outputs = [helper.make_tensor_value_info(n, types.get(n, t), None) for n in ("y", "gates")]
+    outputs.insert(1, helper.make_tensor_value_info("ids", TensorProto.INT64, None))
+    graph = helper.make_graph(
+        [node], "g", inputs, outputs, initializer=[numpy_helper.from_array(p[n], n) for n in weights]
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=[routed_body(op, 18)]).SerializeToString()
+
+
+def run_both(p: dict, add: bool, library: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(body outputs, native outputs): y, expert_ids, gates."""
+    model = routed_model(p, add)
+    feeds = {n: p[n] for n in ("x", "W", "A", "B", "base") if n in p}
+    body, native = session(model), session(model, library)
+    wanted = {i.name for i in body.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
+    return body.run(None, feeds), native.run(None, feeds)
+
+
+def probabilities(p: dict) -> np.ndarray:
+    """[T, E] softmax of x W in float64 (how close two experts' probabilities are)."""
+    logits = p["x"].astype(np.float64) @ p["W"].astype(np.float64)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> dict:
+    E = draw(st.integers(1, 12))  # one 8-row dot-product block, and the rows past it
+    T = draw(st.sampled_from([0, 1, 3, 5, 70]))  # 70: the parallel routing path and the expert-grouped op
+    d_in, d_out, R = draw(st.sampled_from([1, 17, 64])), draw(st.sampled_from([1, 33])), draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from([np.float32, np.float16]))
+    router_dtype = draw(st.sampled_from([np.float32, dtype]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    x = rng.standard_normal((T, d_in)).astype(dtype)
+    if T > 1 and draw(st.booleans()):
+        x[1] = 0  # every logit 0: all experts tie, TopK takes the lowest ids
+    return {
+        "x": x,
+        "W": rng.standard_normal((d_in, E)).astype(router_dtype),
+        "A": (rng.standard_normal((1 if draw(st.booleans()) else E, R, d_in)) * 0.3).astype(dtype),
+        "B": (rng.standard_normal((E, d_out, R)) * 0.3).astype(dtype),
+        "base": rng.standard_normal((T, d_out)).astype(dtype),
+        "k": draw(st.integers(1, E)),
+        "normalize": int(draw(st.booleans())),
+        "constant": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=problems(), add=st.booleans())
+def test_native_kernel_matches_the_body(library: Path, p: dict, add: bool) -> None:
+    (y_body, ids_body, g_body), (y_native, ids_native, g_native) = run_both(p, add, library)
+    assert ids_native.shape == ids_body.shape == (p["x"].shape[0], p["k"]) and g_native.dtype == p["x"].dtype
+    same = (ids_native == ids_body).all(-1)  # [T]
+    probs = probabilities(p)
+    logits = p["x"].astype(np.float64) @ p["W"].astype(np.float64)  # [T, E]
+    # How far rounding can move a logit: a fp16 router's MatMul may accumulate in fp16 (ORT's CPU kernel), up to
+    # D_in roundings of 2^-11 of the running sum, bounded by sum_i |x_i W_ie|; the kernel sums in fp32 and
+    # rounds once.
+    reach = p["x"].shape[1] * 2.0**-11 * (np.abs(p["x"]).astype(np.float64) @ np.abs(p["W"]).astype(np.float64))
+    for t in np.flatnonzero(~same):
+        # A different choice is only allowed where rounding can decide it: the experts the two sides disagree on
+        # have probabilities within 1e-5 (fp32 router) or logits within their rounding reach (fp16 router).
+        differ = np.setxor1d(ids_native[t], ids_body[t])
+        if p["W"].dtype == np.float16:
+            gap = logits[t, differ].max() - logits[t, differ].min()
+            assert gap <= 2 * reach[t, differ].max(), (t, gap, reach[t, differ])
+        else:
+            chosen = probs[t, differ]
+            assert chosen.max() - chosen.min() <= 1e-5, (t, chosen)
+    half = p["x"].dtype == np.float16
+    # gates: fp32 softmax of identical logits up to the dot products' summation order; fp16 gates round to
+    # 2^-11 relative, one step either way
+    gate_tol = 2e-3 if half or p["W"].dtype == np.float16 else 2e-6
+    np.testing.assert_allclose(g_native[same].astype(np.float64), g_body[same].astype(np.float64), atol=gate_tol)
+    if add:
+        y_native, y_body = y_native - p["base"], y_body - p["base"]
+    largest_x = float(np.abs(p["x"]).max(initial=0))
+    scale = np.abs(p["B"]).max() * np.abs(p["A"]).max() * largest_x * p["x"].shape[1] * p["A"].shape[1] * p["k"]
+    tol = (2e-2 if half else 2e-5) * max(scale, 1.0)  # fp32 rounding of the sums (fp16 outputs round to 2^-11)
+    np.testing.assert_allclose(y_native[same].astype(np.float64), y_body[same].astype(np.float64), atol=tol)
+
+
+def test_ties_go_to_the_lower_expert_id(library: Path) -> None:
+    """Experts 1 and 3 have the same router column (exactly equal probabilities), so do 4..7: TopK's order (lower
+    id first) on both sides, and x = 0 (all experts equal) routes to 0..k-1."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((16, 8)).astype(np.float32)
+    W[:, 3] = W[:, 1]
+    W[:, 5] = W[:, 6] = W[:, 7] = W[:, 4]
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[0] = 0
+    p = {
+        "x": x, "W": W, "k": 3, "normalize": 1, "constant": True,
+        "A": rng.standard_normal((8, 2, 16)).astype(np.float32), "B": rng.standard_normal((8, 4, 2)).astype(np.float32),
+    }  # fmt: skip
+    (_, ids_body, _), (_, ids_native, _) = run_both(p, False, library)
+    assert ids_body[0].tolist() == ids_native[0].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(ids_native, ids_body)
+    for row in ids_native:  # a tied pair is always taken lower id first
+        for lower, higher in ((1, 3), (4, 5), (5, 6), (6, 7)):
+            if higher in row and lower in row:
+                assert list(row).index(lower) < list(row).index(higher)
