@@ -77,8 +77,8 @@ def validate_command(
         "--optimization",
         help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. Default: "
         "basic for an fp16 export on the CPU, all otherwise: on the CPU, all stores an fp16 export's weights "
-        "converted to fp32 (twice its size, ONNX Runtime 1.32), while basic keeps them fp16 and casts per op, so a "
-        "large fp16 export validates in about its own size.",
+        "converted to fp32 (twice its size, ONNX Runtime 1.32), while basic keeps them fp16 and casts per op (a 1.1B "
+        "fp16 export: 3.2 GB peak instead of 5.3 GB).",
     ),
     reference: str = typer.Option(
         "streamed",

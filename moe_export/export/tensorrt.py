@@ -307,7 +307,10 @@ def plugin_paths(
     if plugin in ("off", "on"):
         return [plugin], f"requested --plugin {plugin}"
     if grouped_lora_nodes == 0:
-        return ["off"], "no GroupedLoRA nodes (base-only, fully merged, or only GroupedLoRASlots, which has no plugin)"
+        return ["off"], (
+            "no GroupedLoRA nodes (base-only, fully merged, only GroupedLoRASlots, or fused by the adapter passes into "
+            "GroupedLoRAAdd / RoutedGroupedLoRAAdd; none has a plugin: export with --no-adapter-fusion for it)"
+        )
     if unavailable:
         return ["off"], f"plugin unavailable: {unavailable}"
     if time_engine is None:

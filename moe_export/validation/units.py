@@ -10,9 +10,10 @@ comparison sees only arithmetic. The decisions are judged here, unit by unit, on
   the export dtype (validation/margins.py). Any other flip fails and is named (unit, input, row, position).
 - **Same-input router check**: the reference router re-run on x_c must choose what the candidate chose, up to
   the rounding bound alone (no drift term), and give the same gates.
-- **Op check**: each GroupedLoRA / GroupedLoRASlots node's output is recomputed from the candidate's own
-  inputs with the reference weights (fp64), so a wrong expert weight is named in its unit even when every
-  later unit drifts too.
+- **Op check**: each routed node's output (GroupedLoRA, GroupedLoRASlots, or the fused forms: GroupedLoRAAdd and
+  RoutedGroupedLoRA(Add), whose delta is their output less their base) is recomputed from the candidate's own
+  inputs and routing with the reference weights (fp64), so a wrong expert weight is named in its unit even when
+  every later unit drifts too.
 Legend: T tokens, E experts, K slots, R rank, D_in / D_out feature sizes.
 """
 
