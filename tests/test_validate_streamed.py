@@ -181,3 +181,31 @@ def test_fp16_exports_validate_at_basic_without_the_arena(
     built.clear()
     moe_export.validate(_export(tmp_path_factory, "mola", "fp16"), batch=1, seq=5, new_tokens=0, optimization="all")
     assert set(built) == {("all", False)}
+
+
+def test_the_scoring_results_wait_on_disk_while_the_decode_runs(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The candidate's scoring outputs and taps are not in memory beside the decode session (they are read back
+    after it), and the verdict, flips and tokens are those of a run that kept them (saved with --save-results)."""
+    import gc
+
+    import moe_export.validation.validate_artifact as validate_artifact
+    from moe_export.validation.results import RunResult
+
+    export = _export(tmp_path_factory, "goat", "fp16")
+    alive: list[int] = []
+    original = validate_artifact.decode_candidate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        alive.append(sum(isinstance(o, RunResult) and bool(o.taps) for o in gc.get_objects()))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(validate_artifact, "decode_candidate", counting)
+    saved = tmp_path_factory.mktemp("saved")
+    report = moe_export.validate(export, new_tokens=3, save_results=saved)
+    assert alive == [0], "a tapped RunResult was alive during the decode"
+    monkeypatch.setattr(validate_artifact, "decode_candidate", original)
+    reloaded = moe_export.validate(export, new_tokens=3, load_results=saved)
+    assert report.passed and _summary(report) == _summary(reloaded)
+    assert report.comparisons[0].result.outputs.keys() == reloaded.comparisons[0].result.outputs.keys()

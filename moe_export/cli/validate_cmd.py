@@ -78,7 +78,7 @@ def validate_command(
         help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. Default: "
         "basic for an fp16 export on the CPU, all otherwise: on the CPU, all stores an fp16 export's weights "
         "converted to fp32 (twice its size, ONNX Runtime 1.32), while basic keeps them fp16 and casts per op (a 1.1B "
-        "fp16 export: 3.3 GB peak instead of 5.3 GB).",
+        "fp16 export: 3.2 GB peak instead of 5.3 GB).",
     ),
     reference: str = typer.Option(
         "streamed",

@@ -9,6 +9,7 @@ every routed op is checked on the candidate's own inputs (validation/replay.py, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from moe_export.validation.reference_run import (
 )
 from moe_export.validation.replay import compare_taps, first_diverging_unit, forced_routes
 from moe_export.validation.report import RunComparison, ValidationReport
-from moe_export.validation.results import RunResult
+from moe_export.validation.results import DecodeResult, RunResult
 from moe_export.validation.units import TokenLayout, UnitComparison
 
 # The reference is the torch model in fp32 whatever the export's dtype: a fp16/bf16 export is judged by how
@@ -230,11 +231,31 @@ def run_candidates(
         if prompts:
             say(f"greedy generation on {name} ({new_tokens} tokens)")
             fresh = make_runner(name, artifact, plan.options)
-            results[name].generation = decode_candidate(fresh, artifact.manifest, prompts, new_tokens, replay)
-            trim_heap()
+            _set_aside(
+                results,
+                name,
+                functools.partial(decode_candidate, fresh, artifact.manifest, prompts, new_tokens, replay),
+            )
         if save_results is not None:
             results[name].save(save_results)
     return results
+
+
+def _set_aside(results: dict[str, RunResult], name: str, decode: Callable[[], list[DecodeResult]]) -> None:
+    """Run `decode` (the greedy decode's session) while `results[name]` (the scoring outputs and every unit's taps:
+    168 MiB on a 1.1B export) waits in a temporary directory, not beside the session's weights; then read it back
+    with the decode attached. The arrays come back as they were saved (results.py stores them as they are)."""
+    import tempfile
+
+    from moe_export.ir.fold import trim_heap
+
+    with tempfile.TemporaryDirectory(prefix="moe-export-validate-") as spill:
+        results.pop(name).save(spill)
+        trim_heap()
+        generation = decode()
+        trim_heap()
+        results[name] = RunResult.load(spill, name)
+    results[name].generation = generation
 
 
 def judge_all(
@@ -305,6 +326,7 @@ def run_candidate(
             result.taps.append(_caller_order_taps(runner.last_taps, feeds, interface, rotated) if tapped else {})
         if getattr(runner, "kernel_note", ""):  # native kernels or function bodies ran the custom ops
             result.notes.append(runner.kernel_note)  # type: ignore[attr-defined]
+    runner.last_taps = {}  # the result holds them; the runner would keep the last input's alive after it
     return result
 
 
