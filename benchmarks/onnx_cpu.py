@@ -4,7 +4,8 @@
 
 Variants (same bench checkpoint, see bench_model.py):
   base-only   ORT, the base model exported without adapter (the floor)
-  moe-export  ORT, our export (GroupedLoRA nodes + function body, ORT inlines the body)
+  moe-export  ORT, our export with --no-adapter-fusion (routers in standard ops, GroupedLoRA nodes + function
+              body, ORT inlines the body; the default export's RoutedGroupedLoRAAdd is timed by decode_cpu.py)
   native      ORT, the same file with the native kernel library registered (moe_export/runtimes/native)
   native-add  ORT + library, the export after the fused-residual pass (GroupedLoRAAdd, export/onnx_fused.py)
   dense       ORT, the plain dense decomposition inlined into the graph (the free baseline)
@@ -137,11 +138,12 @@ def prepare(work: Path) -> dict[str, Path]:
         # The scoring graph (input_ids, attention_mask -> logits) that these forwards feed: the KV-cache decoder,
         # `onnx`'s default, also wants position_ids and the past (benchmarks/decode_cpu.py times that one). A
         # work directory from before holds decoders: they are exported again.
-        if not (out / "model.onnx").is_file() or ExportManifest.load(out).kv_cache:
+        if not (out / "model.onnx").is_file() or _stale(ExportManifest.load(out)):
             print(f"exporting {name} -> {out}", flush=True)
             moe_export.export_onnx(
-                moe_export.load(ckpt), out, base_only=name == "base-only", validate=False, kv_cache=False
-            )
+                moe_export.load(ckpt), out, base_only=name == "base-only", validate=False, kv_cache=False,
+                adapter_fusion=False,
+            )  # fmt: skip
     return {
         "ckpt": ckpt,
         "base-only": paths["base-only"] / "model.onnx",
@@ -150,6 +152,12 @@ def prepare(work: Path) -> dict[str, Path]:
         "native": paths["moe-export"] / "model.onnx",
         "native-add": fused_add(paths["moe-export"] / "model.onnx", work / "fused-add-onnx" / "model.onnx"),
     }
+
+
+def _stale(manifest: ExportManifest) -> bool:
+    """A work directory's export made with other options than these variants need (a decoder, or the adapter
+    passes, whose fused nodes the GroupedLoRA variants here would not see)."""
+    return manifest.kv_cache or bool((manifest.adapter_fusion or {}).get("requested"))
 
 
 # Wall time by default; --clock process measures this process's CPU time instead, which other tenants of a
