@@ -67,8 +67,10 @@ def packing_plan(model: Any) -> PackPlan:
 
 @contextmanager
 def packed_projections(model: Any, plan: PackPlan) -> Iterator[None]:
-    """Inside the block each pack of `plan` is an nn.Linear attached to its layer (concatenated weights, one layer
-    at a time); removed after."""
+    """Inside the block each pack of `plan` is an nn.Linear attached to its layer (concatenated weights); removed
+    after. The concatenation is a copy of the members' weights for the trace: +99 MB (2.9%) export peak RSS on the
+    bench model (README, Measured); making the members views of the pack measured the same peak, so they stay
+    untouched."""
     import torch
 
     attached = []
@@ -82,7 +84,6 @@ def packed_projections(model: Any, plan: PackPlan) -> Iterator[None]:
                 bias = None if linears[0].bias is None else torch.cat([li.bias for li in linears])
             linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-            _share_storage(linears, weight)
             if bias is not None:
                 linear.bias = torch.nn.Parameter(bias, requires_grad=False)
             owner.add_module(name, linear)
@@ -91,18 +92,6 @@ def packed_projections(model: Any, plan: PackPlan) -> Iterator[None]:
     finally:
         for owner, name in attached:
             delattr(owner, name)
-
-
-def _share_storage(linears: list[Any], packed: Any) -> None:
-    """Each member's weight becomes its rows of the pack (same values, one storage): the trace holds one copy of
-    the packed weights, not two (an export that consumes its model frees the members' own tensors here)."""
-    import torch
-
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = torch.nn.Parameter(packed[start : start + rows], requires_grad=False)
-        start += rows
 
 
 def packed_forward(owner: Any, pack_spec: tuple[Any, ...], x: Any) -> list[Any]:
