@@ -18,7 +18,7 @@ import moe_export
 from moe_export.cli import app
 from moe_export.export.interface import position_ids
 from moe_export.export.manifest import Artifact, ExportManifest
-from moe_export.export.onnx import LINEAR_UNIT_OP_TYPES
+from moe_export.export.onnx_graph import LINEAR_UNIT_OP_TYPES
 from moe_export.runtimes.decoding import Prompts, greedy_decode, torch_reference
 from moe_export.runtimes.registry import make_runner
 from moe_export.runtimes.torch_runner import reference_model_loader

@@ -22,6 +22,7 @@ from moe_export.cli import app
 from moe_export.errors import ExportError, ParityError
 from moe_export.export import onnx as onnx_export
 from moe_export.export.manifest import MANIFEST_NAME, Artifact, ExportManifest
+from moe_export.export.onnx_graph import LINEAR_UNIT_OP_TYPES
 from moe_export.ir import Adapter
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES
 from moe_export.reference.loading import load_base_model
@@ -222,11 +223,11 @@ def test_cli_base_only(mixed_ckpt: Path, tiny_base: Path, tmp_path: Path) -> Non
 def test_failure_leaves_nothing(mixed_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after files were written (here: a broken export step) removes the temporary directory."""
 
-    def broken_post_process(program: object, model: object, tmp: Path, *rest: object) -> None:
-        (tmp / "model.onnx").write_bytes(b"partial")
+    def broken_post_process(program: object, model: object, model_path: Path, *rest: object) -> None:
+        model_path.write_bytes(b"partial")
         raise ExportError("simulated failure")
 
-    monkeypatch.setattr(onnx_export, "_post_process", broken_post_process)
+    monkeypatch.setattr(onnx_export, "post_process", broken_post_process)
     loaded = moe_export.load(mixed_ckpt)
     with pytest.raises(ExportError, match="simulated"):
         moe_export.export_onnx(loaded, tmp_path / "out", validate=False, progress=False)
@@ -307,7 +308,7 @@ def test_sample_export_validates(sample: Path, tmp_path_factory: pytest.TempPath
     onnx.checker.check_model(str(result.model_path), full_check=True)
     model = onnx.load(str(result.model_path))
     routed = sorted(u.name for u in result.manifest.routed_units if u.kind == "linear_moe")
-    assert sorted(n.name for n in model.graph.node if n.op_type in onnx_export.LINEAR_UNIT_OP_TYPES) == routed
+    assert sorted(n.name for n in model.graph.node if n.op_type in LINEAR_UNIT_OP_TYPES) == routed
     # onnxruntime-genai generates the reference's tokens from the export folder as it is.
     vocab = int(json.loads((result.out_dir / "config.json").read_text())["vocab_size"])
     pad = json.loads((result.out_dir / "genai_config.json").read_text())["model"]["pad_token_id"]

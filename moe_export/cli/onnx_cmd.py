@@ -25,8 +25,33 @@ from moe_export.cli.options import (
     TOP_K_OPTION,
 )
 
+NO_KV_CACHE_OPTION = typer.Option(
+    False, "--no-kv-cache", help="Write the scoring graph (input_ids, attention_mask -> logits), no past/present."
+)
+FORCE_OPTION = typer.Option(
+    False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
+)
+QUANTIZE_OPTION = typer.Option(
+    None,
+    "--quantize",
+    help="int4 or int8: base linears and lm_head become MatMulNBits (symmetric blocks, int8 activations on "
+    "CPU); routers, experts and GroupedLoRA stay fp32. Needs --dtype fp32.",
+)
+MAX_TOP1_DROP_OPTION = typer.Option(
+    None,
+    "--max-top1-drop",
+    help="With --quantize: fail (exit 1) when more than this fraction of held-out positions change argmax "
+    "against the fp32 reference (reported, not gated, without it).",
+)
+FUSION_OPTION = typer.Option(
+    "none",
+    "--fusion",
+    help="none: standard ops only; contrib: the KV-cache decoder's attention, rotary and residual norms as "
+    "ONNX Runtime com.microsoft ops (GroupQueryAttention...; ONNX Runtime only: moe-export trt refuses it, "
+    "hence not the default).",
+)
 
-# Over 60 lines only by its typer flag declarations; the body is ExportOptions, the path checks and one call.
+
 @command("onnx")
 def onnx_command(
     ckpt: Path = CKPT_ARGUMENT,
@@ -42,32 +67,12 @@ def onnx_command(
     merge_budget: float | None = MERGE_BUDGET_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Calibration text file (one sample per line) for merging."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the parity check against PyTorch."),
-    no_kv_cache: bool = typer.Option(
-        False, "--no-kv-cache", help="Write the scoring graph (input_ids, attention_mask -> logits), no past/present."
-    ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an export in -o that sits beside other files (only the export's files)."
-    ),
-    quantize: str | None = typer.Option(
-        None,
-        "--quantize",
-        help="int4 or int8: base linears and lm_head become MatMulNBits (symmetric blocks, int8 activations on "
-        "CPU); routers, experts and GroupedLoRA stay fp32. Needs --dtype fp32.",
-    ),
+    no_kv_cache: bool = NO_KV_CACHE_OPTION,
+    force: bool = FORCE_OPTION,
+    quantize: str | None = QUANTIZE_OPTION,
     block_size: int = typer.Option(32, "--block-size", help="Weights per quantization scale along K (--quantize)."),
-    max_top1_drop: float | None = typer.Option(
-        None,
-        "--max-top1-drop",
-        help="With --quantize: fail (exit 1) when more than this fraction of held-out positions change argmax "
-        "against the fp32 reference (reported, not gated, without it).",
-    ),
-    fusion: str = typer.Option(
-        "none",
-        "--fusion",
-        help="none: standard ops only; contrib: the KV-cache decoder's attention, rotary and residual norms as "
-        "ONNX Runtime com.microsoft ops (GroupQueryAttention...; ONNX Runtime only: moe-export trt refuses it, "
-        "hence not the default).",
-    ),
+    max_top1_drop: float | None = MAX_TOP1_DROP_OPTION,
+    fusion: str = FUSION_OPTION,
     no_adapter_fusion: bool = typer.Option(
         False,
         "--no-adapter-fusion",

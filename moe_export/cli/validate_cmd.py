@@ -22,17 +22,56 @@ def parse_runtimes(value: str) -> list[str]:
     return names
 
 
-# Over 60 lines only by its typer flag declarations; the body is ValidateOptions, the path checks and one call.
+RUNTIMES_OPTION = typer.Option(
+    "torch,onnxruntime",
+    "--runtimes",
+    help="Comma-separated; the first is the reference (torch, onnxruntime, onnxruntime-body: the function bodies without the native kernels, tensorrt).",
+)
+RTOL_OPTION = typer.Option(
+    None,
+    "--rtol",
+    help="Tolerance relative to max|reference| per output (default: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
+)
+MAX_TOP1_DROP_OPTION = typer.Option(
+    None,
+    "--max-top1-drop",
+    help="Quantized exports: fail when more than this fraction of held-out positions change argmax against "
+    "the fp32 reference (the quantization's cost; reported, not gated, without it).",
+)
+SAVE_RESULTS_OPTION = typer.Option(
+    None,
+    "--save-results",
+    help="Also write each candidate's run (outputs, unit taps, generation) to DIR/<runtime>/.",
+)
+LOAD_RESULTS_OPTION = typer.Option(
+    None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
+)
+OPTIMIZATION_OPTION = typer.Option(
+    None,
+    "--optimization",
+    help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. Default: "
+    "basic for an fp16 export on the CPU, all otherwise: on the CPU, all stores an fp16 export's weights "
+    "converted to fp32 (twice its size, ONNX Runtime 1.32), while basic keeps them fp16 and casts per op (a 1.1B "
+    "fp16 export: 3.2 GB peak instead of 5.3 GB).",
+)
+REFERENCE_OPTION = typer.Option(
+    "streamed",
+    "--reference",
+    help="How the torch reference runs: streamed (one decoder layer's weights in memory at a time, after the "
+    "candidates have freed theirs) or whole (the whole model in memory; also used where streaming cannot run: "
+    "quantized or merge-plan exports, bases without safetensors).",
+)
+NEW_TOKENS_OPTION = typer.Option(
+    16, "--new-tokens", help="Greedy tokens compared per prompt on a KV-cache export (0: skip generation)."
+)
+
+
 @command("validate")
 def validate_command(
     artifact_dir: Path = typer.Argument(
         ..., metavar="ARTIFACT_DIR", help="Export directory (model.onnx + export.json)."
     ),
-    runtimes: str = typer.Option(
-        "torch,onnxruntime",
-        "--runtimes",
-        help="Comma-separated; the first is the reference (torch, onnxruntime, onnxruntime-body: the function bodies without the native kernels, tensorrt).",
-    ),
+    runtimes: str = RUNTIMES_OPTION,
     inputs: Path | None = typer.Option(None, "--inputs", help=".npz with input_ids [B,S] (and attention_mask)."),
     batch: int | None = typer.Option(
         None, "--batch", help="Random inputs of this batch size (default shapes 1x7, 3x33)."
@@ -40,21 +79,10 @@ def validate_command(
     seq: int | None = typer.Option(None, "--seq", help="Random inputs of this sequence length."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
     atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance (default by export dtype)."),
-    rtol: float | None = typer.Option(
-        None,
-        "--rtol",
-        help="Tolerance relative to max|reference| per output (default: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
-    ),
+    rtol: float | None = RTOL_OPTION,
     min_top1: float | None = typer.Option(None, "--min-top1", help="Also require this top-1 token agreement."),
-    max_top1_drop: float | None = typer.Option(
-        None,
-        "--max-top1-drop",
-        help="Quantized exports: fail when more than this fraction of held-out positions change argmax against "
-        "the fp32 reference (the quantization's cost; reported, not gated, without it).",
-    ),
-    new_tokens: int = typer.Option(
-        16, "--new-tokens", help="Greedy tokens compared per prompt on a KV-cache export (0: skip generation)."
-    ),
+    max_top1_drop: float | None = MAX_TOP1_DROP_OPTION,
+    new_tokens: int = NEW_TOKENS_OPTION,
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads for every runtime."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     report_path: Path | None = typer.Option(None, "--report", help="Write the full report as JSON."),
@@ -64,29 +92,10 @@ def validate_command(
     ),
     base: Path | None = typer.Option(None, "--base", help="Base model directory (default: from export.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
-    save_results: Path | None = typer.Option(
-        None,
-        "--save-results",
-        help="Also write each candidate's run (outputs, unit taps, generation) to DIR/<runtime>/.",
-    ),
-    load_results: Path | None = typer.Option(
-        None, "--load-results", help="Judge candidate runs saved by --save-results in DIR instead of running them."
-    ),
-    optimization: str | None = typer.Option(
-        None,
-        "--optimization",
-        help="ONNX Runtime graph optimisation of the candidate sessions: disable, basic, extended or all. Default: "
-        "basic for an fp16 export on the CPU, all otherwise: on the CPU, all stores an fp16 export's weights "
-        "converted to fp32 (twice its size, ONNX Runtime 1.32), while basic keeps them fp16 and casts per op (a 1.1B "
-        "fp16 export: 3.2 GB peak instead of 5.3 GB).",
-    ),
-    reference: str = typer.Option(
-        "streamed",
-        "--reference",
-        help="How the torch reference runs: streamed (one decoder layer's weights in memory at a time, after the "
-        "candidates have freed theirs) or whole (the whole model in memory; also used where streaming cannot run: "
-        "quantized or merge-plan exports, bases without safetensors).",
-    ),
+    save_results: Path | None = SAVE_RESULTS_OPTION,
+    load_results: Path | None = LOAD_RESULTS_OPTION,
+    optimization: str | None = OPTIMIZATION_OPTION,
+    reference: str = REFERENCE_OPTION,
 ) -> None:
     """Compare an export with the PyTorch reference: per-output errors, routing agreement per unit."""
     from moe_export.validation.options import ValidateOptions

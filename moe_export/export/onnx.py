@@ -9,7 +9,7 @@ Steps: optional merge (merging/) -> fold always-on shared LoRAs into W (exact) -
 (routers stay fp32) -> torch.onnx.export(dynamo=True) with the custom-op translation table -> name each
 custom node after its unit, attach the model-local function bodies -> save (external data above 2 GB)
 -> RMSNorm rewritten so ORT fuses it (export/base_fusions.py) -> optional int4/int8 base weights
-(export/quantize.py) -> onnx.checker full check -> export.json, config and tokenizer files -> rename into place. Validation is the
+(export/quantize.py) -> onnx.checker full check -> export.json, config and tokenizer files -> rename into place (the steps from naming the nodes to the check: export/onnx_graph.py). Validation is the
 next stage's job: `moe_export.api.export_onnx` (the public `moe_export.export_onnx`) runs it afterwards.
 """
 
@@ -26,22 +26,16 @@ from rich.console import Console
 
 from moe_export import __version__
 from moe_export.errors import ExportError, FormatError, InternalError, MoeExportError
-from moe_export.export.base_fusions import fuse_saved_model
 from moe_export.export.client_files import write_client_files
 from moe_export.export.decoder import trace_decoder
 from moe_export.export.decoder_fused import resolve_fusion
 from moe_export.export.dtypes import GRAPH_DTYPES, torch_dtype
 from moe_export.export.interface import GraphInterface, read_onnx_io
 from moe_export.export.manifest import MANIFEST_NAME, ExportManifest, UnitRecord, portable_path
-from moe_export.export.name_scopes import SCOPES_KEY, module_scopes
-from moe_export.export.onnx_ops import function_bodies, translation_table
-from moe_export.export.onnx_routed import fuse_saved_adapter
+from moe_export.export.onnx_graph import custom_op_types, post_process
+from moe_export.export.onnx_ops import translation_table
 from moe_export.export.options import ExportOptions
 from moe_export.export.packing import PackPlan
-from moe_export.export.quantize import (
-    base_linear_names,
-    quantize_saved_model,
-)
 from moe_export.files import (
     check_not_input,
     check_writable,
@@ -50,7 +44,7 @@ from moe_export.files import (
     replace_directory,
     replace_files,
 )
-from moe_export.ops.names import DOMAIN, DOMAIN_VERSION, GATED_OP_TYPES, ROUTED_OP_TYPES
+from moe_export.ops.names import DOMAIN
 from moe_export.progress import status_spinner
 from moe_export.reference.loading import LoadedAdapter, attach_model, load_base_model, load_without_model
 from moe_export.reference.model import MoELoRALinear, cast_reference_model, moe_modules
@@ -58,8 +52,6 @@ from moe_export.reference.model_copy import copy_for_edit
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
-# A protobuf cannot exceed 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # The scoring graph's example call; sizes >= 2 on every dynamic dim: torch.export specialises a dim of 1.
 EXAMPLE_SHAPE = (2, 16)
 COPIED_FILES = (
@@ -179,13 +171,15 @@ def _write_export(
             interface = GraphInterface.for_model(model.config, options.kv_cache, GRAPH_DTYPES[options.dtype])
             packed = fusion.get("packed") or {}
             program = _trace(model, interface, options.opset, fusion["mode"], packed)
-            model_path, scheme, adapter_fusion = _post_process(program, model, tmp, options, units, status, set(packed))
+            model_path, scheme, adapter_fusion = post_process(
+                program, model, tmp / MODEL_FILE, options, units, status, set(packed)
+            )
             interface = interface.with_graph(*read_onnx_io(model_path), where=str(model_path))
             manifest = _manifest(merged, out_dir, tmp, options, units, merge_plan, interface, program)
             manifest.quantization = scheme.to_dict() if scheme is not None else None
             manifest.adapter_fusion = adapter_fusion
             if adapter_fusion is not None and any(adapter_fusion[k] for k in ("residual_adds", "routers")):
-                manifest.custom_ops = _custom_op_types(model_path)
+                manifest.custom_ops = custom_op_types(model_path)
             manifest.fusion = fusion
             library = kernel_library if manifest.custom_ops else None
             _write_artifact(tmp, out_dir, ours, manifest, model.config, library)
@@ -407,106 +401,6 @@ def _trace(model: torch.nn.Module, interface: GraphInterface, opset: int, fusion
     except Exception as exc:
         first = (str(exc).splitlines() or [""])[0][:300]
         raise InternalError(f"torch.onnx.export crashed: {type(exc).__name__}: {first}") from exc
-
-
-def _post_process(
-    program: Any, model: torch.nn.Module, tmp: Path, options: ExportOptions, units: list[UnitRecord], status: Any,
-    packs: set[str],
-) -> tuple[Path, Any, dict[str, Any] | None]:  # fmt: skip
-    """Name each custom node after its unit, attach the function bodies, save (external data above the
-    protobuf limit), fuse RMSNorm, fuse the adapter's routers and residual Adds into their nodes (unless
-    `adapter_fusion` is off), quantize the base weights when asked (the `packs`, packed projections' linears,
-    too), and check the saved file; returns its path, the quantization scheme (None: not quantized) and the
-    adapter passes' record (None: no adapter)."""
-    _name_custom_nodes(program.model, {u.name for u in units if u.status == "routed"})
-    _attach_function_bodies(program.model, options.opset)
-    model_path = tmp / MODEL_FILE
-    size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
-    program.save(str(model_path), external_data=size > EXTERNAL_DATA_THRESHOLD)
-    fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
-    adapter_fusion = None
-    if not options.base_only:
-        counts = {"residual_adds": 0, "routers": 0}
-        if options.adapter_fusion:
-            counts = fuse_saved_adapter(model_path)  # export/onnx_routed.py
-        adapter_fusion = {"requested": options.adapter_fusion, **counts}
-    scheme = None
-    if options.quantize is not None:
-        status.update(f"quantizing the base weights ({options.quantize}, blocks of {options.block_size})")
-        linears = base_linear_names(model) | packs
-        scheme = quantize_saved_model(model_path, linears, options.quantize, options.block_size)
-    status.update("checking the ONNX model")
-    _check_saved(model_path, units)
-    return model_path, scheme, adapter_fusion
-
-
-def _unit_scope(node: Any, units: set[str]) -> str | None:
-    """The unit whose module emitted `node`, from the exporter's name-scope metadata (deepest match)."""
-    for name in reversed(module_scopes(node.metadata_props.get(SCOPES_KEY))):
-        if name in units:
-            return name
-    return None
-
-
-def _name_custom_nodes(model: Any, routed: set[str]) -> None:
-    """Name every moe_export node after its unit so validate/trt can map nodes to units."""
-    seen: dict[str, int] = {}
-    for node in model.graph:
-        if node.domain != DOMAIN:
-            continue
-        unit = _unit_scope(node, routed)
-        if unit is None:
-            raise ExportError(f"custom node {node.name} ({node.op_type}) cannot be mapped to an adapter unit")
-        seen[unit] = seen.get(unit, 0) + 1
-        node.name = unit if seen[unit] == 1 else f"{unit}{NODE_SUFFIX}{seen[unit]}"
-
-
-LINEAR_UNIT_OP_TYPES = (*GATED_OP_TYPES, *ROUTED_OP_TYPES)
-NODE_SUFFIX = "#"  # a unit's second, third... node (MixLoRA: one GroupedLoRASlots per gate/up/down projection)
-
-
-def unit_of_node(name: str) -> str:
-    """The adapter unit a moe_export node (as `_name_custom_nodes` named it) belongs to."""
-    return name.split(NODE_SUFFIX, 1)[0]
-
-
-def _attach_function_bodies(model: Any, opset: int) -> None:
-    """Model-local functions for the custom ops used: plain ONNX Runtime refuses a node without one."""
-    import onnx_ir
-
-    used = {node.op_type for node in model.graph if node.domain == DOMAIN}
-    for proto in function_bodies(used, opset):
-        function = onnx_ir.serde.deserialize_function(proto)
-        model.functions[function.identifier()] = function
-    if used:
-        model.opset_imports[DOMAIN] = DOMAIN_VERSION
-
-
-def _check_saved(model_path: Path, units: list[UnitRecord]) -> None:
-    """Full ONNX check, and exactly one GroupedLoRA node per routed linear unit."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(model_path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{model_path}: onnx.checker rejects the export: {str(exc).splitlines()[0][:300]}") from exc
-    proto = onnx.load(str(model_path), load_external_data=False)
-    # one gated node (GroupedLoRA, or its fused forms from export/onnx_routed.py) per routed linear unit
-    names = [n.name for n in proto.graph.node if n.domain == DOMAIN and n.op_type in LINEAR_UNIT_OP_TYPES]
-    want = sorted(u.name for u in units if u.status == "routed" and u.kind == "linear_moe")
-    if sorted(names) != want:
-        missing = sorted(set(want) - set(names))[:3]
-        raise ExportError(
-            f"{model_path}: {len(names)} GroupedLoRA nodes for {len(want)} routed units (missing {missing})"
-        )
-
-
-def _custom_op_types(model_path: Path) -> list[str]:
-    """The moe_export op types the saved graph holds (after the adapter passes)."""
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    return sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})
 
 
 def _copy_base_files(base: Path, tmp: Path) -> list[str]:

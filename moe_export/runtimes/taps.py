@@ -206,7 +206,7 @@ def reorder_tokens(captures: dict[str, UnitCapture], order: np.ndarray) -> dict[
 
 
 def node_index(node_name: str) -> int:
-    """0 for a unit's first routed op node (named after the unit), n-1 for its n-th ("unit#n", export/onnx.py)."""
+    """0 for a unit's first routed op node (named after the unit), n-1 for its n-th ("unit#n", export/onnx_graph.py)."""
     _, sep, count = node_name.rpartition("#")
     return int(count) - 1 if sep and count.isdigit() else 0
 

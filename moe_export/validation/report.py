@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_export.errors import ParityError
-from moe_export.export.onnx import unit_of_node
+from moe_export.export.onnx_graph import unit_of_node
 from moe_export.files import write_text_atomic
 from moe_export.ir import short_unit_name
 from moe_export.validation.parity import CompareResult, Tolerance

@@ -223,9 +223,9 @@ def run_candidates(
     unmap_large_frees()  # the sessions' large buffers (outputs, taps, per-op casts) are unmapped when freed
     results = {}
     artifact = plan.artifact
+    rotated = rotates_tokens(artifact.manifest.fusion)
     for name, runner in plan.candidates.items():
         say(f"running {name}")
-        rotated = rotates_tokens(artifact.manifest.fusion)
         results[name] = run_candidate(runner, feeds_list, artifact.interface, taps=replay, rotated=rotated)
         trim_heap()  # what the released session left on the heap, before the next session or the reference
         if prompts:
