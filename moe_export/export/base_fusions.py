@@ -14,7 +14,6 @@ Main-graph nodes only: the GroupedLoRA nodes and their model-local function bodi
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,17 @@ def divide_by_rms(proto: Any) -> int:
     Only when the Reciprocal feeds that one Mul and is not a graph output. Returns the number rewritten."""
     from onnx import helper
 
+    from moe_export.export.graph_rewrite import GraphIndex, replace_nodes
+
     graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    users: dict[str, list[Any]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            users[name].append(node)
-    outputs = {v.name for v in graph.output}
+    g = GraphIndex.of(graph)
     reciprocals: set[int] = set()
     divides: dict[int, Any] = {}  # id of the Mul -> the Div that replaces it (and its Reciprocal)
     for node in graph.node:
-        sqrt = producers.get(node.input[0]) if node.op_type == "Reciprocal" and node.domain == "" else None
-        if sqrt is None or sqrt.op_type != "Sqrt" or sqrt.domain != "" or node.output[0] in outputs:
+        sqrt = g.producer.get(node.input[0]) if node.op_type == "Reciprocal" and node.domain == "" else None
+        if sqrt is None or sqrt.op_type != "Sqrt" or sqrt.domain != "" or node.output[0] in g.outputs:
             continue
-        consumers = users[node.output[0]]
+        consumers = g.readers(node.output[0])
         if len(consumers) != 1 or consumers[0].op_type != "Mul" or consumers[0].domain != "":
             continue
         mul = consumers[0]
@@ -51,10 +47,7 @@ def divide_by_rms(proto: Any) -> int:
         reciprocals.add(id(node))
     if not divides:
         return 0
-    # The Div takes the Mul's place: x and Sqrt's output were both computed before the Mul, so the order holds.
-    nodes = [divides.get(id(n), n) for n in graph.node if id(n) not in reciprocals]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_nodes(graph, divides, reciprocals)  # the Div takes the Mul's place
     return len(divides)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import onnx
 from onnx import FunctionProto, helper
 
+from moe_export.export.graph_rewrite import GraphIndex, replace_nodes
 from moe_export.export.onnx_ops import grouped_lora_dense_body
 from moe_export.ops.names import DOMAIN, GROUPED_LORA, GROUPED_LORA_ADD, PLUGIN_ATTRIBUTES
 
@@ -45,21 +46,17 @@ def grouped_lora_add_body(opset: int) -> FunctionProto:
 def fuse_residual_add(model: onnx.ModelProto) -> int:
     """Rewrite every GroupedLoRA -> Reshape -> Add whose intermediates have one consumer; returns the count."""
     graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    g = GraphIndex.of(graph)
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
     for node in graph.node:
         if node.domain != DOMAIN or node.op_type != GROUPED_LORA:
             continue
-        reshape = consumers.get(node.output[0], [])
-        if len(reshape) != 1 or reshape[0].op_type != "Reshape" or node.output[0] in outputs:
+        reshape = g.readers(node.output[0])
+        if len(reshape) != 1 or reshape[0].op_type != "Reshape" or node.output[0] in g.outputs:
             continue
-        add = consumers.get(reshape[0].output[0], [])
-        if len(add) != 1 or add[0].op_type != "Add" or reshape[0].output[0] in outputs:
+        add = g.readers(reshape[0].output[0])
+        if len(add) != 1 or add[0].op_type != "Add" or reshape[0].output[0] in g.outputs:
             continue
         base = [name for name in add[0].input if name != reshape[0].output[0]]
         if len(base) != 1:
@@ -76,10 +73,7 @@ def fuse_residual_add(model: onnx.ModelProto) -> int:
         drop |= {id(node), id(reshape[0])}
     if not replace:
         return 0
-    # The fused node takes the Add's place: its base input is computed before the Add, as before.
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_nodes(graph, replace, drop)  # the fused node takes the Add's place
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if all(f.name != GROUPED_LORA_ADD for f in model.functions):
         model.functions.append(grouped_lora_add_body(opset))

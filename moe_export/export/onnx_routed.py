@@ -21,12 +21,13 @@ Legend: T tokens, E experts, K slots, D_in / D_out feature sizes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
 
+from moe_export.export.graph_rewrite import GraphIndex, replace_nodes
 from moe_export.export.onnx_fused import fuse_residual_add, grouped_lora_add_body
 from moe_export.export.onnx_ops import grouped_lora_dense_body
 from moe_export.ops.names import (
@@ -91,36 +92,6 @@ def routed_body(op_type: str, opset: int) -> FunctionProto:
     )
 
 
-@dataclass
-class _Graph:
-    """Producers, consumers, initializers and outputs of a graph, for matching."""
-
-    producer: dict[str, NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[NodeProto]] = field(default_factory=dict)
-    initializers: dict[str, TensorProto] = field(default_factory=dict)
-    outputs: set[str] = field(default_factory=set)
-
-    @classmethod
-    def of(cls, graph: onnx.GraphProto) -> _Graph:
-        g = cls(initializers={i.name: i for i in graph.initializer}, outputs={o.name for o in graph.output})
-        for node in graph.node:
-            for name in node.output:
-                g.producer[name] = node
-            for name in node.input:
-                g.consumers.setdefault(name, []).append(node)
-        return g
-
-    def made_by(self, name: str, op_type: str) -> NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-    def ints(self, name: str) -> list[int] | None:
-        tensor = self.initializers.get(name)
-        if tensor is None or tensor.data_type != TensorProto.INT64 or tensor.data_location == TensorProto.EXTERNAL:
-            return None
-        return [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
-
-
 def _attr(node: NodeProto, name: str, default: int) -> int:
     return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
 
@@ -135,7 +106,7 @@ class RouterChain:
     normalize: bool
 
 
-def _match_gates(g: _Graph, gates: str, values: str) -> tuple[list[NodeProto], bool, int] | None:
+def _match_gates(g: GraphIndex, gates: str, values: str) -> tuple[list[NodeProto], bool, int] | None:
     """The gates' chain from TopK's values: optional Div by their ReduceSum, optional Cast; (nodes, normalize,
     the gates' element type)."""
     nodes, dtype = [], TensorProto.FLOAT
@@ -154,7 +125,7 @@ def _match_gates(g: _Graph, gates: str, values: str) -> tuple[list[NodeProto], b
     return [*nodes, div, total], True, dtype
 
 
-def _match_logits(g: _Graph, probs_input: str, x: str, x_type: int) -> tuple[list[NodeProto], str] | None:
+def _match_logits(g: GraphIndex, probs_input: str, x: str, x_type: int) -> tuple[list[NodeProto], str] | None:
     """MatMul(x or Cast(x), W) -> (Cast to fp32) before the Softmax; (nodes, W's name)."""
     nodes = []
     cast = g.made_by(probs_input, "Cast")
@@ -180,7 +151,7 @@ def _match_logits(g: _Graph, probs_input: str, x: str, x_type: int) -> tuple[lis
     return [*nodes, matmul], matmul.input[1]
 
 
-def match_router(g: _Graph, node: NodeProto) -> RouterChain | None:
+def match_router(g: GraphIndex, node: NodeProto) -> RouterChain | None:
     """The router chain whose expert_ids and gates `node` (GroupedLoRA or GroupedLoRAAdd) reads, or None."""
     x, ids, gates = node.input[0], node.input[1], node.input[2]
     topk = g.made_by(ids, "TopK")
@@ -201,7 +172,7 @@ def match_router(g: _Graph, node: NodeProto) -> RouterChain | None:
     return RouterChain(nodes, logits[1], k[0], normalize) if _private(g, nodes, node) else None
 
 
-def _private(g: _Graph, chain: list[NodeProto], node: NodeProto) -> bool:
+def _private(g: GraphIndex, chain: list[NodeProto], node: NodeProto) -> bool:
     """Every value the chain makes is read only inside the chain or by `node`, and none is a graph output."""
     inside = {id(n) for n in chain} | {id(node)}
     for member in chain:
@@ -215,7 +186,7 @@ def fuse_routers(model: onnx.ModelProto) -> int:
     """Rewrite every GroupedLoRA(Add) fed by a matched router chain into RoutedGroupedLoRA(Add); returns the count.
     Adds the bodies used; initializers only the dropped chains read are removed."""
     graph = model.graph
-    g = _Graph.of(graph)
+    g = GraphIndex.of(graph)
     replace: dict[int, NodeProto] = {}
     drop: set[int] = set()
     dropped_inputs: set[str] = set()
@@ -234,9 +205,7 @@ def fuse_routers(model: onnx.ModelProto) -> int:
         dropped_inputs |= {name for n in chain.nodes for name in n.input}
     if not replace:
         return 0
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_nodes(graph, replace, drop)
     _remove_unread_initializers(graph, dropped_inputs)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     have = {f.name for f in model.functions}
