@@ -1,6 +1,6 @@
 """Graph pass: a softmax top-k router chain feeding GroupedLoRA(Add) becomes one `RoutedGroupedLoRA(Add)` node.
 
-    RoutedGroupedLoRA(x [T, D_in], router_weight [D_in, E], A, B) -> (y [T, D_out], expert_ids [T, K], gates [T, K])
+    RoutedGroupedLoRA(x [..., D_in], router_weight [D_in, E], A, B) -> (y [T, D_out], expert_ids [T, K], gates [T, K])
     RoutedGroupedLoRAAdd(x, router_weight, A, B, base [..., D_out]) -> (base + y in base's shape, expert_ids, gates)
 
 The exporter traces a token-routed unit as MatMul -> (Cast) -> Softmax -> TopK -> (ReduceSum, Div) -> (Cast) ->
@@ -10,13 +10,13 @@ native kernel (moe_export/runtimes/native) runs the whole chain in one call. The
   gates come out as outputs 1 and 2 under the names GroupedLoRA read them by, so taps and route replay see the
   same values (runtimes/taps.py);
 - a standard-op function body that is the replaced chain followed by GroupedLoRA(Add)'s body, op for op, so a
-  plain ONNX Runtime computes what the unfused graph computed. The body's only additions are exact: a Cast
-  (CastLike) to the type the value already has, and a division by 1.0 instead of by the sum when `normalize`
-  is 0 (no branches in a function body).
+  plain ONNX Runtime computes what the unfused graph computed. The body's only additions are exact: x
+  [..., D_in] flattened to [T, D_in], a Cast (CastLike) to the type the value already has, and a division by
+  1.0 instead of by the sum when `normalize` is 0 (no branches in a function body).
 Only what the chain computes with these ops is matched: no router bias, softmax over the last axis, TopK
 largest/sorted with a constant k, renormalised or not. Any other routing (dense, top-p, task, a bias) keeps the
 unfused chain and its GroupedLoRA node.
-Legend: T tokens, E experts, K slots, D_in / D_out feature sizes.
+Legend: T tokens (the product of x's leading dims), E experts, K slots, D_in / D_out feature sizes.
 """
 
 from __future__ import annotations
@@ -77,16 +77,30 @@ def router_nodes() -> list[NodeProto]:
     ]
 
 
+def _reading(nodes: list[NodeProto], old: str, new: str) -> list[NodeProto]:
+    """Copies of `nodes` that read `new` wherever they read `old`."""
+    copies = []
+    for node in nodes:
+        copy = NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [new if name == old else name for name in copy.input]
+        copies.append(copy)
+    return copies
+
+
 def routed_body(op_type: str, opset: int) -> FunctionProto:
-    """RoutedGroupedLoRA(Add)'s body: router_nodes(), then GroupedLoRA(Add)'s own body on (x, ids, gates, A, B)."""
+    """RoutedGroupedLoRA(Add)'s body: x [..., D_in] flattened to its tokens [T, D_in], router_nodes(), then
+    GroupedLoRA(Add)'s own body on (tokens, ids, gates, A, B)."""
     inner = grouped_lora_dense_body(opset) if op_type == ROUTED_GROUPED_LORA else grouped_lora_add_body(opset)
     extra = ["base"] if op_type == ROUTED_GROUPED_LORA_ADD else []
+    # Flatten, not Reshape to [-1, D_in]: the same row-major values, and no shape to compute or to infer at T = 0.
+    tokens = helper.make_node("Flatten", ["x"], ["tokens"], axis=-1)  # [T, D_in], T = product of x's leading dims
     return helper.make_function(
         DOMAIN,
         op_type,
         ["x", "router_weight", "A", "B", *extra],
         ["y", "expert_ids", "gates"],
-        [*router_nodes(), *inner.node],
+        [tokens, *_reading([*router_nodes(), *inner.node], "x", "tokens")],
         list(inner.opset_import),
         attributes=[*ROUTER_ATTRIBUTES, *PLUGIN_ATTRIBUTES],
     )
