@@ -16,6 +16,9 @@ native kernel (moe_export/runtimes/native) runs the whole chain in one call. The
 Only what the chain computes with these ops is matched: no router bias, softmax over the last axis, TopK
 largest/sorted with a constant k, renormalised or not. Any other routing (dense, top-p, task, a bias) keeps the
 unfused chain and its GroupedLoRA node.
+A follow-up pass (`drop_token_views`) feeds each routed node the [..., D_in] tensor its x was viewed from: the
+trace writes a Reshape [batch, sequence, D_in] -> [T, D_in] before each distinct x, one more node per decode step
+that the routed ops, which flatten x themselves, do not need.
 Legend: T tokens (the product of x's leading dims), E experts, K slots, D_in / D_out feature sizes.
 """
 
@@ -37,6 +40,7 @@ from moe_export.ops.names import (
     PLUGIN_ATTRIBUTES,
     ROUTED_GROUPED_LORA,
     ROUTED_GROUPED_LORA_ADD,
+    ROUTED_OP_TYPES,
 )
 
 ROUTED_OF = {GROUPED_LORA: ROUTED_GROUPED_LORA, GROUPED_LORA_ADD: ROUTED_GROUPED_LORA_ADD}
@@ -234,6 +238,48 @@ def _remove_unread_initializers(graph: onnx.GraphProto, candidates: set[str]) ->
     if len(kept) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(kept)
+
+
+def merges_leading_dims(g: GraphIndex, view: NodeProto) -> bool:
+    """Whether the Reshape `view` provably maps x [..., D] to [T, D] (rows unchanged, T the product of the
+    leading dims): x's rank (>= 2) and last dim D are declared, and the target is [-1 or N > 0, D] by the
+    shape constant, or else 2-D with last dim D by the view's declared shape. Anything unknown: False."""
+    source = g.shape(view.input[0])
+    if source is None or len(source) < 2 or not isinstance(source[-1], int) or source[-1] <= 0:
+        return False
+    d = source[-1]
+    constant = g.ints(view.input[1])
+    if constant is not None:
+        # 0 would copy x's first dim (only [B, 1, D] fits): not a plain merge, left alone.
+        return len(constant) == 2 and constant[1] == d and (constant[0] == -1 or constant[0] > 0)
+    target = g.shape(view.output[0])
+    return target is not None and len(target) == 2 and target[1] == d
+
+
+def drop_token_views(model: onnx.ModelProto) -> int:
+    """Each RoutedGroupedLoRA(Add) whose x is a Reshape that only merges leading dims ([..., D_in] -> [T, D_in],
+    e.g. the trace's view of [batch, sequence, D_in]) reads the Reshape's input instead, since the routed ops take
+    x [..., D_in]; a Reshape nothing else reads goes. Returns how many Reshapes went. GroupedLoRA(Add) keep their
+    [T, D_in] x (their TensorRT plugin's contract)."""
+    graph = model.graph
+    g = GraphIndex.of(graph)
+    views: dict[str, NodeProto] = {}
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in ROUTED_OP_TYPES:
+            continue
+        view = g.made_by(node.input[0], "Reshape")
+        if view is not None and merges_leading_dims(g, view):
+            node.input[0] = view.input[0]
+            views[view.output[0]] = view
+    read = {name for node in graph.node for name in node.input} | g.outputs
+    gone = {name: view for name, view in views.items() if name not in read}
+    if gone:
+        replace_nodes(graph, {}, {id(view) for view in gone.values()})
+        kept = [v for v in graph.value_info if v.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        _remove_unread_initializers(graph, {view.input[1] for view in gone.values()})
+    return len(gone)
 
 
 def fuse_adapter(model: onnx.ModelProto) -> dict[str, int]:
