@@ -123,7 +123,8 @@ def test_fp32_graph_structure(fp32_export: onnx_export.ExportResult, mixed_ckpt:
         assert attributes == {**PLUGIN_ATTRIBUTES, **router}
     assert sorted((f.domain, f.name) for f in model.functions) == [(DOMAIN, t) for t in sorted(set(kinds.values()))]
     assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
-    assert fp32_export.manifest.adapter_fusion == {"requested": True, "residual_adds": 14, "routers": 7}
+    # views: the Reshapes to [T, D_in] before layer 0's routed nodes (q/k/v, o, gate/up and down read 4 distinct x)
+    assert fp32_export.manifest.adapter_fusion == {"requested": True, "residual_adds": 14, "routers": 7, "views": 4}
     assert fp32_export.manifest.custom_ops == sorted(set(kinds.values()))
     # no router chain is left outside the nodes that took theirs in: one Softmax per dense unit of layer 1
     assert sum(n.op_type == "Softmax" and n.domain == "" for n in model.graph.node) == 7 + 2  # + attention

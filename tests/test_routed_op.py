@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import moe_export
+from moe_export.export.graph_rewrite import GraphIndex
 from moe_export.export.manifest import ExportManifest
 from moe_export.export.onnx_routed import fuse_adapter, routed_body
 from moe_export.ops.names import DOMAIN, PLUGIN_ATTRIBUTES, ROUTED_GROUPED_LORA, ROUTED_GROUPED_LORA_ADD
@@ -59,12 +60,18 @@ def test_body_is_bit_for_bit_the_unfused_graph(sample: str, dtype: str, tmp_path
     fp32 before the softmax, gates cast back to fp16)."""
     out = unfused_export(tmp_path_factory, sample, dtype)
     manifest = ExportManifest.load(out)
-    assert manifest.adapter_fusion == {"requested": False, "residual_adds": 0, "routers": 0}
+    assert manifest.adapter_fusion == {"requested": False, "residual_adds": 0, "routers": 0, "views": 0}
     plain = onnx.load(str(out / "model.onnx"))
     fused = onnx.load(str(out / "model.onnx"))
     routed = sum(n.op_type == "GroupedLoRA" for n in plain.graph.node)
-    assert routed and fuse_adapter(fused) == {"residual_adds": routed, "routers": routed}
+    counts = fuse_adapter(fused)
+    assert routed and counts == {"residual_adds": routed, "routers": routed, "views": counts["views"]}
     assert {n.op_type for n in fused.graph.node if n.domain == DOMAIN} == {ROUTED_GROUPED_LORA_ADD}
+    # The views went: each residual Add took one Reshape with it, each dropped view one more; every routed node
+    # reads its x as [batch, sequence, D_in], so the body below flattens a 3-D x.
+    reshapes = [sum(n.op_type == "Reshape" for n in m.graph.node) for m in (plain, fused)]
+    assert counts["views"] > 0 and reshapes[0] - reshapes[1] == routed + counts["views"]
+    assert routed_x_shapes(fused) == {"batch", "sequence"}
     assert not any(n.op_type in ("TopK", "ReduceSum") for n in fused.graph.node)  # every router moved in
     assert [f.name for f in fused.functions] == [ROUTED_GROUPED_LORA_ADD]
     onnx.checker.check_model(fused, full_check=True)
@@ -75,6 +82,44 @@ def test_body_is_bit_for_bit_the_unfused_graph(sample: str, dtype: str, tmp_path
         feeds = {i.name: feeds[i.name] for i in plain_session.get_inputs()}
         for want, got in zip(plain_session.run(None, feeds), fused_session.run(None, feeds), strict=True):
             assert np.array_equal(want, got), (sample, dtype, batch, seq)
+
+
+def test_default_export_reads_x_unviewed_and_validates(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """samples/goat's default export: no Reshape to [T, D_in] is left before a routed node (2 layers x 4 distinct
+    x: q/k/v, o, gate/up, down), and validation passes with the native kernels and with the bodies, its route
+    replay and per-unit op check reading the taps of 3-D x."""
+
+    def build(root: Path) -> None:
+        moe_export.export_onnx(moe_export.load(SAMPLES / "goat"), root, validate=False, progress=False)
+
+    out = shared_dir(tmp_path_factory, "fused-goat-fp32", build)
+    assert ExportManifest.load(out).adapter_fusion == {
+        "requested": True,
+        "residual_adds": 14,
+        "routers": 14,
+        "views": 8,
+    }
+    assert routed_x_shapes(onnx.load(str(out / "model.onnx"), load_external_data=False)) == {"batch", "sequence"}
+    report = moe_export.validate(out, runtimes=("torch", "onnxruntime", "onnxruntime-body"), new_tokens=4)
+    assert report.passed, report.failures()
+    assert {c.runtime for c in report.comparisons} == {"onnxruntime", "onnxruntime-body"}
+    assert all(c.replayed for c in report.comparisons)
+    for runtime, units in report.units.items():
+        assert len(units) == 14, runtime
+        for unit in units.values():
+            assert unit.tokens > 0 and unit.op_max_abs is not None and unit.op_max_abs <= unit.op_bound, unit
+
+
+def routed_x_shapes(model: onnx.ModelProto) -> set[str]:
+    """The leading dims of every routed node's x, as the graph declares them (each x must be declared [.., D])."""
+    g = GraphIndex.of(model.graph)
+    leading = set()
+    for node in model.graph.node:
+        if node.op_type in (ROUTED_GROUPED_LORA, ROUTED_GROUPED_LORA_ADD):
+            shape = g.shape(node.input[0])
+            assert shape is not None and isinstance(shape[-1], int), (node.name, shape)
+            leading |= set(shape[:-1])
+    return leading
 
 
 def routed_model(p: dict, add: bool) -> bytes:
@@ -142,9 +187,14 @@ def run_both(p: dict, add: bool, library: Path) -> tuple[list[np.ndarray], list[
     return body.run(None, feeds), native.run(None, feeds)
 
 
+def tokens(p: dict) -> np.ndarray:
+    """x's rows [T, D_in] (x [..., D_in])."""
+    return p["x"].reshape(-1, p["x"].shape[-1])
+
+
 def probabilities(p: dict) -> np.ndarray:
     """[T, E] softmax of x W in float64 (how close two experts' probabilities are)."""
-    logits = p["x"].astype(np.float64) @ p["W"].astype(np.float64)
+    logits = tokens(p).astype(np.float64) @ p["W"].astype(np.float64)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
@@ -156,16 +206,18 @@ def problems(draw: st.DrawFn) -> dict:
     d_in, d_out, R = draw(st.sampled_from([1, 17, 64])), draw(st.sampled_from([1, 33])), draw(st.integers(1, 9))
     dtype = draw(st.sampled_from([np.float32, np.float16]))
     router_dtype = draw(st.sampled_from([np.float32, dtype]))
+    # x [..., D_in] of rank 2 to 4 with T rows (the exports' [batch, sequence, D_in] among them)
+    lead = draw(st.sampled_from([(T,), (1, T), (T, 1), *([(7, 10), (2, 5, 7)] if T == 70 else [])]))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     x = rng.standard_normal((T, d_in)).astype(dtype)
     if T > 1 and draw(st.booleans()):
         x[1] = 0  # every logit 0: all experts tie, TopK takes the lowest ids
     return {
-        "x": x,
+        "x": x.reshape(*lead, d_in),
         "W": rng.standard_normal((d_in, E)).astype(router_dtype),
         "A": (rng.standard_normal((1 if draw(st.booleans()) else E, R, d_in)) * 0.3).astype(dtype),
         "B": (rng.standard_normal((E, d_out, R)) * 0.3).astype(dtype),
-        "base": rng.standard_normal((T, d_out)).astype(dtype),
+        "base": rng.standard_normal((*lead, d_out)).astype(dtype),
         "k": draw(st.integers(1, E)),
         "normalize": int(draw(st.booleans())),
         "constant": draw(st.booleans()),
@@ -176,14 +228,16 @@ def problems(draw: st.DrawFn) -> dict:
 @given(p=problems(), add=st.booleans())
 def test_native_kernel_matches_the_body(library: Path, p: dict, add: bool) -> None:
     (y_body, ids_body, g_body), (y_native, ids_native, g_native) = run_both(p, add, library)
-    assert ids_native.shape == ids_body.shape == (p["x"].shape[0], p["k"]) and g_native.dtype == p["x"].dtype
+    x = tokens(p)  # [T, D_in]
+    assert ids_native.shape == ids_body.shape == (x.shape[0], p["k"]) and g_native.dtype == p["x"].dtype
+    assert y_native.shape == y_body.shape == (p["base"].shape if add else (x.shape[0], p["B"].shape[1]))
     same = (ids_native == ids_body).all(-1)  # [T]
     probs = probabilities(p)
-    logits = p["x"].astype(np.float64) @ p["W"].astype(np.float64)  # [T, E]
+    logits = x.astype(np.float64) @ p["W"].astype(np.float64)  # [T, E]
     # How far rounding can move a logit: a fp16 router's MatMul may accumulate in fp16 (ORT's CPU kernel), up to
     # D_in roundings of 2^-11 of the running sum, bounded by sum_i |x_i W_ie|; the kernel sums in fp32 and
     # rounds once.
-    reach = p["x"].shape[1] * 2.0**-11 * (np.abs(p["x"]).astype(np.float64) @ np.abs(p["W"]).astype(np.float64))
+    reach = x.shape[1] * 2.0**-11 * (np.abs(x).astype(np.float64) @ np.abs(p["W"]).astype(np.float64))
     for t in np.flatnonzero(~same):
         # A different choice is only allowed where rounding can decide it: the experts the two sides disagree on
         # have probabilities within 1e-5 (fp32 router) or logits within their rounding reach (fp16 router).
@@ -201,8 +255,9 @@ def test_native_kernel_matches_the_body(library: Path, p: dict, add: bool) -> No
     np.testing.assert_allclose(g_native[same].astype(np.float64), g_body[same].astype(np.float64), atol=gate_tol)
     if add:
         y_native, y_body = y_native - p["base"], y_body - p["base"]
-    largest_x = float(np.abs(p["x"]).max(initial=0))
-    scale = np.abs(p["B"]).max() * np.abs(p["A"]).max() * largest_x * p["x"].shape[1] * p["A"].shape[1] * p["k"]
+    y_native, y_body = (y.reshape(x.shape[0], -1) for y in (y_native, y_body))  # [T, D_out]
+    largest_x = float(np.abs(x).max(initial=0))
+    scale = np.abs(p["B"]).max() * np.abs(p["A"]).max() * largest_x * x.shape[1] * p["A"].shape[1] * p["k"]
     tol = (2e-2 if half else 2e-5) * max(scale, 1.0)  # fp32 rounding of the sums (fp16 outputs round to 2^-11)
     np.testing.assert_allclose(y_native[same].astype(np.float64), y_body[same].astype(np.float64), atol=tol)
 
@@ -227,3 +282,30 @@ def test_ties_go_to_the_lower_expert_id(library: Path) -> None:
         for lower, higher in ((1, 3), (4, 5), (5, 6), (6, 7)):
             if higher in row and lower in row:
                 assert list(row).index(lower) < list(row).index(higher)
+
+
+@pytest.mark.parametrize("add", [False, True])
+def test_native_kernel_takes_x_of_any_rank(library: Path, add: bool) -> None:
+    """The kernel on x [2, 5, D_in] and [2, 5, 1, D_in] gives bit for bit what it gives on the same rows as
+    [10, D_in] (the same arithmetic per token), and matches the body there (test_native_kernel_matches_the_body
+    judges near-ties; this seed has none, so the routing must be the same)."""
+    rng = np.random.default_rng(3)
+    d_in, d_out, E, R = 32, 16, 6, 4
+    x = rng.standard_normal((10, d_in)).astype(np.float32)
+    p = {
+        "W": rng.standard_normal((d_in, E)).astype(np.float32), "k": 2, "normalize": 1, "constant": True,
+        "A": (rng.standard_normal((E, R, d_in)) * 0.3).astype(np.float32),
+        "B": (rng.standard_normal((E, d_out, R)) * 0.3).astype(np.float32),
+    }  # fmt: skip
+    base = rng.standard_normal((10, d_out)).astype(np.float32)
+    _, flat_native = run_both({**p, "x": x, "base": base}, add, library)
+    for lead in ((2, 5), (2, 5, 1)):
+        shaped = {**p, "x": x.reshape(*lead, d_in), "base": base.reshape(*lead, d_out)}
+        body, native = run_both(shaped, add, library)
+        assert native[0].shape == body[0].shape == ((*lead, d_out) if add else (10, d_out))
+        for got, want in zip(native, flat_native, strict=True):
+            np.testing.assert_array_equal(got.reshape(want.shape), want)
+        np.testing.assert_array_equal(native[1], body[1])  # expert_ids
+        np.testing.assert_allclose(native[2], body[2], atol=2e-6)  # gates: fp32 rounding, as above
+        np.testing.assert_allclose(native[0], body[0], atol=2e-4)  # y: fp32 sums of about 100 terms of size 1
+    assert np.abs(flat_native[0] - (base if add else 0)).max() > 0.1  # the experts added something

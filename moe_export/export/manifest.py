@@ -72,8 +72,8 @@ class ExportManifest:
     adapter_fusion: dict[str, Any] | None = field(
         default=None,
         metadata={
-            "help": "adapter graph passes (export/onnx_routed.py): requested, residual_adds and routers fused; "
-            "null in exports written before them"
+            "help": "adapter graph passes (export/onnx_routed.py): requested, residual_adds and routers fused, "
+            "views (Reshapes to [T, D_in] before routed nodes) dropped; null in exports written before them"
         },
     )
     format: str = field(default=MANIFEST_FORMAT, metadata={"help": "always moe-export-onnx"})

@@ -41,7 +41,7 @@ def post_process(
     fuse_saved_model(model_path)  # RMSNorm as ORT fuses it (export/base_fusions.py), standard ops
     adapter_fusion = None
     if not options.base_only:
-        counts = {"residual_adds": 0, "routers": 0}
+        counts = {"residual_adds": 0, "routers": 0, "views": 0}
         if options.adapter_fusion:
             counts = fuse_saved_adapter(model_path)  # export/onnx_routed.py
         adapter_fusion = {"requested": options.adapter_fusion, **counts}

@@ -283,10 +283,10 @@ def drop_token_views(model: onnx.ModelProto) -> int:
 
 
 def fuse_adapter(model: onnx.ModelProto) -> dict[str, int]:
-    """Both adapter passes, in order: each residual Add into its GroupedLoRA (onnx_fused.py), then each
-    matched router into its node. Returns the counts export.json records."""
+    """The adapter passes, in order: each residual Add into its GroupedLoRA (onnx_fused.py), each matched
+    router into its node, then the routed nodes' x views dropped. Returns the counts export.json records."""
     residual = fuse_residual_add(model)
-    counts = {"residual_adds": residual, "routers": fuse_routers(model)}
+    counts = {"residual_adds": residual, "routers": fuse_routers(model), "views": drop_token_views(model)}
     # The bodies of op types no node uses any more (GroupedLoRA once every node took its Add or router in).
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     kept = [f for f in model.functions if f.domain != DOMAIN or f.name in used]
