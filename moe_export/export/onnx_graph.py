@@ -30,10 +30,10 @@ def post_process(
     packs: set[str],
 ) -> tuple[Path, Any, dict[str, Any] | None]:  # fmt: skip
     """Name each custom node after its unit, attach the function bodies, save (external data above the
-    protobuf limit), fuse RMSNorm, fuse the adapter's routers and residual Adds into their nodes (unless
-    `adapter_fusion` is off), quantize the base weights when asked (the `packs`, packed projections' linears,
-    too), and check the saved file; returns its path, the quantization scheme (None: not quantized) and the
-    adapter passes' record (None: no adapter)."""
+    protobuf limit), fuse RMSNorm, fuse the adapter's routers and residual Adds into their nodes and drop the
+    routed nodes' x views (unless `adapter_fusion` is off), quantize the base weights when asked (the `packs`,
+    packed projections' linears, too), and check the saved file; returns its path, the quantization scheme
+    (None: not quantized) and the adapter passes' record (None: no adapter)."""
     _name_custom_nodes(program.model, {u.name for u in units if u.status == "routed"})
     _attach_function_bodies(program.model, options.opset)
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
