@@ -97,6 +97,41 @@ def routed_model(p: dict, add: bool) -> bytes:
     return helper.make_model(graph, opset_imports=opsets, functions=[routed_body(op, 18)]).SerializeToString()
 
 
+def run_body(p: dict, add: bool) -> list[np.ndarray]:
+    """The body's outputs (y, expert_ids, gates) for problem `p` (a graph input for every array)."""
+    model = session(routed_model({**p, "constant": False}, add))
+    return model.run(None, {n: p[n] for n in ("x", "W", "A", "B", *(["base"] if add else []))})
+
+
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("lead", [(2, 5), (2, 3, 4), (0, 3), (1, 1)])
+def test_body_takes_x_of_any_rank(lead: tuple[int, ...], dtype: type, add: bool) -> None:
+    """x [..., D_in] gives bit for bit what its [T, D_in] view gives (T the product of the leading dims):
+    expert_ids and gates [T, K], y [T, D_out] for the plain form and base's shape for the Add form."""
+    rng = np.random.default_rng(len(lead))
+    d_in, d_out, E, R, k = 24, 8, 6, 3, 2
+    T = int(np.prod(lead))
+    p = {
+        "x": rng.standard_normal((*lead, d_in)).astype(dtype),
+        "W": rng.standard_normal((d_in, E)).astype(np.float32),
+        "A": (rng.standard_normal((E, R, d_in)) * 0.3).astype(dtype),
+        "B": (rng.standard_normal((E, d_out, R)) * 0.3).astype(dtype),
+        "base": rng.standard_normal((*lead, d_out)).astype(dtype),
+        "k": k, "normalize": 1,
+    }  # fmt: skip
+    y, ids, gates = run_body(p, add)
+    flat = {**p, "x": p["x"].reshape(T, d_in), "base": p["base"].reshape(T, d_out)}
+    y_flat, ids_flat, gates_flat = run_body(flat, add)
+    assert ids.shape == gates.shape == (T, k) and ids.dtype == np.int64 and gates.dtype == dtype
+    assert y.shape == ((*lead, d_out) if add else (T, d_out)) and y.dtype == dtype
+    np.testing.assert_array_equal(ids, ids_flat)
+    np.testing.assert_array_equal(gates, gates_flat)
+    np.testing.assert_array_equal(y.reshape(T, d_out), y_flat)
+    if T:  # the node computed something: the delta is not zero
+        assert np.abs(y_flat - (flat["base"] if add else 0)).max() > 0
+
+
 def run_both(p: dict, add: bool, library: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(body outputs, native outputs): y, expert_ids, gates."""
     model = routed_model(p, add)

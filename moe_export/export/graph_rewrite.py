@@ -17,6 +17,7 @@ class GraphIndex:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     initializers: dict[str, TensorProto] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)
+    shapes: dict[str, list[int | str | None]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> GraphIndex:
@@ -26,12 +27,22 @@ class GraphIndex:
                 g.producer[name] = node
             for name in node.input:
                 g.consumers.setdefault(name, []).append(node)
+        for info in (*graph.input, *graph.value_info, *graph.output):
+            tensor = info.type.tensor_type
+            if info.type.HasField("tensor_type") and tensor.HasField("shape"):
+                g.shapes[info.name] = [_dim(d) for d in tensor.shape.dim]
+        g.shapes.update({name: list(t.dims) for name, t in g.initializers.items()})
         return g
 
     def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
         """The standard-domain node of `op_type` that makes `name`, or None."""
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def shape(self, name: str) -> list[int | str | None] | None:
+        """The shape the graph declares for `name` (value info, an input/output or an initializer): an int per
+        known dim, the dim_param's name for a symbolic one, None for an unknown one; None when not declared."""
+        return self.shapes.get(name)
 
     def readers(self, name: str) -> list[onnx.NodeProto]:
         return self.consumers.get(name, [])
@@ -42,6 +53,12 @@ class GraphIndex:
         if tensor is None or tensor.data_type != TensorProto.INT64 or tensor.data_location == TensorProto.EXTERNAL:
             return None
         return [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    return dim.dim_param or None
 
 
 def replace_nodes(graph: onnx.GraphProto, replace: dict[int, onnx.NodeProto], drop: set[int]) -> None:

@@ -1,6 +1,6 @@
 """Graph pass: a softmax top-k router chain feeding GroupedLoRA(Add) becomes one `RoutedGroupedLoRA(Add)` node.
 
-    RoutedGroupedLoRA(x [T, D_in], router_weight [D_in, E], A, B) -> (y [T, D_out], expert_ids [T, K], gates [T, K])
+    RoutedGroupedLoRA(x [..., D_in], router_weight [D_in, E], A, B) -> (y [T, D_out], expert_ids [T, K], gates [T, K])
     RoutedGroupedLoRAAdd(x, router_weight, A, B, base [..., D_out]) -> (base + y in base's shape, expert_ids, gates)
 
 The exporter traces a token-routed unit as MatMul -> (Cast) -> Softmax -> TopK -> (ReduceSum, Div) -> (Cast) ->
@@ -10,13 +10,16 @@ native kernel (moe_export/runtimes/native) runs the whole chain in one call. The
   gates come out as outputs 1 and 2 under the names GroupedLoRA read them by, so taps and route replay see the
   same values (runtimes/taps.py);
 - a standard-op function body that is the replaced chain followed by GroupedLoRA(Add)'s body, op for op, so a
-  plain ONNX Runtime computes what the unfused graph computed. The body's only additions are exact: a Cast
-  (CastLike) to the type the value already has, and a division by 1.0 instead of by the sum when `normalize`
-  is 0 (no branches in a function body).
+  plain ONNX Runtime computes what the unfused graph computed. The body's only additions are exact: x
+  [..., D_in] flattened to [T, D_in], a Cast (CastLike) to the type the value already has, and a division by
+  1.0 instead of by the sum when `normalize` is 0 (no branches in a function body).
 Only what the chain computes with these ops is matched: no router bias, softmax over the last axis, TopK
 largest/sorted with a constant k, renormalised or not. Any other routing (dense, top-p, task, a bias) keeps the
 unfused chain and its GroupedLoRA node.
-Legend: T tokens, E experts, K slots, D_in / D_out feature sizes.
+A follow-up pass (`drop_token_views`) feeds each routed node the [..., D_in] tensor its x was viewed from: the
+trace writes a Reshape [batch, sequence, D_in] -> [T, D_in] before each distinct x, one more node per decode step
+that the routed ops, which flatten x themselves, do not need.
+Legend: T tokens (the product of x's leading dims), E experts, K slots, D_in / D_out feature sizes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from moe_export.ops.names import (
     PLUGIN_ATTRIBUTES,
     ROUTED_GROUPED_LORA,
     ROUTED_GROUPED_LORA_ADD,
+    ROUTED_OP_TYPES,
 )
 
 ROUTED_OF = {GROUPED_LORA: ROUTED_GROUPED_LORA, GROUPED_LORA_ADD: ROUTED_GROUPED_LORA_ADD}
@@ -77,16 +81,30 @@ def router_nodes() -> list[NodeProto]:
     ]
 
 
+def _reading(nodes: list[NodeProto], old: str, new: str) -> list[NodeProto]:
+    """Copies of `nodes` that read `new` wherever they read `old`."""
+    copies = []
+    for node in nodes:
+        copy = NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [new if name == old else name for name in copy.input]
+        copies.append(copy)
+    return copies
+
+
 def routed_body(op_type: str, opset: int) -> FunctionProto:
-    """RoutedGroupedLoRA(Add)'s body: router_nodes(), then GroupedLoRA(Add)'s own body on (x, ids, gates, A, B)."""
+    """RoutedGroupedLoRA(Add)'s body: x [..., D_in] flattened to its tokens [T, D_in], router_nodes(), then
+    GroupedLoRA(Add)'s own body on (tokens, ids, gates, A, B)."""
     inner = grouped_lora_dense_body(opset) if op_type == ROUTED_GROUPED_LORA else grouped_lora_add_body(opset)
     extra = ["base"] if op_type == ROUTED_GROUPED_LORA_ADD else []
+    # Flatten, not Reshape to [-1, D_in]: the same row-major values, and no shape to compute or to infer at T = 0.
+    tokens = helper.make_node("Flatten", ["x"], ["tokens"], axis=-1)  # [T, D_in], T = product of x's leading dims
     return helper.make_function(
         DOMAIN,
         op_type,
         ["x", "router_weight", "A", "B", *extra],
         ["y", "expert_ids", "gates"],
-        [*router_nodes(), *inner.node],
+        [tokens, *_reading([*router_nodes(), *inner.node], "x", "tokens")],
         list(inner.opset_import),
         attributes=[*ROUTER_ATTRIBUTES, *PLUGIN_ATTRIBUTES],
     )
@@ -220,6 +238,48 @@ def _remove_unread_initializers(graph: onnx.GraphProto, candidates: set[str]) ->
     if len(kept) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(kept)
+
+
+def merges_leading_dims(g: GraphIndex, view: NodeProto) -> bool:
+    """Whether the Reshape `view` provably maps x [..., D] to [T, D] (rows unchanged, T the product of the
+    leading dims): x's rank (>= 2) and last dim D are declared, and the target is [-1 or N > 0, D] by the
+    shape constant, or else 2-D with last dim D by the view's declared shape. Anything unknown: False."""
+    source = g.shape(view.input[0])
+    if source is None or len(source) < 2 or not isinstance(source[-1], int) or source[-1] <= 0:
+        return False
+    d = source[-1]
+    constant = g.ints(view.input[1])
+    if constant is not None:
+        # 0 would copy x's first dim (only [B, 1, D] fits): not a plain merge, left alone.
+        return len(constant) == 2 and constant[1] == d and (constant[0] == -1 or constant[0] > 0)
+    target = g.shape(view.output[0])
+    return target is not None and len(target) == 2 and target[1] == d
+
+
+def drop_token_views(model: onnx.ModelProto) -> int:
+    """Each RoutedGroupedLoRA(Add) whose x is a Reshape that only merges leading dims ([..., D_in] -> [T, D_in],
+    e.g. the trace's view of [batch, sequence, D_in]) reads the Reshape's input instead, since the routed ops take
+    x [..., D_in]; a Reshape nothing else reads goes. Returns how many Reshapes went. GroupedLoRA(Add) keep their
+    [T, D_in] x (their TensorRT plugin's contract)."""
+    graph = model.graph
+    g = GraphIndex.of(graph)
+    views: dict[str, NodeProto] = {}
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in ROUTED_OP_TYPES:
+            continue
+        view = g.made_by(node.input[0], "Reshape")
+        if view is not None and merges_leading_dims(g, view):
+            node.input[0] = view.input[0]
+            views[view.output[0]] = view
+    read = {name for node in graph.node for name in node.input} | g.outputs
+    gone = {name: view for name, view in views.items() if name not in read}
+    if gone:
+        replace_nodes(graph, {}, {id(view) for view in gone.values()})
+        kept = [v for v in graph.value_info if v.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        _remove_unread_initializers(graph, {view.input[1] for view in gone.values()})
+    return len(gone)
 
 
 def fuse_adapter(model: onnx.ModelProto) -> dict[str, int]:

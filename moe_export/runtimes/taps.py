@@ -180,8 +180,9 @@ def captures_from_outputs(outputs: dict[str, np.ndarray], taps: list[NodeTaps]) 
         output, base = outputs.get(tap.output), None if tap.base is None else outputs.get(tap.base)
         if base is not None and output is not None:  # the *Add forms: [..., D_out] in base's shape -> [T, D_out]
             output, base = (v.reshape(-1, v.shape[-1]) for v in (output, base))
+        x = outputs.get(tap.x)  # the routed forms take x [..., D_in] (docs/op-contract.md): -> [T, D_in]
         captures[tap.unit] = UnitCapture(
-            outputs.get(tap.x),
+            None if x is None else x.reshape(-1, x.shape[-1]),
             outputs[tap.expert_ids],
             None if tap.gates is None else outputs[tap.gates],
             output=output,
