@@ -311,3 +311,84 @@ def test_native_kernel_takes_x_of_any_rank(library: Path, add: bool) -> None:
         np.testing.assert_allclose(native[2], body[2], atol=2e-6)  # gates: fp32 rounding, as above
         np.testing.assert_allclose(native[0], body[0], atol=2e-4)  # y: fp32 sums of about 100 terms of size 1
     assert np.abs(flat_native[0] - (base if add else 0)).max() > 0.1  # the experts added something
+
+
+def base_from_matmul_model(p: dict, base_is_output: bool) -> bytes:
+    """-(RoutedGroupedLoRAAdd) whose base is a MatMul's output, as in an export (a graph input is never reused):
+    read by this node only, or also a graph output (then ONNX Runtime must not run the op in base's buffer)."""
+    t = NP_TO_ONNX[p["x"].dtype.type]
+    inits = [numpy_helper.from_array(p[n], n) for n in ("W", "A", "B", "Wb")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "Wb"], ["base"]),
+        helper.make_node(
+            ROUTED_GROUPED_LORA_ADD,
+            ["x", "W", "A", "B", "base"],
+            ["sum", "ids", "gates"],
+            domain=DOMAIN,
+            k=p["k"],
+            normalize=p["normalize"],
+            **PLUGIN_ATTRIBUTES,
+        ),
+        helper.make_node("Neg", ["sum"], ["y"]),  # a graph output never shares a buffer: read the sum in the graph
+    ]
+    outputs = [helper.make_tensor_value_info("y", t, None)]
+    if base_is_output:
+        outputs.append(helper.make_tensor_value_info("base", t, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, ["tokens", p["x"].shape[-1]])],
+                              outputs, initializer=inits)  # fmt: skip
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+    body = routed_body(ROUTED_GROUPED_LORA_ADD, 18)
+    return helper.make_model(graph, opset_imports=opsets, functions=[body]).SerializeToString()
+
+
+@pytest.mark.parametrize("tokens", [1, 70])  # a decode step (per token), a prompt (the expert-grouped path)
+@pytest.mark.parametrize("base_is_output", [False, True])
+def test_add_runs_in_base_buffer_only_when_nothing_else_reads_base(
+    library: Path, base_is_output: bool, tokens: int
+) -> None:
+    """The kernel's output 0 may take base's buffer (may_inplace, with the shape inference that lets ONNX Runtime
+    see equal sizes): it does for a base read by the op alone, never for one the graph also returns."""
+    from moe_export.runtimes.native.library import in_place_calls
+
+    rng = np.random.default_rng(3)
+    d, d_out, E, R = 32, 48, 6, 4
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    p = {"x": x, "W": rng.standard_normal((d, E)).astype(np.float32), "k": 2, "normalize": 1,
+         "A": (rng.standard_normal((E, R, d)) * 0.3).astype(np.float32),
+         "B": (rng.standard_normal((E, d_out, R)) * 0.3).astype(np.float32),
+         "Wb": rng.standard_normal((d, d_out)).astype(np.float32)}  # fmt: skip
+    model = base_from_matmul_model(p, base_is_output)
+    before = in_place_calls(library)
+    native = session(model, library).run(None, {"x": x})
+    in_place = in_place_calls(library) - before
+    body = session(model).run(None, {"x": x})
+    assert in_place == (0 if base_is_output else 1)
+    np.testing.assert_allclose(native[0], body[0], rtol=1e-5, atol=1e-5)
+    if base_is_output:  # the returned base is MatMul's, untouched by the op's add
+        np.testing.assert_array_equal(native[1], body[1])
+
+
+def test_routing_does_not_depend_on_how_many_tokens_come_together(library: Path) -> None:
+    """A prompt's tokens are routed by token tiles (shrink_tokens), a decode step's one by the 8-row dot product
+    (shrink): both sum every logit in the same order, so a token gets bit-identical ids and gates either way, as
+    it does in x [T, D] and x [B, S, D] form."""
+    rng = np.random.default_rng(4)
+    d, E = 96, 11  # 11 experts: an 8-row block of the one-token path, then rows one by one
+    p = {"W": rng.standard_normal((d, E)).astype(np.float32), "k": 3, "normalize": 0, "constant": True,
+         "A": (rng.standard_normal((E, 8, d)) * 0.3).astype(np.float32),
+         "B": (rng.standard_normal((E, 40, 8)) * 0.3).astype(np.float32)}  # fmt: skip
+    x = rng.standard_normal((70, d)).astype(np.float32)
+    run = session(routed_model({**p, "x": x}, False), library).run
+    _, ids, gates = run(None, {"x": x})
+    run_one = session(routed_model({**p, "x": x[:1]}, False), library).run
+    for t in (0, 1, 37, 69):
+        _, ids_one, gates_one = run_one(None, {"x": x[t : t + 1]})
+        np.testing.assert_array_equal(ids_one[0], ids[t])
+        np.testing.assert_array_equal(gates_one[0], gates[t])
+    batched = routed_model({**p, "x": x.reshape(2, 35, d)}, False)
+    y3, ids3, gates3 = session(batched, library).run(None, {"x": x.reshape(2, 35, d)})
+    y2, _, _ = run(None, {"x": x})
+    assert y3.shape == (70, 40)
+    np.testing.assert_array_equal(ids3, ids)
+    np.testing.assert_array_equal(gates3, gates)
+    np.testing.assert_array_equal(y3, y2)

@@ -86,6 +86,8 @@ namespace {
 // Kernel calls since the library was loaded (all sessions of the process): lets a test see that a client
 // which registers the library by itself (onnxruntime-genai, from genai_config.json) really runs the kernels.
 std::atomic<unsigned long long> g_compute_calls{0};
+// Calls of an *Add op that ONNX Runtime ran in place (output 0 in base's buffer): lets a test see may_inplace work.
+std::atomic<unsigned long long> g_in_place_calls{0};
 
 using ShrinkFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using ExpandFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t, const float*, float*);
@@ -190,8 +192,11 @@ struct Job {
 void run_tokens(const Job& job, int64_t t0, int64_t t1) {
   const Dims& d = job.d;
   const int64_t R = d.R, K = d.K;
-  std::vector<float> h(static_cast<size_t>((K + 1) * R));
-  std::vector<const float*> bts(static_cast<size_t>(K)), hgs(static_cast<size_t>(K));
+  thread_local std::vector<float> h;  // per-thread scratch: a decode step calls this once per routed linear
+  thread_local std::vector<const float*> bts, hgs;
+  h.resize(static_cast<size_t>((K + 1) * R));
+  bts.resize(static_cast<size_t>(K));
+  hgs.resize(static_cast<size_t>(K));
   float* shared = h.data() + K * R;  // A x for a shared A (HydraLoRA), computed once per token
   for (int64_t t = t0; t < t1; ++t) {
     const float* xt = job.x + t * d.d_in;
@@ -270,6 +275,8 @@ void expand_task(void* data, size_t i) {
   const int64_t o0 = static_cast<int64_t>(i) * g.chunk, o1 = std::min(d.d_out, o0 + g.chunk);
   for (int64_t row = 0; row < g.rows; ++row) {
     float* y = job.y + row * d.d_out;
+    if (job.base == job.y)  // ONNX Runtime ran the op in place (see may_inplace): y already holds base
+      continue;
     if (job.base)
       std::memcpy(y + o0, job.base + row * d.d_out + o0, (o1 - o0) * sizeof(float));
     else
@@ -370,17 +377,35 @@ struct RouteJob {
 };
 
 void route_tokens(const RouteJob& r, int64_t t0, int64_t t1) {
-  std::vector<float> probs(static_cast<size_t>(r.E));
-  std::vector<char> taken(static_cast<size_t>(r.E));
+  // The logits of the whole range first: tiles of tokens share each load of the router weight. shrink_tokens
+  // sums each dot product in the order the one-token shrink does, so a token's routing does not depend on how
+  // many tokens came with it.
+  thread_local std::vector<float> logits;
+  thread_local std::vector<const float*> xs;
+  thread_local std::vector<float*> hs;
+  thread_local std::vector<char> taken;
+  const int64_t n = t1 - t0;
+  logits.resize(static_cast<size_t>(n * r.E));
+  xs.resize(static_cast<size_t>(n));
+  hs.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    xs[i] = r.x + (t0 + i) * r.d_in;
+    hs[i] = logits.data() + i * r.E;
+  }
+  if (n == 1)
+    r.isa->shrink(r.wt, xs[0], r.E, r.d_in, hs[0]);
+  else
+    r.isa->shrink_tokens(r.wt, r.E, r.d_in, xs.data(), hs.data(), n);
+  taken.resize(static_cast<size_t>(r.E));
   for (int64_t t = t0; t < t1; ++t) {
-    r.isa->shrink(r.wt, r.x + t * r.d_in, r.E, r.d_in, probs.data());  // logits [E]
+    float* probs = hs[t - t0];
     if (r.half_logits)
-      for (auto& p : probs) p = Ort::Float16_t(p).ToFloat();
-    const float top = *std::max_element(probs.begin(), probs.end());
+      for (int64_t e = 0; e < r.E; ++e) probs[e] = Ort::Float16_t(probs[e]).ToFloat();
+    const float top = *std::max_element(probs, probs + r.E);
     float sum = 0.f;
-    for (auto& p : probs) sum += (p = std::exp(p - top));
+    for (int64_t e = 0; e < r.E; ++e) sum += (probs[e] = std::exp(probs[e] - top));
     const float scale = 1.f / sum;  // softmax as ONNX Runtime's: exp(l - max) times the reciprocal of the sum
-    for (auto& p : probs) p *= scale;
+    for (int64_t e = 0; e < r.E; ++e) probs[e] *= scale;
     std::fill(taken.begin(), taken.end(), 0);
     int64_t* ids = r.ids + t * r.K;
     float* gates = r.gates + t * r.K;
@@ -484,26 +509,29 @@ struct Kernel {
     }
   }
 
-  [[noreturn]] static void fail(const std::string& what) {
-    throw Ort::Exception("moe_export kernel: " + what, ORT_INVALID_ARGUMENT);
+  [[noreturn]] static void fail(const char* op, const std::string& what) {
+    throw Ort::Exception(std::string("moe_export kernel: ") + op + ": " + what, ORT_INVALID_ARGUMENT);
   }
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const std::string op = op_name(mode_);
     auto x = ctx.GetInput(kX);
     auto A = ctx.GetInput(a_index(mode_)), B = ctx.GetInput(b_index(mode_));
-    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto x_info = x.GetTensorTypeAndShapeInfo();
+    const auto xs = x_info.GetShape();
     const auto as = A.GetTensorTypeAndShapeInfo().GetShape(), bs = B.GetTensorTypeAndShapeInfo().GetShape();
-    if (xs.size() != 2 || as.size() != 3 || bs.size() != 3)
-      fail(op + ": expected x [T,D_in], A [E_A,R,D_in], B [E,D_out,R]");
-    Dims d{xs[0], k_, bs[0], as[0], as[1], xs[1], bs[1]};
+    if (xs.size() < 2 || as.size() != 3 || bs.size() != 3)
+      fail(op_name(mode_), "expected x [..., D_in], A [E_A,R,D_in], B [E,D_out,R]");
+    // x [..., D_in]: the leading dims are the tokens (the exporter feeds [batch, sequence, D_in] unflattened)
+    int64_t tokens = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
+    Dims d{tokens, k_, bs[0], as[0], as[1], xs.back(), bs[1]};
     if (as[2] != d.d_in || bs[2] != d.R || !(d.EA == 1 || d.EA == d.E))
-      fail(op + ": A/B/x do not chain or E_A is neither 1 nor E");
-    const bool f32 = x.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      fail(op_name(mode_), "A/B/x do not chain or E_A is neither 1 nor E");
+    const bool f32 = x_info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     Job job{d, mode_, isa_, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1};
     Buffers buf;
-    job.x = as_float(x, buf.x32);
+    job.x = f32 ? x.GetTensorData<float>() : as_float(x, buf.x32);
     if (routed(mode_))
       route_call(ctx, job, f32, buf);
     else
@@ -516,18 +544,18 @@ struct Kernel {
 
   // GroupedLoRA(Slots/Add): expert_ids and gates are inputs; sets K, ids and gates of `job`.
   void read_routing(Ort::KernelContext& ctx, Job& job, Buffers& buf) const {
-    const std::string op = op_name(mode_);
+    const char* op = op_name(mode_);
     auto ids = ctx.GetInput(kIds);
     const auto is = ids.GetTensorTypeAndShapeInfo().GetShape();
-    if (is.size() != 2 || is[0] != job.d.T) fail(op + ": expected expert_ids [T,K] for x [T,D_in]");
+    if (is.size() != 2 || is[0] != job.d.T) fail(op, "expected expert_ids [T,K] for x [..., D_in] of T tokens");
     job.d.K = is[1];
     job.ids = ids.GetTensorData<int64_t>();
     for (int64_t i = 0; i < job.d.T * job.d.K; ++i)
       if (job.ids[i] < 0 || job.ids[i] >= job.d.E)
-        fail(op + ": expert id " + std::to_string(job.ids[i]) + " outside [0, E)");
+        fail(op, "expert id " + std::to_string(job.ids[i]) + " outside [0, E)");
     if (mode_ != Mode::kSlots) {
       auto gates = ctx.GetInput(gates_index(mode_));
-      if (gates.GetTensorTypeAndShapeInfo().GetShape() != is) fail(op + ": gates must match expert_ids");
+      if (gates.GetTensorTypeAndShapeInfo().GetShape() != is) fail(op, "gates must match expert_ids");
       job.gates = as_float(gates, buf.g32);
     }
   }
@@ -536,8 +564,8 @@ struct Kernel {
   // x's type, as the function body's GroupedLoRA reads them.
   void route_call(Ort::KernelContext& ctx, Job& job, bool f32, Buffers& buf) const {
     const Dims& d = job.d;
-    const std::string op = op_name(mode_);
-    if (k_ < 1 || k_ > d.E) fail(op + ": k=" + std::to_string(k_) + " is not between 1 and B's experts");
+    const char* op = op_name(mode_);
+    if (k_ < 1 || k_ > d.E) fail(op, "k=" + std::to_string(k_) + " is not between 1 and B's experts");
     const float* wt = wt_.data();
     bool half = wt_half_;
     int64_t rows = wt_rows_, cols = wt_cols_;
@@ -545,7 +573,7 @@ struct Kernel {
       half = pack_router(ctx.GetInput(kRouterWeight), buf.w32, rows, cols);
       wt = buf.w32.data();
     }
-    if (rows != d.E || cols != d.d_in) fail(op + ": router_weight must be [D_in, E] for x [T,D_in] and B [E,...]");
+    if (rows != d.E || cols != d.d_in) fail(op, "router_weight must be [D_in, E] for x [..., D_in] and B [E,...]");
     auto ids_out = ctx.GetOutput(1, {d.T, d.K});
     auto gates_out = ctx.GetOutput(2, {d.T, d.K});
     const size_t n = static_cast<size_t>(d.T * d.K);
@@ -579,13 +607,14 @@ struct Kernel {
       out_shape = binfo.GetShape();
       if (static_cast<int64_t>(binfo.GetElementCount()) != d.T * d.d_out || out_shape.empty() ||
           out_shape.back() != d.d_out)
-        fail(std::string(op_name(mode_)) + ": base must hold T x D_out values with D_out last");
+        fail(op_name(mode_), "base must hold T x D_out values with D_out last");
       job.base = as_float(base, buf.base32);
     }
     auto y = ctx.GetOutput(0, out_shape);
     const size_t y_count = static_cast<size_t>(d.T * d.d_out * (mode_ == Mode::kSlots ? d.K : 1));
     if (f32) {
       job.y = y.GetTensorMutableData<float>();
+      if (job.base == job.y) g_in_place_calls.fetch_add(1, std::memory_order_relaxed);
     } else {
       buf.y32.resize(y_count);
       job.y = buf.y32.data();
@@ -633,9 +662,63 @@ struct Kernel {
   int64_t k_ = 0, wt_rows_ = 0, wt_cols_ = 0;  // routed ops: TopK's k; the packed router weight's E, D_in
 };
 
+// The *Add ops' output 0 may take base's buffer: ONNX Runtime then skips an allocation and the kernel skips
+// copying base into y, a whole pass over [T, D_out] per call. ONNX Runtime reuses a buffer only when it can see
+// that the two values have the same shape, hence the shape inference: output 0 has base's type and shape.
+template <int kBaseInput>
+size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
+  *input_index = new int[1]{kBaseInput};
+  *output_index = new int[1]{0};
+  return 1;
+}
+
+void ORT_API_CALL release_inplace(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
+}
+
+// Whether every dim of `info` is known or named (an unknown dim must not be passed on as a value of -1).
+bool fully_described(const OrtApi& api, const OrtTensorTypeAndShapeInfo* info) {
+  size_t rank = 0;
+  if (OrtStatus* st = api.GetDimensionsCount(info, &rank)) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> names(rank, nullptr);
+  OrtStatus* st = rank ? api.GetDimensions(info, dims.data(), rank) : nullptr;
+  if (st == nullptr && rank) st = api.GetSymbolicDimensions(info, names.data(), rank);
+  if (st != nullptr) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  for (size_t i = 0; i < rank; ++i)
+    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) return false;
+  return rank > 0;
+}
+
+template <int kBaseInput>
+OrtStatusPtr ORT_API_CALL infer_add_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, kBaseInput, &info)) {
+    api.ReleaseStatus(st);  // base's shape is unknown here: leave output 0's unknown too
+    return nullptr;
+  }
+  // `info` stays the context's (the C++ API's ShapeInferContext does not release it either)
+  return fully_described(api, info) ? api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info) : nullptr;
+}
+
 struct Op : Ort::CustomOpBase<Op, Kernel, true> {
   Op(const char* name, Mode mode, ONNXTensorElementDataType t, ONNXTensorElementDataType tg)
-      : name_(name), mode_(mode), t_(t), tg_(tg) {}
+      : name_(name), mode_(mode), t_(t), tg_(tg) {
+    if (adds(mode)) {  // CustomOpBase's constructor set these to null; the base input's position is per op
+      const bool plain = mode == Mode::kAdd;
+      OrtCustomOp::GetMayInplace = plain ? &may_inplace<5> : &may_inplace<4>;
+      OrtCustomOp::ReleaseMayInplace = &release_inplace;
+      OrtCustomOp::InferOutputShapeFn = plain ? &infer_add_shape<5> : &infer_add_shape<4>;
+    }
+  }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
@@ -731,3 +814,5 @@ MOE_EXPORT_API const char* MoeExportKernelIsa() { return select_isa().name; }
 MOE_EXPORT_API int MoeExportOrtApiVersion() { return MOE_EXPORT_ORT_API_VERSION; }
 // How many times ONNX Runtime ran one of these kernels in this process (any session, any client).
 MOE_EXPORT_API unsigned long long MoeExportKernelCalls() { return g_compute_calls.load(); }
+// How many of those an *Add op ran in place, in base's buffer.
+MOE_EXPORT_API unsigned long long MoeExportInPlaceCalls() { return g_in_place_calls.load(); }

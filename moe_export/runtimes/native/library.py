@@ -329,11 +329,20 @@ def kernel_calls(path: Path) -> int:
     The dynamic loader maps one file once per process, so this reads the same counter that a client which
     registered the library by itself (onnxruntime-genai, from genai_config.json) increments.
     """
+    return _counter(path, "MoeExportKernelCalls")
+
+
+def in_place_calls(path: Path) -> int:
+    """How many of those calls were of a *Add op that ONNX Runtime ran in place (its output in base's buffer)."""
+    return _counter(path, "MoeExportInPlaceCalls")
+
+
+def _counter(path: Path, symbol: str) -> int:
     import ctypes
 
-    lib = ctypes.CDLL(str(Path(path).resolve()))
-    lib.MoeExportKernelCalls.restype = ctypes.c_ulonglong
-    return int(lib.MoeExportKernelCalls())
+    function = getattr(ctypes.CDLL(str(Path(path).resolve())), symbol)
+    function.restype = ctypes.c_ulonglong
+    return int(function())
 
 
 def registration_error(path: Path) -> str:
