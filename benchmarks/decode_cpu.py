@@ -16,6 +16,8 @@ all 7 projections). Variants:
   ours-moe-int4      `moe-export onnx --quantize int4 --fusion contrib` (MatMulNBits, block 32, accuracy level 4; the
                      embedding as GatherBlockQuantized), native kernels
   ours-moe-int4-plain    `--fusion none` of the same
+  ours-base-int4     `--base-only --quantize int4 --fusion contrib`: our int4 graph without the adapter, which splits
+                     ours-moe-int4 / builder-int4 into the base graph's share and the adapter's
   ours-moe-native-unfused  ours-moe-native exported with `--no-adapter-fusion`: routers (MatMul, Softmax, TopK,
                      ReduceSum, Div), GroupedLoRA and the residual Add as separate nodes (before
                      RoutedGroupedLoRAAdd, export/onnx_routed.py), native kernels
@@ -28,7 +30,8 @@ Prefill: S = `--past` tokens at past length 0. Decode: one token at past length 
 Median of `--runs` (prefill) / 3x `--runs` (decode) interleaved rounds, each round running every variant once in a
 rotating order, after `--warmup`; ORT intra-op threads = torch threads = `--threads`. Wall time and this process's
 CPU time (user+sys) per call are both printed: on a shared machine CPU time is the steadier of the two.
-Then the ratios the decode goals are stated in, the export sizes, and the int4 export's quantization cost
+Then the ratios the decode goals are stated in, the adapter's weight traffic per decoded token (and what it costs
+at one thread's streaming rate), the export sizes, and the int4 export's quantization cost
 (top-1 agreement, perplexity) against the fp32 reference on held-out text (validation/quantized.py).
 """
 
@@ -64,6 +67,7 @@ VARIANTS = (
     "ours-moe-native-plain",
     "ours-moe-int4",
     "ours-moe-int4-plain",
+    "ours-base-int4",
     "ours-moe-native-unfused",
     "ours-moe-int4-unfused",
     "builder-fp32",
@@ -79,6 +83,7 @@ ORT_VARIANTS = {
     "ours-moe-native-plain": ("ours-moe-plain", True),
     "ours-moe-int4": ("ours-moe-int4", True),
     "ours-moe-int4-plain": ("ours-moe-int4-plain", True),
+    "ours-base-int4": ("ours-base-int4", False),
     "ours-moe-native-unfused": ("ours-moe-unfused", True),
     "ours-moe-int4-unfused": ("ours-moe-int4-unfused", True),
     "builder-fp32": ("builder-fp32", False),
@@ -92,6 +97,7 @@ OUR_EXPORTS = {
     "ours-moe-plain": {"fusion": "none"},
     "ours-moe-int4": {"quantize": "int4", "fusion": "contrib"},
     "ours-moe-int4-plain": {"quantize": "int4", "fusion": "none"},
+    "ours-base-int4": {"base_only": True, "quantize": "int4", "fusion": "contrib"},
     "ours-moe-unfused": {"fusion": "contrib", "adapter_fusion": False},
     "ours-moe-int4-unfused": {"quantize": "int4", "fusion": "contrib", "adapter_fusion": False},
 }
@@ -284,6 +290,8 @@ def ratio_lines(results: dict[str, dict[str, tuple[float, float]]], batches: lis
             cell = f"{phase} b{batch}"
             ratio("ours-moe-int4", "builder-int4", cell)
             ratio("ours-moe-int4-plain", "builder-int4", cell)
+            ratio("ours-moe-int4", "ours-base-int4", cell)
+            ratio("ours-base-int4", "builder-int4", cell)
             ratio("ours-moe-native", "builder-fp32", cell)
             ratio("ours-moe-native-plain", "builder-fp32", cell)
             ratio("ours-moe-native", "ours-base", cell)
@@ -311,6 +319,58 @@ def measure(
                 results[variant][cell] = value
             print(cell, "wall/cpu ms", {v: (round(w, 1), round(c, 1)) for v, (w, c) in measured.items()}, flush=True)
     return results
+
+
+def adapter_read_per_token(directory: Path) -> int:
+    """Bytes of weights the routed nodes of the export in `directory` read for one token: each router's weight,
+    and the k selected experts' A and B (a shared A once). The floor of a b1 decode step's adapter traffic."""
+    import onnx
+    from onnx.helper import get_attribute_value
+
+    from moe_export.ops.names import ROUTED_OP_TYPES
+
+    model = onnx.load(directory / "model.onnx", load_external_data=False)
+    sizes = {t.name: (list(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+             for t in model.graph.initializer}  # fmt: skip
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ROUTED_OP_TYPES:
+            continue
+        k = next(get_attribute_value(a) for a in node.attribute if a.name == "k")
+        (router, size), (a_dims, _), (b_dims, _) = (sizes[name] for name in node.input[1:4])
+        per_expert_a = a_dims[1] * a_dims[2]
+        total += size * (
+            router[0] * router[1] + per_expert_a * (1 if a_dims[0] == 1 else k) + k * b_dims[1] * b_dims[2]
+        )
+    return total
+
+
+def read_bandwidth() -> float:
+    """GB/s of one thread streaming a 512 MB array (numpy's max: vectorised, no writes), best of three."""
+    array = np.ones(2**27, np.float32)
+    best = min(_timed(array.max) for _ in range(3))
+    return array.nbytes / best / 1e9
+
+
+def _timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def adapter_traffic_lines(dirs: dict[str, Path], results: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """What the adapter's fp32 weights cost a b1 decode step in memory traffic alone: bytes read per token, and
+    those bytes at one thread's streaming rate, as a share of the builder's int4 step."""
+    bytes_read = adapter_read_per_token(dirs["ours-moe-int4"])
+    bandwidth = read_bandwidth()
+    floor_ms = bytes_read / bandwidth / 1e6
+    lines = [f"adapter weights read per token: {bytes_read / 1e6:.1f} MB (routers + k experts' A and B, fp32); "
+             f"one thread streams {bandwidth:.1f} GB/s here, so at least {floor_ms:.2f} ms per b1 decode step"]  # fmt: skip
+    builder = results.get("builder-int4", {}).get("decode b1")
+    if builder:
+        lines.append(f"  = {floor_ms / builder[0]:.3f} of builder-int4's decode b1 ({builder[0]:.1f} ms): "
+                     f"ours-moe-int4 / builder-int4 >= {1 + floor_ms / builder[0]:.3f} from that traffic alone")  # fmt: skip
+    return lines
 
 
 def sizes_and_quality(dirs: dict[str, Path], args: argparse.Namespace) -> tuple[dict[str, int], dict | None]:
@@ -376,6 +436,8 @@ def main() -> None:
     print()
     for line in ratio_lines(results, batches):
         print(line)
+    if "ours-moe-int4" in dirs:
+        print("\n".join(adapter_traffic_lines(dirs, results)))
     sizes, quality = sizes_and_quality(dirs, args)
     if args.json:
         payload = {"results_ms_wall_cpu": results, "sizes_bytes": sizes, "quantization": quality,
