@@ -24,7 +24,7 @@ Legend: T tokens (the product of x's leading dims), E experts, K slots, D_in / D
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -116,12 +116,14 @@ def _attr(node: NodeProto, name: str, default: int) -> int:
 
 @dataclass
 class RouterChain:
-    """One matched router: the nodes the fused node replaces and its attributes."""
+    """One matched router: the nodes the fused node replaces, its attributes, and the Cast of x to the router's type
+    (`shared`), which other routers of the same x may read too (the trace casts an fp16 x once for q/k/v)."""
 
     nodes: list[NodeProto]
     weight: str
     k: int
     normalize: bool
+    shared: list[NodeProto] = field(default_factory=list)
 
 
 def _match_gates(g: GraphIndex, gates: str, values: str) -> tuple[list[NodeProto], bool, int] | None:
@@ -143,8 +145,10 @@ def _match_gates(g: GraphIndex, gates: str, values: str) -> tuple[list[NodeProto
     return [*nodes, div, total], True, dtype
 
 
-def _match_logits(g: GraphIndex, probs_input: str, x: str, x_type: int) -> tuple[list[NodeProto], str] | None:
-    """MatMul(x or Cast(x), W) -> (Cast to fp32) before the Softmax; (nodes, W's name)."""
+def _match_logits(
+    g: GraphIndex, probs_input: str, x: str, x_type: int
+) -> tuple[list[NodeProto], str, list[NodeProto]] | None:
+    """MatMul(x or Cast(x), W) -> (Cast to fp32) before the Softmax; (nodes, W's name, [the Cast of x] or [])."""
     nodes = []
     cast = g.made_by(probs_input, "Cast")
     if cast is not None:
@@ -158,15 +162,15 @@ def _match_logits(g: GraphIndex, probs_input: str, x: str, x_type: int) -> tuple
         return None
     if cast is None and weight.data_type != TensorProto.FLOAT:
         return None  # the body casts the logits to fp32 before its softmax: so must the graph
-    routed_x = matmul.input[0]
+    routed_x, shared = matmul.input[0], []
     if routed_x != x:
         x_cast = g.made_by(routed_x, "Cast")
         if x_cast is None or x_cast.input[0] != x or _attr(x_cast, "to", 0) != weight.data_type:
             return None
-        nodes.append(x_cast)
+        shared.append(x_cast)
     elif x_type != weight.data_type:
         return None
-    return [*nodes, matmul], matmul.input[1]
+    return [*nodes, matmul], matmul.input[1], shared
 
 
 def match_router(g: GraphIndex, node: NodeProto) -> RouterChain | None:
@@ -187,7 +191,7 @@ def match_router(g: GraphIndex, node: NodeProto) -> RouterChain | None:
     if logits is None:
         return None
     nodes = [*gate_nodes, topk, softmax, *logits[0]]
-    return RouterChain(nodes, logits[1], k[0], normalize) if _private(g, nodes, node) else None
+    return RouterChain(nodes, logits[1], k[0], normalize, logits[2]) if _private(g, nodes, node) else None
 
 
 def _private(g: GraphIndex, chain: list[NodeProto], node: NodeProto) -> bool:
@@ -208,6 +212,7 @@ def fuse_routers(model: onnx.ModelProto) -> int:
     replace: dict[int, NodeProto] = {}
     drop: set[int] = set()
     dropped_inputs: set[str] = set()
+    shared: dict[int, NodeProto] = {}
     for node in graph.node:
         if node.domain != DOMAIN or node.op_type not in ROUTED_OF:
             continue
@@ -221,8 +226,15 @@ def fuse_routers(model: onnx.ModelProto) -> int:
         )  # fmt: skip
         drop |= {id(n) for n in chain.nodes}
         dropped_inputs |= {name for n in chain.nodes for name in n.input}
+        shared.update((id(n), n) for n in chain.shared)
     if not replace:
         return 0
+    for cast in shared.values():  # a Cast of x goes once no kept node reads it
+        if not any(
+            name in g.outputs or any(id(c) not in drop for c in g.consumers.get(name, [])) for name in cast.output
+        ):
+            drop.add(id(cast))
+            dropped_inputs.update(cast.input)
     replace_nodes(graph, replace, drop)
     _remove_unread_initializers(graph, dropped_inputs)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
