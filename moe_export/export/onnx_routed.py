@@ -230,9 +230,7 @@ def fuse_routers(model: onnx.ModelProto) -> int:
     if not replace:
         return 0
     for cast in shared.values():  # a Cast of x goes once no kept node reads it
-        if not any(
-            name in g.outputs or any(id(c) not in drop for c in g.consumers.get(name, [])) for name in cast.output
-        ):
+        if not any(name in g.outputs or any(id(c) not in drop for c in g.readers(name)) for name in cast.output):
             drop.add(id(cast))
             dropped_inputs.update(cast.input)
     replace_nodes(graph, replace, drop)

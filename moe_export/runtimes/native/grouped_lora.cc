@@ -273,15 +273,14 @@ void expand_task(void* data, size_t i) {
   const Job& job = *g.job;
   const Dims& d = job.d;
   const int64_t o0 = static_cast<int64_t>(i) * g.chunk, o1 = std::min(d.d_out, o0 + g.chunk);
-  for (int64_t row = 0; row < g.rows; ++row) {
-    float* y = job.y + row * d.d_out;
-    if (job.base == job.y)  // ONNX Runtime ran the op in place (see may_inplace): y already holds base
-      continue;
-    if (job.base)
-      std::memcpy(y + o0, job.base + row * d.d_out + o0, (o1 - o0) * sizeof(float));
-    else
-      std::memset(y + o0, 0, (o1 - o0) * sizeof(float));
-  }
+  if (job.base != job.y)  // in place (see may_inplace), y already holds base
+    for (int64_t row = 0; row < g.rows; ++row) {
+      float* y = job.y + row * d.d_out;
+      if (job.base)
+        std::memcpy(y + o0, job.base + row * d.d_out + o0, (o1 - o0) * sizeof(float));
+      else
+        std::memset(y + o0, 0, (o1 - o0) * sizeof(float));
+    }
   for (int64_t e = 0; e < d.E; ++e) {
     const int64_t first = g.offsets[e], n = g.offsets[e + 1] - first;
     if (n > 0)
@@ -377,9 +376,9 @@ struct RouteJob {
 };
 
 void route_tokens(const RouteJob& r, int64_t t0, int64_t t1) {
-  // The logits of the whole range first: tiles of tokens share each load of the router weight. shrink_tokens
-  // sums each dot product in the order the one-token shrink does, so a token's routing does not depend on how
-  // many tokens came with it.
+  // The logits of the whole range first: tiles of tokens share each load of the router weight. Every path of
+  // shrink_tokens sums a dot product in the same order, so a token's routing does not depend on how many tokens
+  // came with it.
   thread_local std::vector<float> logits;
   thread_local std::vector<const float*> xs;
   thread_local std::vector<float*> hs;
@@ -392,10 +391,7 @@ void route_tokens(const RouteJob& r, int64_t t0, int64_t t1) {
     xs[i] = r.x + (t0 + i) * r.d_in;
     hs[i] = logits.data() + i * r.E;
   }
-  if (n == 1)
-    r.isa->shrink(r.wt, xs[0], r.E, r.d_in, hs[0]);
-  else
-    r.isa->shrink_tokens(r.wt, r.E, r.d_in, xs.data(), hs.data(), n);
+  r.isa->shrink_tokens(r.wt, r.E, r.d_in, xs.data(), hs.data(), n);
   taken.resize(static_cast<size_t>(r.E));
   for (int64_t t = t0; t < t1; ++t) {
     float* probs = hs[t - t0];
