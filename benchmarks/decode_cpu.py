@@ -134,7 +134,8 @@ def prepare(work: Path, variants: list[str]) -> dict[str, Path]:
 
 
 def _fusion_key(directory: Path) -> tuple[str, bool, bool] | None:
-    """The fusion mode export.json records, whether its projections are packed (export/packing.py) and whether
+    """The fusion mode export.json records, whether its projections are packed (export/packing.py) with the rotary
+    placement recorded (exports from before it rotate outside attention at any head size), and whether
     the adapter passes ran (export/onnx_routed.py; an export from before them counts as without); None: no
     export there yet."""
     if not (directory / "export.json").is_file():
@@ -142,7 +143,7 @@ def _fusion_key(directory: Path) -> tuple[str, bool, bool] | None:
     manifest = json.loads((directory / "export.json").read_text())
     fusion = manifest.get("fusion") or {}
     adapter = bool((manifest.get("adapter_fusion") or {}).get("requested", False))
-    return fusion.get("mode", "none"), bool(fusion.get("packed")), adapter
+    return fusion.get("mode", "none"), bool(fusion.get("packed")) and "rotary" in fusion, adapter
 
 
 def extra_variants(specs: list[str]) -> dict[str, tuple[Path, bool]]:

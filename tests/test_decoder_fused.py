@@ -47,6 +47,27 @@ def exports(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[s
     }
 
 
+@pytest.fixture(scope="module")
+def goat_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """samples/goat both ways: its base (samples/tiny-llama) has 16-wide heads, so GroupQueryAttention rotates q and
+    k itself (tests/tiny.py's 8-wide heads take the RotaryEmbedding nodes)."""
+    root = tmp_path_factory.mktemp("goat-fusion")
+    loaded = moe_export.load(SAMPLES / "goat")
+    for fusion in ("contrib", "none"):
+        moe_export.export_onnx(loaded, root / fusion, validate=False, progress=False, fusion=fusion)
+    return {fusion: root / fusion for fusion in ("contrib", "none")}
+
+
+def _both_bases(request: pytest.FixtureRequest) -> dict[str, Path]:
+    return request.getfixturevalue("exports" if request.param == "tiny" else "goat_exports")
+
+
+@pytest.fixture(params=["tiny", "goat"])
+def rotary_exports(request: pytest.FixtureRequest) -> dict[str, Path]:
+    """The fused/plain pair of each rotary path: RotaryEmbedding nodes (tiny) and rotary inside attention (goat)."""
+    return _both_bases(request)
+
+
 def _load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path / "model.onnx"), load_external_data=False)
 
@@ -55,7 +76,8 @@ def test_fused_graph_holds_the_contrib_ops(exports: dict[str, Path]) -> None:
     fused, plain = _load(exports["contrib"]), _load(exports["none"])
     ops = collections.Counter((n.domain, n.op_type) for n in fused.graph.node)
     assert ops[("com.microsoft", "GroupQueryAttention")] == LAYERS
-    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * LAYERS  # q and k
+    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * LAYERS  # q and k: 8-wide heads, see goat_exports
+    assert all(_gqa_attrs(n)["do_rotary"] == 0 for n in fused.graph.node if n.op_type == "GroupQueryAttention")
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * LAYERS
     plain_ops = collections.Counter((n.domain, n.op_type) for n in plain.graph.node)
     assert not any(domain == "com.microsoft" for domain, _ in plain_ops)
@@ -67,7 +89,7 @@ def test_fused_graph_holds_the_contrib_ops(exports: dict[str, Path]) -> None:
     assert [v.name for v in fused.graph.output] == [v.name for v in plain.graph.output]
     fusion = json.loads((exports["contrib"] / "export.json").read_text())["fusion"]
     packed = fusion.pop("packed")
-    assert fusion == {"requested": "contrib", "mode": "contrib", "reason": None}
+    assert fusion == {"requested": "contrib", "mode": "contrib", "reason": None, "rotary": "RotaryEmbedding"}
     # q/k/v as one MatMul (export/packing.py), the builder's layout; the routers (one MatMul on a [D, E] weight per
     # routed unit) are untouched
     assert sorted(packed) == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(LAYERS)]
@@ -82,6 +104,26 @@ def test_fused_graph_holds_the_contrib_ops(exports: dict[str, Path]) -> None:
     # tests/tiny.py: the packs [hidden 32, 32 + 2 kv heads of 8], and lm_head [32, vocab 64]
     assert base.count([32, 32 + 2 * 16]) == LAYERS + 1
     assert json.loads((exports["none"] / "export.json").read_text())["fusion"]["mode"] == "none"  # the default
+
+
+def _gqa_attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_attention_rotates_inside_for_heads_of_16(goat_exports: dict[str, Path]) -> None:
+    """The builder's layout: no RotaryEmbedding node, GroupQueryAttention rotates with the cos/sin caches; the graph
+    interface (position_ids included) stays the plain decoder's."""
+    fused, plain = _load(goat_exports["contrib"]), _load(goat_exports["none"])
+    assert not any(n.op_type == "RotaryEmbedding" for n in fused.graph.node)
+    attention = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == LAYERS
+    for node in attention:
+        assert _gqa_attrs(node)["do_rotary"] == 1 and _gqa_attrs(node)["rotary_interleaved"] == 0
+        assert node.input[7:9] == ["cos_cache", "sin_cache"]
+    assert [v.name for v in fused.graph.input] == [v.name for v in plain.graph.input]
+    assert (
+        json.loads((goat_exports["contrib"] / "export.json").read_text())["fusion"]["rotary"] == "GroupQueryAttention"
+    )
 
 
 def test_grouped_lora_nodes_and_bodies_unchanged(exports: dict[str, Path]) -> None:
@@ -122,8 +164,10 @@ def _left_padded(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(mask, order, axis=1)
 
 
-def test_fused_decode_steps_match_the_plain_decoder(exports: dict[str, Path]) -> None:
-    """One row, a right-padded batch (genai, validate) and the same batch left-padded (optimum)."""
+def test_fused_decode_steps_match_the_plain_decoder(rotary_exports: dict[str, Path]) -> None:
+    """One row, a right-padded batch (genai, validate) and the same batch left-padded (optimum), for both rotary
+    paths: a wrong position moves logits by > 1e-1 (tests/test_real_configs.py)."""
+    exports = rotary_exports
     single, padded = default_prompts(64, pad_id=0, seed=5)
     cases = [
         (single.input_ids, single.attention_mask),
@@ -173,9 +217,10 @@ def test_sliding_window_bases_keep_the_plain_decoder(tmp_path: Path) -> None:
             assert "sliding window 16" in fusion["reason"]
 
 
-def test_genai_generates_the_reference_tokens(exports: dict[str, Path]) -> None:
+def test_genai_generates_the_reference_tokens(rotary_exports: dict[str, Path]) -> None:
     """onnxruntime-genai runs the contrib decoder as it is and generates the PyTorch reference's tokens, for one
-    row and a right-padded batch."""
+    row and a right-padded batch, with either rotary path."""
+    exports = rotary_exports
     reference = reference_model_loader(Artifact.open(exports["contrib"]))().eval()
     pad = json.loads((exports["contrib"] / "genai_config.json").read_text())["model"]["pad_token_id"]
     for prompts in default_prompts(64, pad_id=pad, seed=7):
@@ -195,11 +240,12 @@ def _left_padded_npz(path: Path) -> Path:
     return path
 
 
-def test_left_padded_inputs_pass_validate(exports: dict[str, Path], tmp_path: Path) -> None:
+def test_left_padded_inputs_pass_validate(rotary_exports: dict[str, Path], tmp_path: Path) -> None:
     """The contrib graph's units run on each row's rotated tokens; validate maps their taps back to the caller's
     order (export/token_order.py), so route replay and every unit line up with the reference's."""
-    report = moe_export.validate(exports["contrib"], inputs=_left_padded_npz(tmp_path / "in.npz"), new_tokens=0)
+    report = moe_export.validate(rotary_exports["contrib"], inputs=_left_padded_npz(tmp_path / "in.npz"), new_tokens=4)
     assert report.passed, report.failures()
+    assert report.generation and all(g.passed for g in report.generation)
     units = report.units["onnxruntime"]
     assert len(units) == 14 and all(u.passed and u.flip_count == 0 for u in units.values())
     # taps in the rotated order would hand the reference another token's routing at every padded row

@@ -5,11 +5,13 @@ see export/options.py DEFAULT_FUSION).
 The plain decoder (export/decoder.py) traces transformers' attention: rotary, KV concat, head repeat, the 4-D
 mask and the softmax come out as ~50 small standard ops per layer, which dominate a CPU decode step once the
 MatMuls are int4. Here the same model is traced through an explicit forward that emits, per layer:
-- `RotaryEmbedding` on q and k, fed the graph's `position_ids` and cos/sin caches precomputed from the model's
-  own rotary module (any static rope type: default, linear, llama3, yarn...);
-- one `GroupQueryAttention`: KV concat into present (BNSH, the interface's past layout), GQA head sharing,
-  causal masking and softmax, with `seqlens_k` / `total_sequence_length` derived from `attention_mask` as the
-  builder does;
+- one `GroupQueryAttention`: rotary on q and k, KV concat into present (BNSH, the interface's past layout), GQA head
+  sharing, causal masking and softmax, with `seqlens_k` / `total_sequence_length` derived from `attention_mask` as
+  the builder does. Rotary reads cos/sin caches precomputed from the model's own rotary module (any static rope
+  type: default, linear, llama3, yarn...). The op rotates inside (`do_rotary`, as the builder's graph does) when
+  the head size is a multiple of 16, the only sizes ORT's kernel rotates; it takes a new token's position from its
+  row's attended count, which is what `position_ids` holds for every mask this graph is exact for (below). Other
+  head sizes get a `RotaryEmbedding` on q and k, fed the graph's `position_ids`;
 - `SkipSimplifiedLayerNormalization` for each residual add + RMSNorm (the first layer's input norm stays in
   standard ops, which ORT fuses itself: export/base_fusions.py).
 - one MatMul for q, k and v (the base weights packed after every fold and merge, export/packing.py); each routed
@@ -45,6 +47,13 @@ FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # rope types whose cos/sin depend on the sequence length, not only the position: no fixed cache exists.
 DYNAMIC_ROPE = ("dynamic", "longrope")
 FUSED_DTYPES = (torch.float32, torch.float16)  # ORT's CPU GroupQueryAttention / RotaryEmbedding kernels
+# GroupQueryAttention's do_rotary refuses other head sizes ("head_size shall be a multiple of 16")
+ROTARY_INSIDE_HEAD_MULTIPLE = 16
+
+
+def rotary_inside_attention(head_dim: int) -> bool:
+    """Whether GroupQueryAttention rotates q and k itself (else RotaryEmbedding nodes do)."""
+    return head_dim % ROTARY_INSIDE_HEAD_MULTIPLE == 0
 
 
 def fusion_blocker(model: torch.nn.Module) -> str | None:
@@ -131,14 +140,21 @@ class FusedDecoderWithPast(torch.nn.Module):
 
         layout = self.layout
         q, k, v = packed_forward(attn, ATTENTION_PACK, x)  # one MatMul when packed (export/packing.py)
-        q, k = self._rotary(q, position_ids), self._rotary(k, position_ids)
+        inputs = [q, k, v, past[0], past[1], seqlens_k, total]
+        rotary_inside = rotary_inside_attention(layout.head_dim)
+        if rotary_inside:  # saves two passes over q and k per layer
+            inputs += [self.cos_cache, self.sin_cache]
+        else:
+            inputs[:2] = self._rotary(q, position_ids), self._rotary(k, position_ids)
         heads = q.shape[-1] // layout.head_dim
         cache = [past[0].shape[0], layout.kv_heads, past[0].shape[2] + x.shape[1], layout.head_dim]
         window = layer_window(self.model.config, attn)
         out, key, value = symbolic_multi_out(
             f"{CONTRIB_DOMAIN}::GroupQueryAttention",
-            [q, k, v, past[0], past[1], seqlens_k, total],
+            inputs,
             attrs={
+                "do_rotary": int(rotary_inside),
+                "rotary_interleaved": 0,
                 "num_heads": int(heads),
                 "kv_num_heads": layout.kv_heads,
                 "scale": float(attn.scaling),
@@ -194,7 +210,7 @@ def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, norm: torch.nn.Module) ->
 
 def rotary_caches(model: torch.nn.Module, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin [max_positions, head_dim / 2] from the model's own rotary module (its scaling and
-    attention factor included), in the model's dtype: RotaryEmbedding's cos_cache / sin_cache."""
+    attention factor included), in the model's dtype: GroupQueryAttention's and RotaryEmbedding's cos_cache / sin_cache."""
     rotary = model.model.rotary_emb
     length = int(model.config.max_position_embeddings)
     dtype = model.get_input_embeddings().weight.dtype
@@ -218,4 +234,6 @@ def resolve_fusion(requested: str, model: torch.nn.Module, is_decoder: bool, con
     record: dict[str, Any] = {"requested": requested, "mode": mode, "reason": reason}
     if mode == FUSION_CONTRIB:
         record["packed"] = packing_plan(model)  # the projections the explicit forward packs (export/packing.py)
+        inside = rotary_inside_attention(KVLayout.from_config(model.config).head_dim)
+        record["rotary"] = "GroupQueryAttention" if inside else "RotaryEmbedding"
     return record
