@@ -52,12 +52,19 @@ def write_base(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def bench_adapter(seed: int = 0, layers: int = LAYERS, experts: int = EXPERTS, rank: int = RANK) -> Adapter:
-    """GOAT-style canonical adapter: routed experts (B non-zero) + one shared correction per unit."""
+def bench_adapter(
+    seed: int = 0,
+    layers: int = LAYERS,
+    experts: int = EXPERTS,
+    rank: int = RANK,
+    shapes: dict[str, tuple[int, int]] | None = None,
+) -> Adapter:
+    """GOAT-style canonical adapter: routed experts (B non-zero) + one shared correction per unit; `shapes`
+    (projection -> (D_in, D_out)) puts it on another base (the bench model's by default)."""
     g = torch.Generator().manual_seed(seed)
     units = []
     for layer in range(layers):
-        for proj, (d_in, d_out) in projections().items():
+        for proj, (d_in, d_out) in (shapes or projections()).items():
             a = torch.randn(experts, rank, d_in, generator=g) / d_in**0.5  # [E, R, D_in]
             b = torch.randn(experts, d_out, rank, generator=g) * 0.02  # [E, D_out, R]
             router = Router(

@@ -109,6 +109,7 @@ def make_base(directory: Path, shape: Shape, dtype_name: str = "bfloat16") -> No
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         dtype=dtype_name,
+        architectures=["LlamaForCausalLM"],  # as a real checkpoint's config (onnxruntime-genai's builder reads it)
     ).save_pretrained(str(directory))
     g = torch.Generator().manual_seed(0)
 
