@@ -1,15 +1,15 @@
 """The decode benchmark: prefill and per-token decode latency on CPU, our decoders against onnxruntime-genai's
 model builder and torch, in one interleaved run.
 
-    flock /tmp/heavy.lock python benchmarks/decode_cpu.py [--work /tmp/moe-export-decode-bench] [--batch 1,8]
+    flock /tmp/heavy.lock python benchmarks/decode_cpu.py [--model bench|1b] [--work DIR] [--batch 1,8]
         [--past 128] [--threads 2] [--runs 7] [--variants ...] [--extra NAME=EXPORT_DIR ...] [--json out.json]
 
 The bench model (benchmarks/bench_model.py: Llama hidden 1024, 8 layers, vocab 32000; GOAT-style E=8 r=8 top-2 on
 all 7 projections), or with `--model 1b` the same kind of adapter on a TinyLlama-1.1B-shaped base (benchmarks/
 big_model.py's 1b preset: hidden 2048, 22 layers, 32 / 4 kv heads, random bf16 weights). Variants:
   ours-base          `moe-export onnx --base-only --fusion contrib` (KV-cache decoder of the base model), fp32:
-                     GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, one MatMul for q/k/v
-                     per layer (export/packing.py)
+                     GroupQueryAttention (rotating q and k itself), SkipSimplifiedLayerNormalization, one MatMul for
+                     q/k/v per layer (export/packing.py)
   ours-base-plain    the same with `--fusion none`, the default (transformers' attention traced into standard ops)
   ours-moe-body      `moe-export onnx --fusion contrib` of the MoE-LoRA checkpoint, ORT running the function bodies
   ours-moe-native    the same file with the native kernel library registered (moe_export/runtimes/native)
@@ -56,7 +56,7 @@ from moe_export.export.decoder import cache_argument
 from moe_export.export.interface import KVLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import bench_adapter, write_base, write_bench_checkpoint
+from bench_model import HIDDEN, bench_adapter, write_base, write_bench_checkpoint
 from big_model import PRESETS, make_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,9 @@ def prepare(work: Path, variants: list[str], model: str = "bench") -> dict[str, 
     """The base + checkpoint (`model`: the bench model or a big_model.py preset) and the variants' exports (each
     made once; later runs reuse one whose export.json records the same fusion mode and adapter passes)."""
     base, ckpt = work / "base", work / "ckpt"
+    hidden = HIDDEN if model == "bench" else PRESETS[model].hidden
+    if (base / "config.json").is_file() and json.loads((base / "config.json").read_text())["hidden_size"] != hidden:
+        raise SystemExit(f"--work {work}: its base is not the {model} model's; use another --work")
     if not (base / "config.json").is_file():
         if model == "bench":
             write_base(base)
@@ -405,10 +408,10 @@ def sizes_and_quality(dirs: dict[str, Path], args: argparse.Namespace) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/moe-export-decode-bench"))
     parser.add_argument(
-        "--model", choices=["bench", "1b"], default="bench", help="the base + adapter (a fresh --work for each)"
+        "--work", type=Path, help="exports and inputs, reused (default: /tmp/moe-export-decode-bench[-MODEL])"
     )
+    parser.add_argument("--model", choices=["bench", "1b"], default="bench", help="the base + adapter")
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--past", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -420,6 +423,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="instead: per-op ORT profile of a b1 decode step")
     parser.add_argument("--extra", action="append", default=[], help="NAME=EXPORT_DIR: also time this export")
     args = parser.parse_args()
+    if args.work is None:
+        args.work = Path("/tmp/moe-export-decode-bench" + ("" if args.model == "bench" else f"-{args.model}"))
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))

@@ -58,14 +58,10 @@ def goat_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {fusion: root / fusion for fusion in ("contrib", "none")}
 
 
-def _both_bases(request: pytest.FixtureRequest) -> dict[str, Path]:
-    return request.getfixturevalue("exports" if request.param == "tiny" else "goat_exports")
-
-
 @pytest.fixture(params=["tiny", "goat"])
 def rotary_exports(request: pytest.FixtureRequest) -> dict[str, Path]:
     """The fused/plain pair of each rotary path: RotaryEmbedding nodes (tiny) and rotary inside attention (goat)."""
-    return _both_bases(request)
+    return request.getfixturevalue("exports" if request.param == "tiny" else "goat_exports")
 
 
 def _load(path: Path) -> onnx.ModelProto:
