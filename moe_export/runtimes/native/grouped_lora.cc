@@ -444,12 +444,18 @@ bool pack_router(const Ort::ConstValue& w, std::vector<float>& wt, int64_t& rows
   return info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
+// v's data as fp32: itself, or converted into buf. Takes v's type and size from a caller that has them at hand
+// (each GetTensorTypeAndShapeInfo is an allocation and a few API calls, on every call of the kernel).
+const float* as_float(const Ort::ConstValue& v, ONNXTensorElementDataType type, size_t count, std::vector<float>& buf) {
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return v.GetTensorData<float>();
+  buf.resize(count);
+  to_float(v.GetTensorRawData(), type, count, buf.data());
+  return buf.data();
+}
+
 const float* as_float(const Ort::ConstValue& v, std::vector<float>& buf) {
   const auto info = v.GetTensorTypeAndShapeInfo();
-  if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return v.GetTensorData<float>();
-  buf.resize(info.GetElementCount());
-  to_float(v.GetTensorRawData(), info.GetElementType(), buf.size(), buf.data());
-  return buf.data();
+  return as_float(v, info.GetElementType(), info.GetElementCount(), buf);
 }
 
 // One call's fp32 copies (empty when the inputs are fp32 already).
@@ -459,20 +465,25 @@ struct Buffers {
 
 struct Kernel {
   Kernel(const OrtApi& api, const OrtKernelInfo* info, Mode mode) : api_(api), mode_(mode), isa_(&select_isa()) {
-    // A and B are usually initializers: convert/transpose them once here instead of on every call.
+    // A and B are usually initializers: convert/transpose them once here instead of on every call, and keep their
+    // shapes (a decode step would otherwise ask ONNX Runtime for them on every call).
     Ort::ConstKernelInfo kinfo(info);
     int is_const = 0;
     Ort::ConstValue b = kinfo.GetTensorConstantInput(b_index(mode), &is_const);
     if (is_const) {
       pack_b(b, bt_);
+      b_shape_ = b.GetTensorTypeAndShapeInfo().GetShape();
       bt_ready_ = true;
     }
     Ort::ConstValue a = kinfo.GetTensorConstantInput(a_index(mode), &is_const);
-    if (is_const && a.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    if (is_const) {
       const auto info_a = a.GetTensorTypeAndShapeInfo();
-      a32_.resize(info_a.GetElementCount());
-      to_float(a.GetTensorRawData(), info_a.GetElementType(), a32_.size(), a32_.data());
-      a_ready_ = true;
+      a_shape_ = info_a.GetShape();
+      if (info_a.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        a32_.resize(info_a.GetElementCount());
+        to_float(a.GetTensorRawData(), info_a.GetElementType(), a32_.size(), a32_.data());
+        a_ready_ = true;
+      }
     }
     if (routed(mode)) {
       k_ = kinfo.GetAttribute<int64_t>("k");
@@ -512,10 +523,14 @@ struct Kernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     auto x = ctx.GetInput(kX);
-    auto A = ctx.GetInput(a_index(mode_)), B = ctx.GetInput(b_index(mode_));
+    auto A = ctx.GetInput(a_index(mode_));
     const auto x_info = x.GetTensorTypeAndShapeInfo();
     const auto xs = x_info.GetShape();
-    const auto as = A.GetTensorTypeAndShapeInfo().GetShape(), bs = B.GetTensorTypeAndShapeInfo().GetShape();
+    std::vector<int64_t> a_asked, b_asked;  // only where A, B are not constant: the kept shapes are read in place
+    if (a_shape_.empty()) a_asked = A.GetTensorTypeAndShapeInfo().GetShape();
+    const auto& as = a_shape_.empty() ? a_asked : a_shape_;
+    if (!bt_ready_) b_asked = ctx.GetInput(b_index(mode_)).GetTensorTypeAndShapeInfo().GetShape();
+    const auto& bs = bt_ready_ ? b_shape_ : b_asked;
     if (xs.size() < 2 || as.size() != 3 || bs.size() != 3)
       fail(op_name(mode_), "expected x [..., D_in], A [E_A,R,D_in], B [E,D_out,R]");
     // x [..., D_in]: the leading dims are the tokens (the exporter feeds [batch, sequence, D_in] unflattened)
@@ -532,8 +547,9 @@ struct Kernel {
       route_call(ctx, job, f32, buf);
     else
       read_routing(ctx, job, buf);
-    job.A = a_ready_ ? a32_.data() : as_float(A, buf.a32);
-    if (!bt_ready_) pack_b(B, buf.bt);
+    // A constant fp32 A is read where ONNX Runtime keeps it (the shape kept means the type was checked too).
+    job.A = a_ready_ ? a32_.data() : !a_shape_.empty() ? A.GetTensorData<float>() : as_float(A, buf.a32);
+    if (!bt_ready_) pack_b(ctx.GetInput(b_index(mode_)), buf.bt);
     job.bt = bt_ready_ ? bt_.data() : buf.bt.data();
     write_output(ctx, job, f32, buf);
   }
@@ -604,7 +620,7 @@ struct Kernel {
       if (static_cast<int64_t>(binfo.GetElementCount()) != d.T * d.d_out || out_shape.empty() ||
           out_shape.back() != d.d_out)
         fail(op_name(mode_), "base must hold T x D_out values with D_out last");
-      job.base = as_float(base, buf.base32);
+      job.base = as_float(base, binfo.GetElementType(), binfo.GetElementCount(), buf.base32);
     }
     auto y = ctx.GetOutput(0, out_shape);
     const size_t y_count = static_cast<size_t>(d.T * d.d_out * (mode_ == Mode::kSlots ? d.K : 1));
@@ -654,6 +670,7 @@ struct Kernel {
   Mode mode_;
   const Isa* isa_;
   std::vector<float> bt_, a32_, wt_;
+  std::vector<int64_t> a_shape_, b_shape_;  // of a constant A (fp32 unless a_ready_), B; empty otherwise
   bool bt_ready_ = false, a_ready_ = false, wt_ready_ = false, wt_half_ = false, normalize_ = false;
   int64_t k_ = 0, wt_rows_ = 0, wt_cols_ = 0;  // routed ops: TopK's k; the packed router weight's E, D_in
 };
