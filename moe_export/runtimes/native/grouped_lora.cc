@@ -471,14 +471,14 @@ struct Kernel {
     int is_const = 0;
     Ort::ConstValue b = kinfo.GetTensorConstantInput(b_index(mode), &is_const);
     if (is_const) {
-      pack_b(b, bt_);
-      b_shape_ = b.GetTensorTypeAndShapeInfo().GetShape();
+      b_shape_ = pack_b(b, bt_);
       bt_ready_ = true;
     }
     Ort::ConstValue a = kinfo.GetTensorConstantInput(a_index(mode), &is_const);
     if (is_const) {
       const auto info_a = a.GetTensorTypeAndShapeInfo();
       a_shape_ = info_a.GetShape();
+      a_const_ = true;
       if (info_a.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         a32_.resize(info_a.GetElementCount());
         to_float(a.GetTensorRawData(), info_a.GetElementType(), a32_.size(), a32_.data());
@@ -496,12 +496,14 @@ struct Kernel {
     }
   }
 
-  static void pack_b(const Ort::ConstValue& b, std::vector<float>& bt) {
+  // B's shape, having transposed B into bt.
+  static std::vector<int64_t> pack_b(const Ort::ConstValue& b, std::vector<float>& bt) {
     const auto info = b.GetTensorTypeAndShapeInfo();
-    const auto shape = info.GetShape();
+    auto shape = info.GetShape();
     if (shape.size() != 3) throw Ort::Exception("B must be [E, D_out, R]", ORT_INVALID_ARGUMENT);
     bt.resize(info.GetElementCount());
     transpose_b(b.GetTensorRawData(), info.GetElementType(), shape[0], shape[1], shape[2], bt.data());
+    return shape;
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -526,10 +528,15 @@ struct Kernel {
     auto A = ctx.GetInput(a_index(mode_));
     const auto x_info = x.GetTensorTypeAndShapeInfo();
     const auto xs = x_info.GetShape();
-    std::vector<int64_t> a_asked, b_asked;  // only where A, B are not constant: the kept shapes are read in place
-    if (a_shape_.empty()) a_asked = A.GetTensorTypeAndShapeInfo().GetShape();
-    const auto& as = a_shape_.empty() ? a_asked : a_shape_;
-    if (!bt_ready_) b_asked = ctx.GetInput(b_index(mode_)).GetTensorTypeAndShapeInfo().GetShape();
+    // A constant A's and B's shapes were kept at creation; only inputs that are not constant are asked for theirs.
+    std::vector<int64_t> a_asked, b_asked;
+    if (!a_const_) a_asked = A.GetTensorTypeAndShapeInfo().GetShape();
+    const auto& as = a_const_ ? a_shape_ : a_asked;
+    Ort::ConstValue B{nullptr};
+    if (!bt_ready_) {
+      B = ctx.GetInput(b_index(mode_));
+      b_asked = B.GetTensorTypeAndShapeInfo().GetShape();
+    }
     const auto& bs = bt_ready_ ? b_shape_ : b_asked;
     if (xs.size() < 2 || as.size() != 3 || bs.size() != 3)
       fail(op_name(mode_), "expected x [..., D_in], A [E_A,R,D_in], B [E,D_out,R]");
@@ -547,9 +554,11 @@ struct Kernel {
       route_call(ctx, job, f32, buf);
     else
       read_routing(ctx, job, buf);
-    // A constant fp32 A is read where ONNX Runtime keeps it (the shape kept means the type was checked too).
-    job.A = a_ready_ ? a32_.data() : !a_shape_.empty() ? A.GetTensorData<float>() : as_float(A, buf.a32);
-    if (!bt_ready_) pack_b(ctx.GetInput(b_index(mode_)), buf.bt);
+    if (a_ready_)
+      job.A = a32_.data();
+    else  // a constant A that is not converted is fp32: read where ONNX Runtime keeps it
+      job.A = a_const_ ? A.GetTensorData<float>() : as_float(A, buf.a32);
+    if (!bt_ready_) pack_b(B, buf.bt);
     job.bt = bt_ready_ ? bt_.data() : buf.bt.data();
     write_output(ctx, job, f32, buf);
   }
@@ -670,8 +679,9 @@ struct Kernel {
   Mode mode_;
   const Isa* isa_;
   std::vector<float> bt_, a32_, wt_;
-  std::vector<int64_t> a_shape_, b_shape_;  // of a constant A (fp32 unless a_ready_), B; empty otherwise
-  bool bt_ready_ = false, a_ready_ = false, wt_ready_ = false, wt_half_ = false, normalize_ = false;
+  std::vector<int64_t> a_shape_, b_shape_;  // of a constant A, B
+  // a_const_: A is an initializer (fp32 unless a_ready_: converted into a32_); bt_ready_: B is one, in bt_
+  bool a_const_ = false, bt_ready_ = false, a_ready_ = false, wt_ready_ = false, wt_half_ = false, normalize_ = false;
   int64_t k_ = 0, wt_rows_ = 0, wt_cols_ = 0;  // routed ops: TopK's k; the packed router weight's E, D_in
 };
 
